@@ -1,0 +1,213 @@
+"""Parallel linear layers: replicated, column, merged column (gate/up), QKV, row.
+
+Each layer holds sizes and a `TPContext`, asks its quant method to create the weights, and hands
+each parameter a `weight_loader` that is a `functools.partial` of a module-level function over
+plain values (never a bound method: no parameter -> module -> parameter cycle).
+
+Fused layers accept either one logical shard at a time (`shard_id` 0/1 for gate/up, "q"/"k"/"v")
+or, with `shard_id=None`, a checkpoint tensor that is already fused on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from streamquant.loading.parameters import BaseParameter, ColumnParameter, shard_id_as_int
+from streamquant.loading.region import Region
+from streamquant.parallel import TPContext, all_gather, all_reduce, divide
+from streamquant.quant.base import LinearMethod, QuantConfig
+from streamquant.quant.unquantized import UnquantizedLinearMethod
+
+
+def column_loader(param: torch.Tensor, loaded: torch.Tensor) -> list[Region]:
+    return param.load_column_parallel_weight(loaded)
+
+
+def row_loader(param: torch.Tensor, loaded: torch.Tensor) -> list[Region]:
+    return param.load_row_parallel_weight(loaded)
+
+
+def _split_fused(param, loaded: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    dim = getattr(param, "output_dim", None)
+    if dim is None:
+        raise ValueError("a fused checkpoint tensor needs a parameter with an output_dim to split")
+    if loaded.shape[dim] != sum(sizes):
+        raise ValueError(f"fused checkpoint tensor has {loaded.shape[dim]} rows along dim {dim}, expected {sum(sizes)}")
+    return list(loaded.split(sizes, dim=dim))
+
+
+def merged_column_loader(
+    param: torch.Tensor, loaded: torch.Tensor, shard_id: int | None = None, *, output_sizes: tuple[int, ...], tp: TPContext
+) -> list[Region]:
+    """Load shard `shard_id` of a `MergedColumnParallelLinear` (sizes are the full, unsharded ones)."""
+    if shard_id is None:
+        parts = _split_fused(param, loaded, list(output_sizes))
+        return [r for i, part in enumerate(parts) for r in merged_column_loader(param, part, i, output_sizes=output_sizes, tp=tp)]
+    index = shard_id_as_int(shard_id)
+    if not 0 <= index < len(output_sizes):
+        raise ValueError(f"shard id {shard_id!r} out of range for {len(output_sizes)} merged shards")
+    offset = sum(output_sizes[:index]) // tp.size
+    size = output_sizes[index] // tp.size
+    return param.load_merged_column_weight(loaded, shard_id=index, shard_offset=offset, shard_size=size)
+
+
+def qkv_loader(
+    param: torch.Tensor,
+    loaded: torch.Tensor,
+    shard_id: str | None = None,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    num_kv_head_replicas: int,
+) -> list[Region]:
+    """Load the q, k or v shard of a `QKVParallelLinear` (`num_heads` / `num_kv_heads` per rank)."""
+    q, kv = num_heads * head_size, num_kv_heads * head_size
+    layout = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
+    kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, num_kv_head_replicas=num_kv_head_replicas)
+    if shard_id is None:
+        full_q = q * param.tp.size
+        full_kv = kv * param.tp.size // num_kv_head_replicas
+        parts = _split_fused(param, loaded, [full_q, full_kv, full_kv])
+        return [r for sid, part in zip("qkv", parts) for r in qkv_loader(param, part, sid, **kwargs)]
+    if shard_id not in layout:
+        raise ValueError(f"unknown qkv shard id {shard_id!r}; expected 'q', 'k' or 'v'")
+    offset, size = layout[shard_id]
+    return param.load_qkv_weight(
+        loaded, shard_id=shard_id, shard_offset=offset, shard_size=size, num_kv_head_replicas=num_kv_head_replicas
+    )
+
+
+class LinearBase(torch.nn.Module):
+    """Shared constructor: sizes, dtype, tp, quant method."""
+
+    def __init__(self, input_size: int, output_size: int, *, tp: TPContext, quant_config: QuantConfig | None,
+                 prefix: str, params_dtype: torch.dtype | None):
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.tp = tp
+        self.prefix = prefix
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.quant_method: LinearMethod = (
+            quant_config.get_linear_method(prefix) if quant_config is not None else UnquantizedLinearMethod()
+        )
+
+    def _create(self, input_per_partition: int, output_partition_sizes: list[int], loader, tp: TPContext) -> None:
+        self.input_size_per_partition = input_per_partition
+        self.output_partition_sizes = output_partition_sizes
+        self.quant_method.create_weights(
+            self, input_per_partition, output_partition_sizes, self.input_size, self.output_size,
+            self.params_dtype, tp, loader,
+        )
+
+    def _column_bias(self, bias: bool, size: int, loader, tp: TPContext) -> None:
+        if not bias:
+            self.register_parameter("bias", None)
+            return
+        data = torch.empty(size, dtype=self.params_dtype)
+        self.register_parameter("bias", ColumnParameter(data=data, output_dim=0, weight_loader=loader, tp=tp))
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, tp={self.tp.rank}/{self.tp.size}, prefix={self.prefix!r}"
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole weight on every rank (e.g. MoE router gate)."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, tp: TPContext = TPContext(),
+                 quant_config: QuantConfig | None = None, prefix: str = "", params_dtype: torch.dtype | None = None):
+        super().__init__(input_size, output_size, tp=tp, quant_config=quant_config, prefix=prefix, params_dtype=params_dtype)
+        whole = TPContext()
+        self._create(input_size, [output_size], column_loader, whole)
+        self._column_bias(bias, output_size, column_loader, whole)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; optionally gathered back."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, gather_output: bool = False,
+                 tp: TPContext = TPContext(), quant_config: QuantConfig | None = None, prefix: str = "",
+                 params_dtype: torch.dtype | None = None, output_sizes: list[int] | None = None):
+        super().__init__(input_size, output_size, tp=tp, quant_config=quant_config, prefix=prefix, params_dtype=params_dtype)
+        self.gather_output = gather_output
+        self.output_sizes = list(output_sizes or [output_size])
+        partition_sizes = [divide(s, tp.size, f"{prefix} output size") for s in self.output_sizes]
+        loader = self._loader()
+        self._create(input_size, partition_sizes, loader, tp)
+        self._column_bias(bias, sum(partition_sizes), loader, tp)
+
+    def _loader(self):
+        return column_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quant_method.apply(self, x, self.bias)
+        return all_gather(y, self.tp) if self.gather_output else y
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one weight (gate_proj + up_proj -> gate_up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], **kwargs):
+        self._merged_sizes = tuple(output_sizes)
+        super().__init__(input_size, sum(output_sizes), output_sizes=list(output_sizes), **kwargs)
+
+    def _loader(self):
+        return functools.partial(merged_column_loader, output_sizes=self._merged_sizes, tp=self.tp)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k, v projections in one weight; kv heads replicated when fewer than tp ranks."""
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int | None = None,
+                 *, tp: TPContext = TPContext(), **kwargs):
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        self.head_size = head_size
+        self.num_heads = divide(total_num_heads, tp.size, "number of attention heads")
+        if tp.size >= total_num_kv_heads:
+            divide(tp.size, total_num_kv_heads, "(kv heads fewer than ranks) tensor-parallel size")
+            self.num_kv_heads = 1
+            self.num_kv_head_replicas = tp.size // total_num_kv_heads
+        else:
+            self.num_kv_heads = divide(total_num_kv_heads, tp.size, "number of kv heads")
+            self.num_kv_head_replicas = 1
+        q_size = total_num_heads * head_size
+        kv_size = self.num_kv_heads * tp.size * head_size  # replicated kv counted per rank
+        super().__init__(hidden_size, q_size + 2 * total_num_kv_heads * head_size,
+                         output_sizes=[q_size, kv_size, kv_size], tp=tp, **kwargs)
+        self.output_size = q_size + 2 * total_num_kv_heads * head_size
+
+    def _loader(self):
+        return functools.partial(
+            qkv_loader, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size, num_kv_head_replicas=self.num_kv_head_replicas,
+        )
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs all-reduced; bias added once after."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, reduce_results: bool = True,
+                 tp: TPContext = TPContext(), quant_config: QuantConfig | None = None, prefix: str = "",
+                 params_dtype: torch.dtype | None = None):
+        super().__init__(input_size, output_size, tp=tp, quant_config=quant_config, prefix=prefix, params_dtype=params_dtype)
+        self.reduce_results = reduce_results
+        self._create(divide(input_size, tp.size, f"{prefix} input size"), [output_size], row_loader, tp)
+        if bias:
+            data = torch.empty(output_size, dtype=self.params_dtype)
+            self.register_parameter("bias", BaseParameter(data=data, weight_loader=row_loader, tp=tp))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quant_method.apply(self, x, None)
+        if self.reduce_results:
+            y = all_reduce(y, self.tp)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

@@ -1,0 +1,118 @@
+"""Strict, table-driven weight loading: checkpoint tensors -> parameters' weight loaders.
+
+`WeightLoadSession` owns the per-load state (what was loaded, what each parameter received) and
+nothing else keeps any. For every `(name, tensor)` it maps the name through the model's
+`WeightMapping`, calls the target parameter's `weight_loader` and records the regions that loader
+says it wrote. Strict by default: an unknown name, a tensor seen twice, a shape that does not fit
+and a parameter left incomplete each raise an error naming the tensor and the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from streamquant.loading.coverage import Coverage, DuplicateWriteError
+from streamquant.loading.mapping import WeightMapping
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+class UnexpectedWeightError(WeightLoadError):
+    """A checkpoint tensor has no parameter in the model."""
+
+
+class DuplicateWeightError(WeightLoadError):
+    """A checkpoint tensor arrived twice, or two tensors wrote the same elements."""
+
+
+class MissingWeightsError(WeightLoadError):
+    """Some parameters were not (fully) written when the checkpoint ended."""
+
+
+class WeightLoadSession:
+    """One pass of checkpoint tensors into `model`'s parameters."""
+
+    def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, strict: bool = True):
+        self.model = model
+        self.mapping = mapping
+        self.strict = strict
+        self.params = dict(model.named_parameters())
+        self.coverage = {name: Coverage(p.shape) for name, p in self.params.items()}
+        self.loaded: set[str] = set()
+        self.skipped: set[str] = set()
+        self.unexpected: list[str] = []
+
+    def load(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Load one checkpoint tensor; returns the parameter name it went into (None if skipped)."""
+        if self.mapping.should_skip(name):
+            self.skipped.add(name)
+            return None
+        if name in self.loaded:
+            raise DuplicateWeightError(f"checkpoint tensor {name!r} arrived twice")
+        param_name, kwargs = self.mapping.map(name)
+        param = self.params.get(param_name)
+        if param is None:
+            if self.strict:
+                raise UnexpectedWeightError(
+                    f"checkpoint tensor {name!r} (shape {list(tensor.shape)}) maps to {param_name!r}, "
+                    f"which is not a parameter of {type(self.model).__name__}"
+                )
+            self.unexpected.append(name)
+            return None
+        try:
+            regions = param.weight_loader(param, tensor, **kwargs)
+            for region in regions:
+                self.coverage[param_name].add(region, name)
+        except DuplicateWriteError as e:
+            raise DuplicateWeightError(f"parameter {param_name!r}: {e}") from None
+        except ValueError as e:
+            raise WeightLoadError(
+                f"checkpoint tensor {name!r} (shape {list(tensor.shape)}) does not fit parameter "
+                f"{param_name!r} (shape {list(param.shape)}): {e}"
+            ) from e
+        self.loaded.add(name)
+        return param_name
+
+    def load_all(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        for name, tensor in weights:
+            self.load(name, tensor)
+        return self.loaded
+
+    def incomplete(self) -> dict[str, Coverage]:
+        return {n: c for n, c in self.coverage.items() if not c.complete}
+
+    def check_complete(self) -> None:
+        """Raise `MissingWeightsError` naming every parameter not fully written."""
+        missing = self.incomplete()
+        if not missing or not self.strict:
+            return
+        lines = []
+        for name, cov in sorted(missing.items()):
+            expected = self.mapping.checkpoint_names_for(name, num_experts=cov.shape[0] if cov.shape else None)
+            absent = [n for n in expected if n not in self.loaded]
+            lines.append(f"  {name}: {cov.summary()}; missing checkpoint tensors: {', '.join(absent) or '(partial write)'}")
+        raise MissingWeightsError(
+            f"{len(missing)} parameter(s) of {type(self.model).__name__} were not fully loaded:\n" + "\n".join(lines)
+        )
+
+
+def load_weights(
+    model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *, strict: bool = True
+) -> set[str]:
+    """Load every tensor of `weights` into `model`; returns the checkpoint names loaded."""
+    session = WeightLoadSession(model, mapping, strict=strict)
+    loaded = session.load_all(weights)
+    session.check_complete()
+    return loaded
+
+
+def process_weights_after_loading(model: torch.nn.Module) -> None:
+    """Let every layer's quant method finish its weights (repack, quantize, ...)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)

@@ -1,0 +1,100 @@
+"""Checkpoint-name -> parameter-name mapping, as data.
+
+A model declares a `WeightMapping`: rules that rewrite whole dot-separated name segments (never
+substrings), each carrying the keyword arguments its `weight_loader` needs (`shard_id`,
+`expert_id`), plus patterns of checkpoint tensors to skip (e.g. `rotary_emb.inv_freq`, or
+`lm_head.weight` when the embeddings are tied). The segment `{expert}` in a rule matches an
+integer and passes it on as `expert_id`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+EXPERT = "{expert}"
+
+
+def _segments(pattern: str) -> tuple[str, ...]:
+    return tuple(pattern.split("."))
+
+
+def _find(name: tuple[str, ...], pattern: tuple[str, ...]) -> tuple[int, int | None] | None:
+    """Index where `pattern` occurs as whole segments in `name`, and the captured expert id."""
+    n = len(pattern)
+    for start in range(len(name) - n + 1):
+        expert = None
+        for seg, pat in zip(name[start : start + n], pattern):
+            if pat == EXPERT and seg.isdigit():
+                expert = int(seg)
+            elif seg != pat:
+                break
+        else:
+            return start, expert
+    return None
+
+
+@dataclass(frozen=True)
+class MappingRule:
+    """Replace the segments `checkpoint` by `param` and call the loader with `kwargs`."""
+
+    checkpoint: str
+    param: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, checkpoint: str, param: str, **kwargs: Any) -> "MappingRule":
+        return cls(checkpoint, param, tuple(sorted(kwargs.items())))
+
+    def apply(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        segs = _segments(name)
+        pattern = _segments(self.checkpoint)
+        found = _find(segs, pattern)
+        if found is None:
+            return None
+        start, expert = found
+        new = segs[:start] + _segments(self.param) + segs[start + len(pattern) :]
+        kwargs = dict(self.kwargs)
+        if expert is not None:
+            kwargs["expert_id"] = expert
+        return ".".join(new), kwargs
+
+
+@dataclass(frozen=True)
+class WeightMapping:
+    """Ordered rules (first match wins) and skip patterns; names that match nothing map to themselves."""
+
+    rules: tuple[MappingRule, ...] = ()
+    skip: tuple[str, ...] = ()
+    prefix_renames: tuple[tuple[str, str], ...] = field(default=())
+
+    def should_skip(self, name: str) -> bool:
+        segs = _segments(name)
+        return any(_find(segs, _segments(p)) is not None for p in self.skip)
+
+    def map(self, name: str) -> tuple[str, dict[str, Any]]:
+        for old, new in self.prefix_renames:
+            if name.startswith(old + ".") and not name.startswith(new + "."):
+                name = new + name[len(old) :]
+                break
+        for rule in self.rules:
+            hit = rule.apply(name)
+            if hit is not None:
+                return hit
+        return name, {}
+
+    def checkpoint_names_for(self, param_name: str, num_experts: int | None = None) -> list[str]:
+        """The checkpoint names that feed `param_name` (for error messages about missing tensors)."""
+        segs = _segments(param_name)
+        names = []
+        for rule in self.rules:
+            found = _find(segs, _segments(rule.param))
+            if found is None:
+                continue
+            start, _ = found
+            ckpt = ".".join(segs[:start] + _segments(rule.checkpoint) + segs[start + len(_segments(rule.param)) :])
+            if EXPERT in ckpt:
+                names += [ckpt.replace(EXPERT, str(e)) for e in range(num_experts or 0)]
+            else:
+                names.append(ckpt)
+        return names or [param_name]

@@ -1,0 +1,60 @@
+"""Tensor-parallel context and the collectives the layers need.
+
+`TPContext` is a frozen value handed to every layer and parameter: the rank and size are never
+read from a global process group inside a constructor, so a test can build "rank 2 of 4" in one
+process. Collectives are no-ops at size 1, so single-process code never touches
+`torch.distributed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """Which tensor-parallel rank this process is, out of how many, and over which group."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"tensor-parallel size must be >= 1, got {self.size}")
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tensor-parallel rank {self.rank} is outside [0, {self.size})")
+
+    @classmethod
+    def from_process_group(cls, group: dist.ProcessGroup | None = None) -> "TPContext":
+        """The context of this process in an initialized `torch.distributed` group."""
+        if not dist.is_available() or not dist.is_initialized():
+            return cls()
+        return cls(rank=dist.get_rank(group), size=dist.get_world_size(group), group=group)
+
+
+def divide(numerator: int, denominator: int, what: str = "size") -> int:
+    """Exact division, with an error naming what could not be split."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} {numerator} is not divisible by tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+def all_reduce(x: torch.Tensor, tp: TPContext) -> torch.Tensor:
+    """Sum `x` over the tensor-parallel group (in place); identity at size 1."""
+    if tp.size == 1:
+        return x
+    dist.all_reduce(x, group=tp.group)
+    return x
+
+
+def all_gather(x: torch.Tensor, tp: TPContext, dim: int = -1) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim`; identity at size 1."""
+    if tp.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=dim)

@@ -1,0 +1,69 @@
+"""The quant-method seam: what every weight-bearing layer delegates its weights to.
+
+A layer never creates its own weights. It asks its quant method to `create_weights` on it, the
+loader fills them through each parameter's `weight_loader`, the load calls
+`process_weights_after_loading` once a layer is complete, and `forward` calls `apply`.
+A `QuantConfig` picks the method for each layer by the layer's kind and prefix (its module name).
+
+The unquantized methods live in `unquantized.py`; fp8 methods implement the same protocols.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from streamquant.loading.parameters import WeightLoader
+from streamquant.parallel import TPContext
+
+
+@runtime_checkable
+class LinearMethod(Protocol):
+    """Creates, post-processes and applies a linear layer's weights."""
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        tp: TPContext,
+        weight_loader: WeightLoader,
+    ) -> None: ...
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None: ...
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class QuantConfig(Protocol):
+    """Chooses the method for each layer. `prefix` is the layer's module name in the model."""
+
+    def get_linear_method(self, prefix: str) -> LinearMethod: ...
+
+    def get_moe_method(self, prefix: str) -> "MoEMethod": ...
+
+
+@runtime_checkable
+class MoEMethod(Protocol):
+    """Creates, post-processes and applies fused MoE expert weights (w13 [E, 2I, H], w2 [E, H, I])."""
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        tp: TPContext,
+        weight_loader: WeightLoader,
+    ) -> None: ...
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None: ...
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor: ...

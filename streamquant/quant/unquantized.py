@@ -1,0 +1,50 @@
+"""Unquantized methods: weights stay in the model dtype. The first implementation of the seam."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from streamquant.loading.parameters import ModelWeightParameter
+from streamquant.quant.base import LinearMethod, MoEMethod
+from streamquant.quant.moe import UnquantizedFusedMoEMethod
+
+
+class UnquantizedLinearMethod:
+    """Weights stay in `params_dtype`; `apply` is `F.linear`."""
+
+    def create_weights(
+        self,
+        layer,
+        input_size_per_partition,
+        output_partition_sizes,
+        input_size,
+        output_size,
+        params_dtype,
+        tp,
+        weight_loader,
+    ) -> None:
+        weight = ModelWeightParameter(
+            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=weight_loader,
+            tp=tp,
+        )
+        layer.register_parameter("weight", weight)
+
+    def process_weights_after_loading(self, layer) -> None:
+        return None
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight, bias)
+
+
+class UnquantizedConfig:
+    """No quantization: every layer gets an unquantized method."""
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        return UnquantizedLinearMethod()
+
+    def get_moe_method(self, prefix: str) -> MoEMethod:
+        return UnquantizedFusedMoEMethod()

@@ -46,6 +46,8 @@ class QuantConfig(Protocol):
 
     def get_moe_method(self, prefix: str) -> "MoEMethod": ...
 
+    def get_embedding_method(self, prefix: str) -> "EmbeddingMethod": ...
+
 
 @runtime_checkable
 class MoEMethod(Protocol):
@@ -67,3 +69,24 @@ class MoEMethod(Protocol):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class EmbeddingMethod(Protocol):
+    """Creates and applies a vocab-parallel embedding / LM head weight ([vocab_per_rank, hidden])."""
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_embeddings_per_partition: int,
+        embedding_dim: int,
+        params_dtype: torch.dtype,
+        tp: TPContext,
+        weight_loader: WeightLoader,
+    ) -> None: ...
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None: ...
+
+    def embedding(self, layer: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...

@@ -1,0 +1,79 @@
+"""What every streamquant causal LM shares: strict table-driven loading, KV caches, positions.
+
+A model subclass builds its modules, sets `self.weight_mapping` (a `WeightMapping`: checkpoint
+names -> fused parameters, as data) and the attention geometry, and implements `compute_logits`
+over `(input_ids, positions, kv_cache, start_pos)`. Logits always come back in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from streamquant.layers.attention import KVCache
+from streamquant.loading.loader import load_weights
+from streamquant.loading.mapping import MappingRule, WeightMapping
+from streamquant.parallel import TPContext
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Per-rank attention sizes, needed to allocate a KV cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+
+
+def stacked_rules(prefix: str = "") -> tuple[MappingRule, ...]:
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj (under an optional segment prefix)."""
+    p = f"{prefix}." if prefix else ""
+    return (
+        MappingRule.make(f"{p}q_proj", f"{p}qkv_proj", shard_id="q"),
+        MappingRule.make(f"{p}k_proj", f"{p}qkv_proj", shard_id="k"),
+        MappingRule.make(f"{p}v_proj", f"{p}qkv_proj", shard_id="v"),
+        MappingRule.make("gate_proj", "gate_up_proj", shard_id=0),
+        MappingRule.make("up_proj", "gate_up_proj", shard_id=1),
+    )
+
+
+class CausalLM(torch.nn.Module):
+    """Base of every model: `forward(input_ids) -> float32 logits`, `load_weights`, `new_kv_cache`."""
+
+    weight_mapping: WeightMapping
+    geometry: AttentionGeometry
+
+    def __init__(self, hf_config, tp: TPContext, params_dtype: torch.dtype):
+        super().__init__()
+        self.config = hf_config
+        self.tp = tp
+        self.params_dtype = params_dtype
+
+    def compute_logits(self, input_ids, positions, kv_cache, start_pos) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        if positions is None:
+            t = input_ids.shape[1]
+            positions = torch.arange(start_pos, start_pos + t, device=input_ids.device).expand(input_ids.shape[0], t)
+        return self.compute_logits(input_ids, positions, kv_cache, start_pos).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> set[str]:
+        """Load checkpoint tensors (HF names); strict: missing / unexpected / duplicate raise."""
+        return load_weights(self, weights, self.weight_mapping, strict=strict)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for this rank's heads, on the model's device and dtype."""
+        g = self.geometry
+        device = next(self.parameters()).device
+        return KVCache(g.num_layers, batch_size, max_len, g.num_kv_heads, g.head_size, dtype=self.params_dtype, device=device)

@@ -1,0 +1,85 @@
+"""Tiny Hugging Face models (random init, then every tensor randomized so biases and norms matter)
+saved with `save_pretrained`, one per supported architecture and layout variant."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import transformers
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    config_cls: str
+    model_cls: str
+    kwargs: tuple
+
+    def config(self):
+        return getattr(transformers, self.config_cls)(**dict(self.kwargs))
+
+
+def _case(name, config_cls, model_cls, **kw) -> Case:
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    base.update(kw)
+    return Case(name, config_cls, model_cls, tuple(sorted(base.items())))
+
+
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+CASES = [
+    _case("llama", "LlamaConfig", "LlamaForCausalLM"),
+    _case("llama-tied-mqa-llama3rope", "LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=True,
+          num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    _case("mistral", "MistralConfig", "MistralForCausalLM", num_key_value_heads=1),
+    _case("qwen2-tied", "Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True),
+    _case("qwen3", "Qwen3Config", "Qwen3ForCausalLM", head_dim=32, tie_word_embeddings=False),
+    _case("qwen2moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", shared_expert_intermediate_size=48,
+          norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False, **MOE),
+    _case("qwen3moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", norm_topk_prob=True, head_dim=16,
+          tie_word_embeddings=False, **MOE),
+    Case("opt", "OPTConfig", "OPTForCausalLM", tuple(sorted(dict(
+        vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, word_embed_proj_dim=64).items()))),
+    Case("opt-350m-style", "OPTConfig", "OPTForCausalLM", tuple(sorted(dict(
+        vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False).items()))),
+]
+CASE_IDS = [c.name for c in CASES]
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every parameter random: weights ~N(0, 0.05^2)·√(64/fan_in)-ish, norms 1 ± 0.1, biases ±0.1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() == 1 and ("norm" in name or "layernorm" in name):
+                p.copy_(1 + 0.1 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise * (1.0 / p.shape[-1]) ** 0.5)
+
+
+def make_checkpoint(case: Case, root: Path) -> Path:
+    """Save the case's HF model (float32) under root/case.name; reuse if present."""
+    out = root / case.name
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    model = getattr(transformers, case.model_cls)(case.config()).float()
+    randomize_(model)
+    model.save_pretrained(out)
+    return out
+
+
+def hf_logits(path: Path, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids).logits.float()

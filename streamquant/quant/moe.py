@@ -1,10 +1,95 @@
 """Fused MoE expert weights: the unquantized method and the reference expert computation.
 
-(Stub: filled in by the MoE work.)
+Owns the layout every MoE method shares: per layer, `w13_weight` [E, 2 * I_per_rank, H] (the gate
+rows of each expert, then its up rows) and `w2_weight` [E, H, I_per_rank] (down projection). Under
+tensor parallelism every rank holds all experts and a slice of the intermediate dimension, so each
+rank's output is a partial sum that the layer all-reduces.
+
+`fused_experts` is the plain-torch reference: it mirrors the eager experts forward of transformers
+5.23 (`Qwen2MoeExperts` / `Qwen3MoeExperts`) op for op -- same expert order, same token order, the
+routing weight applied before the cast, accumulation with `index_add_` in the hidden dtype -- so
+bf16 results agree with transformers bit for bit on the same device.
+
+Limitations: a Python loop over the experts that received tokens (no grouped GEMM kernel); SiLU
+gating only (both Qwen MoE families); no expert parallelism.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
+from streamquant.loading.parameters import ModelWeightParameter, WeightLoader
+from streamquant.parallel import TPContext
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Sum over each token's top-k experts of `weight * down(silu(gate(x)) * up(x))`.
+
+    Shapes: x [N, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights / topk_ids [N, K] -> [N, H] in
+    `x.dtype`. `topk_weights` may be in any float dtype; the product is cast to `x.dtype` before
+    accumulation, as transformers does.
+    """
+    num_experts = w13.shape[0]
+    out = torch.zeros_like(x)
+    with torch.no_grad():
+        # [E, K, N]: for each expert, which (slot, token) pairs chose it.
+        expert_mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert in expert_hit:
+        e = expert[0]
+        top_k_pos, token_idx = torch.where(expert_mask[e])
+        gate, up = F.linear(x[token_idx], w13[e]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, w2[e])
+        h = h * topk_weights[token_idx, top_k_pos, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
 
 class UnquantizedFusedMoEMethod:
-    """w13 [E, 2I/tp, H] and w2 [E, H, I/tp] in the model dtype."""
+    """w13 [E, 2I/tp, H] and w2 [E, H, I/tp] in the model dtype; `apply` is `fused_experts`.
+
+    Both weights are `ModelWeightParameter`s with `output_dim=1, input_dim=2`: each expert's slice
+    is an ordinary [out, in] linear weight, which is what a later quantizing method needs to know
+    (per-output-channel scales run along dim 1). The sharding itself is done by the layer's
+    `weight_loader` (`streamquant.layers.moe.moe_weight_loader`), not by the parameter's `load_*`
+    methods: w13 is split along its output dim, w2 along its input dim.
+    """
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        tp: TPContext,
+        weight_loader: WeightLoader,
+    ) -> None:
+        shapes = {
+            "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
+            "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
+        }
+        for name, shape in shapes.items():
+            param = ModelWeightParameter(
+                data=torch.empty(shape, dtype=params_dtype),
+                output_dim=1,
+                input_dim=2,
+                weight_loader=weight_loader,
+                tp=tp,
+            )
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        return None
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids)

@@ -1,0 +1,167 @@
+"""Find a checkpoint's files and iterate its tensors lazily.
+
+Owns: turning a local path or a Hugging Face model id into a local directory, choosing and
+ordering the weight files, and yielding ``(name, tensor)`` pairs from them.
+
+Invariants:
+- File choice, in order of preference: ``model.safetensors``; the shards named by
+  ``model.safetensors.index.json``; every ``*.safetensors``; ``pytorch_model.bin``; the shards
+  named by ``pytorch_model.bin.index.json``. Shards are deduplicated and ordered by file name.
+- ``iterate_weights`` is deterministic (files in the order above, names sorted within a file)
+  and zero-copy: tensors live in private (copy-on-write) mmaps of the files, so pages are read
+  only when a tensor is touched and writing to a tensor never changes the file.
+- Every failure a user can cause (missing config, missing or corrupt shard, unreachable hub id,
+  malformed config or index) is a ``CheckpointError`` naming the path or file at fault.
+
+Limitations: ``.bin`` files must use torch's zipfile format (the default since torch 1.6),
+because mmap loading needs it. Duplicate tensor names across files are passed through; the
+load session reports them. Non-tensor entries in a ``.bin`` state dict are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterator
+
+import huggingface_hub
+import safetensors
+import torch
+import transformers
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found, is incomplete, or is malformed."""
+
+
+def resolve_checkpoint(
+    path_or_id: str | os.PathLike, *, revision: str | None = None
+) -> pathlib.Path:
+    """Return a local checkpoint directory for a directory path or a Hugging Face model id.
+
+    A local directory is returned as given (``revision`` must then be None). Anything else goes
+    through ``huggingface_hub.snapshot_download``, which honours the local cache and
+    ``HF_HUB_OFFLINE``; only json, safetensors and bin files are fetched.
+    """
+    local = pathlib.Path(path_or_id).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{local} is a local directory; revision={revision!r} does not apply")
+        _require_config(local)
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local} is a file; expected a checkpoint directory or a model id")
+    try:
+        fetched = huggingface_hub.snapshot_download(
+            str(path_or_id), revision=revision, allow_patterns=list(HUB_PATTERNS)
+        )
+    except Exception as exc:  # any hub/cache/validation failure gets the same user-facing advice
+        raise CheckpointError(
+            f"{str(path_or_id)!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub (offline, or not in the local cache?): {type(exc).__name__}: {exc}"
+        ) from exc
+    snapshot = pathlib.Path(fetched)
+    _require_config(snapshot)
+    return snapshot
+
+
+def _require_config(directory: pathlib.Path) -> None:
+    if not (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(f"checkpoint directory {directory} has no {CONFIG_FILE}")
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
+    """The weight files of a checkpoint directory, in load order (see module docstring)."""
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    if (directory / SAFETENSORS_FILE).is_file():
+        return [directory / SAFETENSORS_FILE]
+    if (directory / SAFETENSORS_INDEX).is_file():
+        return _index_shards(directory / SAFETENSORS_INDEX)
+    loose = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
+    if loose:
+        return loose
+    if (directory / BIN_FILE).is_file():
+        return [directory / BIN_FILE]
+    if (directory / BIN_INDEX).is_file():
+        return _index_shards(directory / BIN_INDEX)
+    contents = sorted(p.name for p in directory.iterdir()) or ["<empty>"]
+    raise CheckpointError(
+        f"no weight files ({SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, *.safetensors, {BIN_FILE}, "
+        f"{BIN_INDEX}) in {directory}; it contains: {', '.join(contents)}"
+    )
+
+
+def _index_shards(index_path: pathlib.Path) -> list[pathlib.Path]:
+    """Shard files named by an index's weight_map, deduplicated, sorted, all present."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"malformed index {index_path}: {type(exc).__name__}: {exc}") from exc
+    if not names:
+        raise CheckpointError(f"index {index_path} has an empty weight_map")
+    shards = [index_path.parent / name for name in names]
+    missing = [name for name, shard in zip(names, shards) if not shard.is_file()]
+    if missing:
+        raise CheckpointError(f"index {index_path} names missing shard(s): {', '.join(missing)}")
+    return shards
+
+
+def iterate_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of a checkpoint directory, lazily, zero-copy."""
+    for file in checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            yield from _iterate_safetensors(file)
+        else:
+            yield from _iterate_bin(file)
+
+
+def _iterate_safetensors(file: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        opened = safetensors.safe_open(file, framework="pt")
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot open {file}: {type(exc).__name__}: {exc}") from exc
+    with opened as handle:
+        for name in sorted(handle.keys()):
+            yield name, handle.get_tensor(name)
+
+
+def _iterate_bin(file: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot mmap-load {file}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict")
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{file}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        yield name, tensor
+
+
+def checkpoint_bytes(path: str | os.PathLike) -> int:
+    """Total size on disk of the weight files, headers included (sum of file sizes)."""
+    return sum(file.stat().st_size for file in checkpoint_files(path))
+
+
+def load_hf_config(path: str | os.PathLike) -> transformers.PreTrainedConfig:
+    """The checkpoint's ``config.json`` parsed by ``transformers.AutoConfig``."""
+    directory = pathlib.Path(path)
+    _require_config(directory)
+    try:
+        return transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"malformed {directory / CONFIG_FILE}: {type(exc).__name__}: {exc}"
+        ) from exc

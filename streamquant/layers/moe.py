@@ -1,0 +1,170 @@
+"""Fused MoE experts layer (Qwen2-MoE / Qwen3-MoE): routing, expert weights, their loader and names.
+
+`FusedMoE` holds all experts of one MoE block as two parameters created by its quant method:
+`w13_weight` [E, 2 * I/tp, H] (gate rows, then up rows) and `w2_weight` [E, H, I/tp]. Every rank
+holds every expert and a 1/tp slice of the intermediate dimension; `forward` returns the partial
+sum all-reduced (or not, with `reduce_results=False`). The router gate is not part of this layer:
+the model computes `router_logits` (a `ReplicatedLinear`) and passes them in.
+
+`moe_weight_loader` accepts both formats a checkpoint can come in:
+  * per expert, as saved on disk: `experts.{e}.gate_proj.weight` [I, H] (shard "w1"),
+    `experts.{e}.up_proj.weight` [I, H] ("w3"), `experts.{e}.down_proj.weight` [H, I] ("w2");
+  * all experts fused, as transformers 5 holds them in memory (what an RL trainer's
+    `named_parameters()` yields): `experts.gate_up_proj` [E, 2I, H] ("w13") and
+    `experts.down_proj` [E, H, I] ("w2"), with `expert_id=None`.
+Every combination of shard id and expert id (None = all experts) is accepted; shapes are checked
+exactly against the full checkpoint tensor, not only against the slice a rank takes.
+
+Routing mirrors transformers 5.23's `Qwen2MoeTopKRouter` exactly: softmax in float32, top-k,
+optional renormalization, weights cast back to the router logits' dtype.
+
+Limitation: `expert_mapping_rules` must come before any dense `gate_proj -> gate_up_proj` rule in a
+model's mapping (first match wins, and the dense rule also matches `experts.3.gate_proj.weight`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from streamquant.loading.mapping import MappingRule
+from streamquant.loading.parameters import WeightShapeError, write_region
+from streamquant.loading.region import Region
+from streamquant.parallel import TPContext, all_reduce, divide
+from streamquant.quant.base import MoEMethod, QuantConfig
+from streamquant.quant.moe import UnquantizedFusedMoEMethod
+
+# Which half of w13's rows a gate / up shard fills.
+_W13_HALF = {"w1": 0, "w3": 1}
+SHARD_IDS = ("w1", "w3", "w13", "w2")
+
+
+def _expert_rows(param: torch.Tensor, expert_id: int | None, shard_id: str) -> tuple[int, int]:
+    num_experts = param.shape[0]
+    if expert_id is None:
+        return 0, num_experts
+    if not 0 <= expert_id < num_experts:
+        raise ValueError(f"expert id {expert_id} (shard {shard_id!r}) is out of range for {num_experts} experts")
+    return expert_id, expert_id + 1
+
+
+def _expected_shape(shard_id: str, param: torch.Tensor, full_intermediate: int) -> tuple[int, int]:
+    """Shape of one expert's checkpoint tensor for `shard_id` (unsharded)."""
+    if shard_id in _W13_HALF:
+        return full_intermediate, param.shape[2]
+    if shard_id == "w13":
+        return 2 * full_intermediate, param.shape[2]
+    return param.shape[1], full_intermediate
+
+
+def moe_weight_loader(
+    param: torch.Tensor,
+    loaded: torch.Tensor,
+    *,
+    shard_id: str,
+    expert_id: int | None = None,
+    intermediate_size_per_partition: int,
+    tp: TPContext,
+) -> list[Region]:
+    """Write this rank's slice of one expert's (or, with `expert_id=None`, every expert's) shard."""
+    if shard_id not in SHARD_IDS:
+        raise ValueError(f"unknown MoE shard id {shard_id!r}; expected one of {', '.join(SHARD_IDS)}")
+    lo, hi = _expert_rows(param, expert_id, shard_id)
+    i_p = intermediate_size_per_partition
+    expected = _expected_shape(shard_id, param, i_p * tp.size)
+    if expert_id is None:
+        expected = (hi - lo, *expected)
+    if tuple(loaded.shape) != expected:
+        who = "all experts" if expert_id is None else f"expert {expert_id}"
+        raise WeightShapeError(
+            f"{who}, shard {shard_id!r}: expected checkpoint shape {list(expected)}, received {list(loaded.shape)}"
+        )
+    src = loaded if expert_id is None else loaded.unsqueeze(0)
+    experts = (lo, hi)
+    if shard_id == "w2":
+        region = (experts, (0, param.shape[1]), (0, i_p))
+        return write_region(param, region, src.narrow(2, tp.rank * i_p, i_p))
+    halves = src.chunk(2, dim=1) if shard_id == "w13" else (src,)
+    first = 0 if shard_id == "w13" else _W13_HALF[shard_id]
+    regions = []
+    for half, part in enumerate(halves, start=first):
+        region = (experts, (half * i_p, (half + 1) * i_p), (0, param.shape[2]))
+        regions += write_region(param, region, part.narrow(1, tp.rank * i_p, i_p))
+    return regions
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing as transformers' Qwen MoE routers: (weights [N, K] in the logits' dtype, ids [N, K])."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def expert_mapping_rules() -> tuple[MappingRule, ...]:
+    """Checkpoint names -> `experts.w13_weight` / `experts.w2_weight`, per-expert and fused formats."""
+    return (
+        MappingRule.make("experts.{expert}.gate_proj.weight", "experts.w13_weight", shard_id="w1"),
+        MappingRule.make("experts.{expert}.up_proj.weight", "experts.w13_weight", shard_id="w3"),
+        MappingRule.make("experts.{expert}.down_proj.weight", "experts.w2_weight", shard_id="w2"),
+        MappingRule.make("experts.gate_up_proj", "experts.w13_weight", shard_id="w13"),
+        MappingRule.make("experts.down_proj", "experts.w2_weight", shard_id="w2"),
+    )
+
+
+class FusedMoE(torch.nn.Module):
+    """All routed experts of one MoE block; `forward(hidden, router_logits)`."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        renormalize: bool,
+        tp: TPContext = TPContext(),
+        quant_config: QuantConfig | None = None,
+        params_dtype: torch.dtype | None = None,
+        prefix: str = "",
+        reduce_results: bool = True,
+    ):
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"{prefix}: top_k {top_k} must be in [1, {num_experts}] (the number of experts)")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.intermediate_size_per_partition = divide(intermediate_size, tp.size, f"{prefix} moe intermediate size")
+        self.renormalize = renormalize
+        self.tp = tp
+        self.prefix = prefix
+        self.reduce_results = reduce_results
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.quant_method: MoEMethod = (
+            quant_config.get_moe_method(prefix) if quant_config is not None else UnquantizedFusedMoEMethod()
+        )
+        loader = functools.partial(
+            moe_weight_loader, intermediate_size_per_partition=self.intermediate_size_per_partition, tp=tp
+        )
+        self.quant_method.create_weights(
+            self, num_experts, hidden_size, self.intermediate_size_per_partition, self.params_dtype, tp, loader
+        )
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        hidden = hidden.reshape(-1, self.hidden_size)
+        topk_weights, topk_ids = select_experts(router_logits.reshape(-1, self.num_experts), self.top_k, self.renormalize)
+        out = self.quant_method.apply(self, hidden, topk_weights, topk_ids)
+        if self.reduce_results:
+            out = all_reduce(out, self.tp)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
+            f"intermediate={self.intermediate_size}, tp={self.tp.rank}/{self.tp.size}, prefix={self.prefix!r}"
+        )

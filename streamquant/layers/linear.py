@@ -190,7 +190,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs all-reduced; bias added once after."""
+    """Input features split across ranks; partial outputs all-reduced.
+
+    The bias is added once, inside rank 0's matmul (as vLLM does), so TP=1 rounds exactly like
+    `F.linear(x, w, b)`.
+    """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, reduce_results: bool = True,
                  tp: TPContext = TPContext(), quant_config: QuantConfig | None = None, prefix: str = "",
@@ -205,9 +209,5 @@ class RowParallelLinear(LinearBase):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quant_method.apply(self, x, None)
-        if self.reduce_results:
-            y = all_reduce(y, self.tp)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        y = self.quant_method.apply(self, x, self.bias if self.tp.rank == 0 else None)
+        return all_reduce(y, self.tp) if self.reduce_results else y

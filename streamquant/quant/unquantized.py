@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streamquant.loading.parameters import ModelWeightParameter
-from streamquant.quant.base import LinearMethod, MoEMethod
+from streamquant.loading.parameters import ColumnParameter, ModelWeightParameter
+from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
 from streamquant.quant.moe import UnquantizedFusedMoEMethod
 
 
@@ -40,6 +40,33 @@ class UnquantizedLinearMethod:
         return F.linear(x, layer.weight, bias)
 
 
+class UnquantizedEmbeddingMethod:
+    """Embedding / LM head weight [vocab_per_rank, hidden] in `params_dtype`, split along the vocab.
+
+    `embedding` is `F.embedding` (ids already local to this rank); `apply` is `F.linear`.
+    """
+
+    def create_weights(
+        self, layer, num_embeddings_per_partition, embedding_dim, params_dtype, tp, weight_loader
+    ) -> None:
+        weight = ColumnParameter(
+            data=torch.empty(num_embeddings_per_partition, embedding_dim, dtype=params_dtype),
+            output_dim=0,
+            weight_loader=weight_loader,
+            tp=tp,
+        )
+        layer.register_parameter("weight", weight)
+
+    def process_weights_after_loading(self, layer) -> None:
+        return None
+
+    def embedding(self, layer, input_ids):
+        return F.embedding(input_ids, layer.weight)
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight, bias)
+
+
 class UnquantizedConfig:
     """No quantization: every layer gets an unquantized method."""
 
@@ -48,3 +75,6 @@ class UnquantizedConfig:
 
     def get_moe_method(self, prefix: str) -> MoEMethod:
         return UnquantizedFusedMoEMethod()
+
+    def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
+        return UnquantizedEmbeddingMethod()

@@ -1,0 +1,137 @@
+"""Causal self-attention over this rank's heads, with an optional static KV cache.
+
+Owns the attention computation (torch SDPA, grouped-query attention via `enable_gqa`) and the KV
+cache layout. No weights: the q/k/v and output projections live in the model's linear layers.
+
+Invariants:
+- Layout everywhere is [B, T, heads, head_size]; the output is [B, T, heads * head_size], ready for
+  the row-parallel output projection.
+- The T new tokens sit at absolute positions `start_pos .. start_pos + T - 1`: query i attends to
+  every cached key and to the new keys up to and including its own position.
+- A `LayerKVCache` is written only at the position the caller names (`update(k, v, start_pos)`),
+  so the layers of one forward never depend on a shared mutable counter; `KVCache.length` is a
+  convenience the model advances once per forward.
+
+Limitations: every sequence of a batch shares the same positions (no padding masks, no ragged
+batches, no paged cache); no sliding window, no attention sinks, no logit soft-capping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerKVCache:
+    """One layer's keys and values, [B, max_len, Hkv, D] each (views into `KVCache`'s storage)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k
+        self.v = v
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new k/v [B, T, Hkv, D] at `start_pos`; return all keys/values [B, start_pos + T, Hkv, D]."""
+        end = start_pos + k.shape[1]
+        if start_pos < 0 or end > self.max_len:
+            raise ValueError(f"positions [{start_pos}, {end}) do not fit a KV cache of length {self.max_len}")
+        if k.shape != v.shape or k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
+            raise ValueError(
+                f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit a KV cache of shape {tuple(self.k.shape)}"
+            )
+        self.k[:, start_pos:end] = k
+        self.v[:, start_pos:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class KVCache:
+    """Static keys/values for every layer of a model: [num_layers, B, max_len, Hkv, D] each."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_size: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ):
+        shape = (num_layers, batch_size, max_len, num_kv_heads, head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # positions written by every layer so far; advanced by the model
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    def layer(self, i: int) -> LayerKVCache:
+        return LayerKVCache(self.k[i], self.v[i])
+
+    def advance(self, n: int) -> int:
+        """Record that every layer wrote `n` more positions; returns the new length."""
+        if n < 0 or self.length + n > self.max_len:
+            raise ValueError(f"cannot advance a KV cache of length {self.length}/{self.max_len} by {n}")
+        self.length += n
+        return self.length
+
+    def reset(self) -> None:
+        """Start a new sequence (the stored values are simply overwritten later)."""
+        self.length = 0
+
+
+def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Boolean [T, S] mask, True where query i (at absolute position S - T + i) may attend key j."""
+    ones = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
+    return ones.tril(diagonal=num_keys - num_queries)
+
+
+class Attention(nn.Module):
+    """Causal SDPA over per-rank heads: q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H * D]."""
+
+    def __init__(self, num_heads: int, head_size: int, num_kv_heads: int, scale: float):
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"{num_heads} query heads cannot be grouped over {num_kv_heads} kv heads")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: LayerKVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        batch, num_tokens = q.shape[:2]
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, start_pos)
+        elif start_pos != 0:
+            raise ValueError(f"start_pos={start_pos} needs a kv_cache holding the earlier positions")
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, heads, T, D]
+        num_keys = k.shape[2]
+        # is_causal aligns the mask top-left, which is only right when queries and keys coincide.
+        mask = None if num_tokens in (1, num_keys) else causal_mask(num_tokens, num_keys, q.device)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=num_tokens == num_keys and num_tokens > 1,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_size)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_size={self.head_size}, scale={self.scale}"

@@ -63,6 +63,7 @@ class WeightLoadSession:
                 )
             self.unexpected.append(name)
             return None
+        self.before_write(param_name)
         try:
             regions = param.weight_loader(param, tensor, **kwargs)
             for region in regions:
@@ -75,7 +76,14 @@ class WeightLoadSession:
                 f"{param_name!r} (shape {list(param.shape)}): {e}"
             ) from e
         self.loaded.add(name)
+        self.after_write(param_name)
         return param_name
+
+    def before_write(self, param_name: str) -> None:
+        """Hook: called before a loader writes into `param_name` (streaming materializes here)."""
+
+    def after_write(self, param_name: str) -> None:
+        """Hook: called after a loader wrote into `param_name` (streaming finishes layers here)."""
 
     def load_all(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         for name, tensor in weights:

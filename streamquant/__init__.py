@@ -1,0 +1,44 @@
+"""streamquant: load Hugging Face checkpoints into tensor-parallel PyTorch models (vLLM vocabulary).
+
+Public API (see README.md):
+    load_model(path, *, quantization=None, dtype=torch.bfloat16, device="cpu", tp=None, strict=True)
+    generate(model, input_ids, max_new_tokens)
+    PeakMemorySampler(device)
+    (and `streamquant.launch.launch(fn, tp_size, *args, device="cpu")`: the module of that name
+    shadows any package attribute `launch`, so it is not re-exported)
+
+The names above are resolved on first use (PEP 562), so importing one subpackage, e.g.
+`streamquant.layers`, does not pull in the checkpoint reader and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import MappingProxyType
+
+__version__ = "0.1.0"
+
+_EXPORTS = MappingProxyType(
+    {
+        "load_model": "streamquant.api",
+        "LoadReport": "streamquant.api",
+        "generate": "streamquant.generation",
+        "generate_with_logits": "streamquant.generation",
+        "LaunchError": "streamquant.launch",
+        "PeakMemorySampler": "streamquant.memory",
+        "MemoryPeak": "streamquant.memory",
+        "TPContext": "streamquant.parallel",
+    }
+)
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'streamquant' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

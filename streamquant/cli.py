@@ -1,0 +1,194 @@
+"""The `streamquant` command line: `load`, `generate` and `demo`.
+
+Every command is a function of a plain, picklable options dict that returns a JSON-able result
+dict (`run_command`), so the same code runs in this process, on the ranks `launch()` spawns for
+`--tp N`, or on each rank of `torchrun`; only rank 0's result is printed and written.
+
+Bad input (missing checkpoint, unsupported architecture or quantization, a checkpoint that does not
+fit its model) prints one line to stderr and exits with status 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
+from streamquant.checkpoint.reader import CheckpointError
+from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
+from streamquant.generation import generate_with_logits
+from streamquant.launch import LaunchError, init_from_env, launch, shutdown, under_torchrun
+from streamquant.loading.loader import WeightLoadError
+from streamquant.memory import PeakMemorySampler
+from streamquant.models import UnsupportedArchitectureError
+
+QUANTIZATION_CHOICES = ("fp8", "fp8-channel", "fp8-block")
+# Bad input, reported in one line. ValueError also covers sizes that do not fit (a --tp that does not
+# divide the heads); the named subclasses are listed for the reader.
+USER_ERRORS = (
+    CheckpointError,
+    UnsupportedArchitectureError,
+    UnsupportedQuantizationError,
+    WeightLoadError,
+    ValueError,
+    OSError,
+)
+DEMO_PROMPT = (1, 2, 3, 4)
+DEMO_NEW_TOKENS = 8
+EXIT_BAD_INPUT = 2
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected at least one non-negative token id, got {text!r}")
+    return ids
+
+
+def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
+    supported = ", ".join(q for q in SUPPORTED_QUANTIZATION if q) or "none yet"
+    add = parser.add_argument
+    add("--dtype", default="bfloat16", choices=list(DTYPE_NAMES), help="parameter dtype (default: bfloat16)")
+    add("--device", default="cpu", help="device to load onto, e.g. cpu or cuda (default: cpu)")
+    add("--tp", type=int, default=None, metavar="N",
+        help="tensor-parallel ranks, one process each (default: 1; under torchrun: its world size)")
+    add("--quantization", choices=QUANTIZATION_CHOICES, default=None,
+        help=f"quantize while loading (schemes this build accepts: {supported})")
+    add("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to FILE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamquant", description="Load Hugging Face checkpoints into streamquant's tensor-parallel models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    load = commands.add_parser("load", help="load a checkpoint; report its size, load time and peak memory")
+    load.add_argument("path", help="checkpoint directory or Hugging Face hub id")
+    _add_loading_flags(load)
+    gen = commands.add_parser("generate", help="load a checkpoint and generate tokens greedily")
+    gen.add_argument("path", help="checkpoint directory or Hugging Face hub id")
+    gen.add_argument("--prompt-ids", type=_prompt_ids, required=True, metavar="IDS",
+                     help="prompt token ids, comma-separated (e.g. 1,2,3)")
+    gen.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="number of tokens to generate")
+    _add_loading_flags(gen)
+    demo = commands.add_parser("demo", help="write a small synthetic checkpoint (no network), load it, generate")
+    demo.add_argument("--cache-dir", type=Path, default=None,
+                      help="where the synthetic checkpoint is kept (default: streamquant's cache directory)")
+    _add_loading_flags(demo)
+    return parser
+
+
+def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load with peak-memory sampling; the model and the load measurements."""
+    with PeakMemorySampler(options["device"]) as sampler:
+        model = load_model(
+            options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"]
+        )
+    report, peak = model.load_report, sampler.result
+    result = {
+        "checkpoint": str(options["path"]),
+        "checkpoint_bytes": report.checkpoint_bytes,
+        "model_bytes": report.model_bytes,
+        "load_seconds": report.load_seconds,
+        "peak_memory_bytes": peak.peak_bytes,
+        "peak_memory_method": peak.method,
+    }
+    if peak.file_backed_peak_bytes is not None:
+        result["file_backed_peak_bytes"] = peak.file_backed_peak_bytes
+    return model, result
+
+
+def run_command(options: dict[str, Any]) -> dict[str, Any]:
+    """Run `load` or `generate` (demo is a generate) in this process; returns the JSON-able result."""
+    model, result = _load(options)
+    if options["command"] != "load":
+        prompt = torch.tensor([options["prompt_ids"]], dtype=torch.long)
+        out = generate_with_logits(model, prompt, options["max_new_tokens"])
+        result["prompt_ids"] = list(options["prompt_ids"])
+        result["tokens"] = out.tokens[0, prompt.shape[1] :].tolist()
+        result["last_logits"] = out.last_prompt_logits[0].tolist()
+    return result
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {k: v for k, v in vars(args).items() if k not in ("json", "cache_dir")}
+    if args.command == "demo":
+        options["path"] = str(ensure_synthetic_checkpoint(args.cache_dir or default_cache_dir(), DEMO_SPEC))
+        options["prompt_ids"] = list(DEMO_PROMPT)
+        options["max_new_tokens"] = DEMO_NEW_TOKENS
+    return options
+
+
+def _dispatch(options: dict[str, Any]) -> dict[str, Any] | None:
+    """Run on the right ranks; rank 0's result, or None on the other torchrun ranks."""
+    if under_torchrun():
+        tp = init_from_env(options["device"])
+        try:
+            if options["tp"] not in (None, tp.size):
+                raise ValueError(f"--tp {options['tp']} does not match torchrun's world size {tp.size}")
+            result = run_command(options)
+        finally:
+            shutdown()
+        return result if tp.rank == 0 else None
+    if (options["tp"] or 1) > 1:
+        return launch(run_command, options["tp"], options, device=options["device"])
+    return run_command(options)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    lines = [
+        ("checkpoint", result["checkpoint"]),
+        ("checkpoint bytes", _bytes(result["checkpoint_bytes"])),
+        ("model bytes", _bytes(result["model_bytes"])),
+        ("load seconds", f"{result['load_seconds']:.3f}"),
+        ("peak memory", f"{_bytes(result['peak_memory_bytes'])} [{result['peak_memory_method']}]"),
+    ]
+    if "file_backed_peak_bytes" in result:
+        lines.append(("file-backed peak", _bytes(result["file_backed_peak_bytes"])))
+    if "tokens" in result:
+        lines += [("prompt ids", result["prompt_ids"]), ("generated ids", result["tokens"])]
+    for key, value in lines:
+        print(f"{key:<18}{value}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.tp is not None and args.tp < 1:
+        print(f"streamquant: error: --tp must be >= 1, got {args.tp}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result = _dispatch(_options(args))
+    except LaunchError as exc:
+        if not isinstance(exc.exception, USER_ERRORS):
+            raise
+        print(f"streamquant: error: rank {exc.rank}: {_one_line(exc.exception)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except USER_ERRORS as exc:
+        print(f"streamquant: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if result is None:
+        return 0
+    if args.command == "demo":
+        print("streamquant demo: a synthetic Llama checkpoint with random weights (its ids carry no meaning)")
+    _print_summary(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,167 @@
+"""Run a function on N tensor-parallel ranks, one process each.
+
+`launch(fn, tp_size, *args, device=...)` spawns `tp_size` processes (torch.multiprocessing, spawn
+context). Each joins a fresh process group (`gloo` for CPU, `nccl` for CUDA with rank r on GPU r)
+over `tcp://127.0.0.1:<free port>` (on CPU each rank gets cpu_count // N threads unless
+OMP_NUM_THREADS is set), runs `fn(*args)`, always destroys the group, and sends back
+either its pickled result (only rank 0's is kept) or its traceback. The first failure terminates
+the other ranks (they would otherwise wait in a collective) and raises `LaunchError` in the parent.
+
+Under `torchrun` the processes already exist: `under_torchrun()` tells so from the environment and
+`init_from_env()` joins the group it describes.
+
+Limitations: single node; `fn` and `args` must be picklable (module-level functions); the free
+port is found by binding port 0 and released before the group uses it, so another process could
+take it in between (the group would then fail to start, loudly).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from streamquant.parallel import TPContext
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+POLL_SECONDS = 0.2
+
+
+class LaunchError(RuntimeError):
+    """A rank failed. `exception` is the rank's own exception when it could be sent back."""
+
+    def __init__(self, rank: int, message: str, traceback_text: str = "", exception: BaseException | None = None):
+        super().__init__(f"rank {rank}: {message}" + (f"\n{traceback_text}" if traceback_text else ""))
+        self.rank = rank
+        self.traceback_text = traceback_text
+        self.exception = exception
+
+
+def backend_for(device: str | torch.device) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _picklable_exception(exc: BaseException) -> bytes | None:
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)  # some exceptions pickle but cannot be rebuilt (extra __init__ args)
+        return data
+    except Exception:
+        return None
+
+
+def _run_rank(rank: int, fn: Callable, args: tuple) -> tuple:
+    """The message a rank sends back: its pickled result (rank 0 only) or its failure."""
+    try:
+        # Pickled here, not by the queue's feeder thread, so a result that cannot be pickled
+        # becomes this rank's error instead of a message that never arrives.
+        value = fn(*args)
+        return rank, "ok", pickle.dumps(value) if rank == 0 else None
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
+        return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
+
+
+def _worker(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # N ranks each using every core would oversubscribe the CPU; split the cores.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    except BaseException as exc:  # noqa: BLE001
+        results.put((rank, "error", (traceback.format_exc(), _picklable_exception(exc))))
+        return
+    try:
+        results.put(_run_rank(rank, fn, args))
+        # Flushed before the group goes away: peers only notice a failed rank once its group is
+        # destroyed, so the failing rank's own report reaches the parent before theirs.
+        results.close()
+        results.join_thread()
+    finally:
+        dist.destroy_process_group()
+
+
+def _collect(procs: list, results) -> Any:
+    """Rank 0's result once every rank reported success; `LaunchError` at the first failure."""
+    pending = set(range(len(procs)))
+    value = None
+    while pending:
+        # A rank that had exited before this wait and sent nothing during it died silently.
+        exited = sorted(r for r in pending if procs[r].exitcode is not None)
+        try:
+            rank, status, payload = results.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if exited:
+                code = procs[exited[0]].exitcode
+                raise LaunchError(exited[0], f"process exited with code {code} without reporting") from None
+            continue
+        pending.discard(rank)
+        if status == "error":
+            text, exc_bytes = payload
+            exception = pickle.loads(exc_bytes) if exc_bytes is not None else None
+            raise LaunchError(rank, "failed", text, exception) from exception
+        if rank == 0:
+            value = pickle.loads(payload)
+    return value
+
+
+def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = "cpu") -> Any:
+    """Run `fn(*args)` on `tp_size` ranks and return rank 0's result."""
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    backend = backend_for(device)
+    if backend == "nccl" and torch.cuda.device_count() < tp_size:
+        raise ValueError(f"tensor-parallel size {tp_size} needs {tp_size} GPUs, found {torch.cuda.device_count()}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, tp_size, port, backend, fn, args, results)) for r in range(tp_size)]
+    for p in procs:
+        p.start()
+    try:
+        return _collect(procs, results)
+    except BaseException:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # the others may be blocked in a collective with the failed rank
+        raise
+    finally:
+        for p in procs:
+            p.join()
+        results.close()
+
+
+def under_torchrun() -> bool:
+    """True when the environment describes a process group (as `torchrun` sets it up)."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def init_from_env(device: str | torch.device = "cpu") -> TPContext:
+    """Join the process group described by the environment (once) and return this rank's context."""
+    if not dist.is_initialized():
+        backend = backend_for(device)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, init_method="env://")
+    return TPContext.from_process_group()
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is initialized."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

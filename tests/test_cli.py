@@ -1,0 +1,138 @@
+"""The command line against transformers on a tiny synthetic checkpoint (TINY_SPEC, four shards)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from streamquant import cli
+from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = [3, 17, 42, 9, 100]
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return ensure_synthetic_checkpoint(tmp_path_factory.mktemp("cache"), TINY_SPEC)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> dict:
+    """transformers' greedy tokens and last-prompt-position logits, in float32."""
+    hf = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = hf(prompt).logits[0, -1]
+        out = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return {"model": hf, "tokens": out[0, len(PROMPT) :].tolist(), "last_logits": logits}
+
+
+def generate_args(checkpoint, json_file, *extra) -> list[str]:
+    prompt = ",".join(map(str, PROMPT))
+    return ["generate", str(checkpoint), "--prompt-ids", prompt, "--max-new-tokens", str(NEW_TOKENS),
+            "--dtype", "fp32", "--json", str(json_file), *extra]
+
+
+def check_generation(result: dict, reference: dict) -> None:
+    assert result["tokens"] == reference["tokens"]
+    torch.testing.assert_close(torch.tensor(result["last_logits"]), reference["last_logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_help_lists_commands_and_flags(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(word in text for word in ("load", "generate", "demo"))
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = capsys.readouterr().out
+    flags = ("--prompt-ids", "--max-new-tokens", "--tp", "--dtype", "--quantization", "--json")
+    assert all(flag in text for flag in flags)
+
+
+def test_load_writes_json(checkpoint, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    assert cli.main(["load", str(checkpoint), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["checkpoint_bytes"] == sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    assert result["model_bytes"] > 0 and result["load_seconds"] > 0 and result["peak_memory_bytes"] >= 0
+    assert result["peak_memory_method"] == "cpu_rss_anon_sampled_5ms"
+    assert result["file_backed_peak_bytes"] >= 0
+    assert "peak memory" in capsys.readouterr().out
+
+
+def test_generate_matches_transformers(checkpoint, reference, tmp_path):
+    out = tmp_path / "gen.json"
+    assert cli.main(generate_args(checkpoint, out)) == 0
+    check_generation(json.loads(out.read_text()), reference)
+
+
+def test_generate_tp2_in_subprocess(checkpoint, reference, tmp_path):
+    out = tmp_path / "gen_tp2.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "streamquant", *generate_args(checkpoint, out, "--tp", "2")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    check_generation(result, reference)
+    full_bytes = sum(p.numel() for p in reference["model"].parameters()) * 4
+    assert result["model_bytes"] < full_bytes  # rank 0 holds a shard
+    assert proc.stdout.count("generated ids") == 1  # only rank 0 prints
+
+
+def test_demo_runs_without_arguments_beyond_cache(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "DEMO_SPEC", TINY_SPEC)  # the real demo model is ~400 MB
+    out = tmp_path / "demo.json"
+    assert cli.main(["demo", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert Path(result["checkpoint"]).parent == tmp_path / "cache"
+    assert len(result["tokens"]) == cli.DEMO_NEW_TOKENS and result["prompt_ids"] == list(cli.DEMO_PROMPT)
+    assert "generated ids" in capsys.readouterr().out
+
+
+def broken_checkpoint(kind: str, checkpoint: Path, reference: dict, directory: Path) -> Path:
+    if kind == "missing":
+        return directory / "does-not-exist"
+    if kind == "fine":
+        return checkpoint
+    reference["model"].save_pretrained(directory)
+    if kind == "architecture":
+        config = json.loads((directory / "config.json").read_text())
+        config["architectures"] = ["NoSuchModelForCausalLM"]
+        (directory / "config.json").write_text(json.dumps(config))
+    elif kind == "incomplete":
+        tensors = safetensors.torch.load_file(directory / "model.safetensors")
+        del tensors["model.norm.weight"]
+        safetensors.torch.save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "message"),
+    [
+        ("missing", [], "does-not-exist"),
+        ("architecture", [], "NoSuchModelForCausalLM"),
+        ("incomplete", [], "model.norm.weight"),
+        ("fine", ["--quantization", "fp8"], "supported values"),
+        ("fine", ["--tp", "0"], "--tp must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(kind, extra, message, checkpoint, reference, tmp_path, capsys):
+    path = broken_checkpoint(kind, checkpoint, reference, tmp_path / "ckpt")
+    capsys.readouterr()  # drop save_pretrained's progress bars
+    assert cli.main(["load", str(path), *extra]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamquant: error:") and message in lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""

@@ -1,0 +1,83 @@
+"""launch(): N spawned ranks over gloo, rank 0's result back, any rank's failure raised with its traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from streamquant.launch import LaunchError, _run_rank, free_port, launch, under_torchrun
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def all_reduce_ranks(scale: float) -> dict:
+    x = torch.tensor([scale * (dist.get_rank() + 1)])
+    dist.all_reduce(x)
+    return {"rank": dist.get_rank(), "size": dist.get_world_size(), "sum": x.item(), "backend": dist.get_backend()}
+
+
+def fail_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise KeyError("rank one has no such key")
+    x = torch.zeros(1)
+    dist.all_reduce(x)  # rank 0 waits here for a peer that never comes
+    return 0
+
+
+def test_all_reduce_at_tp2_returns_rank0_result():
+    result = launch(all_reduce_ranks, 2, 10.0)
+    assert result == {"rank": 0, "size": 2, "sum": 30.0, "backend": "gloo"}
+    assert not dist.is_initialized()  # the parent never joins the group
+
+
+def test_failure_on_a_rank_raises_with_its_traceback():
+    with pytest.raises(LaunchError) as info:
+        launch(fail_on_rank_one, 2)
+    err = info.value
+    assert err.rank == 1
+    assert isinstance(err.exception, KeyError)
+    assert "fail_on_rank_one" in err.traceback_text and "rank one has no such key" in str(err)
+
+
+def test_unpicklable_result_is_an_error_not_a_hang():
+    rank, status, (text, _) = _run_rank(0, lambda: (lambda: None), ())
+    assert (rank, status) == (0, "error") and "pickle" in text.lower()
+    assert _run_rank(1, lambda: (lambda: None), ())[1] == "ok"  # only rank 0's result travels
+
+
+def test_bad_sizes_rejected():
+    with pytest.raises(ValueError, match="tp_size"):
+        launch(all_reduce_ranks, 0, 1.0)
+
+
+def test_under_torchrun_reads_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not under_torchrun()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    assert under_torchrun()
+
+
+def test_init_from_env_joins_the_described_group():
+    code = (
+        "from streamquant.launch import init_from_env, shutdown\n"
+        "import torch.distributed as dist\n"
+        "tp = init_from_env()\n"
+        "print(tp.rank, tp.size, dist.get_backend())\n"
+        "shutdown()\n"
+        "print(dist.is_initialized())\n"
+    )
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1", "gloo", "False"]

@@ -1,8 +1,11 @@
 """`load_model`: the one orchestrator that turns a checkpoint into a ready, evaluated model.
 
 Data flows one way: resolve the checkpoint -> read its HF config -> pick the model class -> build
-the model on the target device -> stream `iterate_weights` into `model.load_weights` (strict by
-default) -> `process_weights_after_loading` -> `eval()`. A frozen `LoadReport` is attached to the
+the model on `meta` (no memory) -> stream `iterate_weights` through a `StreamingLoadSession`, which
+gives each module storage on the target device at its first tensor and runs its quant method's
+`process_weights_after_loading` at its last (strict by default) -> move buffers computed at build
+time to the device -> `eval()`. A parameter never written (only possible with `strict=False`) stays
+on `meta`, so using it fails loudly instead of computing with uninitialized memory. A frozen `LoadReport` is attached to the
 model as `model.load_report`.
 
 Invariants: the tensor-parallel context is either given or read once from the initialized
@@ -24,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from streamquant.checkpoint.reader import checkpoint_bytes, iterate_weights, load_hf_config, resolve_checkpoint
-from streamquant.loading.loader import process_weights_after_loading
+from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel import TPContext
 
@@ -104,6 +107,14 @@ def model_storage_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _move_buffers_(model: torch.nn.Module, device: torch.device) -> None:
+    """Buffers made at build time (e.g. rotary `inv_freq`, computed on the CPU) go to `device`."""
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and not buf.is_meta and buf.device != device:
+                module._buffers[name] = buf.to(device)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -127,10 +138,10 @@ def load_model(
     checkpoint = resolve_checkpoint(path)
     hf_config = load_hf_config(checkpoint)
     model_class = get_model_class(hf_config)
-    with torch.device(device):
+    with torch.device("meta"):
         model = model_class(hf_config, tp=tp, quant_config=quant_config, params_dtype=params_dtype)
-    model.load_weights(iterate_weights(checkpoint), strict=strict)
-    process_weights_after_loading(model)
+    stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict)
+    _move_buffers_(model, torch.device(device))
     model.eval()
     model.load_report = LoadReport(
         checkpoint_bytes=checkpoint_bytes(checkpoint),

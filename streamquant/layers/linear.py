@@ -33,6 +33,8 @@ def _split_fused(param, loaded: torch.Tensor, sizes: list[int]) -> list[torch.Te
     dim = getattr(param, "output_dim", None)
     if dim is None:
         raise ValueError("a fused checkpoint tensor needs a parameter with an output_dim to split")
+    if getattr(param, "packed_dim", None) == dim:  # on disk the fused dim is packed too
+        sizes = [round(s // param.packed_factor) for s in sizes]
     if loaded.shape[dim] != sum(sizes):
         raise ValueError(f"fused checkpoint tensor has {loaded.shape[dim]} rows along dim {dim}, expected {sum(sizes)}")
     return list(loaded.split(sizes, dim=dim))

@@ -35,6 +35,6 @@ def permute_param_layout_(param: torch.nn.Parameter, input_dim: int, output_dim:
         param.input_dim = input_dim
     if hasattr(param, "output_dim"):
         param.output_dim = output_dim
-    if "packed_dim" in kwargs and hasattr(param, "packed_dim"):
-        param.packed_dim = kwargs["packed_dim"]
+    if getattr(param, "packed_dim", None) is not None:
+        param.packed_dim = kwargs.get("packed_dim", perm.index(param.packed_dim))
     return param

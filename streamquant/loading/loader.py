@@ -43,6 +43,7 @@ class WeightLoadSession:
         self.params = dict(model.named_parameters())
         self.coverage = {name: Coverage(p.shape) for name, p in self.params.items()}
         self.loaded: set[str] = set()
+        self.renamed: set[str] = set()  # loaded names that a prefix rename changed
         self.skipped: set[str] = set()
         self.unexpected: list[str] = []
 
@@ -76,6 +77,8 @@ class WeightLoadSession:
                 f"{param_name!r} (shape {list(param.shape)}): {e}"
             ) from e
         self.loaded.add(name)
+        if self.mapping.rename(name) != name:
+            self.renamed.add(name)
         self.after_write(param_name)
         return param_name
 
@@ -99,9 +102,12 @@ class WeightLoadSession:
         if not missing or not self.strict:
             return
         lines = []
+        arrived = {self.mapping.rename(n) for n in self.loaded}
+        show = self.mapping.undo_rename if self.renamed else (lambda n: n)  # name them as this checkpoint does
         for name, cov in sorted(missing.items()):
-            expected = self.mapping.checkpoint_names_for(name, num_experts=cov.shape[0] if cov.shape else None)
-            absent = [n for n in expected if n not in self.loaded]
+            experts = cov.shape[0] if cov.shape else None
+            expected = self.mapping.checkpoint_names_for(name, num_experts=experts, undo_renames=False)
+            absent = [show(n) for n in expected if n not in arrived]
             lines.append(f"  {name}: {cov.summary()}; missing checkpoint tensors: {', '.join(absent) or '(partial write)'}")
         raise MissingWeightsError(
             f"{len(missing)} parameter(s) of {type(self.model).__name__} were not fully loaded:\n" + "\n".join(lines)

@@ -72,19 +72,33 @@ class WeightMapping:
         segs = _segments(name)
         return any(_find(segs, _segments(p)) is not None for p in self.skip)
 
-    def map(self, name: str) -> tuple[str, dict[str, Any]]:
+    def rename(self, name: str) -> str:
+        """`name` with the first matching prefix rename applied (model-side prefix)."""
         for old, new in self.prefix_renames:
             if name.startswith(old + ".") and not name.startswith(new + "."):
-                name = new + name[len(old) :]
-                break
+                return new + name[len(old) :]
+        return name
+
+    def undo_rename(self, name: str) -> str:
+        """The checkpoint-side form of a model-side name (inverse of `rename`)."""
+        for old, new in self.prefix_renames:
+            if name.startswith(new + "."):
+                return old + name[len(new) :]
+        return name
+
+    def map(self, name: str) -> tuple[str, dict[str, Any]]:
+        name = self.rename(name)
         for rule in self.rules:
             hit = rule.apply(name)
             if hit is not None:
                 return hit
         return name, {}
 
-    def checkpoint_names_for(self, param_name: str, num_experts: int | None = None) -> list[str]:
-        """The checkpoint names that feed `param_name` (for error messages about missing tensors)."""
+    def checkpoint_names_for(self, param_name: str, num_experts: int | None = None, *, undo_renames: bool = True) -> list[str]:
+        """The checkpoint names that feed `param_name` (for error messages about missing tensors).
+
+        With `undo_renames` they are given in the checkpoint-side form of `prefix_renames`.
+        """
         segs = _segments(param_name)
         names = []
         for rule in self.rules:
@@ -97,4 +111,5 @@ class WeightMapping:
                 names += [ckpt.replace(EXPERT, str(e)) for e in range(num_experts or 0)]
             else:
                 names.append(ckpt)
-        return names or [param_name]
+        names = names or [param_name]
+        return [self.undo_rename(n) for n in names] if undo_renames else names

@@ -39,13 +39,16 @@ def shard_id_as_int(shard_id: str | int) -> int:
     return QKV_SHARD_IDS[shard_id]
 
 
-def narrow_checked(t: torch.Tensor, dim: int, start: int, length: int, what: str) -> torch.Tensor:
-    """`t.narrow` with a readable error when the checkpoint tensor is too small."""
-    if t.dim() <= dim or start + length > t.shape[dim]:
-        raise WeightShapeError(
-            f"{what}: cannot take [{start}:{start + length}) along dim {dim} of a checkpoint "
-            f"tensor of shape {tuple(t.shape)}"
-        )
+def narrow_checked(t: torch.Tensor, dim: int, start: int, length: int, what: str, full: int) -> torch.Tensor:
+    """`t.narrow(dim, start, length)` of a checkpoint tensor that must be exactly `full` long along `dim`.
+
+    A tensor too short or too long (which narrowing would silently truncate) raises, naming both.
+    """
+    if t.dim() <= dim:
+        raise WeightShapeError(f"{what}: expected a checkpoint tensor with a dim {dim}, received shape {tuple(t.shape)}")
+    if t.shape[dim] != full:
+        expected = tuple(full if d == dim else n for d, n in enumerate(t.shape))
+        raise WeightShapeError(f"{what}: expected checkpoint shape {expected}, received {tuple(t.shape)}")
     return t.narrow(dim, start, length)
 
 
@@ -102,19 +105,20 @@ class ColumnParameter(BaseParameter):
 
     def load_column_parallel_weight(self, loaded: torch.Tensor) -> list[Region]:
         size = self.shape[self.output_dim]
-        src = narrow_checked(loaded, self.output_dim, self.tp.rank * size, size, "column shard")
+        src = narrow_checked(loaded, self.output_dim, self.tp.rank * size, size, "column shard", size * self.tp.size)
         return write_region(self, full_region(self.shape), src)
 
-    def _load_shard(self, loaded: torch.Tensor, shard_offset: int, shard_size: int, source_index: int):
+    def _load_shard(self, loaded: torch.Tensor, shard_offset: int, shard_size: int, source_index: int, sources: int):
         shard_offset, shard_size = self._packed_shard(shard_offset, shard_size)
         region = narrow_region(full_region(self.shape), self.output_dim, shard_offset, shard_size)
-        src = narrow_checked(loaded, self.output_dim, source_index * shard_size, shard_size, "fused shard")
+        src = narrow_checked(
+            loaded, self.output_dim, source_index * shard_size, shard_size, "fused shard", shard_size * sources)
         return write_region(self, region, src)
 
     def load_merged_column_weight(
         self, loaded: torch.Tensor, *, shard_offset: int, shard_size: int, **kwargs
     ) -> list[Region]:
-        return self._load_shard(loaded, shard_offset, shard_size, self.tp.rank)
+        return self._load_shard(loaded, shard_offset, shard_size, self.tp.rank, self.tp.size)
 
     def load_qkv_weight(
         self,
@@ -126,8 +130,10 @@ class ColumnParameter(BaseParameter):
         num_kv_head_replicas: int = 1,
         **kwargs,
     ) -> list[Region]:
-        source = self.tp.rank if shard_id == "q" else self.tp.rank // num_kv_head_replicas
-        return self._load_shard(loaded, shard_offset, shard_size, source)
+        if shard_id_as_int(shard_id) == 0:  # q: every rank its own heads
+            return self._load_shard(loaded, shard_offset, shard_size, self.tp.rank, self.tp.size)
+        sources = self.tp.size // num_kv_head_replicas  # k/v: replicated when kv heads < ranks
+        return self._load_shard(loaded, shard_offset, shard_size, self.tp.rank // num_kv_head_replicas, sources)
 
 
 class RowParameter(BaseParameter):
@@ -141,7 +147,7 @@ class RowParameter(BaseParameter):
         if loaded.dim() == 0:
             loaded = loaded.reshape(1)
         size = self.shape[self.input_dim]
-        src = narrow_checked(loaded, self.input_dim, self.tp.rank * size, size, "row shard")
+        src = narrow_checked(loaded, self.input_dim, self.tp.rank * size, size, "row shard", size * self.tp.size)
         return write_region(self, full_region(self.shape), src)
 
 

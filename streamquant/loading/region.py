@@ -35,7 +35,7 @@ def volume(region: Region) -> int:
 
 def overlaps(a: Region, b: Region) -> bool:
     """Whether two boxes of the same tensor share at least one element."""
-    return all(alo < bhi and blo < ahi for (alo, ahi), (blo, bhi) in zip(a, b))
+    return all(max(alo, blo) < min(ahi, bhi) for (alo, ahi), (blo, bhi) in zip(a, b))
 
 
 def to_slices(region: Region) -> tuple[slice, ...]:

@@ -1,0 +1,128 @@
+"""Regions (boxes a loader wrote) and Coverage (exact completion from those boxes)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamquant.loading.coverage import Coverage, DuplicateWriteError
+from streamquant.loading.region import describe, full_region, narrow_region, overlaps, to_slices, volume
+
+from .helpers import SETTINGS, region_mask
+
+SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=3)
+
+
+@st.composite
+def boxes(draw, shape, allow_empty=False):
+    region = []
+    for n in shape:
+        lo = draw(st.integers(0, n if allow_empty else n - 1))
+        region.append((lo, draw(st.integers(lo if allow_empty else lo + 1, n))))
+    return tuple(region)
+
+
+def test_full_region_to_slices_describe():
+    assert full_region((64, 128)) == ((0, 64), (0, 128))
+    assert full_region(()) == ()
+    assert describe(((0, 64), (3, 128))) == "[0:64, 3:128]"
+    t = torch.arange(24).reshape(2, 3, 4)
+    assert torch.equal(t[to_slices(((1, 2), (0, 3), (1, 3)))], t[1:2, 0:3, 1:3])
+
+
+@SETTINGS
+@given(data=st.data(), shape=SHAPES)
+def test_narrow_region_is_relative_to_the_region(data, shape):
+    region = data.draw(boxes(shape))
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    lo, hi = region[dim]
+    start, length = data.draw(st.integers(-1, hi - lo + 1)), data.draw(st.integers(0, hi - lo + 1))
+    if start < 0 or start + length > hi - lo:
+        with pytest.raises(ValueError):
+            narrow_region(region, dim, start, length)
+        return
+    narrowed = narrow_region(region, dim, start, length)
+    assert narrowed == region[:dim] + ((lo + start, lo + start + length),) + region[dim + 1:]
+    assert volume(narrowed) == int(region_mask(shape, [narrowed]).sum())
+
+
+@SETTINGS
+@given(data=st.data(), shape=SHAPES)
+def test_overlaps_and_volume_match_masks(data, shape):
+    a, b = data.draw(boxes(shape)), data.draw(boxes(shape))
+    ma, mb = region_mask(shape, [a]), region_mask(shape, [b])
+    assert volume(a) == int(ma.sum())
+    assert overlaps(a, b) == overlaps(b, a) == bool((ma & mb).any())
+
+
+def test_empty_region_overlaps_nothing():
+    assert not overlaps(((2, 2),), ((0, 4),))
+
+
+def test_same_region_same_source_counts_once():
+    cov = Coverage((4, 2))
+    cov.add(((0, 4), (0, 2)), "w")
+    cov.add(((0, 4), (0, 2)), "w")
+    assert cov.written == 8 and cov.complete and cov.sources == {"w"}
+
+
+def test_same_region_different_source_raises():
+    cov = Coverage((4,))
+    cov.add(((0, 4),), "a.weight")
+    with pytest.raises(DuplicateWriteError) as info:
+        cov.add(((0, 4),), "b.weight")
+    assert isinstance(info.value, ValueError)
+    assert "a.weight" in str(info.value) and "b.weight" in str(info.value)
+
+
+def test_overlapping_regions_from_different_sources_raise():
+    cov = Coverage((4, 4))
+    cov.add(((0, 2), (0, 4)), "gate")
+    with pytest.raises(DuplicateWriteError, match=r"\[1:3, 2:3\]"):
+        cov.add(((1, 3), (2, 3)), "up")
+    cov.add(((2, 4), (0, 4)), "up")  # the disjoint rest is still accepted
+    assert cov.complete
+
+
+@st.composite
+def grid_partition(draw):
+    """A shape cut into a grid of disjoint boxes, in random order."""
+    shape = draw(SHAPES)
+    cuts = []
+    for n in shape:
+        inner = draw(st.lists(st.integers(1, n - 1), unique=True)) if n > 1 else []
+        points = [0, *sorted(inner), n]
+        cuts.append(list(zip(points, points[1:])))
+    return shape, draw(st.permutations(list(itertools.product(*cuts))))
+
+
+@SETTINGS
+@given(case=grid_partition(), drop=st.integers(0, 10**6))
+def test_complete_exactly_when_disjoint_regions_cover_everything(case, drop):
+    shape, regions = case
+    cov = Coverage(shape)
+    assert cov.numel == int(torch.zeros(shape).numel())
+    for i, region in enumerate(regions):
+        assert not cov.complete
+        cov.add(region, f"t{i % 2}")
+        cov.add(region, f"t{i % 2}")  # a repeat by the same tensor changes nothing
+    assert cov.complete and cov.written == cov.numel
+    partial = Coverage(shape)
+    skipped = drop % len(regions)
+    for i, region in enumerate(regions):
+        if i != skipped:
+            partial.add(region, f"t{i}")
+    assert not partial.complete
+    assert partial.written == cov.numel - volume(regions[skipped])
+    assert f"{partial.written} of {partial.numel}" in partial.summary()
+
+
+def test_zero_dim_parameter():
+    cov = Coverage(())
+    assert not cov.complete
+    cov.add((), "scale")
+    assert cov.complete and cov.numel == 1

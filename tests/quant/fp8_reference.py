@@ -1,0 +1,90 @@
+"""An independent fp8 reference: numpy float32 arithmetic and ml_dtypes' fp8 / bf16 casts.
+
+Implements the formula of `streamquant.quant.fp8_math` the plain way: pad the global weight with
+zeros to whole tiles (zeros never raise an amax), reshape to [grid_rows, tile_rows, grid_cols,
+tile_cols], take max |w|, `scale = max(amax / fp8_max, 1 / (fp8_max * 512))` in float32, divide,
+clip, cast with ml_dtypes (round to nearest even), crop. No torch arithmetic is used: tensors come
+in and go out through their raw bits.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import torch
+
+NUMPY_FP8 = {torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e4m3fnuz: ml_dtypes.float8_e4m3fnuz}
+
+
+def to_f32(w: torch.Tensor) -> np.ndarray:
+    """The float32 values of a bf16 / fp16 / fp32 tensor, converted from its raw bits."""
+    w = w.detach().cpu().contiguous()
+    if w.dtype == torch.bfloat16:
+        bits = w.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    if w.dtype == torch.float16:
+        return w.view(torch.int16).numpy().view(np.float16).astype(np.float32)
+    assert w.dtype == torch.float32, w.dtype
+    return w.numpy().copy()
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a tensor as unsigned integers of its element size."""
+    t = t.detach().cpu().contiguous()
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]
+    return t.view(view).numpy().view({1: np.uint8, 2: np.uint16, 4: np.uint32}[t.element_size()])
+
+
+def constants(fp8: torch.dtype) -> tuple[np.float32, np.float32]:
+    """(fp8_max, min_scale) as float32, from ml_dtypes' own finfo."""
+    fmax = float(ml_dtypes.finfo(NUMPY_FP8[fp8]).max)
+    return np.float32(fmax), np.float32(1.0 / (fmax * 512.0))
+
+
+def _tiled(x: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+    rows, cols = x.shape
+    gr, gc = -(-rows // tile[0]), -(-cols // tile[1])
+    padded = np.zeros((gr * tile[0], gc * tile[1]), dtype=x.dtype)
+    padded[:rows, :cols] = x
+    return padded.reshape(gr, tile[0], gc, tile[1])
+
+
+def _expand(grid: np.ndarray, tile: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    full = np.repeat(np.repeat(grid, tile[0], axis=0), tile[1], axis=1)
+    return full[: shape[0], : shape[1]]
+
+
+def ref_scales(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype) -> np.ndarray:
+    fmax, min_scale = constants(fp8)
+    amax = np.abs(_tiled(w, tile)).max(axis=(1, 3)).astype(np.float32)
+    return np.maximum(amax / fmax, min_scale).astype(np.float32)
+
+
+def ref_codes(w: np.ndarray, scales: np.ndarray, tile: tuple[int, int], fp8: torch.dtype) -> np.ndarray:
+    """uint8 codes of `clip(w / scale, +-max)` cast to fp8 by ml_dtypes."""
+    fmax, _ = constants(fp8)
+    q = np.clip(w / _expand(scales, tile, w.shape), -fmax, fmax).astype(np.float32)
+    return q.astype(NUMPY_FP8[fp8]).view(np.uint8)
+
+
+def ref_quantize(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 codes, float32 scale grid) of a global float32 weight."""
+    scales = ref_scales(w, tile, fp8)
+    return ref_codes(w, scales, tile, fp8), scales
+
+
+def ref_dequantize(codes: np.ndarray, scales: np.ndarray, tile: tuple[int, int], fp8: torch.dtype,
+                   dtype: torch.dtype) -> np.ndarray:
+    """Raw bits of `codes.float() * scale` in `dtype` (bf16 / fp16 / fp32)."""
+    values = codes.view(NUMPY_FP8[fp8]).astype(np.float32) * _expand(scales, tile, codes.shape)
+    values = values.astype(np.float32)
+    if dtype == torch.bfloat16:
+        return values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    if dtype == torch.float16:
+        return values.astype(np.float16).view(np.uint16)
+    return values.view(np.uint32)
+
+
+def ref_tile(granularity_name: str, shape: tuple[int, int], block: tuple[int, int] = (128, 128)) -> tuple[int, int]:
+    """The tile written out independently of `streamquant.quant.granularity.tile_shape`."""
+    return {"tensor": shape, "row": (1, shape[1]), "block": block}[granularity_name]

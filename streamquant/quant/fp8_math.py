@@ -13,10 +13,12 @@ do not saturate on cast (and e4m3fnuz does not even in 2.13). Divisors are alway
 Python scalars: CUDA rewrites division by a CPU scalar into a multiplication by its reciprocal,
 which can differ in the last bit.
 
-How the neighbours differ (FORMATS.md): torchao computes `amax / 448` in bf16 and has no floor
-(a zero row gives 0/0 = NaN codes); compressed-tensors keeps the scale in bf16 and divides in bf16
-(a double rounding); transformers' FineGrainedFP8 multiplies by `448 / amax`. All differ from this
-formula by one code step in a small fraction of elements (measured in the fp8 math report).
+How the neighbours differ (FORMATS.md), and the share of e4m3fn codes that differ from this formula
+on a random N(0, 1) 1024x1024 bf16 weight (per tensor / per row / 128x128 blocks; never by more
+than one code step): torchao 0.18 rounds `amax / 448` to bf16 before using it in float32 and has
+no floor, so a zero row gives 0/0 = NaN codes (0.57% / 1.58% / 2.03%); compressed-tensors 0.20
+keeps a bf16 scale and divides in bf16, a double rounding (4.11% / 2.98% / 3.19%); transformers'
+FineGrainedFP8 multiplies by `448 / amax` (0.00% / 0.12% / 0.07%).
 
 Tensor parallelism: tiles live on the GLOBAL weight (see `granularity.py`). A rank computes
 `window_amax` (its elements' amax on the global grid, 0 elsewhere), the ranks all-reduce it with
@@ -31,7 +33,6 @@ Limitations: NaN / Inf weights propagate into NaN scales; call `check_finite` to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -45,9 +46,12 @@ from streamquant.quant.granularity import (
     window_pieces,
 )
 
-# Elements per eager processing chunk: keeps temporaries in cache (2-3x faster than one pass).
+# Elements per eager processing chunk. CPU: keeps temporaries in cache (2-3x faster than one pass);
+# accelerators: bounds the float32 temporary (64 MiB) while keeping kernel launches few.
 CHUNK_ELEMENTS = 1 << 18
-_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+DEVICE_CHUNK_ELEMENTS = 1 << 24
+_FLOAT_BITS_AS_INT = ((torch.bfloat16, torch.int16), (torch.float16, torch.int16),
+                      (torch.float32, torch.int32), (torch.float64, torch.int64))
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ def check_finite(w: torch.Tensor, name: str) -> None:
 
 def _check(w: torch.Tensor, window: Window, tile: tuple[int, int], what: str) -> None:
     check_tile(tile)
+    if what == "weight" and w.dtype not in dict(_FLOAT_BITS_AS_INT):
+        raise ValueError(f"can only quantize a bf16, fp16, fp32 or fp64 weight, got {w.dtype}")
     if w.dim() < 2 or tuple(w.shape[-2:]) != window.shape:
         raise ValueError(f"{what} of shape {tuple(w.shape)} does not match window {window.shape}: {window}")
 
@@ -108,12 +114,13 @@ def _scale_view(grid: torch.Tensor, piece: Piece, base: tuple[int, int]) -> torc
     return _grid_part(grid, piece, base).unsqueeze(-2).unsqueeze(-1)
 
 
-def _chunk_rows(w: torch.Tensor, window: Window, compiled: bool) -> int:
-    """Rows per chunk: about CHUNK_ELEMENTS elements (all batch elements) eager, everything compiled."""
-    if compiled:
+def _chunk_rows(w: torch.Tensor, window: Window, whole: bool) -> int:
+    """Rows per chunk: the whole window when `whole` (compiled code needs no temporaries), else about
+    CHUNK_ELEMENTS (CPU) or DEVICE_CHUNK_ELEMENTS (accelerators) elements, batch elements included."""
+    if whole:
         return max(1, window.rows)
-    batch = w[..., :1, :1].numel()
-    return max(1, min(window.rows, CHUNK_ELEMENTS // max(1, batch * window.cols)))
+    target = CHUNK_ELEMENTS if w.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    return max(1, min(window.rows, target // max(1, w[..., :1, :1].numel() * window.cols)))
 
 
 def _chunks(window: Window, step: int) -> list[tuple[int, Window]]:
@@ -129,7 +136,7 @@ def _abs_max(view: torch.Tensor) -> torch.Tensor:
     integer max reductions run several times faster than bf16 ones on CPU. Rows are reduced first
     (elementwise across rows, the vectorizable direction).
     """
-    int_dtype = _SAME_SIZE_INT[view.element_size()]
+    int_dtype = dict(_FLOAT_BITS_AS_INT)[view.dtype]
     magnitude = view.view(int_dtype) & torch.iinfo(int_dtype).max
     if magnitude.shape[-3] > 1:
         magnitude = magnitude.amax(-3, keepdim=True)
@@ -137,23 +144,18 @@ def _abs_max(view: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float) -> None:
-    """dst <- clamp(src / scale, +-fmax) cast to dst's fp8 dtype (division in float32)."""
+    """dst <- clamp(src / scale, +-fmax) cast to dst's fp8 dtype (division in float32).
+
+    `quantize_window_(compiled=True)` runs this through inductor on CPU only: its C++ output was
+    verified bitwise against eager (IEEE division, the same fp8 rounding); its GPU output was not,
+    and eager GPU code is memory bound anyway. Re-wrapping it in `torch.compile` on every call is
+    cheap: dynamo caches the compiled code on the function's code object. The amax pass is never
+    compiled: the eager bit trick in `_abs_max` is faster than inductor's reduction.
+    """
     dst.copy_(torch.div(src, scale).clamp_(-fmax, fmax))
 
 
-def _kernels(compiled: bool, device: torch.device) -> tuple[Callable, Callable]:
-    """The per-piece (amax, quantize) functions, eager or compiled by inductor.
-
-    Only CPU code is compiled: inductor's C++ output was verified bitwise against eager (IEEE
-    division, same fp8 rounding); its GPU output was not, and eager GPU code is memory bound anyway.
-    Re-wrapping on every call is cheap: dynamo caches compiled code on the function itself.
-    """
-    if compiled and device.type == "cpu":
-        return torch.compile(_abs_max, dynamic=True), torch.compile(_quantize_piece, dynamic=True)
-    return _abs_max, _quantize_piece
-
-
-def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int], compiled: bool = False) -> torch.Tensor:
+def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) -> torch.Tensor:
     """max |w| of this rank's elements per tile of the GLOBAL grid, float32 [..., grid_rows, grid_cols].
 
     Tiles the rank holds nothing of are 0. Reduce across ranks with MAX, then `scale_from_amax`.
@@ -161,19 +163,18 @@ def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int], co
     _check(w_local, window, tile, "weight")
     batch = tuple(w_local.shape[:-2])
     grid = torch.zeros(batch + grid_shape(tile, window.global_shape), dtype=torch.float32, device=w_local.device)
-    abs_max, _ = _kernels(compiled, w_local.device)
-    for offset, sub in _chunks(window, _chunk_rows(w_local, window, compiled)):
+    for offset, sub in _chunks(window, _chunk_rows(w_local, window, False)):
         rows = w_local[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
             target = _grid_part(grid, piece, (0, 0))
-            torch.maximum(target, abs_max(_view(rows, piece)), out=target)
+            torch.maximum(target, _abs_max(_view(rows, piece)), out=target)
     return grid
 
 
 def scale_from_amax(amax: torch.Tensor, fmt: Fp8Format = E4M3FN) -> torch.Tensor:
     """float32 `max(amax / fmt.max, fmt.min_scale)`, elementwise, a new tensor."""
     amax = amax.to(torch.float32)
-    divisor = torch.tensor(fmt.max, dtype=torch.float32, device=amax.device)
+    divisor = torch.full((), fmt.max, dtype=torch.float32, device=amax.device)
     return torch.div(amax, divisor).clamp_min_(fmt.min_scale)
 
 
@@ -217,7 +218,8 @@ def quantize_window_(
     if torch.promote_types(w_local.dtype, torch.float32) != torch.float32:
         w_local = w_local.float()  # the formula divides in float32, never in float64
     base = (window.row0 // tile[0], window.col0 // tile[1])
-    _, quantize_piece = _kernels(compiled, w_local.device)
+    compiled = compiled and w_local.device.type == "cpu"
+    quantize_piece = torch.compile(_quantize_piece, dynamic=True) if compiled else _quantize_piece
     for offset, sub in _chunks(window, _chunk_rows(w_local, window, compiled)):
         src = w_local[..., offset : offset + sub.rows, :]
         dst = out_fp8[..., offset : offset + sub.rows, :]
@@ -250,12 +252,10 @@ def _whole(w: torch.Tensor, granularity: Granularity) -> tuple[Window, tuple[int
     return Window(0, 0, rows, cols), tile_shape(granularity, (rows, cols))
 
 
-def compute_scales(
-    w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN, compiled: bool = False
-) -> torch.Tensor:
+def compute_scales(w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN) -> torch.Tensor:
     """The float32 scale grid [..., grid_rows, grid_cols] of a whole (unsharded) weight."""
     window, tile = _whole(w, granularity)
-    return scale_from_amax(window_amax(w, window, tile, compiled), fmt)
+    return scale_from_amax(window_amax(w, window, tile), fmt)
 
 
 def quantize(
@@ -263,7 +263,7 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 codes shaped like `w`, float32 scale grid) of a whole weight."""
     window, tile = _whole(w, granularity)
-    scales = scale_from_amax(window_amax(w, window, tile, compiled), fmt)
+    scales = scale_from_amax(window_amax(w, window, tile), fmt)
     q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device)
     return quantize_window_(q, w, scales, window, tile, compiled), scales
 

@@ -84,7 +84,3 @@ def ref_dequantize(codes: np.ndarray, scales: np.ndarray, tile: tuple[int, int],
         return values.astype(np.float16).view(np.uint16)
     return values.view(np.uint32)
 
-
-def ref_tile(granularity_name: str, shape: tuple[int, int], block: tuple[int, int] = (128, 128)) -> tuple[int, int]:
-    """The tile written out independently of `streamquant.quant.granularity.tile_shape`."""
-    return {"tensor": shape, "row": (1, shape[1]), "block": block}[granularity_name]

@@ -19,7 +19,7 @@ from streamquant.quant.fp8_math import (
 )
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
 
-from .fp8_reference import NUMPY_FP8, bits, constants, ref_codes, ref_dequantize, ref_quantize, to_f32
+from .fp8_reference import NUMPY_FP8, bits, constants, ref_dequantize, ref_quantize, to_f32
 
 FORMATS = [E4M3FN, E4M3FNUZ]
 GRANULARITIES = [PerTensor(), PerRow(), PerBlock((128, 128)), PerBlock((32, 16))]
@@ -32,6 +32,10 @@ def ref_tile(granularity, shape):
     if isinstance(granularity, PerRow):
         return (1, shape[1])
     return granularity.block_size
+
+
+def bits_t(t):
+    return t.view(torch.uint8)
 
 
 def weight(shape, dtype=torch.bfloat16, seed=0):
@@ -93,10 +97,6 @@ def test_float64_weight_is_rounded_to_float32_first():
     q, s = quantize(w, PerRow())
     q32, s32 = quantize(w.float(), PerRow())
     assert torch.equal(bits_t(q), bits_t(q32)) and torch.equal(s, s32)
-
-
-def bits_t(t):
-    return t.view(torch.uint8)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: str(f.dtype))
@@ -184,3 +184,5 @@ def test_mismatched_arguments_are_rejected():
         quantize_window_(out, w, torch.ones(1, 1, dtype=torch.bfloat16), Window(0, 0, 64, 64), (64, 64))
     with pytest.raises(ValueError, match="output shape"):
         quantize_window_(out[:32], w, torch.ones(1, 1), Window(0, 0, 64, 64), (64, 64))
+    with pytest.raises(ValueError, match="int32"):
+        quantize(torch.ones(4, 4, dtype=torch.int32), PerRow())

@@ -22,16 +22,14 @@ from streamquant.loading.mapping import MappingRule, WeightMapping
 from streamquant.parallel import TPContext
 from streamquant.quant.unquantized import UnquantizedLinearMethod
 
+from streamquant.models.base import stacked_rules
+
 from .helpers import SETTINGS, expected_qkv
 
 HIDDEN, HEAD, HEADS, KV, INTER, VOCAB, LAYERS = 4, 2, 4, 2, 4, 3, 2
 MAPPING = WeightMapping(
     rules=(
-        MappingRule.make("q_proj", "qkv_proj", shard_id="q"),
-        MappingRule.make("k_proj", "qkv_proj", shard_id="k"),
-        MappingRule.make("v_proj", "qkv_proj", shard_id="v"),
-        MappingRule.make("gate_proj", "gate_up_proj", shard_id=0),
-        MappingRule.make("up_proj", "gate_up_proj", shard_id=1),
+        *stacked_rules(),
     ),
     skip=("rotary_emb.inv_freq",),
 )

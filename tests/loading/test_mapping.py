@@ -8,15 +8,13 @@ from hypothesis import strategies as st
 
 from streamquant.loading.mapping import MappingRule, WeightMapping
 
+from streamquant.models.base import stacked_rules
+
 from .helpers import SETTINGS
 
 QKV = WeightMapping(
     rules=(
-        MappingRule.make("q_proj", "qkv_proj", shard_id="q"),
-        MappingRule.make("k_proj", "qkv_proj", shard_id="k"),
-        MappingRule.make("v_proj", "qkv_proj", shard_id="v"),
-        MappingRule.make("gate_proj", "gate_up_proj", shard_id=0),
-        MappingRule.make("up_proj", "gate_up_proj", shard_id=1),
+        *stacked_rules(),
         MappingRule.make("experts.{expert}.down_proj", "experts.w2", shard_id="w2"),
     ),
     skip=("rotary_emb.inv_freq",),

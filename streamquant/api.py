@@ -11,12 +11,15 @@ model as `model.load_report`.
 Invariants: the tensor-parallel context is either given or read once from the initialized
 `torch.distributed` group, and handed to the model constructor; nothing else reads the group.
 
-Limitations: only unquantized loading today. The quantization seam is `make_quant_config` below:
-it is the single place that turns a scheme name and its options into a quant config.
+Quantization: `make_quant_config` is the single place that turns a scheme name ("fp8",
+"fp8-channel", "fp8-block") and its options into a quant config; the fp8 methods quantize each
+layer inside the streaming session the moment its last element arrives, so high-precision weights
+exist only for the layers in flight.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,18 @@ import torch
 import torch.distributed as dist
 
 from streamquant.checkpoint.reader import checkpoint_bytes, iterate_weights, load_hf_config, resolve_checkpoint
+from streamquant.loading.loader import load_weights, loadable_parameters, process_weights_after_loading
+from streamquant.loading.materialize import materialize_
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel import TPContext
+from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
 
 # Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
-SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None,)
+SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in Fp8Scheme))
+# Options `load_model` accepts with an fp8 scheme (see `make_quant_config`).
+FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "compile", "measure_error")
 
 # Read-only: accepted dtype spellings (CLI and API alike).
 DTYPE_NAMES = MappingProxyType(
@@ -58,6 +67,9 @@ class LoadReport:
     checkpoint_bytes: int  # bytes of tensor data in the checkpoint files (all ranks read the same files)
     model_bytes: int  # bytes of unique parameter and buffer storage of the model on this rank
     load_seconds: float  # wall time of the whole `load_model` call
+    quantization: str | None = None  # the scheme, None when unquantized
+    fp8_weight_bytes: int = 0  # bytes of fp8 weights on this rank (scales not included)
+    quantization_error: dict | None = None  # `QuantErrorLog.summary()` when measure_error=True
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -69,19 +81,44 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(DTYPE_NAMES)}")
 
 
-def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Any:
+def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Fp8Config | None:
     """The quant config for scheme `quantization` with its `options` (None: unquantized).
 
-    The fp8 work replaces this function; every scheme and option is validated here, and nowhere
-    else in `load_model`.
+    fp8 options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"), `activation_scheme` ("dynamic"
+    default, "none" for weight-only), `ignore` (regexes over module names), `block_size`
+    (fp8-block, default (128, 128)), `compile` (inductor-compiled CPU quantization kernel, bitwise
+    the same codes), `measure_error` (record per-weight SQNR). Every option is validated here.
     """
     if quantization not in SUPPORTED_QUANTIZATION:
         supported = ", ".join(repr(q) for q in SUPPORTED_QUANTIZATION)
         raise UnsupportedQuantizationError(f"unsupported quantization {quantization!r}; supported values: {supported}")
-    if options:
-        names = ", ".join(sorted(options))
-        raise TypeError(f"load_model() got unknown option(s) for quantization={quantization!r}: {names}")
-    return None
+    allowed = FP8_OPTIONS if quantization is not None else ()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"load_model() got unknown option(s) for quantization={quantization!r}: {', '.join(unknown)}"
+                        + (f"; accepted: {', '.join(allowed)}" if allowed else ""))
+    if quantization is None:
+        return None
+    options = dict(options)
+    error_log = QuantErrorLog() if options.pop("measure_error", False) else None
+    return Fp8Config(Fp8Scheme(quantization), error_log=error_log, **options)
+
+
+def check_ignore_patterns(model: torch.nn.Module, config: Fp8Config | None) -> None:
+    """Raise if an `ignore` pattern matches no quantizable layer (most likely a typo)."""
+    if config is None or not config.ignore:
+        return
+    names = [n for n, m in model.named_modules() if hasattr(m, "logical_shards")]
+    for pattern in config.ignore:
+        if not any(re.search(pattern, n) for n in names):
+            raise ValueError(f"ignore pattern {pattern!r} matches no linear or MoE layer; layer names look like "
+                             f"{', '.join(names[:4])}")
+
+
+def fp8_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of fp8 parameters (distinct tensors) on this rank."""
+    fp8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
+    return sum(p.numel() for p in model.parameters() if p.dtype in fp8 and not p.is_meta)
 
 
 def default_tp() -> TPContext:
@@ -101,7 +138,9 @@ def model_storage_bytes(model: torch.nn.Module) -> int:
     for tensor in [*model.parameters(), *model.buffers()]:
         storage = tensor.untyped_storage()
         key = (str(tensor.device), storage.data_ptr())
-        if key[1] == 0 or key not in seen:  # address 0: empty (or meta) storage, nothing shared
+        if tensor.is_meta:  # never written (strict=False): no memory
+            continue
+        if key[1] == 0 or key not in seen:  # address 0: empty storage, nothing shared
             seen.add(key)
             total += storage.nbytes()
     return total
@@ -115,6 +154,14 @@ def _move_buffers_(model: torch.nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buf.to(device)
 
 
+def _load_naive(model: torch.nn.Module, checkpoint: Path, device: str | torch.device) -> None:
+    """Every checkpoint-format weight in memory first, then quantize (the baseline streaming beats)."""
+    for param in loadable_parameters(model).values():
+        materialize_(param, device)
+    load_weights(model, iterate_weights(checkpoint), model.weight_mapping, strict=True)
+    process_weights_after_loading(model)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -123,15 +170,21 @@ def load_model(
     device: str | torch.device = "cpu",
     tp: TPContext | None = None,
     strict: bool = True,
+    streaming: bool = True,
     **options: Any,
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
 
-    `tp` defaults to the initialized process group (or a single rank). `strict=False` tolerates
-    checkpoint tensors without a parameter and parameters left unwritten. The returned model is in
+    `quantization`: None, "fp8", "fp8-channel" or "fp8-block"; `options` are the fp8 options of
+    `make_quant_config`. `tp` defaults to the initialized process group (or a single rank).
+    `strict=False` tolerates checkpoint tensors without a parameter and parameters left unwritten.
+    `streaming=False` is the naive baseline kept for comparisons: the whole high-precision model
+    is loaded first, then every layer is quantized; the resulting model is bitwise the same. The returned model is in
     eval mode and carries `model.load_report` (a `LoadReport`).
     """
     start = time.perf_counter()
+    if not streaming and not strict:
+        raise ValueError("streaming=False (the naive baseline) needs strict=True")
     quant_config = make_quant_config(quantization, options)
     params_dtype = resolve_dtype(dtype)
     tp = default_tp() if tp is None else tp
@@ -140,12 +193,19 @@ def load_model(
     model_class = get_model_class(hf_config)
     with torch.device("meta"):
         model = model_class(hf_config, tp=tp, quant_config=quant_config, params_dtype=params_dtype)
-    stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict)
+    check_ignore_patterns(model, quant_config)
+    if streaming:
+        stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict)
+    else:
+        _load_naive(model, checkpoint, device)
     _move_buffers_(model, torch.device(device))
     model.eval()
     model.load_report = LoadReport(
         checkpoint_bytes=checkpoint_bytes(checkpoint),
         model_bytes=model_storage_bytes(model),
         load_seconds=time.perf_counter() - start,
+        quantization=quantization,
+        fp8_weight_bytes=fp8_weight_bytes(model),
+        quantization_error=quant_config.error_log.summary() if quant_config and quant_config.error_log else None,
     )
     return model

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
+from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
 from streamquant.checkpoint.reader import CheckpointError
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.generation import generate_with_logits
@@ -28,7 +29,7 @@ from streamquant.loading.loader import WeightLoadError
 from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError
 
-QUANTIZATION_CHOICES = ("fp8", "fp8-channel", "fp8-block")
+TIMELINE_POINTS = 200  # memory timeline samples kept in the JSON (evenly thinned, the peak always kept)
 # Bad input, reported in one line. ValueError also covers sizes that do not fit (a --tp that does not
 # divide the heads); the named subclasses are listed for the reader.
 USER_ERRORS = (
@@ -55,14 +56,20 @@ def _prompt_ids(text: str) -> list[int]:
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
-    supported = ", ".join(q for q in SUPPORTED_QUANTIZATION if q) or "none yet"
     add = parser.add_argument
     add("--dtype", default="bfloat16", choices=list(DTYPE_NAMES), help="parameter dtype (default: bfloat16)")
     add("--device", default="cpu", help="device to load onto, e.g. cpu or cuda (default: cpu)")
     add("--tp", type=int, default=None, metavar="N",
         help="tensor-parallel ranks, one process each (default: 1; under torchrun: its world size)")
-    add("--quantization", choices=QUANTIZATION_CHOICES, default=None,
-        help=f"quantize while loading (schemes this build accepts: {supported})")
+    add("--quantization", choices=[q for q in SUPPORTED_QUANTIZATION if q] + ["none"], default=None,
+        help="quantize to fp8 while loading: per-tensor, per-output-channel or 128x128-block weight scales; "
+             "none: keep the checkpoint dtype (default: none; demo: fp8)")
+    add("--fp8-dtype", default="e4m3fn", choices=[k for k in FP8_DTYPES if not k.startswith("float8")],
+        help="fp8 format (default: e4m3fn, max 448; e4m3fnuz has max 240)")
+    add("--activation-scheme", default="dynamic", choices=[a.value for a in ActivationScheme],
+        help="dynamic: quantize activations at each matmul (default); none: fp8 weights only")
+    add("--ignore", action="append", default=[], metavar="REGEX",
+        help="keep layers whose module name matches REGEX (re.search) unquantized; repeatable")
     add("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -84,14 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path, default=None,
                       help="where the synthetic checkpoint is kept (default: streamquant's cache directory)")
     _add_loading_flags(demo)
+    demo.set_defaults(quantization="fp8")
     return parser
 
 
 def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load with peak-memory sampling; the model and the load measurements."""
+    fp8 = {}
+    if options["quantization"]:
+        fp8 = dict(fp8_dtype=options["fp8_dtype"], activation_scheme=options["activation_scheme"],
+                   ignore=options["ignore"], measure_error=options["command"] == "load")
+    elif options["ignore"]:
+        raise ValueError("--ignore needs --quantization")
     with PeakMemorySampler(options["device"]) as sampler:
         model = load_model(
-            options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"]
+            options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"],
+            streaming=options.get("streaming", True), **fp8,
         )
     report, peak = model.load_report, sampler.result
     result = {
@@ -104,12 +119,49 @@ def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     }
     if peak.file_backed_peak_bytes is not None:
         result["file_backed_peak_bytes"] = peak.file_backed_peak_bytes
+    result["memory_timeline"] = thin_timeline(peak.timeline, TIMELINE_POINTS)
+    result["quantization"] = report.quantization
+    result["fp8_weight_bytes"] = report.fp8_weight_bytes
+    if report.quantization_error is not None:
+        result["quantization_error"] = report.quantization_error
     return model, result
 
 
+def models_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Every parameter and buffer bitwise equal (same names, dtypes, shapes, bits)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape
+        and torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8))
+        for k in sa
+    )
+
+
+def thin_timeline(timeline, points: int) -> list[list[float]]:
+    """At most about `points` (seconds, bytes) samples, evenly spaced, always keeping the highest."""
+    step = max(1, -(-len(timeline) // points))
+    kept = list(timeline[::step])
+    if timeline:
+        top = max(timeline, key=lambda sample: sample[1])
+        if top not in kept:
+            kept = sorted([*kept, top])
+    return [[round(t, 4), b] for t, b in kept]
+
+
 def run_command(options: dict[str, Any]) -> dict[str, Any]:
-    """Run `load` or `generate` (demo is a generate) in this process; returns the JSON-able result."""
+    """Run `load` or `generate` (demo is a generate) in this process; returns the JSON-able result.
+
+    A quantized demo first loads the naive way (all bf16 weights first, then quantize), then
+    streaming, reports both and checks that the two models are bitwise equal.
+    """
+    naive = None
+    if options["command"] == "demo" and options["quantization"]:
+        naive, naive_result = _load({**options, "streaming": False})
     model, result = _load(options)
+    if naive is not None:
+        result["naive"] = {k: naive_result[k] for k in ("load_seconds", "peak_memory_bytes", "model_bytes")}
+        result["naive_equals_streaming"] = models_equal(naive, model)
+        del naive
     if options["command"] != "load":
         prompt = torch.tensor([options["prompt_ids"]], dtype=torch.long)
         out = generate_with_logits(model, prompt, options["max_new_tokens"])
@@ -121,6 +173,8 @@ def run_command(options: dict[str, Any]) -> dict[str, Any]:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = {k: v for k, v in vars(args).items() if k not in ("json", "cache_dir")}
+    if options["quantization"] == "none":
+        options["quantization"] = None
     if args.command == "demo":
         options["path"] = str(ensure_synthetic_checkpoint(args.cache_dir or default_cache_dir(), DEMO_SPEC))
         options["prompt_ids"] = list(DEMO_PROMPT)
@@ -158,10 +212,29 @@ def _print_summary(result: dict[str, Any]) -> None:
     ]
     if "file_backed_peak_bytes" in result:
         lines.append(("file-backed peak", _bytes(result["file_backed_peak_bytes"])))
+    if result.get("quantization"):
+        lines += [("quantization", result["quantization"]), ("fp8 weight bytes", _bytes(result["fp8_weight_bytes"]))]
+    error = result.get("quantization_error")
+    if error and error.get("weights"):
+        lines.append(("weight SQNR dB", f"min {error['sqnr_db_min']:.1f}, median {error['sqnr_db_median']:.1f} "
+                                        f"over {error['weights']} weights"))
     if "tokens" in result:
         lines += [("prompt ids", result["prompt_ids"]), ("generated ids", result["tokens"])]
     for key, value in lines:
         print(f"{key:<18}{value}")
+    if "naive" in result:
+        _print_comparison(result)
+
+
+def _print_comparison(result: dict[str, Any]) -> None:
+    naive, final = result["naive"], result["model_bytes"]
+    print(f"\n{'fp8 load':<34}{'peak MiB':>10}{'peak / model':>14}{'seconds':>9}")
+    rows = [("naive (all bf16 first, then quantize)", naive), ("streaming (quantize layer by layer)", result)]
+    for label, row in rows:
+        peak = row["peak_memory_bytes"]
+        print(f"{label[:33]:<34}{peak / 2**20:>10.1f}{peak / final:>13.2f}x{row['load_seconds']:>9.2f}")
+    print(f"final fp8 model {final / 2**20:.1f} MiB; naive and streaming models bitwise equal: "
+          f"{result['naive_equals_streaming']}")
 
 
 def _one_line(exc: BaseException) -> str:

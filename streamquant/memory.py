@@ -25,6 +25,7 @@ known high points to be sure); RSS is per process, so threads of the same proces
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import threading
 import time
@@ -61,14 +62,19 @@ def read_rss() -> tuple[int, int]:
     return anon, file
 
 
-def trim_heap() -> None:
-    """Return free glibc heap memory to the OS (no-op without glibc)."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's `malloc_trim`, looked up once (None without glibc)."""
     name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def trim_heap() -> None:
+    """Return free glibc heap memory to the OS (no-op without glibc); costs microseconds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class PeakMemorySampler:

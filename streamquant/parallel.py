@@ -43,11 +43,11 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     return numerator // denominator
 
 
-def all_reduce(x: torch.Tensor, tp: TPContext) -> torch.Tensor:
-    """Sum `x` over the tensor-parallel group (in place); identity at size 1."""
+def all_reduce(x: torch.Tensor, tp: TPContext, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce `x` over the tensor-parallel group with `op` (default: sum), in place; identity at size 1."""
     if tp.size == 1:
         return x
-    dist.all_reduce(x, group=tp.group)
+    dist.all_reduce(x, op=op, group=tp.group)
     return x
 
 

@@ -97,8 +97,21 @@ def test_dtype_resolution():
 
 
 def test_quantization_rejected_with_supported_values(llama):
-    with pytest.raises(ValueError, match=r"'fp8'.*supported values: None"):
-        load_model(llama[0], quantization="fp8")
+    with pytest.raises(ValueError, match=r"'int3'.*supported values: None, 'fp8', 'fp8-channel', 'fp8-block'"):
+        load_model(llama[0], quantization="int3")
+
+
+def test_fp8_options_validated_before_loading(llama):
+    with pytest.raises(TypeError, match="bogus.*accepted: fp8_dtype"):
+        load_model(llama[0], quantization="fp8", bogus=1)
+    with pytest.raises(ValueError, match="fp8_dtype must be one of"):
+        load_model(llama[0], quantization="fp8", fp8_dtype="e5m2")
+    with pytest.raises(ValueError, match="'dynamic'"):
+        load_model(llama[0], quantization="fp8", activation_scheme="static")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        load_model(llama[0], quantization="fp8", ignore=["(unclosed"])
+    with pytest.raises(ValueError, match=r"ignore pattern 'q_proj' matches no linear or MoE layer.*qkv_proj"):
+        load_model(llama[0], quantization="fp8", ignore=["q_proj"])
 
 
 def test_unknown_option_named(llama):

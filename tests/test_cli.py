@@ -124,7 +124,7 @@ def broken_checkpoint(kind: str, checkpoint: Path, reference: dict, directory: P
         ("missing", [], "does-not-exist"),
         ("architecture", [], "NoSuchModelForCausalLM"),
         ("incomplete", [], "model.norm.weight"),
-        ("fine", ["--quantization", "fp8"], "supported values"),
+        ("fine", ["--quantization", "fp8", "--ignore", "nosuchlayer"], "matches no linear or MoE layer"),
         ("fine", ["--tp", "0"], "--tp must be >= 1"),
     ],
 )

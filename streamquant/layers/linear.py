@@ -18,6 +18,7 @@ from streamquant.loading.parameters import BaseParameter, ColumnParameter, shard
 from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_gather, all_reduce, divide
 from streamquant.quant.base import LinearMethod, QuantConfig
+from streamquant.quant.granularity import LogicalShard, Window
 from streamquant.quant.unquantized import UnquantizedLinearMethod
 
 
@@ -97,9 +98,12 @@ class LinearBase(torch.nn.Module):
             quant_config.get_linear_method(prefix) if quant_config is not None else UnquantizedLinearMethod()
         )
 
-    def _create(self, input_per_partition: int, output_partition_sizes: list[int], loader, tp: TPContext) -> None:
+    def _create(self, input_per_partition: int, output_partition_sizes: list[int], loader, tp: TPContext,
+                shards: tuple[LogicalShard, ...]) -> None:
+        """Create the weights; `shards` are this rank's windows of the logical weights stacked in `weight`."""
         self.input_size_per_partition = input_per_partition
         self.output_partition_sizes = output_partition_sizes
+        self.logical_shards = {"weight": shards}
         self.quant_method.create_weights(
             self, input_per_partition, output_partition_sizes, self.input_size, self.output_size,
             self.params_dtype, tp, loader,
@@ -123,7 +127,8 @@ class ReplicatedLinear(LinearBase):
                  quant_config: QuantConfig | None = None, prefix: str = "", params_dtype: torch.dtype | None = None):
         super().__init__(input_size, output_size, tp=tp, quant_config=quant_config, prefix=prefix, params_dtype=params_dtype)
         whole = TPContext()
-        self._create(input_size, [output_size], column_loader, whole)
+        shards = (LogicalShard("", Window(0, 0, output_size, input_size)),)
+        self._create(input_size, [output_size], column_loader, whole, shards)
         self._column_bias(bias, output_size, column_loader, whole)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +146,22 @@ class ColumnParallelLinear(LinearBase):
         self.output_sizes = list(output_sizes or [output_size])
         partition_sizes = [divide(s, tp.size, f"{prefix} output size") for s in self.output_sizes]
         loader = self._loader()
-        self._create(input_size, partition_sizes, loader, tp)
+        self._create(input_size, partition_sizes, loader, tp, self._shards(partition_sizes))
         self._column_bias(bias, sum(partition_sizes), loader, tp)
 
     def _loader(self):
         return column_loader
+
+    def _shards(self, partition_sizes: list[int]) -> tuple[LogicalShard, ...]:
+        """Rank k holds rows [k * p, (k + 1) * p) of each logical output of full size p * tp."""
+        labels = self._labels() if len(partition_sizes) > 1 else ("",)
+        return tuple(
+            LogicalShard(label, Window(self.tp.rank * p, 0, p * self.tp.size, self.input_size, rows=p))
+            for label, p in zip(labels, partition_sizes)
+        )
+
+    def _labels(self) -> tuple[str, ...]:
+        return tuple(str(i) for i in range(len(self.output_sizes)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant_method.apply(self, x, self.bias)
@@ -161,6 +177,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def _loader(self):
         return functools.partial(merged_column_loader, output_sizes=self._merged_sizes, tp=self.tp)
+
+    def _labels(self) -> tuple[str, ...]:
+        return ("gate", "up") if len(self._merged_sizes) == 2 else super()._labels()
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -184,6 +203,17 @@ class QKVParallelLinear(ColumnParallelLinear):
                          output_sizes=[q_size, kv_size, kv_size], tp=tp, **kwargs)
         self.output_size = q_size + 2 * total_num_kv_heads * head_size
 
+    def _shards(self, partition_sizes: list[int]) -> tuple[LogicalShard, ...]:
+        """q as any column shard; k and v: rank k holds kv head group k // replicas of the real kv heads."""
+        q, kv = partition_sizes[0], partition_sizes[1]
+        full_kv = kv * self.tp.size // self.num_kv_head_replicas
+        start = (self.tp.rank // self.num_kv_head_replicas) * kv
+        return (
+            LogicalShard("q", Window(self.tp.rank * q, 0, q * self.tp.size, self.input_size, rows=q)),
+            LogicalShard("k", Window(start, 0, full_kv, self.input_size, rows=kv)),
+            LogicalShard("v", Window(start, 0, full_kv, self.input_size, rows=kv)),
+        )
+
     def _loader(self):
         return functools.partial(
             qkv_loader, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -203,7 +233,9 @@ class RowParallelLinear(LinearBase):
                  params_dtype: torch.dtype | None = None):
         super().__init__(input_size, output_size, tp=tp, quant_config=quant_config, prefix=prefix, params_dtype=params_dtype)
         self.reduce_results = reduce_results
-        self._create(divide(input_size, tp.size, f"{prefix} input size"), [output_size], row_loader, tp)
+        in_per_rank = divide(input_size, tp.size, f"{prefix} input size")
+        shards = (LogicalShard("", Window(0, tp.rank * in_per_rank, output_size, input_size, cols=in_per_rank)),)
+        self._create(in_per_rank, [output_size], row_loader, tp, shards)
         if bias:
             data = torch.empty(output_size, dtype=self.params_dtype)
             self.register_parameter("bias", BaseParameter(data=data, weight_loader=row_loader, tp=tp))

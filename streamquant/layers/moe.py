@@ -33,6 +33,7 @@ from streamquant.loading.parameters import WeightShapeError, write_region
 from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_reduce, divide
 from streamquant.quant.base import MoEMethod, QuantConfig
+from streamquant.quant.granularity import LogicalShard, Window
 from streamquant.quant.moe import UnquantizedFusedMoEMethod
 
 # Which half of w13's rows a gate / up shard fills.
@@ -94,6 +95,16 @@ def moe_weight_loader(
     return regions
 
 
+def moe_logical_shards(hidden_size: int, intermediate_size: int, tp: TPContext) -> dict[str, tuple[LogicalShard, ...]]:
+    """Each expert's logical weights and this rank's windows of them: gate and up (rows of w13), down (w2)."""
+    i_p = intermediate_size // tp.size
+    column = Window(tp.rank * i_p, 0, intermediate_size, hidden_size, rows=i_p)
+    return {
+        "w13_weight": (LogicalShard("gate", column), LogicalShard("up", column)),
+        "w2_weight": (LogicalShard("down", Window(0, tp.rank * i_p, hidden_size, intermediate_size, cols=i_p)),),
+    }
+
+
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing as transformers' Qwen MoE routers: (weights [N, K] in the logits' dtype, ids [N, K])."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
@@ -150,6 +161,7 @@ class FusedMoE(torch.nn.Module):
         loader = functools.partial(
             moe_weight_loader, intermediate_size_per_partition=self.intermediate_size_per_partition, tp=tp
         )
+        self.logical_shards = moe_logical_shards(hidden_size, intermediate_size, tp)
         self.quant_method.create_weights(
             self, num_experts, hidden_size, self.intermediate_size_per_partition, self.params_dtype, tp, loader
         )

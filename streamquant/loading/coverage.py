@@ -45,6 +45,13 @@ class Coverage:
     def complete(self) -> bool:
         return self.written == self.numel
 
+    def source_at(self, index: tuple[int, ...]) -> str | None:
+        """The checkpoint tensor that wrote element `index` (None if nothing did)."""
+        for region, source in self._regions.items():
+            if all(start <= i < stop for i, (start, stop) in zip(index, region)):
+                return source
+        return None
+
     @property
     def sources(self) -> set[str]:
         return set(self._regions.values())

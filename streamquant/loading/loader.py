@@ -15,6 +15,7 @@ import torch
 
 from streamquant.loading.coverage import Coverage, DuplicateWriteError
 from streamquant.loading.mapping import WeightMapping
+from streamquant.loading.materialize import StagingPool, release_
 
 
 class WeightLoadError(ValueError):
@@ -33,6 +34,44 @@ class MissingWeightsError(WeightLoadError):
     """Some parameters were not (fully) written when the checkpoint ended."""
 
 
+class NonFiniteWeightError(WeightLoadError):
+    """A checkpoint weight holds NaN or Inf, found when its layer was processed.
+
+    `param` is the parameter's name as its module holds it ("weight"), `index` the position of
+    one non-finite element in it; a load session turns them into the checkpoint tensor's name.
+    """
+
+    def __init__(self, message: str, *, param: str = "", index: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.param = param
+        self.index = index
+
+
+def module_loadables(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters checkpoint tensors are written into for `module` itself (not its children).
+
+    Its own parameters that have a `weight_loader`, except where its quant method keeps a
+    checkpoint-format parameter of the same name in `module.checkpoint_params` (the fp8 methods:
+    the loaders write a bf16 `weight` there, and `process_weights_after_loading` derives the fp8
+    `weight` and `weight_scale` the module computes with; derived parameters have no loader).
+    """
+    own = {n: p for n, p in module.named_parameters(recurse=False) if hasattr(p, "weight_loader")}
+    own.update(getattr(module, "checkpoint_params", None) or {})
+    return own
+
+
+def loadable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every parameter a checkpoint writes, by full name; a tied parameter under its first name only."""
+    out: dict[str, torch.nn.Parameter] = {}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for name, param in module_loadables(module).items():
+            if id(param) not in seen:
+                seen.add(id(param))
+                out[f"{mod_name}.{name}" if mod_name else name] = param
+    return out
+
+
 class WeightLoadSession:
     """One pass of checkpoint tensors into `model`'s parameters."""
 
@@ -40,7 +79,7 @@ class WeightLoadSession:
         self.model = model
         self.mapping = mapping
         self.strict = strict
-        self.params = dict(model.named_parameters())
+        self.params = loadable_parameters(model)
         self.coverage = {name: Coverage(p.shape) for name, p in self.params.items()}
         self.loaded: set[str] = set()
         self.renamed: set[str] = set()  # loaded names that a prefix rename changed
@@ -124,9 +163,17 @@ def load_weights(
     return loaded
 
 
+def release_checkpoint_params(module: torch.nn.Module, pool: StagingPool | None = None) -> None:
+    """Drop the storage of `module`'s checkpoint-format parameters (back to `meta`, or into `pool`)."""
+    for param in (getattr(module, "checkpoint_params", None) or {}).values():
+        release_(param, pool)
+
+
 def process_weights_after_loading(model: torch.nn.Module) -> None:
-    """Let every layer's quant method finish its weights (repack, quantize, ...)."""
+    """Let every layer's quant method finish its weights (repack, quantize, ...), then release the
+    layer's checkpoint-format copies."""
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+            release_checkpoint_params(module)

@@ -3,8 +3,9 @@
 The model is built on `meta`. The first tensor written into a module (the direct owner of a
 parameter) materializes all of that module's meta parameters on the target device; when every
 element of every parameter of the module has been written (exact coverage, see `coverage.py`),
-the module's quant method runs `process_weights_after_loading`, which may quantize and release
-the high-precision copy at once. Tied parameters belong to every module that holds them and
+the module's quant method runs `process_weights_after_loading` (which may quantize), and the
+module's checkpoint-format copies (`checkpoint_params`) are released at once into a per-load
+`StagingPool` whose buffers the next layers reuse. Tied parameters belong to every module that holds them and
 complete together.
 
 On failure (an exception, or a strict check at the end) every module still in flight is released,
@@ -18,9 +19,15 @@ from collections.abc import Iterable
 
 import torch
 
-from streamquant.loading.loader import WeightLoadSession
+from streamquant.loading.loader import (
+    NonFiniteWeightError,
+    WeightLoadSession,
+    module_loadables,
+    release_checkpoint_params,
+)
 from streamquant.loading.mapping import WeightMapping
-from streamquant.loading.materialize import materialize_, release_
+from streamquant.memory import trim_heap
+from streamquant.loading.materialize import StagingPool, materialize_, release_
 
 
 class StreamingLoadSession(WeightLoadSession):
@@ -36,20 +43,21 @@ class StreamingLoadSession(WeightLoadSession):
         self.owners: dict[str, list[str]] = {}
         self.modules = dict(model.named_modules())
         for mod_name, module in self.modules.items():
-            names = [name_of[id(p)] for _, p in module.named_parameters(recurse=False)]
+            names = [name_of[id(p)] for p in module_loadables(module).values()]
             if names:
                 self.members[mod_name] = names
                 for n in names:
                     self.owners.setdefault(n, []).append(mod_name)
         self.in_flight: set[str] = set()
         self.finished: list[str] = []
+        self.pool = StagingPool()
 
     def before_write(self, param_name: str) -> None:
         for mod_name in self.owners[param_name]:
             if mod_name not in self.in_flight and mod_name not in self.finished:
                 self.in_flight.add(mod_name)
                 for n in self.members[mod_name]:
-                    materialize_(self.params[n], self.device, self.fill)
+                    materialize_(self.params[n], self.device, self.fill, self.pool)
 
     def after_write(self, param_name: str) -> None:
         for mod_name in self.owners[param_name]:
@@ -57,12 +65,29 @@ class StreamingLoadSession(WeightLoadSession):
                 self.finish(mod_name)
 
     def finish(self, mod_name: str) -> None:
-        """Run the module's quant method on its complete weights."""
-        self.in_flight.discard(mod_name)
+        """Run the module's quant method on its complete weights (still in flight if that fails)."""
         method = getattr(self.modules[mod_name], "quant_method", None)
         if method is not None:
-            method.process_weights_after_loading(self.modules[mod_name])
+            try:
+                method.process_weights_after_loading(self.modules[mod_name])
+            except NonFiniteWeightError as e:
+                raise self.name_source(mod_name, e) from None
+            release_checkpoint_params(self.modules[mod_name], self.pool)
+            if self.device.type == "cpu":
+                trim_heap()  # glibc keeps freed quantization temporaries otherwise (+20% resident peak)
+        self.in_flight.discard(mod_name)
         self.finished.append(mod_name)
+
+    def name_source(self, mod_name: str, error: NonFiniteWeightError) -> NonFiniteWeightError:
+        """`error` restated with the checkpoint tensor that wrote the non-finite element."""
+        param_name = f"{mod_name}.{error.param}" if mod_name else error.param
+        coverage = self.coverage.get(param_name)
+        source = coverage.source_at(error.index) if coverage is not None else None
+        if source is None:
+            return error
+        return NonFiniteWeightError(
+            f"checkpoint tensor {source!r} holds NaN or Inf (element {list(error.index)} of parameter "
+            f"{param_name!r}); refusing to quantize {mod_name!r}", param=error.param, index=error.index)
 
     def abort(self) -> None:
         """Release every module still in flight (after a failure)."""
@@ -70,6 +95,7 @@ class StreamingLoadSession(WeightLoadSession):
             for n in self.members[mod_name]:
                 release_(self.params[n])
         self.in_flight.clear()
+        self.pool.clear()
 
 
 def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *,
@@ -82,4 +108,5 @@ def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
     except BaseException:
         session.abort()
         raise
+    session.pool.clear()
     return session

@@ -114,6 +114,15 @@ def _tile_span(start: int, size: int, tile: int) -> slice:
     return slice(start // tile, -(-(start + size) // tile)) if size else slice(start // tile, start // tile)
 
 
+class LogicalShard(NamedTuple):
+    """One logical weight of a (possibly fused) parameter: its name ("q", "gate", or "" when the
+    parameter holds one weight) and this rank's window of it. A fused parameter stacks its logical
+    shards' local rows in order; each logical weight has its own tiles and scales."""
+
+    label: str
+    window: Window
+
+
 class Segment(NamedTuple):
     """A run of local indices [start, stop) covering `n` tiles of `length` elements each,
     the first being global tile `tile0`."""

@@ -16,6 +16,8 @@ gating only (both Qwen MoE families); no expert parallelism.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -23,33 +25,42 @@ from streamquant.loading.parameters import ModelWeightParameter, WeightLoader
 from streamquant.parallel import TPContext
 
 
+# (rows of x, expert index) -> those rows times the expert's weight transposed, like F.linear.
+ExpertLinear = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 def fused_experts(
     x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    num_experts: int,
+    gate_up: ExpertLinear,
+    down: ExpertLinear,
 ) -> torch.Tensor:
     """Sum over each token's top-k experts of `weight * down(silu(gate(x)) * up(x))`.
 
-    Shapes: x [N, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights / topk_ids [N, K] -> [N, H] in
-    `x.dtype`. `topk_weights` may be in any float dtype; the product is cast to `x.dtype` before
-    accumulation, as transformers does.
+    Shapes: x [N, H], topk_weights / topk_ids [N, K] -> [N, H] in `x.dtype`. `gate_up(rows, e)`
+    returns [rows, 2I] (gate columns first), `down(rows, e)` returns [rows, H]: the quant method
+    decides how an expert's weights are multiplied. `topk_weights` may be in any float dtype; the
+    product is cast to `x.dtype` before accumulation, as transformers does.
     """
-    num_experts = w13.shape[0]
     out = torch.zeros_like(x)
     with torch.no_grad():
         # [E, K, N]: for each expert, which (slot, token) pairs chose it.
         expert_mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert in expert_hit:
-        e = expert[0]
-        top_k_pos, token_idx = torch.where(expert_mask[e])
-        gate, up = F.linear(x[token_idx], w13[e]).chunk(2, dim=-1)
-        h = F.linear(F.silu(gate) * up, w2[e])
+    for expert in expert_hit.flatten().tolist():
+        top_k_pos, token_idx = torch.where(expert_mask[expert])
+        gate, up = gate_up(x[token_idx], expert).chunk(2, dim=-1)
+        h = down(F.silu(gate) * up, expert)
         h = h * topk_weights[token_idx, top_k_pos, None]
         out.index_add_(0, token_idx, h.to(out.dtype))
     return out
+
+
+def dense_expert_linears(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, ExpertLinear, ExpertLinear]:
+    """(number of experts, gate_up, down) for plain weight tensors w13 [E, 2I, H] and w2 [E, H, I]."""
+    return w13.shape[0], lambda rows, e: F.linear(rows, w13[e]), lambda rows, e: F.linear(rows, w2[e])
 
 
 class UnquantizedFusedMoEMethod:
@@ -92,4 +103,4 @@ class UnquantizedFusedMoEMethod:
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids)
+        return fused_experts(x, topk_weights, topk_ids, *dense_expert_linears(layer.w13_weight, layer.w2_weight))

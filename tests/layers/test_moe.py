@@ -22,7 +22,7 @@ from streamquant.loading.loader import DuplicateWeightError, MissingWeightsError
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.parameters import WeightShapeError
 from streamquant.parallel import TPContext
-from streamquant.quant.moe import fused_experts
+from streamquant.quant.moe import dense_expert_linears, fused_experts
 
 HIDDEN, MOE_INTERMEDIATE, EXPERTS, TOP_K = 16, 8, 6, 2
 FAMILIES = {"qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
@@ -137,7 +137,7 @@ def test_fused_experts_matches_per_token_sum():
         for slot in range(k):
             g, u = w13[ids[t, slot], :i] @ x[t], w13[ids[t, slot], i:] @ x[t]
             expected[t] += weights[t, slot] * (w2[ids[t, slot]] @ (torch.nn.functional.silu(g) * u))
-    torch.testing.assert_close(fused_experts(x, w13, w2, weights, ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_experts(x, weights, ids, *dense_expert_linears(w13, w2)), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_matches_transformers_experts_exactly(hf):
@@ -154,7 +154,7 @@ def test_bf16_matches_transformers_experts_exactly(hf):
         experts.gate_up_proj.copy_(w13)
         experts.down_proj.copy_(w2)
         expected = experts(x, ids, weights)
-    got = fused_experts(x, w13, w2, weights, ids)
+    got = fused_experts(x, weights, ids, *dense_expert_linears(w13, w2))
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, expected)
 

@@ -16,6 +16,8 @@ from streamquant.quant.fp8_math import (
     dequantize,
     quantize,
     quantize_window_,
+    scale_from_amax,
+    window_amax,
 )
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
 
@@ -186,3 +188,29 @@ def test_mismatched_arguments_are_rejected():
         quantize_window_(out[:32], w, torch.ones(1, 1), Window(0, 0, 64, 64), (64, 64))
     with pytest.raises(ValueError, match="int32"):
         quantize(torch.ones(4, 4, dtype=torch.int32), PerRow())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: str(f.dtype))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_unclamped_fast_path_equals_clamped_when_scales_cover_amax(fmt, dtype):
+    """`scales_cover_amax=True` drops the clamp; with amax-derived scales that is bitwise the same.
+
+    Random bit patterns (every exponent) per row, and rows made of values at and just below amax,
+    where fl(amax / max) rounding pushes |w| / scale a hair above max.
+    """
+    gen = torch.Generator().manual_seed(7)
+    int_dtype = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    info = torch.iinfo(int_dtype)
+    raw = torch.randint(info.min, info.max, (64, 96), generator=gen, dtype=torch.int64).to(int_dtype).view(dtype)
+    w = torch.where(torch.isfinite(raw), raw, torch.zeros((), dtype=dtype))
+    top = torch.finfo(dtype).max if dtype != torch.float32 else 3e38
+    amaxes = torch.logspace(-30, 30, 32, dtype=torch.float64).clamp(max=top).to(dtype)
+    w[:32] = amaxes[:, None] * torch.linspace(-1, 1, 96, dtype=torch.float64).to(dtype)
+    for granularity in GRANULARITIES:
+        window, tile = Window(0, 0, *w.shape), ref_tile(granularity, w.shape)
+        scales = scale_from_amax(window_amax(w, window, tile), fmt)
+        fast, slow = (torch.empty(w.shape, dtype=fmt.dtype) for _ in range(2))
+        quantize_window_(fast, w, scales, window, tile, scales_cover_amax=True)
+        quantize_window_(slow, w, scales, window, tile)
+        assert torch.equal(bits_t(fast), bits_t(slow)), granularity
+        assert not torch.isnan(fast.float()).any()

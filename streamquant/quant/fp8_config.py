@@ -1,0 +1,121 @@
+"""The fp8 schemes and their options: which layers get fp8 methods, and with what settings.
+
+Schemes (the public names): "fp8" per-tensor weight scales, "fp8-channel" one scale per output
+channel, "fp8-block" 128x128 weight blocks (ceil-division grid for other shapes). Activations are
+quantized dynamically at matmul time: per token for the first two, per 1x128 group for blocks;
+`activation_scheme="none"` keeps them in the model dtype (weight-only fp8).
+
+Linear layers and MoE experts are quantized; embeddings, the LM head, norms and the MoE router gate
+(built without a quant config) stay in the model dtype. `ignore` regexes (`re.search` over the
+module name, e.g. "model.layers.0.self_attn.qkv_proj" -- streamquant's fused names) keep matching
+layers unquantized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
+from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_linear import Fp8LinearMethod, default_activation
+from streamquant.quant.fp8_math import Fp8Format
+from streamquant.quant.fp8_moe import Fp8MoEMethod
+from streamquant.quant.fp8_weights import Fp8WeightSpec
+from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
+from streamquant.quant.moe import UnquantizedFusedMoEMethod
+from streamquant.quant.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
+
+
+class Fp8Scheme(str, Enum):
+    FP8 = "fp8"
+    FP8_CHANNEL = "fp8-channel"
+    FP8_BLOCK = "fp8-block"
+
+
+class ActivationScheme(str, Enum):
+    DYNAMIC = "dynamic"
+    NONE = "none"
+
+
+FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
+              "e4m3fnuz": torch.float8_e4m3fnuz, "float8_e4m3fnuz": torch.float8_e4m3fnuz}
+
+
+def _choice(enum: type[Enum], value, what: str):
+    try:
+        return enum(value)
+    except ValueError:
+        names = ", ".join(repr(m.value) for m in enum)
+        raise ValueError(f"{what} must be one of {names}, got {value!r}") from None
+
+
+def _fp8_dtype(value: torch.dtype | str) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in FP8_DTYPES.values():
+        return value
+    if isinstance(value, str) and value.lower() in FP8_DTYPES:
+        return FP8_DTYPES[value.lower()]
+    raise ValueError(f"fp8_dtype must be one of {', '.join(FP8_DTYPES)} (or the torch dtype), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """A validated fp8 quantization config; `get_*_method(prefix)` picks each layer's method.
+
+    `error_log`, when given, receives the quantization error of every weight (costs two passes).
+    """
+
+    scheme: Fp8Scheme
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn
+    activation_scheme: ActivationScheme = ActivationScheme.DYNAMIC
+    ignore: tuple[str, ...] = ()
+    block_size: tuple[int, int] = (128, 128)
+    compile: bool = False
+    error_log: QuantErrorLog | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", _choice(Fp8Scheme, self.scheme, "scheme"))
+        object.__setattr__(self, "fp8_dtype", _fp8_dtype(self.fp8_dtype))
+        object.__setattr__(self, "activation_scheme",
+                           _choice(ActivationScheme, self.activation_scheme, "activation_scheme"))
+        if isinstance(self.ignore, str):
+            raise TypeError("ignore must be a sequence of regexes, not one string")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {e}") from None
+        object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
+
+    @property
+    def granularity(self) -> Granularity:
+        return {Fp8Scheme.FP8: PerTensor(), Fp8Scheme.FP8_CHANNEL: PerRow(),
+                Fp8Scheme.FP8_BLOCK: PerBlock(self.block_size)}[self.scheme]
+
+    @property
+    def weight_spec(self) -> Fp8WeightSpec:
+        return Fp8WeightSpec(self.granularity, Fp8Format(self.fp8_dtype), self.compile)
+
+    @property
+    def activation(self) -> Granularity | None:
+        return None if self.activation_scheme is ActivationScheme.NONE else default_activation(self.granularity)
+
+    def is_ignored(self, prefix: str) -> bool:
+        return any(re.search(pattern, prefix) for pattern in self.ignore)
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        if self.is_ignored(prefix):
+            return UnquantizedLinearMethod()
+        return Fp8LinearMethod(self.weight_spec, self.activation, self.error_log)
+
+    def get_moe_method(self, prefix: str) -> MoEMethod:
+        if self.is_ignored(prefix):
+            return UnquantizedFusedMoEMethod()
+        return Fp8MoEMethod(self.weight_spec, self.activation, self.error_log)
+
+    def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
+        return UnquantizedEmbeddingMethod()

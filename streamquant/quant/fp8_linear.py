@@ -1,0 +1,113 @@
+"""fp8 linear layers: `Fp8LinearMethod` and the fp8 matmul it shares with the MoE method.
+
+`fp8_matmul(x, codes, scales, layouts, spec, activation)` computes `x @ dequant(W).T`:
+  - `activation=None` (weight only): W dequantized to `x.dtype`, then `F.linear`.
+  - dynamic activations: `x` is quantized at call time with the same formula as the weights
+    (`fp8_math`), per token (`PerRow()`) or per 1x128 group (`PerBlock((1, 128))`); groups are
+    over this rank's columns of `x`.
+    * per-tensor and per-row weights, where `torch._scaled_mm` has row-wise scaling (CPU; CUDA
+      sm90+ with bf16 output): `_scaled_mm(x_q, W_q.T, scale_a=[N, 1], scale_b=[1, out])`. A
+      fused layer's per-shard per-tensor scales are expanded to one scale per output row, so q, k
+      and v keep their own scales in a single matmul.
+    * otherwise (128x128 blocks everywhere, older GPUs, float16/float32 output on CUDA): both
+      operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
+  The bias is added after the product, in `x.dtype`.
+
+Tolerance: the result is within the activation quantization error of `F.linear(x, dequant(W))`
+computed in float32; the tests state the bound.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from streamquant.loading.parameters import ModelWeightParameter
+from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_math import dequantize, quantize
+from streamquant.quant.fp8_weights import (
+    Fp8WeightSpec,
+    ShardLayout,
+    create_fp8_weight,
+    dequantize_weight,
+    quantize_layer_weight_,
+    row_scales,
+    shard_layouts,
+)
+from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
+
+
+def rowwise_scaled_mm_supported(device: torch.device, out_dtype: torch.dtype, k: int, n: int) -> bool:
+    """Whether `torch._scaled_mm` takes row-wise scales for these operands on `device`."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        major_minor = torch.cuda.get_device_capability(device)
+        return major_minor >= (9, 0) and out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
+    return False
+
+
+def fp8_matmul(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    layouts: list[ShardLayout],
+    spec: Fp8WeightSpec,
+    activation: Granularity | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x @ dequant(codes, scales).T (+ bias)` for x [..., in] and codes [out, in]; see the module doc."""
+    if activation is None:
+        return F.linear(x, dequantize_weight(codes, scales, layouts, x.dtype), bias)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    one_col = isinstance(spec.granularity, (PerTensor, PerRow))
+    if one_col and isinstance(activation, PerRow) and rowwise_scaled_mm_supported(x.device, x.dtype, k, codes.shape[0]):
+        xq, sx = quantize(x2, PerRow(), spec.fmt)
+        sw = row_scales(scales, layouts).unsqueeze(0)
+        y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=sw, out_dtype=x.dtype)
+    else:
+        xq, sx = quantize(x2, activation, spec.fmt)
+        xd = dequantize(xq, sx, activation, torch.float32)
+        y = F.linear(xd, dequantize_weight(codes, scales, layouts, torch.float32)).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, y.shape[-1])
+
+
+class Fp8LinearMethod:
+    """Online fp8 for a linear layer: bf16 checkpoint weight in, fp8 `weight` + `weight_scale` out.
+
+    One instance per layer (`create_weights` records the layer's TP context and shard layouts).
+    """
+
+    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None):
+        self.spec = spec
+        self.activation = activation
+        self.error_log = error_log
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, tp, weight_loader) -> None:
+        checkpoint_weight = ModelWeightParameter(
+            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=weight_loader,
+            tp=tp,
+        )
+        create_fp8_weight(layer, "weight", checkpoint_weight, self.spec)
+        self.tp = tp  # the context the weight is split over (a replicated layer gets a single rank)
+        self.layouts = shard_layouts(layer.logical_shards["weight"], self.spec.granularity)
+
+    def process_weights_after_loading(self, layer) -> None:
+        quantize_layer_weight_(layer, "weight", self.spec, self.tp, self.error_log)
+
+    def apply(self, layer, x, bias=None):
+        return fp8_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias)
+
+
+def default_activation(granularity: Granularity) -> Granularity:
+    """Dynamic activation groups matching a weight granularity: 1 x block cols for blocks, else per token."""
+    if isinstance(granularity, PerBlock):
+        return PerBlock((1, granularity.block_size[1]))
+    return PerRow()

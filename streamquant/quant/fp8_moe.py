@@ -1,0 +1,55 @@
+"""fp8 MoE experts: w13 and w2 quantized per expert, multiplied with the linear layers' fp8 matmul.
+
+Each expert's slice of w13 [E, 2I/tp, H] and w2 [E, H, I/tp] is an independent weight with its own
+scales (per expert, and per logical shard: gate and up get separate scales, as separate
+`gate_proj` / `up_proj` layers would). Scales: `w13_weight_scale` [E, S13, C13], `w2_weight_scale`
+[E, S2, C2]. Limitation: the experts run one at a time (`fused_experts`), no grouped fp8 GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from streamquant.loading.parameters import ModelWeightParameter
+from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_linear import fp8_matmul
+from streamquant.quant.fp8_weights import Fp8WeightSpec, create_fp8_weight, quantize_layer_weight_, shard_layouts
+from streamquant.quant.granularity import Granularity
+from streamquant.quant.moe import fused_experts
+
+WEIGHTS = ("w13_weight", "w2_weight")
+
+
+class Fp8MoEMethod:
+    """Online fp8 for fused experts; one instance per layer."""
+
+    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None):
+        self.spec = spec
+        self.activation = activation
+        self.error_log = error_log
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp,
+                       weight_loader) -> None:
+        shapes = {
+            "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
+            "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
+        }
+        for name, shape in shapes.items():
+            checkpoint_weight = ModelWeightParameter(
+                data=torch.empty(shape, dtype=params_dtype), output_dim=1, input_dim=2, weight_loader=weight_loader, tp=tp
+            )
+            create_fp8_weight(layer, name, checkpoint_weight, self.spec)
+        self.tp = tp
+        self.layouts = {name: shard_layouts(layer.logical_shards[name], self.spec.granularity) for name in WEIGHTS}
+
+    def process_weights_after_loading(self, layer) -> None:
+        for name in WEIGHTS:
+            quantize_layer_weight_(layer, name, self.spec, self.tp, self.error_log)
+
+    def _expert_linear(self, layer, name: str):
+        codes, scales, layouts = getattr(layer, name), getattr(layer, f"{name}_scale"), self.layouts[name]
+        return lambda rows, e: fp8_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation)
+
+    def apply(self, layer, x, topk_weights, topk_ids):
+        return fused_experts(x, topk_weights, topk_ids, layer.w13_weight.shape[0],
+                             self._expert_linear(layer, "w13_weight"), self._expert_linear(layer, "w2_weight"))

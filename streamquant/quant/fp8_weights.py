@@ -1,0 +1,207 @@
+"""A layer's fp8 weights: the checkpoint-format parameter, and the codes and scales derived from it.
+
+For each quantized parameter `name` of a layer ("weight" for linear layers, "w13_weight" and
+"w2_weight" for MoE experts) the layer holds:
+  - `layer.checkpoint_params[name]`: a parameter in the checkpoint's dtype and the layer's sharded
+    layout, with the layer's `weight_loader`. Loaders write it; it lives on `meta` (no memory)
+    except while its layer is being loaded: the load that materialized it releases it right after
+    `process_weights_after_loading` (`loading.loader.release_checkpoint_params`).
+  - `layer.<name>`: the fp8 codes, same shape; `layer.<name>_scale`: float32 dequantization
+    multipliers [..., S, C], the local tile grids of the layer's logical shards
+    (`layer.logical_shards[name]`, e.g. q, k, v) stacked along rows.
+Codes and scales are created once (on `meta` when the model is built there), get storage the first
+time the layer is quantized, and every later quantization (a reload) writes into the same storage.
+
+Scales are per logical shard: q, k and v (gate and up) of a fused parameter each get the scales
+they would get as separate layers, which is what a checkpoint quantized per projection holds.
+
+Tensor parallelism: tiles belong to the GLOBAL logical weight (`granularity.py`). When a tile can
+straddle ranks (the split dimension's local size is not a multiple of the tile), the ranks
+all-reduce their amax grids with MAX, one collective per layer; then every rank's codes are
+bitwise the TP=1 codes of its shard. A non-finite amax is replaced by +inf before that reduction,
+so every rank sees it and every rank raises (none waits forever in a later collective).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from streamquant.loading.loader import NonFiniteWeightError
+from streamquant.loading.materialize import materialize_
+from streamquant.parallel import TPContext, all_reduce
+from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_math import (
+    Fp8Format,
+    dequantize_window,
+    local_scales,
+    quantize_window_,
+    scale_from_amax,
+    window_amax,
+)
+from streamquant.quant.granularity import Granularity, LogicalShard, Window, tile_shape
+
+
+@dataclass(frozen=True)
+class Fp8WeightSpec:
+    """How weights are quantized: scale granularity, fp8 format, compiled CPU kernel or not."""
+
+    granularity: Granularity
+    fmt: Fp8Format
+    compiled: bool = False
+
+
+class ShardLayout(NamedTuple):
+    """Where a logical shard lives: its window and tile, its rows in the parameter and in the scales."""
+
+    label: str
+    window: Window
+    tile: tuple[int, int]
+    rows: slice
+    scale_rows: slice
+
+
+def shard_layouts(shards: tuple[LogicalShard, ...], granularity: Granularity) -> list[ShardLayout]:
+    """The logical shards stacked along rows, each with its tile and local scale-grid rows."""
+    out, row, scale_row = [], 0, 0
+    for label, window in shards:
+        tile = tile_shape(granularity, window.global_shape)
+        grid_rows, _ = window.local_grid(tile)
+        n = grid_rows.stop - grid_rows.start
+        out.append(ShardLayout(label, window, tile, slice(row, row + window.rows), slice(scale_row, scale_row + n)))
+        row, scale_row = row + window.rows, scale_row + n
+    return out
+
+
+def _grid_cols(layouts: list[ShardLayout]) -> int:
+    cols = {(lay.window.local_grid(lay.tile)[1].stop - lay.window.local_grid(lay.tile)[1].start) for lay in layouts}
+    if len(cols) != 1:
+        raise ValueError(f"logical shards of one parameter must share their column tiles, got {sorted(cols)}")
+    return cols.pop()
+
+
+def create_fp8_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch.nn.Parameter,
+                      spec: Fp8WeightSpec) -> None:
+    """Register `checkpoint_param` as the loaders' target and the fp8 `name` / `name_scale` parameters."""
+    layouts = shard_layouts(layer.logical_shards[name], spec.granularity)
+    if layouts[-1].rows.stop != checkpoint_param.shape[-2]:
+        raise ValueError(f"{name}: logical shards cover {layouts[-1].rows.stop} rows, the parameter has "
+                         f"{checkpoint_param.shape[-2]}")
+    batch = tuple(checkpoint_param.shape[:-2])
+    layer.checkpoint_params = {**(getattr(layer, "checkpoint_params", None) or {}), name: checkpoint_param}
+    codes = torch.empty(checkpoint_param.shape, dtype=spec.fmt.dtype)
+    scales = torch.empty(batch + (layouts[-1].scale_rows.stop, _grid_cols(layouts)), dtype=torch.float32)
+    layer.register_parameter(name, torch.nn.Parameter(codes, requires_grad=False))
+    layer.register_parameter(f"{name}_scale", torch.nn.Parameter(scales, requires_grad=False))
+
+
+def needs_amax_reduce(layouts: list[ShardLayout]) -> bool:
+    """Whether a tile can straddle ranks. The same answer on every rank (it uses sizes only)."""
+    for lay in layouts:
+        w, (tr, tc) = lay.window, lay.tile
+        if (w.rows != w.global_rows and w.rows % tr) or (w.cols != w.global_cols and w.cols % tc):
+            return True
+    return False
+
+
+def _reduce_max_(grids: list[torch.Tensor], tp: TPContext) -> None:
+    flat = torch.cat([g.flatten() for g in grids])
+    all_reduce(flat, tp, dist.ReduceOp.MAX)
+    for g, part in zip(grids, flat.split([g.numel() for g in grids])):
+        g.copy_(part.view_as(g))
+
+
+def _first_non_finite(w: torch.Tensor, row_offset: int) -> tuple[int, ...]:
+    index = [int(i) for i in (~torch.isfinite(w)).nonzero()[0]]
+    index[-2] += row_offset
+    return tuple(index)
+
+
+def _amax_grids(layer, name: str, slot: torch.Tensor, layouts: list[ShardLayout], tp: TPContext) -> list[torch.Tensor]:
+    """Per-shard global amax grids, reduced over ranks where needed; raises on NaN / Inf."""
+    grids = [window_amax(slot[..., lay.rows, :], lay.window, lay.tile) for lay in layouts]
+    local_bad = None
+    for lay, grid in zip(layouts, grids):
+        bad = ~torch.isfinite(grid)
+        if bool(bad.any()):
+            local_bad = local_bad or _first_non_finite(slot[..., lay.rows, :], lay.rows.start)
+            grid[bad] = float("inf")
+    if tp.size > 1 and needs_amax_reduce(layouts):
+        _reduce_max_(grids, tp)
+    where = f"layer {getattr(layer, 'prefix', '')!r}, parameter {name!r}"
+    if local_bad is not None:
+        raise NonFiniteWeightError(f"{where} holds NaN or Inf (element {list(local_bad)}); refusing to quantize it",
+                                   param=name, index=local_bad)
+    if any(not bool(torch.isfinite(g).all()) for g in grids):
+        raise NonFiniteWeightError(f"{where}: another tensor-parallel rank's shard holds NaN or Inf", param=name)
+    return grids
+
+
+@torch.no_grad()
+def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpec, tp: TPContext,
+                           error_log: QuantErrorLog | None = None) -> bool:
+    """Quantize `layer.checkpoint_params[name]` into `layer.<name>` and its scales (in place).
+
+    Returns False (and does nothing) when the checkpoint-format parameter holds no data (`meta`):
+    nothing was loaded, or the load already released it.
+    """
+    slot = layer.checkpoint_params[name]
+    if slot.is_meta:
+        return False
+    codes, scales = getattr(layer, name), getattr(layer, f"{name}_scale")
+    layouts = shard_layouts(layer.logical_shards[name], spec.granularity)
+    grids = _amax_grids(layer, name, slot, layouts, tp)
+    materialize_(codes, slot.device)
+    materialize_(scales, slot.device)
+    # Plain aliases: torch.compile keeps weak references to its inputs, which would pin the
+    # parameter objects (swap_tensors refuses to move a tensor with a weak reference).
+    w, codes, scales = slot.detach(), codes.detach(), scales.detach()
+    for lay, amax in zip(layouts, grids):
+        local = scales[..., lay.scale_rows, :]
+        local.copy_(local_scales(scale_from_amax(amax, spec.fmt), lay.window, lay.tile))
+        quantize_window_(codes[..., lay.rows, :], w[..., lay.rows, :], local, lay.window, lay.tile, spec.compiled,
+                         scales_cover_amax=True)
+    if error_log is not None:
+        _record_error(layer, name, slot, layouts, tp, error_log)
+    return True
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[ShardLayout],
+                      dtype: torch.dtype) -> torch.Tensor:
+    """`codes.float() * scale` for every logical shard, in `dtype` (a new tensor shaped like `codes`)."""
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    for lay in layouts:
+        part = dequantize_window(codes[..., lay.rows, :], scales[..., lay.scale_rows, :], lay.window, lay.tile, dtype)
+        out[..., lay.rows, :] = part
+    return out
+
+
+def row_scales(scales: torch.Tensor, layouts: list[ShardLayout]) -> torch.Tensor:
+    """Per-output-row float32 multipliers [..., rows] for granularities with one tile column
+    (per tensor, per row): a per-tensor shard's scale repeated over its rows."""
+    parts = []
+    for lay in layouts:
+        grid = scales[..., lay.scale_rows, 0]
+        first = lay.window.row0 // lay.tile[0]
+        tile_of_row = torch.arange(lay.window.row0, lay.window.row0 + lay.window.rows, device=scales.device)
+        parts.append(grid[..., tile_of_row // lay.tile[0] - first])
+    return torch.cat(parts, dim=-1)
+
+
+def _record_error(layer, name, slot, layouts, tp: TPContext, error_log: QuantErrorLog) -> None:
+    """Signal and error energy per logical shard (summed over ranks and experts) into `error_log`."""
+    codes, scales = getattr(layer, name), getattr(layer, f"{name}_scale")
+    sums = torch.zeros(2 * len(layouts), dtype=torch.float64, device=slot.device)
+    for i, lay in enumerate(layouts):
+        w = slot[..., lay.rows, :].to(torch.float64)
+        deq = dequantize_window(codes[..., lay.rows, :], scales[..., lay.scale_rows, :], lay.window, lay.tile,
+                                torch.float64)
+        sums[2 * i], sums[2 * i + 1] = w.square().sum(), (w - deq).square().sum()
+    sums = all_reduce(sums, tp).cpu()
+    prefix = getattr(layer, "prefix", "")
+    for i, lay in enumerate(layouts):
+        label = f"{prefix}.{name}" + (f"[{lay.label}]" if lay.label else "")
+        error_log.record(label, float(sums[2 * i]), float(sums[2 * i + 1]))

@@ -1,0 +1,80 @@
+"""fp8 matmul against an independent numpy reference: x and W quantized by `fp8_reference`
+(ml_dtypes), dequantized, multiplied in float64. Both code paths (`torch._scaled_mm` row-wise and
+dequantize-then-matmul) and fused layers whose logical shards have their own scales."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import streamquant.quant.fp8_linear as fp8_linear
+from streamquant.quant.fp8_linear import default_activation, fp8_matmul
+from streamquant.quant.fp8_math import E4M3FN, E4M3FNUZ, quantize_window_, scale_from_amax, window_amax
+from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
+from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
+
+from .fp8_reference import ref_dequantize, ref_quantize, to_f32
+
+SHARD_ROWS = (160, 40, 40)  # q, k, v: the first spans two 128-row blocks, the others are partial blocks
+
+
+def ref_tile(granularity, shape):
+    if isinstance(granularity, PerTensor):
+        return tuple(shape)
+    if isinstance(granularity, PerRow):
+        return (1, shape[1])
+    return granularity.block_size
+
+
+def fused_weight(granularity, fmt, k):
+    """Codes and scales of a fused [sum(SHARD_ROWS), k] weight, quantized shard by shard; and the
+    float64 reference dequantization of each shard, stacked."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(r, k, generator=gen) * (4.0 ** i) for i, r in enumerate(SHARD_ROWS)]
+    shards = tuple(LogicalShard(label, Window(0, 0, r, k)) for label, r in zip("qkv", SHARD_ROWS))
+    layouts = shard_layouts(shards, granularity)
+    codes = torch.empty(sum(SHARD_ROWS), k, dtype=fmt.dtype)
+    scales = torch.empty(layouts[-1].scale_rows.stop, layouts[0].window.local_grid(layouts[0].tile)[1].stop)
+    ref = []
+    for lay, w in zip(layouts, parts):
+        amax = window_amax(w, lay.window, lay.tile)
+        scales[lay.scale_rows] = scale_from_amax(amax, fmt)
+        quantize_window_(codes[lay.rows], w, scales[lay.scale_rows], lay.window, lay.tile)
+        tile = ref_tile(granularity, w.shape)
+        c, s = ref_quantize(to_f32(w), tile, fmt.dtype)
+        ref.append(ref_dequantize(c, s, tile, fmt.dtype, torch.float32).view(np.float32).astype(np.float64))
+    return codes, scales, layouts, np.concatenate(ref)
+
+
+def ref_activation(x, activation, fmt):
+    tile = ref_tile(activation, x.shape)
+    c, s = ref_quantize(to_f32(x), tile, fmt.dtype)
+    return ref_dequantize(c, s, tile, fmt.dtype, torch.float32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("scaled_mm", [True, False], ids=["scaled_mm", "dequantize"])
+@pytest.mark.parametrize("fmt", [E4M3FN, E4M3FNUZ], ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("granularity", [PerTensor(), PerRow(), PerBlock((128, 128))], ids=repr)
+def test_matmul_equals_reference(granularity, fmt, scaled_mm, monkeypatch):
+    if not scaled_mm:
+        monkeypatch.setattr(fp8_linear, "rowwise_scaled_mm_supported", lambda *args: False)
+    k = 200
+    codes, scales, layouts, w_ref = fused_weight(granularity, fmt, k)
+    x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(sum(SHARD_ROWS))
+    activation = default_activation(granularity)
+    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(granularity, fmt), activation, bias)
+    x_ref = ref_activation(x.reshape(-1, k), activation, fmt)
+    expected = (x_ref @ w_ref.T + bias.double().numpy()).reshape(3, 5, -1)
+    assert y.shape == (3, 5, sum(SHARD_ROWS)) and y.dtype == torch.float32
+    np.testing.assert_allclose(y.double().numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("granularity", [PerTensor(), PerRow(), PerBlock((128, 128))], ids=repr)
+def test_weight_only_is_linear_on_dequantized_weight(granularity):
+    codes, scales, layouts, w_ref = fused_weight(granularity, E4M3FN, 64)
+    x = torch.randn(4, 64, dtype=torch.float32)
+    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(granularity, E4M3FN), None)
+    expected = torch.nn.functional.linear(x, torch.from_numpy(w_ref).float())
+    assert torch.equal(y, expected)

@@ -72,6 +72,30 @@ def test_load_writes_json(checkpoint, tmp_path, capsys):
     assert "peak memory" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "fp8-block"])
+def test_load_fp8_reports_quantization(checkpoint, tmp_path, capsys, scheme):
+    out = tmp_path / "load.json"
+    assert cli.main(["load", str(checkpoint), "--quantization", scheme, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["quantization"] == scheme
+    assert 0 < result["fp8_weight_bytes"] < result["model_bytes"]
+    error = result["quantization_error"]
+    assert error["weights"] > 0 and 15 < error["sqnr_db_min"] <= error["sqnr_db_median"]
+    timeline = result["memory_timeline"]
+    assert timeline and all(len(sample) == 2 for sample in timeline)
+    assert max(b for _, b in timeline) <= result["peak_memory_bytes"]
+    text = capsys.readouterr().out
+    assert "weight SQNR dB" in text and "fp8 weight bytes" in text
+
+
+def test_unquantized_load_reports_no_quantization(checkpoint, tmp_path):
+    out = tmp_path / "load.json"
+    assert cli.main(["load", str(checkpoint), "--quantization", "none", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["quantization"] is None and result["fp8_weight_bytes"] == 0
+    assert "quantization_error" not in result
+
+
 def test_generate_matches_transformers(checkpoint, reference, tmp_path):
     out = tmp_path / "gen.json"
     assert cli.main(generate_args(checkpoint, out)) == 0
@@ -98,7 +122,11 @@ def test_demo_runs_without_arguments_beyond_cache(monkeypatch, tmp_path, capsys)
     result = json.loads(out.read_text())
     assert Path(result["checkpoint"]).parent == tmp_path / "cache"
     assert len(result["tokens"]) == cli.DEMO_NEW_TOKENS and result["prompt_ids"] == list(cli.DEMO_PROMPT)
-    assert "generated ids" in capsys.readouterr().out
+    assert result["quantization"] == "fp8"  # the demo's default
+    assert result["naive_equals_streaming"] is True
+    assert result["naive"]["model_bytes"] == result["model_bytes"]
+    text = capsys.readouterr().out
+    assert "generated ids" in text and "naive" in text and "streaming" in text
 
 
 def broken_checkpoint(kind: str, checkpoint: Path, reference: dict, directory: Path) -> Path:

@@ -82,7 +82,7 @@ class StreamingLoadSession(WeightLoadSession):
         """`error` restated with the checkpoint tensor that wrote the non-finite element."""
         param_name = f"{mod_name}.{error.param}" if mod_name else error.param
         coverage = self.coverage.get(param_name)
-        source = coverage.source_at(error.index) if coverage is not None else None
+        source = coverage.source_at(error.index) if coverage is not None and error.index else None
         if source is None:
             return error
         return NonFiniteWeightError(

@@ -1,0 +1,58 @@
+"""fp8 loading on CUDA (gpu-marked: skipped without CUDA; CI has none).
+
+The CUDA load must give bitwise the CPU codes and scales (true-division fp32 kernels, the same
+fp8 rounding), keep device memory near the fp8 model while streaming, and compute logits close to
+the CPU model's (row-wise `_scaled_mm` on sm90+ with bf16, dequantize-then-matmul elsewhere).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamquant.api import load_model
+from streamquant.memory import PeakMemorySampler
+
+from hf_cases import CASES, make_checkpoint
+
+from .fp8_model_helpers import SCHEMES, fp8_state
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_fp8_cuda")
+    return {c.name: make_checkpoint(c, root) for c in CASES if c.name in ("llama", "qwen3moe")}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("name", ["llama", "qwen3moe"])
+def test_cuda_codes_equal_cpu_codes(checkpoints, name, scheme):
+    cpu = fp8_state(load_model(checkpoints[name], quantization=scheme, dtype=torch.bfloat16))
+    cuda = fp8_state(load_model(checkpoints[name], quantization=scheme, dtype=torch.bfloat16, device="cuda"))
+    assert cpu.keys() == cuda.keys()
+    for key in cpu:
+        assert torch.equal(cpu[key], cuda[key].cpu()), key
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cuda_logits_close_to_cpu(checkpoints, scheme):
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    cpu = load_model(checkpoints["llama"], quantization=scheme, dtype=torch.bfloat16)
+    cuda = load_model(checkpoints["llama"], quantization=scheme, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        a, b = cpu(ids), cuda(ids.cuda()).cpu()
+    assert torch.isfinite(b).all()
+    assert ((a - b).norm() / a.norm()).item() < 0.05
+
+
+def test_cuda_streaming_peak_is_near_the_fp8_model(checkpoints):
+    path = checkpoints["llama"]
+    with PeakMemorySampler("cuda") as sampler:
+        model = load_model(path, quantization="fp8", device="cuda")
+    final = model.load_report.model_bytes
+    layer = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
+                for m in model.modules() if getattr(m, "checkpoint_params", None))
+    assert sampler.result.method == "cuda_max_memory_allocated"
+    assert sampler.result.peak_bytes <= final + 2 * layer + (1 << 20)

@@ -124,3 +124,10 @@ def test_load_report_counts_fp8_bytes_and_error(checkpoints):
     unquantized = load_model(checkpoints["llama"])
     assert unquantized.load_report.fp8_weight_bytes == 0 and unquantized.load_report.quantization is None
     assert report.model_bytes < unquantized.load_report.model_bytes
+
+
+def test_tied_lm_head_stays_the_unquantized_embedding(checkpoints):
+    """A tied LM head is the embedding's weight, kept in the model dtype (never a quantized copy)."""
+    model = load_model(checkpoints["qwen2-tied"], quantization="fp8", dtype=torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.dtype == torch.bfloat16 and not hasattr(model.lm_head, "weight_scale")

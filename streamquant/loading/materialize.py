@@ -4,41 +4,61 @@ Streaming loads create checkpoint-format parameters on `meta` (no memory) and gi
 only while their layer is in flight. `torch.utils.swap_tensors` keeps the Python object (so tied
 modules, optimizers and dicts holding it stay valid), its class and its attributes
 (`weight_loader`, `output_dim`, ...); only the storage changes.
-
-A `StagingPool` (one per load) keeps the storage of released parameters and hands it to the next
-parameter of the same shape, dtype and device: layer after layer of a model reuses the same few
-buffers. Their pages are already mapped (no page faults, no allocator churn), and the allocator
-cannot strand freed layers in a fragmented heap, which on glibc raised the resident peak of a
-1 GB load by a quarter. The pool keeps at most `keep` free buffers per key.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 
 class StagingPool:
-    """Free buffers by (shape, dtype, device), reused by `materialize_` and refilled by `release_`."""
+    """Flat byte buffers reused by the checkpoint-format parameters of one load.
 
-    def __init__(self, keep: int = 2):
+    `release_` returns a parameter's storage here and `materialize_` carves the next parameter
+    out of the smallest free buffer that holds it (and is at most `max_waste` times its size), so
+    layer after layer of a model runs on the same buffer: its pages stay mapped (no page faults
+    and zeroing on every layer) and at most `keep` idle buffers are held. Measured on a 1 GB,
+    28-layer bf16 -> fp8 load (CPU): keep=1 peak 1.03-1.04x the final model and 1.35-1.5x the
+    bf16 load time; no pool 1.03x and 1.7-2.1x; one buffer per shape (30 MB idle) 1.09x.
+    """
+
+    def __init__(self, keep: int = 1, max_waste: int = 4):
         self.keep = keep
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.max_waste = max_waste
+        self._free: list[torch.Tensor] = []
 
     def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        free = self._free.get((tuple(shape), dtype, torch.device(device)))
-        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * dtype.itemsize
+        device = torch.device(device)
+        fits = [i for i, b in enumerate(self._free)
+                if b.device == device and nbytes <= b.numel() <= self.max_waste * max(nbytes, 1)]
+        if fits:
+            flat = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        else:
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return flat[:nbytes].view(dtype).view(shape)
 
     def give(self, tensor: torch.Tensor) -> None:
-        free = self._free.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), [])
-        if len(free) < self.keep:
-            free.append(tensor)
+        storage = tensor.untyped_storage()
+        flat = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage, 0, (storage.nbytes(),))
+        self._free.append(flat)
+        if len(self._free) > self.keep:
+            self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes held in free buffers."""
+        return sum(b.numel() for b in self._free)
 
     def clear(self) -> None:
         self._free.clear()
 
 
 def _swap_storage(param: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """Give `param` the storage of `data`; returns a tensor holding `param`'s previous storage."""
+    """Give `param` the storage of `data` (same object, class and attributes); returns a tensor
+    holding the previous storage."""
     replacement = type(param).__new__(type(param), data)
     replacement.requires_grad_(param.requires_grad)
     replacement.__dict__.update(param.__dict__)
@@ -48,7 +68,7 @@ def _swap_storage(param: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 def materialize_(param: torch.Tensor, device: torch.device | str, fill: float | None = None,
                  pool: StagingPool | None = None) -> None:
-    """Give a meta parameter real (uninitialized, or `fill`-ed) storage on `device` (from `pool` if given)."""
+    """Give a meta parameter real (uninitialized, or `fill`-ed) storage on `device`, from `pool` if given."""
     if not param.is_meta:
         return
     if pool is not None:
@@ -61,7 +81,7 @@ def materialize_(param: torch.Tensor, device: torch.device | str, fill: float | 
 
 
 def release_(param: torch.Tensor, pool: StagingPool | None = None) -> None:
-    """Drop a parameter's storage (into `pool` if given): it goes back to `meta`, same shape, dtype, attributes."""
+    """Drop a parameter's storage (into `pool` if given): back to `meta`, same shape, dtype, attributes."""
     if param.is_meta:
         return
     old = _swap_storage(param, torch.empty(param.shape, dtype=param.dtype, device="meta"))

@@ -1,0 +1,298 @@
+"""Peak CPU memory and load time of fp8 quantize-on-load, side by side, on one synthetic checkpoint.
+
+Loads the same synthetic bf16 Llama checkpoint (BENCH_SPEC: 28 layers, ~1 GB; `--spec demo`: 12
+layers, ~400 MB) on CPU as
+  bf16                  streamquant unquantized: the time floor the time ratios divide by;
+  naive:<q>             streamquant `streaming=False`: whole bf16 model first, then quantize;
+  streaming:<q>         streamquant quantize-on-load, eager quantization kernel;
+  shuffled:<q>, by-type:<q>  streaming, fed the checkpoint shuffled / grouped by parameter type across
+                        layers (every layer in flight at once: shows what out-of-order costs);
+  compiled:<q>          the same with `compile=True`; each child first does one warm-up compiled load
+                        with an empty inductor cache (a cold first compile), excluded from the table
+                        and reported as compile_seconds;
+  transformers+torchao  from_pretrained with TorchAoConfig(Float8WeightOnlyConfig()).
+An exception in a load, or a crashed child, is recorded as the row's error instead of stopping the run.
+
+How: every repeat of every configuration runs in a fresh child (`--one NAME`): RSS high-water marks
+and glibc heap state left by one load would contaminate the next. In the child, imports come first,
+then the load runs in `streamquant.memory.PeakMemorySampler("cpu")`: anonymous RSS (RssAnon) above
+entry, sampled every 5 ms (longer when the loader holds the GIL: see mean_interval_ms in the JSON),
+after a `malloc_trim(0)`; file-backed RSS (mmapped checkpoint pages) is reported apart, never added.
+Time is `time.perf_counter()` around the load call. Rows show the max peak and median time over
+`--repeats`. "trimmed MiB" is anonymous RSS above entry after the load and one more `malloc_trim(0)`:
+what the load really keeps; a peak far above it is free memory glibc held (the OS counts it anyway).
+
+Reading the ratios (targets are pass/fail flags; the exit status never depends on them):
+  peak/final  peak anonymous RSS / bytes of the model's parameters and buffers; 1.0: the load never
+              held more than its result. Naive fp8 holds the whole bf16 model: 1.5-1.8 here, not 2,
+              as embeddings and lm_head stay bf16. Target for streaming and compiled rows: <= 1.10.
+  time/bf16   median seconds / median seconds of the bf16 load. Below 1 is possible: the floor
+              writes every byte into fresh memory, fp8 about half as many. Target: <= 1.5. The
+              machine may be shared: the JSON records the load average.
+The streaming:fp8 timeline check gives the largest dip below the running max, overall and up to the
+peak (dips are staging buffers freed: mid-load when the pool lets one go, at the end when it clears).
+transformers+torchao final bytes: the inner `qdata`/`scale` of torchao subclasses (`__tensor_flatten__`),
+not the wrapper's `untyped_storage()` (bf16-sized for Float8Tensor). Its unquantized tensors stay mmap
+views of the checkpoint (file-backed, not anonymous), so its peak/final can fall below 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from unittest import mock
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
+
+import torch  # noqa: E402
+
+from streamquant.api import load_model  # noqa: E402
+from streamquant.checkpoint.reader import checkpoint_bytes, iterate_weights  # noqa: E402
+from streamquant.checkpoint.synthetic import (  # noqa: E402
+    BENCH_SPEC, DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint)
+from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
+
+SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
+ORDERS = ("shuffled", "by-type")  # streaming rows fed the checkpoint out of layer order
+SCHEMES = ("fp8", "fp8-channel", "fp8-block")
+TRANSFORMERS = "transformers+torchao"
+MARKER, MIB = "PEAK_MEMORY_RESULT ", 2**20
+PEAK_TARGET, TIME_TARGET, MONOTONIC_NOISE, TIMELINE_POINTS = 1.10, 1.5, 0.02, 200
+
+
+def git_revision() -> str:
+    """The commit measured (`-dirty`: the working tree differs from it)."""
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True)
+    return git.stdout.strip() or "unknown"
+
+
+def config_names(schemes: list[str]) -> list[str]:
+    """Every configuration, in table order."""
+    kinds = ("naive", "streaming", "compiled", *ORDERS)
+    return ["bf16", *(f"{kind}:{q}" for kind in kinds for q in schemes), TRANSFORMERS]
+
+
+def reordered(kind: str):
+    """`iterate_weights` replacement yielding the checkpoint out of layer order (lazy mmap views)."""
+    def iterate(path):
+        items = list(iterate_weights(path))
+        if kind == "shuffled":
+            random.Random(0).shuffle(items)
+        else:  # grouped by parameter type across layers, as TensorRT-LLM's test sends them
+            items.sort(key=lambda kv: (kv[0].split(".")[-2:], kv[0]))
+        return iter(items)
+    return iterate
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of distinct storages behind parameters and buffers, looking inside tensor subclasses."""
+    seen, total, stack = set(), 0, [*module.parameters(), *module.buffers()]
+    while stack:
+        t = stack.pop()
+        if hasattr(t, "__tensor_flatten__"):  # torchao Float8Tensor: inner qdata and scale
+            names, _ = t.__tensor_flatten__()
+            stack += [getattr(t, n) for n in names]
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def timeline_stats(timeline: tuple[tuple[float, int], ...]) -> dict:
+    """Largest drop below the running max, overall and before the peak, and a thinned timeline.
+
+    Drops are computed on the full timeline; the thinned copy (<= 200 points) keeps the peak. The
+    sampler thread needs the GIL, so its real interval can exceed 5 ms: `mean_interval_ms` says.
+    """
+    peak_at = max(range(len(timeline)), key=lambda i: timeline[i][1], default=0)
+    running, drop, drop_before_peak = 0, 0, 0
+    for i, (_, b) in enumerate(timeline):
+        running = max(running, b)
+        drop = max(drop, running - b)
+        drop_before_peak = drop if i <= peak_at else drop_before_peak
+    step = max(1, -(-len(timeline) // (TIMELINE_POINTS - 1)))
+    keep = sorted(set(range(0, len(timeline), step)) | ({peak_at} if timeline else set()))
+    span = timeline[-1][0] if timeline else 0.0
+    return {"max_drop_mib": drop / MIB, "max_drop_before_peak_mib": drop_before_peak / MIB, "samples": len(timeline),
+            "mean_interval_ms": 1000 * span / max(len(timeline) - 1, 1),
+            "timeline": [(round(timeline[i][0], 4), round(timeline[i][1] / MIB, 2)) for i in keep]}
+
+
+def load_once(name: str, path: Path) -> tuple[torch.nn.Module, float]:
+    """Load with configuration `name`; returns (model, seconds)."""
+    if name == TRANSFORMERS:
+        from torchao.quantization import Float8WeightOnlyConfig
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+
+        config = TorchAoConfig(Float8WeightOnlyConfig())
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
+        return model, time.perf_counter() - start
+    kind, _, scheme = name.partition(":")
+    kwargs = {"compile": True} if kind == "compiled" else {}
+    order = mock.patch("streamquant.api.iterate_weights", reordered(kind)) if kind in ORDERS else nullcontext()
+    with order:
+        start = time.perf_counter()
+        model = load_model(path, quantization=scheme or None, dtype="bfloat16", device="cpu",
+                           streaming=kind != "naive", **kwargs)
+        return model, time.perf_counter() - start
+
+
+def run_one(name: str, path: Path) -> dict:
+    """One measured load in this process (the `--one` child); returns one result row."""
+    if name == TRANSFORMERS:  # imports stay outside the timed, sampled load (streamquant's are at the top)
+        import torchao.quantization  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
+    row: dict = {"name": name}
+    if name.startswith("compiled:"):  # warm-up: the model is dropped at once, its time kept
+        row["compile_seconds"] = load_once(name, path)[1]
+        gc.collect()  # a cycle in the warm-up model must not be freed during the measured load
+    try:
+        with PeakMemorySampler("cpu") as sampler:
+            model, row["load_seconds"] = load_once(name, path)
+    except Exception as exc:  # transformers+torchao may not run here: record it, do not crash
+        return {**row, "error": f"{type(exc).__name__}: {exc}"}
+    peak, report = sampler.result, getattr(model, "load_report", None)
+    trim_heap()  # what stays resident once glibc gives back what it kept: live data, not heap retention
+    row.update(peak_bytes=peak.peak_bytes, file_backed_peak_bytes=peak.file_backed_peak_bytes,
+               anon_after_trim_bytes=read_rss()[0] - peak.baseline_bytes,
+               method=peak.method, model_bytes=report.model_bytes if report else tensor_bytes(model),
+               model_bytes_method="load_report.model_bytes" if report else "inner tensors of subclasses",
+               **timeline_stats(peak.timeline))
+    return row
+
+
+def spawn(name: str, spec: str) -> dict:
+    """Run `--one name` in a fresh interpreter (cold inductor cache) and parse its result line."""
+    with tempfile.TemporaryDirectory(prefix="peak_memory_inductor_") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--spec", spec],
+                              capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if proc.returncode or not lines:
+        return {"name": name, "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    return json.loads(lines[-1][len(MARKER):])
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    """Max peak and median time over the repeats of one configuration."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"name": name, "error": runs[-1]["error"], "repeats": len(runs)}
+    worst = max(ok, key=lambda r: r["peak_bytes"])  # its timeline, model bytes and method are reported
+    row = {**worst, "name": name, "repeats": len(ok),
+           "file_backed_peak_bytes": max(r["file_backed_peak_bytes"] for r in ok),
+           "peak_bytes_all": [r["peak_bytes"] for r in ok],
+           "load_seconds": statistics.median(r["load_seconds"] for r in ok),
+           "load_seconds_all": [r["load_seconds"] for r in ok]}
+    if "compile_seconds" in worst:
+        row["compile_seconds"] = statistics.median(r["compile_seconds"] for r in ok)
+    if len(ok) < len(runs):
+        row["failed_repeats"] = [r["error"] for r in runs if "error" in r]
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """peak/final, time/bf16 and, for streaming rows, the target flags."""
+    floor = rows[0].get("load_seconds")
+    for row in rows:
+        if "error" in row:
+            continue
+        row["peak_ratio"] = row["peak_bytes"] / row["model_bytes"]
+        row["time_ratio"] = row["load_seconds"] / floor if floor else float("nan")  # nan: bf16 failed
+        if row["name"].startswith(("streaming:", "compiled:")):
+            row["targets"] = {f"peak_ratio<={PEAK_TARGET}": row["peak_ratio"] <= PEAK_TARGET,
+                              f"time_ratio<={TIME_TARGET}": row["time_ratio"] <= TIME_TARGET}
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("config", "peak anon MiB", "final MiB", "peak/final", "file peak MiB", "load s", "time/bf16", "trimmed MiB")
+    print("{:<22}{:>14}{:>11}{:>11}{:>15}{:>9}{:>10}{:>13}".format(*head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<22}  FAILED: {r['error'][:300]}")
+            continue
+        extra = f"  (+{r['compile_seconds']:.1f} s warm-up compile, excluded)" if "compile_seconds" in r else ""
+        print(f"{r['name']:<22}{r['peak_bytes'] / MIB:>14.1f}{r['model_bytes'] / MIB:>11.1f}{r['peak_ratio']:>11.2f}"
+              f"{r['file_backed_peak_bytes'] / MIB:>15.1f}{r['load_seconds']:>9.2f}{r['time_ratio']:>10.2f}"
+              f"{r['anon_after_trim_bytes'] / MIB:>13.1f}{extra}")
+
+
+def print_verdicts(rows: list[dict]) -> dict | None:
+    """Target lines for streaming rows and the monotonicity check of streaming:fp8; returns the latter."""
+    for r in rows:
+        for target, ok in r.get("targets", {}).items():
+            print(f"target {r['name']:<22} {target:<18} {'PASS' if ok else 'FAIL'}")
+    row = next((r for r in rows if r["name"] == "streaming:fp8" and "error" not in r), None)
+    if row is None:
+        return None
+    allowed = MONOTONIC_NOISE * row["peak_bytes"] / MIB
+    check = {"max_drop_mib": row["max_drop_mib"], "max_drop_before_peak_mib": row["max_drop_before_peak_mib"],
+             "allowed_drop_mib": allowed, "monotonic": row["max_drop_mib"] <= allowed,
+             "monotonic_until_peak": row["max_drop_before_peak_mib"] <= allowed}
+    verdict = {True: "monotonic", False: "NOT monotonic"}
+    print(f"streaming:fp8 timeline (allowed drop {allowed:.1f} MiB = 2% of peak): max drop below running max "
+          f"{check['max_drop_mib']:.1f} MiB: {verdict[check['monotonic']]}; up to the peak "
+          f"{check['max_drop_before_peak_mib']:.1f} MiB: {verdict[check['monotonic_until_peak']]}")
+    return check
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--spec", choices=sorted(SPECS), default="bench",
+                        help="synthetic checkpoint: bench (28 layers, ~1 GB bf16) or demo (12 layers, ~400 MB)")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh child processes per configuration (default 3)")
+    parser.add_argument("--schemes", default="fp8", help=f"comma-separated subset of {','.join(SCHEMES)} for the "
+                                                         "naive/streaming/compiled rows (default fp8)")
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "peak_memory.json",
+                        help="where to write the results (default benchmarks/results/peak_memory.json)")
+    parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
+                                                      "JSON line (NAME: bf16, naive:fp8, ..., transformers+torchao)")
+    args = parser.parse_args(argv)
+    path = ensure_synthetic_checkpoint(default_cache_dir(), SPECS[args.spec])
+    if args.one:
+        print(MARKER + json.dumps(run_one(args.one, path)), flush=True)
+        return
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if not schemes or set(schemes) - set(SCHEMES) or args.repeats < 1:
+        parser.error(f"--schemes must name some of {','.join(SCHEMES)}; --repeats must be >= 1")
+    machine = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
+               "python": sys.version.split()[0], "loadavg_1m_at_start": os.getloadavg()[0], "git": git_revision()}
+    print(f"streamquant {machine['git']}, checkpoint {path} ({checkpoint_bytes(path) / MIB:.1f} MiB), "
+          f"torch {torch.__version__}, {os.cpu_count()} "
+          f"CPUs, {torch.get_num_threads()} torch threads, load average {machine['loadavg_1m_at_start']:.2f}, "
+          f"{args.repeats} repeat(s)", flush=True)
+    rows = []
+    for name in config_names(schemes):
+        runs = [spawn(name, args.spec) for _ in range(args.repeats)]
+        rows.append(summarize(name, runs))
+        print(f"  measured {name}", flush=True)
+    add_ratios(rows)
+    print_table(rows)
+    monotonic = print_verdicts(rows)
+    rows = [r if r["name"] == "streaming:fp8" else {k: v for k, v in r.items() if k != "timeline"} for r in rows]
+    result = {"spec": args.spec, "checkpoint": str(path), "checkpoint_bytes": checkpoint_bytes(path),
+              "machine": {**machine, "loadavg_1m_at_end": os.getloadavg()[0]},
+              "repeats": args.repeats, "schemes": schemes, "rows": rows, "streaming_fp8_timeline_check": monotonic}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -229,10 +229,10 @@ def _print_summary(result: dict[str, Any]) -> None:
 def _print_comparison(result: dict[str, Any]) -> None:
     naive, final = result["naive"], result["model_bytes"]
     print(f"\n{'fp8 load':<34}{'peak MiB':>10}{'peak / model':>14}{'seconds':>9}")
-    rows = [("naive (all bf16 first, then quantize)", naive), ("streaming (quantize layer by layer)", result)]
+    rows = [("naive: bf16 model, then quantize", naive), ("streaming: quantize per layer", result)]
     for label, row in rows:
         peak = row["peak_memory_bytes"]
-        print(f"{label[:33]:<34}{peak / 2**20:>10.1f}{peak / final:>13.2f}x{row['load_seconds']:>9.2f}")
+        print(f"{label:<34}{peak / 2**20:>10.1f}{peak / final:>13.2f}x{row['load_seconds']:>9.2f}")
     print(f"final fp8 model {final / 2**20:.1f} MiB; naive and streaming models bitwise equal: "
           f"{result['naive_equals_streaming']}")
 

@@ -100,15 +100,20 @@ def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Fp8C
     if quantization is None:
         return None
     options = dict(options)
+    if "block_size" in options and quantization != Fp8Scheme.FP8_BLOCK.value:
+        raise ValueError(f"block_size applies to quantization='fp8-block' only, not {quantization!r}")
     error_log = QuantErrorLog() if options.pop("measure_error", False) else None
     return Fp8Config(Fp8Scheme(quantization), error_log=error_log, **options)
 
 
 def check_ignore_patterns(model: torch.nn.Module, config: Fp8Config | None) -> None:
-    """Raise if an `ignore` pattern matches no quantizable layer (most likely a typo)."""
+    """Raise if an `ignore` pattern matches no layer the quant config decides about (likely a typo).
+
+    Matched against each layer's `prefix`, as `Fp8Config.is_ignored` is (the module's name in the model).
+    """
     if config is None or not config.ignore:
         return
-    names = [n for n, m in model.named_modules() if hasattr(m, "logical_shards")]
+    names = [m.prefix for m in model.modules() if getattr(m, "uses_quant_config", False)]
     for pattern in config.ignore:
         if not any(re.search(pattern, n) for n in names):
             raise ValueError(f"ignore pattern {pattern!r} matches no linear or MoE layer; layer names look like "

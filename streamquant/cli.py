@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
-from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
 from streamquant.checkpoint.reader import CheckpointError
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.generation import generate_with_logits
@@ -28,6 +27,7 @@ from streamquant.launch import LaunchError, init_from_env, launch, shutdown, und
 from streamquant.loading.loader import WeightLoadError
 from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError
+from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
 
 TIMELINE_POINTS = 200  # memory timeline samples kept in the JSON (evenly thinned, the peak always kept)
 # Bad input, reported in one line. ValueError also covers sizes that do not fit (a --tp that does not

@@ -25,8 +25,8 @@ known high points to be sure); RSS is per process, so threads of the same proces
 from __future__ import annotations
 
 import ctypes
-import functools
 import ctypes.util
+import functools
 import threading
 import time
 from dataclasses import dataclass

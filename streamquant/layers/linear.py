@@ -94,6 +94,7 @@ class LinearBase(torch.nn.Module):
         self.tp = tp
         self.prefix = prefix
         self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.uses_quant_config = quant_config is not None  # False: always unquantized (e.g. a router gate)
         self.quant_method: LinearMethod = (
             quant_config.get_linear_method(prefix) if quant_config is not None else UnquantizedLinearMethod()
         )

@@ -155,6 +155,7 @@ class FusedMoE(torch.nn.Module):
         self.prefix = prefix
         self.reduce_results = reduce_results
         self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.uses_quant_config = quant_config is not None
         self.quant_method: MoEMethod = (
             quant_config.get_moe_method(prefix) if quant_config is not None else UnquantizedFusedMoEMethod()
         )

@@ -31,7 +31,7 @@ class StagingPool:
 
     def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
-        device = torch.device(device)
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as buffers report it
         fits = [i for i, b in enumerate(self._free)
                 if b.device == device and nbytes <= b.numel() <= self.max_waste * max(nbytes, 1)]
         if fits:

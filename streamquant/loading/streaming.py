@@ -27,8 +27,8 @@ from streamquant.loading.loader import (
     release_checkpoint_params,
 )
 from streamquant.loading.mapping import WeightMapping
-from streamquant.memory import trim_heap
 from streamquant.loading.materialize import StagingPool, materialize_, release_
+from streamquant.memory import trim_heap
 
 
 # On CPU the glibc heap is trimmed each time checkpoint-format bytes worth 1/TRIM_FRACTION of the
@@ -57,6 +57,9 @@ class StreamingLoadSession(WeightLoadSession):
                 self.members[mod_name] = names
                 for n in names:
                     self.owners.setdefault(n, []).append(mod_name)
+        # checkpoint-format copies (staging, released after processing) come from the pool; permanent
+        # parameters get exactly their own memory
+        self.staged = {id(p) for m in self.modules.values() for p in (getattr(m, "checkpoint_params", None) or {}).values()}
         self.in_flight: set[str] = set()
         self.finished: list[str] = []
         self.pool = StagingPool()
@@ -69,7 +72,8 @@ class StreamingLoadSession(WeightLoadSession):
             if mod_name not in self.in_flight and mod_name not in self.finished:
                 self.in_flight.add(mod_name)
                 for n in self.members[mod_name]:
-                    materialize_(self.params[n], self.device, self.fill, self.pool)
+                    param = self.params[n]
+                    materialize_(param, self.device, self.fill, self.pool if id(param) in self.staged else None)
 
     def after_write(self, param_name: str) -> None:
         for mod_name in self.owners[param_name]:
@@ -123,6 +127,8 @@ def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
     except BaseException:
         session.abort()
         raise
+    for mod_name in sorted(session.in_flight):  # strict=False: never completed, never quantized
+        release_checkpoint_params(session.modules[mod_name])
     session.pool.clear()
     if session.device.type == "cpu":
         trim_heap()

@@ -47,8 +47,8 @@ class OPTDecoderLayer(torch.nn.Module):
         super().__init__()
         d, heads, bias = config.hidden_size, config.num_attention_heads, config.enable_bias
         self.head_dim = d // heads
-        self.qkv_proj = QKVParallelLinear(d, self.head_dim, heads, heads, bias=bias, **build.kw(f"{prefix}.self_attn.qkv_proj"))
-        self.out_proj = RowParallelLinear(d, d, bias=bias, **build.kw(f"{prefix}.self_attn.out_proj"))
+        self.qkv_proj = QKVParallelLinear(d, self.head_dim, heads, heads, bias=bias, **build.kw(f"{prefix}.qkv_proj"))
+        self.out_proj = RowParallelLinear(d, d, bias=bias, **build.kw(f"{prefix}.out_proj"))
         self.num_heads = self.qkv_proj.num_heads
         self.attn = Attention(self.num_heads, self.head_dim, self.num_heads, scale=1.0)
         self.self_attn_layer_norm = _layer_norm(config, d, build)

@@ -18,6 +18,7 @@ class QuantErrorLog:
     """(label, signal energy, noise energy) per logical weight, in the order they were quantized."""
 
     entries: list[tuple[str, float, float]] = field(default_factory=list)
+    seconds: float = 0.0  # time spent measuring (included in the load's time)
 
     def record(self, label: str, signal: float, noise: float) -> None:
         self.entries.append((label, signal, noise))
@@ -26,20 +27,27 @@ class QuantErrorLog:
         return {label: _db(signal, noise) for label, signal, noise in self.entries}
 
     def summary(self, worst: int = 5) -> dict:
-        """JSON-able: count, min / median / mean / max SQNR (dB) and the `worst` lowest labels."""
+        """JSON-able: count, min / median / mean / max SQNR (dB), the `worst` lowest labels and the
+        seconds the measurement took. An exact quantization (zero error, e.g. an all-zero weight)
+        is reported as null, not as infinity (which JSON cannot hold)."""
         values = self.sqnr_db()
         if not values:
-            return {"weights": 0}
+            return {"weights": 0, "measure_seconds": self.seconds}
         finite = [v for v in values.values() if math.isfinite(v)] or [math.inf]
         ranked = sorted(values.items(), key=lambda kv: kv[1])
         return {
             "weights": len(values),
-            "sqnr_db_min": ranked[0][1],
-            "sqnr_db_median": statistics.median(values.values()),
-            "sqnr_db_mean_finite": statistics.fmean(finite),
-            "sqnr_db_max": ranked[-1][1],
-            "worst": [[label, db] for label, db in ranked[:worst]],
+            "sqnr_db_min": _json(ranked[0][1]),
+            "sqnr_db_median": _json(statistics.median(values.values())),
+            "sqnr_db_mean_finite": _json(statistics.fmean(finite)),
+            "sqnr_db_max": _json(ranked[-1][1]),
+            "worst": [[label, _json(db)] for label, db in ranked[:worst]],
+            "measure_seconds": self.seconds,
         }
+
+
+def _json(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _db(signal: float, noise: float) -> float:

@@ -9,6 +9,9 @@ Linear layers and MoE experts are quantized; embeddings, the LM head, norms and 
 (built without a quant config) stay in the model dtype. `ignore` regexes (`re.search` over the
 module name, e.g. "model.layers.0.self_attn.qkv_proj" -- streamquant's fused names) keep matching
 layers unquantized.
+
+The config is a frozen value except for `error_log`, a per-load record the load that made the
+config owns (`api.make_quant_config` makes one config per `load_model` call).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 
 import torch
 
@@ -41,8 +45,9 @@ class ActivationScheme(str, Enum):
     NONE = "none"
 
 
-FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
-              "e4m3fnuz": torch.float8_e4m3fnuz, "float8_e4m3fnuz": torch.float8_e4m3fnuz}
+# Read-only: accepted fp8 format names.
+FP8_DTYPES = MappingProxyType({"e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
+                               "e4m3fnuz": torch.float8_e4m3fnuz, "float8_e4m3fnuz": torch.float8_e4m3fnuz})
 
 
 def _choice(enum: type[Enum], value, what: str):

@@ -31,19 +31,23 @@ from streamquant.quant.fp8_weights import (
     create_fp8_weight,
     dequantize_weight,
     quantize_layer_weight_,
+    require_quantized,
     row_scales,
     shard_layouts,
 )
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
 
 
-def rowwise_scaled_mm_supported(device: torch.device, out_dtype: torch.dtype, k: int, n: int) -> bool:
-    """Whether `torch._scaled_mm` takes row-wise scales for these operands on `device`."""
+def rowwise_scaled_mm_supported(device: torch.device, out_dtype: torch.dtype, k: int, n: int,
+                                fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> bool:
+    """Whether `torch._scaled_mm` takes row-wise scales for these operands on `device`
+    (CPU: any fp8 format and output dtype; NVIDIA CUDA: sm90+, e4m3fn, bf16 output, dims % 16)."""
     if device.type == "cpu":
         return True
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.version.cuda is not None:
         major_minor = torch.cuda.get_device_capability(device)
-        return major_minor >= (9, 0) and out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
+        return (major_minor >= (9, 0) and out_dtype == torch.bfloat16 and fp8_dtype == torch.float8_e4m3fn
+                and k % 16 == 0 and n % 16 == 0)
     return False
 
 
@@ -62,7 +66,7 @@ def fp8_matmul(
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     one_col = isinstance(spec.granularity, (PerTensor, PerRow))
-    if one_col and isinstance(activation, PerRow) and rowwise_scaled_mm_supported(x.device, x.dtype, k, codes.shape[0]):
+    if one_col and isinstance(activation, PerRow) and rowwise_scaled_mm_supported(x.device, x.dtype, k, codes.shape[0], codes.dtype):
         xq, sx = quantize(x2, PerRow(), spec.fmt)
         sw = row_scales(scales, layouts).unsqueeze(0)
         y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=sw, out_dtype=x.dtype)
@@ -103,6 +107,7 @@ class Fp8LinearMethod:
         quantize_layer_weight_(layer, "weight", self.spec, self.tp, self.error_log)
 
     def apply(self, layer, x, bias=None):
+        require_quantized(layer, "weight")
         return fp8_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias)
 
 

@@ -13,7 +13,13 @@ import torch
 from streamquant.loading.parameters import ModelWeightParameter
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_linear import fp8_matmul
-from streamquant.quant.fp8_weights import Fp8WeightSpec, create_fp8_weight, quantize_layer_weight_, shard_layouts
+from streamquant.quant.fp8_weights import (
+    Fp8WeightSpec,
+    create_fp8_weight,
+    quantize_layer_weight_,
+    require_quantized,
+    shard_layouts,
+)
 from streamquant.quant.granularity import Granularity
 from streamquant.quant.moe import fused_experts
 
@@ -51,5 +57,7 @@ class Fp8MoEMethod:
         return lambda rows, e: fp8_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation)
 
     def apply(self, layer, x, topk_weights, topk_ids):
+        for name in WEIGHTS:
+            require_quantized(layer, name)
         return fused_experts(x, topk_weights, topk_ids, layer.w13_weight.shape[0],
                              self._expert_linear(layer, "w13_weight"), self._expert_linear(layer, "w2_weight"))

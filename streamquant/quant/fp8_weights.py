@@ -15,15 +15,17 @@ time the layer is quantized, and every later quantization (a reload) writes into
 Scales are per logical shard: q, k and v (gate and up) of a fused parameter each get the scales
 they would get as separate layers, which is what a checkpoint quantized per projection holds.
 
-Tensor parallelism: tiles belong to the GLOBAL logical weight (`granularity.py`). When a tile can
-straddle ranks (the split dimension's local size is not a multiple of the tile), the ranks
-all-reduce their amax grids with MAX, one collective per layer; then every rank's codes are
-bitwise the TP=1 codes of its shard. A non-finite amax is replaced by +inf before that reduction,
-so every rank sees it and every rank raises (none waits forever in a later collective).
+Tensor parallelism: tiles belong to the GLOBAL logical weight (`granularity.py`). At TP > 1 the
+ranks all-reduce their global amax grids with MAX, one small collective per layer (grids are a
+few KB; a rank's tiles outside its window hold 0), so tiles that straddle ranks get one scale and
+every rank's codes are bitwise the TP=1 codes of its shard. A non-finite amax is replaced by +inf
+before that reduction, so every rank sees it and every rank raises: none waits forever in a later
+collective. The reduction runs even where no tile straddles ranks, for exactly that reason.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -98,15 +100,6 @@ def create_fp8_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch
     layer.register_parameter(f"{name}_scale", torch.nn.Parameter(scales, requires_grad=False))
 
 
-def needs_amax_reduce(layouts: list[ShardLayout]) -> bool:
-    """Whether a tile can straddle ranks. The same answer on every rank (it uses sizes only)."""
-    for lay in layouts:
-        w, (tr, tc) = lay.window, lay.tile
-        if (w.rows != w.global_rows and w.rows % tr) or (w.cols != w.global_cols and w.cols % tc):
-            return True
-    return False
-
-
 def _reduce_max_(grids: list[torch.Tensor], tp: TPContext) -> None:
     flat = torch.cat([g.flatten() for g in grids])
     all_reduce(flat, tp, dist.ReduceOp.MAX)
@@ -129,7 +122,7 @@ def _amax_grids(layer, name: str, slot: torch.Tensor, layouts: list[ShardLayout]
         if bool(bad.any()):
             local_bad = local_bad or _first_non_finite(slot[..., lay.rows, :], lay.rows.start)
             grid[bad] = float("inf")
-    if tp.size > 1 and needs_amax_reduce(layouts):
+    if tp.size > 1:
         _reduce_max_(grids, tp)
     where = f"layer {getattr(layer, 'prefix', '')!r}, parameter {name!r}"
     if local_bad is not None:
@@ -169,6 +162,13 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
     return True
 
 
+def require_quantized(layer: torch.nn.Module, name: str) -> None:
+    """Raise if `layer.<name>` never received fp8 codes (its load was incomplete, e.g. strict=False)."""
+    if getattr(layer, name).is_meta:
+        raise RuntimeError(f"layer {getattr(layer, 'prefix', '')!r} has no fp8 {name!r}: its checkpoint weights were "
+                           "never completely loaded (a strict=False load that missed some of them?)")
+
+
 def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[ShardLayout],
                       dtype: torch.dtype) -> torch.Tensor:
     """`codes.float() * scale` for every logical shard, in `dtype` (a new tensor shaped like `codes`)."""
@@ -191,17 +191,34 @@ def row_scales(scales: torch.Tensor, layouts: list[ShardLayout]) -> torch.Tensor
     return torch.cat(parts, dim=-1)
 
 
+ERROR_CHUNK_ELEMENTS = 1 << 20  # float32 temporaries of the error measurement: a few MB at a time
+
+
+def _shard_energy(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, lay: ShardLayout) -> torch.Tensor:
+    """[sum w^2, sum (w - dequant)^2] of one logical shard in float64, over row chunks."""
+    out = torch.zeros(2, dtype=torch.float64, device=w.device)
+    step = max(1, ERROR_CHUNK_ELEMENTS // max(1, w[..., :1, :].numel()))
+    base = lay.window.local_grid(lay.tile)[0].start
+    for start in range(0, lay.window.rows, step):
+        sub = lay.window.sub(start, min(start + step, lay.window.rows))
+        grid = sub.local_grid(lay.tile)[0]
+        rows = slice(lay.rows.start + start, lay.rows.start + start + sub.rows)
+        part_scales = scales[..., lay.scale_rows.start + grid.start - base : lay.scale_rows.start + grid.stop - base, :]
+        deq = dequantize_window(codes[..., rows, :], part_scales, sub, lay.tile, torch.float32)
+        chunk = w[..., rows, :].float()
+        out[0] += chunk.square().sum(dtype=torch.float64)
+        out[1] += deq.sub_(chunk).square_().sum(dtype=torch.float64)
+    return out
+
+
 def _record_error(layer, name, slot, layouts, tp: TPContext, error_log: QuantErrorLog) -> None:
     """Signal and error energy per logical shard (summed over ranks and experts) into `error_log`."""
+    start = time.perf_counter()
     codes, scales = getattr(layer, name), getattr(layer, f"{name}_scale")
-    sums = torch.zeros(2 * len(layouts), dtype=torch.float64, device=slot.device)
-    for i, lay in enumerate(layouts):
-        w = slot[..., lay.rows, :].to(torch.float64)
-        deq = dequantize_window(codes[..., lay.rows, :], scales[..., lay.scale_rows, :], lay.window, lay.tile,
-                                torch.float64)
-        sums[2 * i], sums[2 * i + 1] = w.square().sum(), (w - deq).square().sum()
+    sums = torch.cat([_shard_energy(slot, codes, scales, lay) for lay in layouts])
     sums = all_reduce(sums, tp).cpu()
     prefix = getattr(layer, "prefix", "")
     for i, lay in enumerate(layouts):
         label = f"{prefix}.{name}" + (f"[{lay.label}]" if lay.label else "")
         error_log.record(label, float(sums[2 * i]), float(sums[2 * i + 1]))
+    error_log.seconds += time.perf_counter() - start

@@ -131,3 +131,23 @@ def test_tied_lm_head_stays_the_unquantized_embedding(checkpoints):
     model = load_model(checkpoints["qwen2-tied"], quantization="fp8", dtype=torch.bfloat16)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight.dtype == torch.bfloat16 and not hasattr(model.lm_head, "weight_scale")
+
+
+def test_ignore_matches_layer_names_in_every_architecture(checkpoints):
+    """Prefixes are the module names (what `ignore` matches); OPT's fused attention included."""
+    for name, path in checkpoints.items():
+        model = load_model(path, quantization="fp8")
+        for mod_name, module in model.named_modules():
+            if hasattr(module, "prefix"):
+                assert module.prefix == mod_name, (name, mod_name, module.prefix)
+    opt = load_model(checkpoints["opt"], quantization="fp8", ignore=[r"layers\.0\.qkv_proj$"])
+    modules = dict(opt.named_modules())
+    assert modules["model.decoder.layers.0.qkv_proj"].weight.dtype == torch.bfloat16
+    assert modules["model.decoder.layers.1.qkv_proj"].weight.dtype == torch.float8_e4m3fn
+
+
+def test_ignore_pattern_for_a_never_quantized_layer_is_an_error(checkpoints):
+    with pytest.raises(ValueError, match="ignore pattern .*gate.* matches no linear or MoE layer"):
+        load_model(checkpoints["qwen2moe"], quantization="fp8", ignore=[r"mlp\.gate$"])
+    with pytest.raises(ValueError, match="block_size applies to quantization='fp8-block' only"):
+        load_model(checkpoints["llama"], quantization="fp8", block_size=(64, 64))

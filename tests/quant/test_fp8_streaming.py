@@ -166,18 +166,22 @@ def _all_ranks(path, scheme):
     return gathered
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel"])
-def test_non_finite_weight_fails_on_every_rank_without_hanging(checkpoints, tmp_path, scheme):
-    """NaN in rank 1's half of a row-parallel weight: both ranks raise (rank 0 learns it from the amax
-    all-reduce), so neither waits in a later collective."""
+@pytest.mark.parametrize(("tensor", "index"), [
+    ("model.layers.0.mlp.down_proj.weight", (2, 90)),  # row parallel: column 90 of 96 is rank 1's half
+    ("model.layers.0.self_attn.q_proj.weight", (40, 3)),  # column parallel: row 40 of 64 is rank 1's half
+])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_non_finite_weight_fails_on_every_rank_without_hanging(checkpoints, tmp_path, scheme, tensor, index):
+    """NaN in rank 1's half: both ranks raise (rank 0 learns it from the amax all-reduce, which runs
+    at TP > 1 even where no scale tile straddles ranks), so neither waits in a later collective."""
 
     def poison(tensors):
-        tensors["model.layers.0.mlp.down_proj.weight"][2, 90] = NAN  # column 90 of 96: rank 1's half
+        tensors[tensor][index] = NAN
 
     path = corrupted_checkpoint(checkpoints["llama"], tmp_path / "bad", poison)
     messages = launch(_all_ranks, 2, path, scheme)
     assert "another tensor-parallel rank's shard holds NaN or Inf" in messages[0]
-    assert "'model.layers.0.mlp.down_proj.weight' holds NaN or Inf" in messages[1]
+    assert f"'{tensor}' holds NaN or Inf" in messages[1]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -212,3 +216,23 @@ def test_failed_fp8_load_releases_layers_in_flight(checkpoints, tmp_path):
         assert all(p.is_meta for p in module.checkpoint_params.values())
     gate_up = dict(model.named_modules())["model.layers.1.mlp.gate_up_proj"]
     assert gate_up.weight.is_meta  # never quantized: no half-written fp8 weight to compute with
+
+
+def test_strict_false_leaves_incomplete_layers_unusable_and_released(checkpoints, tmp_path):
+    def drop(tensors):
+        del tensors["model.layers.1.self_attn.k_proj.weight"]
+
+    path = corrupted_checkpoint(checkpoints["llama-tied-mqa-llama3rope"], tmp_path / "partial", drop)
+    model = load_model(path, quantization="fp8", strict=False)
+    qkv = dict(model.named_modules())["model.layers.1.self_attn.qkv_proj"]
+    assert qkv.weight.is_meta and all(p.is_meta for p in qkv.checkpoint_params.values())
+    with pytest.raises(RuntimeError, match=r"'model.layers.1.self_attn.qkv_proj' has no fp8 'weight'"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_permanent_parameters_never_share_a_staging_buffer(checkpoints):
+    """An unquantized layer loaded after quantized ones gets exactly its own memory, not a pooled buffer."""
+    model = load_model(checkpoints["llama"], quantization="fp8", ignore=[r"layers\.1\.mlp\.down_proj"])
+    for name, param in model.named_parameters():
+        if not param.is_meta:
+            assert param.untyped_storage().nbytes() == param.numel() * param.element_size(), name

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streamquant.loading.parameters import ModelWeightParameter
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_math import dequantize, quantize
 from streamquant.quant.fp8_weights import (
@@ -36,6 +35,7 @@ from streamquant.quant.fp8_weights import (
     shard_layouts,
 )
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
+from streamquant.quant.unquantized import linear_weight
 
 
 def rowwise_scaled_mm_supported(device: torch.device, out_dtype: torch.dtype, k: int, n: int,
@@ -92,13 +92,8 @@ class Fp8LinearMethod:
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, tp, weight_loader) -> None:
-        checkpoint_weight = ModelWeightParameter(
-            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
-            input_dim=1,
-            output_dim=0,
-            weight_loader=weight_loader,
-            tp=tp,
-        )
+        checkpoint_weight = linear_weight(output_partition_sizes, input_size_per_partition, params_dtype, tp,
+                                          weight_loader)
         create_fp8_weight(layer, "weight", checkpoint_weight, self.spec)
         self.tp = tp  # the context the weight is split over (a replicated layer gets a single rank)
         self.layouts = shard_layouts(layer.logical_shards["weight"], self.spec.granularity)

@@ -8,9 +8,6 @@ scales (per expert, and per logical shard: gate and up get separate scales, as s
 
 from __future__ import annotations
 
-import torch
-
-from streamquant.loading.parameters import ModelWeightParameter
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_linear import fp8_matmul
 from streamquant.quant.fp8_weights import (
@@ -21,7 +18,7 @@ from streamquant.quant.fp8_weights import (
     shard_layouts,
 )
 from streamquant.quant.granularity import Granularity
-from streamquant.quant.moe import fused_experts
+from streamquant.quant.moe import expert_weights, fused_experts
 
 WEIGHTS = ("w13_weight", "w2_weight")
 
@@ -36,14 +33,8 @@ class Fp8MoEMethod:
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp,
                        weight_loader) -> None:
-        shapes = {
-            "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
-            "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
-        }
-        for name, shape in shapes.items():
-            checkpoint_weight = ModelWeightParameter(
-                data=torch.empty(shape, dtype=params_dtype), output_dim=1, input_dim=2, weight_loader=weight_loader, tp=tp
-            )
+        params = expert_weights(num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp, weight_loader)
+        for name, checkpoint_weight in params.items():
             create_fp8_weight(layer, name, checkpoint_weight, self.spec)
         self.tp = tp
         self.layouts = {name: shard_layouts(layer.logical_shards[name], self.spec.granularity) for name in WEIGHTS}

@@ -63,6 +63,20 @@ def dense_expert_linears(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, Expe
     return w13.shape[0], lambda rows, e: F.linear(rows, w13[e]), lambda rows, e: F.linear(rows, w2[e])
 
 
+def expert_weights(num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                   tp: TPContext, weight_loader: WeightLoader) -> dict[str, ModelWeightParameter]:
+    """{"w13_weight": [E, 2I/tp, H], "w2_weight": [E, H, I/tp]} in checkpoint layout, for the MoE loader."""
+    shapes = {
+        "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
+        "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
+    }
+    return {
+        name: ModelWeightParameter(data=torch.empty(shape, dtype=params_dtype), output_dim=1, input_dim=2,
+                                   weight_loader=weight_loader, tp=tp)
+        for name, shape in shapes.items()
+    }
+
+
 class UnquantizedFusedMoEMethod:
     """w13 [E, 2I/tp, H] and w2 [E, H, I/tp] in the model dtype; `apply` is `fused_experts`.
 
@@ -83,18 +97,8 @@ class UnquantizedFusedMoEMethod:
         tp: TPContext,
         weight_loader: WeightLoader,
     ) -> None:
-        shapes = {
-            "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
-            "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
-        }
-        for name, shape in shapes.items():
-            param = ModelWeightParameter(
-                data=torch.empty(shape, dtype=params_dtype),
-                output_dim=1,
-                input_dim=2,
-                weight_loader=weight_loader,
-                tp=tp,
-            )
+        params = expert_weights(num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp, weight_loader)
+        for name, param in params.items():
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

@@ -10,6 +10,17 @@ from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
 from streamquant.quant.moe import UnquantizedFusedMoEMethod
 
 
+def linear_weight(output_partition_sizes, input_size_per_partition, params_dtype, tp, weight_loader) -> ModelWeightParameter:
+    """The [out_per_rank, in_per_rank] weight in checkpoint layout that the linear loaders write."""
+    return ModelWeightParameter(
+        data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+        input_dim=1,
+        output_dim=0,
+        weight_loader=weight_loader,
+        tp=tp,
+    )
+
+
 class UnquantizedLinearMethod:
     """Weights stay in `params_dtype`; `apply` is `F.linear`."""
 
@@ -24,13 +35,7 @@ class UnquantizedLinearMethod:
         tp,
         weight_loader,
     ) -> None:
-        weight = ModelWeightParameter(
-            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
-            input_dim=1,
-            output_dim=0,
-            weight_loader=weight_loader,
-            tp=tp,
-        )
+        weight = linear_weight(output_partition_sizes, input_size_per_partition, params_dtype, tp, weight_loader)
         layer.register_parameter("weight", weight)
 
     def process_weights_after_loading(self, layer) -> None:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from streamquant.api import load_model
-from streamquant.parallel import TPContext
 
 from hf_cases import CASE_IDS, CASES, hf_logits, make_checkpoint
 

@@ -15,16 +15,9 @@ from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
 
 from .fp8_reference import ref_dequantize, ref_quantize, to_f32
+from .test_fp8_math import ref_tile
 
 SHARD_ROWS = (160, 40, 40)  # q, k, v: the first spans two 128-row blocks, the others are partial blocks
-
-
-def ref_tile(granularity, shape):
-    if isinstance(granularity, PerTensor):
-        return tuple(shape)
-    if isinstance(granularity, PerRow):
-        return (1, shape[1])
-    return granularity.block_size
 
 
 def fused_weight(granularity, fmt, k):

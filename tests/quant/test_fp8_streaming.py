@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import LaunchError, launch
+from streamquant.launch import launch
 from streamquant.loading.loader import NonFiniteWeightError
 from streamquant.loading.materialize import materialize_
 from streamquant.loading.streaming import stream_weights

@@ -1,7 +1,9 @@
 """streamquant: load Hugging Face checkpoints into tensor-parallel PyTorch models (vLLM vocabulary).
 
 Public API (see README.md):
-    load_model(path, *, quantization=None, dtype=torch.bfloat16, device="cpu", tp=None, strict=True)
+    load_model(path, *, quantization=None, dtype=torch.bfloat16, device="cpu", tp=None, strict=True,
+               streaming=True, **fp8_options)
+    reload_weights(model, weights, *, strict=True, atomic=False)
     generate(model, input_ids, max_new_tokens)
     PeakMemorySampler(device)
     (and `streamquant.launch.launch(fn, tp_size, *args, device="cpu")`: the module of that name
@@ -28,6 +30,8 @@ _EXPORTS = MappingProxyType(
         "PeakMemorySampler": "streamquant.memory",
         "MemoryPeak": "streamquant.memory",
         "TPContext": "streamquant.parallel",
+        "reload_weights": "streamquant.reload",
+        "ModelNotReadyError": "streamquant.models.base",
     }
 )
 

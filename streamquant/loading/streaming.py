@@ -61,6 +61,7 @@ class StreamingLoadSession(WeightLoadSession):
         # parameters get exactly their own memory
         self.staged = {id(p) for m in self.modules.values() for p in (getattr(m, "checkpoint_params", None) or {}).values()}
         self.in_flight: set[str] = set()
+        self.materialized: set[str] = set()  # parameters this session gave storage (they were on meta)
         self.finished: list[str] = []
         self.pool = StagingPool()
         self.since_trim = 0  # checkpoint-format bytes released since the heap was last trimmed
@@ -73,6 +74,8 @@ class StreamingLoadSession(WeightLoadSession):
                 self.in_flight.add(mod_name)
                 for n in self.members[mod_name]:
                     param = self.params[n]
+                    if param.is_meta:
+                        self.materialized.add(n)
                     materialize_(param, self.device, self.fill, self.pool if id(param) in self.staged else None)
 
     def after_write(self, param_name: str) -> None:
@@ -109,10 +112,12 @@ class StreamingLoadSession(WeightLoadSession):
             f"{param_name!r}); refusing to quantize {mod_name!r}", param=error.param, index=error.index)
 
     def abort(self) -> None:
-        """Release every module still in flight (after a failure)."""
+        """Release what this session materialized for the modules still in flight (after a failure);
+        parameters that already had storage (a live model being reloaded) keep it."""
         for mod_name in sorted(self.in_flight):
             for n in self.members[mod_name]:
-                release_(self.params[n])
+                if n in self.materialized:
+                    release_(self.params[n])
         self.in_flight.clear()
         self.pool.clear()
 

@@ -39,6 +39,10 @@ def stacked_rules(prefix: str = "") -> tuple[MappingRule, ...]:
     )
 
 
+class ModelNotReadyError(RuntimeError):
+    """The model's weights are not a consistent set (a reload failed part-way); reload to fix."""
+
+
 class CausalLM(torch.nn.Module):
     """Base of every model: `forward(input_ids) -> float32 logits`, `load_weights`, `new_kv_cache`."""
 
@@ -50,6 +54,8 @@ class CausalLM(torch.nn.Module):
         self.config = hf_config
         self.tp = tp
         self.params_dtype = params_dtype
+        self.weights_version = 0  # incremented by every successful `reload_weights`
+        self.not_ready_reason: str | None = None  # set by a failed non-atomic reload; forward refuses
 
     def compute_logits(self, input_ids, positions, kv_cache, start_pos) -> torch.Tensor:
         raise NotImplementedError
@@ -61,6 +67,8 @@ class CausalLM(torch.nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
+        if self.not_ready_reason is not None:
+            raise ModelNotReadyError(self.not_ready_reason)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         if positions is None:

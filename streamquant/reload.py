@@ -1,0 +1,110 @@
+"""`reload_weights`: new checkpoint-format weights into a loaded model, in place (the RL refit path).
+
+A reload is the cold load's own `StreamingLoadSession` run on the live model: every fp8 layer gets
+its checkpoint-format copy back from the staging pool at its first tensor, the same weight loaders
+write it, and at its last element it is quantized INTO the codes and scales the model already
+holds (their storage and `data_ptr` never change, so captured CUDA graphs stay valid); unquantized
+parameters are written in place by their loaders (vocab pads zeroed again). Buffers are not
+touched. So a complete reload is bitwise a cold load of the same weights, by construction, in any
+arrival order.
+
+Fails closed. With `strict=True`, an unknown name, a wrong shape, a duplicate, NaN / Inf in any
+incoming tensor, a source that raises, or a source that ends before every weight arrived raises.
+Then, with `atomic=True` (one extra copy of the inference weights, taken before reading) the model
+is restored exactly as before; with `atomic=False` the model is marked not ready and `forward`
+raises `ModelNotReadyError` until a reload completes. `strict=False` allows a partial update on
+purpose: only the layers whose weights arrived completely change (an incomplete fp8 layer keeps
+its codes; an incomplete unquantized layer keeps what arrived).
+
+Limitations of this version: `checkpoint_format=False` (copying tensors already in the model's
+processed format) is not implemented; staging is not yet bounded by a budget (out-of-order sources
+keep every partially arrived layer staged); all tensor-parallel ranks must see the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
+from streamquant.loading.loader import NonFiniteWeightError, loadable_parameters, release_checkpoint_params
+from streamquant.loading.streaming import StreamingLoadSession
+
+WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
+
+
+def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
+    """A checkpoint directory or hub id is read again from disk on every call (never cached)."""
+    if isinstance(weights, (str, Path)):
+        return iterate_weights(resolve_checkpoint(weights))
+    return weights
+
+
+def _checked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeightError(f"checkpoint tensor {name!r} holds NaN or Inf; refusing to reload it")
+        seen.append(name)
+        yield name, tensor
+
+
+def inference_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a reload writes, by name: loadable parameters with storage, and fp8 codes and scales."""
+    out = {n: p for n, p in loadable_parameters(model).items() if not p.is_meta}
+    for mod_name, module in model.named_modules():
+        for name in getattr(module, "checkpoint_params", None) or {}:
+            for derived in (name, f"{name}_scale"):
+                out[f"{mod_name}.{derived}"] = getattr(module, derived)
+    return out
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(t.device for t in model.parameters() if not t.is_meta)
+
+
+def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
+                   strict: bool = True, atomic: bool = False) -> set[str]:
+    """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
+
+    `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
+    naming and layout (full, unsharded tensors: each rank takes its shard). Increments
+    `model.weights_version` on success.
+    """
+    if not checkpoint_format:
+        raise NotImplementedError("reload_weights(checkpoint_format=False) is not implemented yet")
+    snapshot = {n: t.detach().clone() for n, t in inference_tensors(model).items()} if atomic else None
+    session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict)
+    seen: list[str] = []
+    try:
+        with torch.no_grad():
+            session.load_all(_checked(_tensors(weights), seen))
+        session.check_complete()
+    except BaseException as exc:
+        session.abort()
+        _fail(model, snapshot, seen, exc)
+        raise
+    for mod_name in sorted(session.in_flight):  # strict=False: incomplete layers keep their weights
+        release_checkpoint_params(session.modules[mod_name])
+    session.pool.clear()
+    model.weights_version += 1
+    model.not_ready_reason = None
+    return session.loaded
+
+
+def _fail(model: torch.nn.Module, snapshot: dict[str, torch.Tensor] | None, seen: list[str],
+          exc: BaseException) -> None:
+    """Restore the snapshot (atomic) or, if anything was written, mark the model not ready."""
+    if snapshot is not None:
+        live = inference_tensors(model)
+        with torch.no_grad():
+            for name, saved in snapshot.items():
+                live[name].copy_(saved)
+        return
+    if seen:
+        model.not_ready_reason = (
+            f"a reload failed after {len(seen)} checkpoint tensor(s) (first {seen[0]!r}) were written: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; the weights are a mix of "
+            "old and new; run a complete reload_weights"
+        )

@@ -1,0 +1,188 @@
+"""reload_weights: in place, equal to a cold load, any order, fails closed.
+
+A (the checkpoint) and B (every tensor moved as by an optimizer step) share a config. For every
+scheme, dense and MoE: load A, reload B from disk => every parameter and buffer bitwise equal to a
+cold load of B, same logits, every tensor at the same address; reload A from an iterable in
+shuffled order => bitwise the cold load of A again.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import weakref
+
+import pytest
+import safetensors.torch
+import torch
+
+from streamquant.api import load_model
+from streamquant.checkpoint.reader import iterate_weights
+from streamquant.launch import launch
+from streamquant.loading.loader import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
+from streamquant.models.base import ModelNotReadyError
+from streamquant.parallel import TPContext
+from streamquant.reload import reload_weights
+
+from hf_cases import CASES, make_checkpoint
+
+SCHEMES = (None, "fp8", "fp8-channel", "fp8-block")
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+
+
+def write_variant(src, out, edit=None, seed=1):
+    """A copy of checkpoint `src` with every float tensor moved by 1% noise (an optimizer step), then `edit`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for extra in src.iterdir():
+        if extra.suffix == ".json" and not extra.name.endswith(".index.json"):
+            (out / extra.name).write_text(extra.read_text())
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {n: (t + 0.01 * t.std() * torch.randn(t.shape, generator=gen)).to(t.dtype) for n, t in iterate_weights(src)}
+    if edit is not None:
+        edit(tensors)
+    safetensors.torch.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reload")
+    out = {}
+    for case in CASES:
+        if case.name in ("llama-tied-mqa-llama3rope", "qwen2moe"):
+            a = make_checkpoint(case, root)
+            out[case.name] = (a, write_variant(a, root / f"{case.name}-B"))
+    return out
+
+
+def state(model):
+    return {n: t.detach().clone() for n, t in [*model.state_dict().items()]}
+
+
+def addresses(model):
+    return {n: t.data_ptr() for n, t in model.state_dict().items()}
+
+
+def assert_bitwise_equal(got, want):
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("name", ["llama-tied-mqa-llama3rope", "qwen2moe"])
+def test_reload_equals_cold_load_in_place(pairs, name, scheme):
+    a, b = pairs[name]
+    cold_a, cold_b = load_model(a, quantization=scheme), load_model(b, quantization=scheme)
+    model = load_model(a, quantization=scheme)
+    before = addresses(model)
+    loaded = reload_weights(model, b)
+    assert loaded == {n for n, _ in iterate_weights(b)} - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    assert model.weights_version == 1
+    assert_bitwise_equal(state(model), state(cold_b))
+    assert addresses(model) == before
+    assert torch.equal(model(IDS), cold_b(IDS))
+    items = list(iterate_weights(a))
+    random.Random(0).shuffle(items)
+    reload_weights(model, items)
+    assert model.weights_version == 2
+    assert_bitwise_equal(state(model), state(cold_a))
+    assert addresses(model) == before
+    assert torch.equal(model(IDS), cold_a(IDS))
+
+
+def _tp_reload(a, b, scheme):
+    tp = TPContext.from_process_group()
+    model = load_model(a, quantization=scheme, dtype=torch.float32, tp=tp)
+    before = addresses(model)
+    reload_weights(model, b)
+    cold = load_model(b, quantization=scheme, dtype=torch.float32, tp=tp)
+    same = all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(state(model).values(), state(cold).values()))
+    return same, addresses(model) == before, torch.equal(model(IDS), cold(IDS))
+
+
+@pytest.mark.parametrize("scheme", [None, "fp8", "fp8-block"])
+def test_reload_equals_cold_load_at_tp2(pairs, scheme):
+    a, b = pairs["qwen2moe"]
+    assert launch(_tp_reload, 2, a, b, scheme) == (True, True, True)
+
+
+def missing(tensors):
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+
+
+def poisoned(tensors):
+    tensors["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize(("edit", "error"), [(missing, MissingWeightsError), (poisoned, NonFiniteWeightError)])
+@pytest.mark.parametrize("scheme", [None, "fp8-block"])
+def test_failed_reload_fails_closed(pairs, tmp_path, scheme, edit, error):
+    a, b = pairs["llama-tied-mqa-llama3rope"]
+    bad = write_variant(a, tmp_path / "bad", edit, seed=2)
+    cold_a, cold_b = load_model(a, quantization=scheme), load_model(b, quantization=scheme)
+
+    atomic = load_model(a, quantization=scheme)
+    with pytest.raises(error):
+        reload_weights(atomic, bad, atomic=True)
+    assert_bitwise_equal(state(atomic), state(cold_a))  # exactly as before
+    assert atomic.weights_version == 0 and torch.equal(atomic(IDS), cold_a(IDS))
+
+    model = load_model(a, quantization=scheme)
+    with pytest.raises(error):
+        reload_weights(model, bad)
+    with pytest.raises(ModelNotReadyError, match="reload failed"):
+        model(IDS)
+    reload_weights(model, b)  # a complete reload makes it usable again, equal to a cold load
+    assert_bitwise_equal(state(model), state(cold_b))
+    assert torch.equal(model(IDS), cold_b(IDS))
+
+
+def test_source_raising_midway_and_unknown_names_fail_closed(pairs):
+    a, b = pairs["qwen2moe"]
+    model = load_model(a, quantization="fp8")
+
+    def broken():
+        for i, item in enumerate(iterate_weights(b)):
+            if i == 20:
+                raise ConnectionError("trainer went away")
+            yield item
+
+    with pytest.raises(ConnectionError):
+        reload_weights(model, broken())
+    with pytest.raises(ModelNotReadyError, match="trainer went away"):
+        model(IDS)
+    with pytest.raises(UnexpectedWeightError, match="no.such"):
+        reload_weights(model, [("model.no.such.weight", torch.zeros(2))])
+    reload_weights(model, b)
+    assert torch.equal(model(IDS), load_model(b, quantization="fp8")(IDS))
+    staged = [p for m in model.modules() for p in (getattr(m, "checkpoint_params", None) or {}).values()]
+    assert staged and all(p.is_meta for p in staged)  # no staging left behind
+
+
+def test_partial_update_with_strict_false_changes_only_complete_layers(pairs):
+    a, b = pairs["llama-tied-mqa-llama3rope"]
+    model = load_model(a, quantization="fp8")
+    cold_a, cold_b = state(load_model(a, quantization="fp8")), state(load_model(b, quantization="fp8"))
+    # down_proj complete (weight and bias), qkv_proj not (q only)
+    names = {"model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.bias",
+             "model.layers.1.self_attn.q_proj.weight"}
+    reload_weights(model, [(n, t) for n, t in iterate_weights(b) if n in names], strict=False)
+    got = state(model)
+    assert torch.equal(got["model.layers.0.mlp.down_proj.weight"].view(torch.uint8),
+                       cold_b["model.layers.0.mlp.down_proj.weight"].view(torch.uint8))
+    # q alone does not complete qkv_proj: it keeps A's codes
+    assert torch.equal(got["model.layers.1.self_attn.qkv_proj.weight"].view(torch.uint8),
+                       cold_a["model.layers.1.self_attn.qkv_proj.weight"].view(torch.uint8))
+    assert model.weights_version == 1
+
+
+def test_reloaded_model_is_garbage_collected(pairs):
+    a, b = pairs["qwen2moe"]
+    model = load_model(a, quantization="fp8-channel")
+    reload_weights(model, b)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -16,9 +16,13 @@ raises `ModelNotReadyError` until a reload completes. `strict=False` allows a pa
 purpose: only the layers whose weights arrived completely change (an incomplete fp8 layer keeps
 its codes; an incomplete unquantized layer keeps what arrived).
 
-Limitations of this version: `checkpoint_format=False` (copying tensors already in the model's
-processed format) is not implemented; staging is not yet bounded by a budget (out-of-order sources
-keep every partially arrived layer staged); all tensor-parallel ranks must see the same order.
+`checkpoint_format=False` takes tensors already in the model's own format -- this rank's shards,
+processed (fp8 codes and scales), named as `inference_tensors(model)` names them (a tied weight by
+its first name) -- and copies each into place after checking its shape, dtype and finiteness; the
+same strictness and failure handling apply.
+
+Limitations of this version: staging is not yet bounded by a budget (out-of-order sources keep
+every partially arrived layer staged); all tensor-parallel ranks must see the same order.
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ from pathlib import Path
 import torch
 
 from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
-from streamquant.loading.loader import NonFiniteWeightError, loadable_parameters, release_checkpoint_params
+from streamquant.loading.loader import (
+    DuplicateWeightError,
+    MissingWeightsError,
+    NonFiniteWeightError,
+    UnexpectedWeightError,
+    WeightLoadError,
+    loadable_parameters,
+    release_checkpoint_params,
+)
 from streamquant.loading.streaming import StreamingLoadSession
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
@@ -44,7 +56,8 @@ def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
 
 def _checked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in weights:
-        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        values = tensor.float() if tensor.dtype.itemsize == 1 and tensor.is_floating_point() else tensor  # fp8 codes
+        if values.is_floating_point() and values.numel() and not bool(torch.isfinite(values).all()):
             raise NonFiniteWeightError(f"checkpoint tensor {name!r} holds NaN or Inf; refusing to reload it")
         seen.append(name)
         yield name, tensor
@@ -72,25 +85,57 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     naming and layout (full, unsharded tensors: each rank takes its shard). Increments
     `model.weights_version` on success.
     """
-    if not checkpoint_format:
-        raise NotImplementedError("reload_weights(checkpoint_format=False) is not implemented yet")
     snapshot = {n: t.detach().clone() for n, t in inference_tensors(model).items()} if atomic else None
-    session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict)
     seen: list[str] = []
-    try:
-        with torch.no_grad():
-            session.load_all(_checked(_tensors(weights), seen))
-        session.check_complete()
-    except BaseException as exc:
-        session.abort()
-        _fail(model, snapshot, seen, exc)
-        raise
-    for mod_name in sorted(session.in_flight):  # strict=False: incomplete layers keep their weights
-        release_checkpoint_params(session.modules[mod_name])
-    session.pool.clear()
+    if checkpoint_format:
+        session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict)
+        try:
+            with torch.no_grad():
+                session.load_all(_checked(_tensors(weights), seen))
+            session.check_complete()
+        except BaseException as exc:
+            session.abort()
+            _fail(model, snapshot, seen, exc)
+            raise
+        for mod_name in sorted(session.in_flight):  # strict=False: incomplete layers keep their weights
+            release_checkpoint_params(session.modules[mod_name])
+        session.pool.clear()
+        loaded = session.loaded
+    else:
+        try:
+            loaded = _copy_processed(model, _checked(_tensors(weights), seen), strict)
+        except BaseException as exc:
+            _fail(model, snapshot, seen, exc)
+            raise
     model.weights_version += 1
     model.not_ready_reason = None
-    return session.loaded
+    return loaded
+
+
+def _copy_processed(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], strict: bool) -> set[str]:
+    """checkpoint_format=False: copy tensors in the model's own format into place, checked exactly."""
+    targets = inference_tensors(model)
+    done: set[str] = set()
+    for name, tensor in weights:
+        target = targets.get(name)
+        if target is None:
+            if strict:
+                raise UnexpectedWeightError(f"{name!r} is not one of the model's tensors (checkpoint_format=False "
+                                            f"takes names like {next(iter(targets))!r})")
+            continue
+        if name in done:
+            raise DuplicateWeightError(f"{name!r} arrived twice")
+        if tensor.shape != target.shape or tensor.dtype != target.dtype:
+            raise WeightLoadError(f"{name!r}: expected {target.dtype} {list(target.shape)} (this rank's processed "
+                                  f"tensor), received {tensor.dtype} {list(tensor.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+        done.add(name)
+    absent = sorted(set(targets) - done)
+    if strict and absent:
+        raise MissingWeightsError(f"{len(absent)} tensor(s) never arrived: {', '.join(absent[:8])}"
+                                  + (" ..." if len(absent) > 8 else ""))
+    return done
 
 
 def _fail(model: torch.nn.Module, snapshot: dict[str, torch.Tensor] | None, seen: list[str],

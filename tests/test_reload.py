@@ -22,7 +22,7 @@ from streamquant.launch import launch
 from streamquant.loading.loader import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
 from streamquant.models.base import ModelNotReadyError
 from streamquant.parallel import TPContext
-from streamquant.reload import reload_weights
+from streamquant.reload import inference_tensors, reload_weights
 
 from hf_cases import CASES, make_checkpoint
 
@@ -186,3 +186,24 @@ def test_reloaded_model_is_garbage_collected(pairs):
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("scheme", [None, "fp8-block"])
+def test_processed_format_copies_in_place(pairs, scheme):
+    """checkpoint_format=False: the model's own (processed) tensors, copied directly."""
+    a, b = pairs["qwen2moe"]
+    model = load_model(a, quantization=scheme)
+    cold_b = load_model(b, quantization=scheme)
+    before = addresses(model)
+    processed = [(n, t.clone()) for n, t in inference_tensors(cold_b).items()]
+    random.Random(1).shuffle(processed)
+    reload_weights(model, processed, checkpoint_format=False)
+    assert_bitwise_equal(state(model), state(cold_b))
+    assert addresses(model) == before and torch.equal(model(IDS), cold_b(IDS))
+    name, tensor = processed[0]
+    with pytest.raises(Exception, match="expected"):
+        reload_weights(model, [(name, tensor.double())], checkpoint_format=False, atomic=True)
+    with pytest.raises(MissingWeightsError, match="never arrived"):
+        reload_weights(model, processed[1:], checkpoint_format=False)
+    with pytest.raises(ModelNotReadyError):
+        model(IDS)

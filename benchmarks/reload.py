@@ -1,0 +1,276 @@
+"""Time and peak CPU memory of `reload_weights` (the RL refit path) beside a cold load and a memcpy floor.
+
+Checkpoint A is the synthetic bf16 Llama (BENCH_SPEC: 28 layers, ~1 GB; `--spec demo`: 12 layers,
+~400 MB). Checkpoint B has A's config, sharding and tensor names, every tensor A's plus seeded noise,
+w + 0.01 * max(std(w), |mean(w)|) * randn, same dtype (the |mean| term makes the RMSNorm weights, all
+near 1.0 where a bf16 ulp is 2^-7, change too); it is written once under
+default_cache_dir()/reload-bench-B-<spec> and reused. Rows, for each scheme q of `--schemes` (fp8,
+fp8-channel, fp8-block; none = unquantized bf16):
+  floor              the pure memcpy cost, one row for all schemes: load_model(A) unquantized (not
+                     measured), then `param.copy_(src)` for every parameter of the model from a pre-made
+                     list of same-shaped random bf16 tensors (not measured): every bf16 weight written in
+                     place, nothing else (no name mapping, no NaN check, no fusing, no quantization);
+  cold:q             load_model(A, quantization=q) from disk;
+  reload-disk:q      reload_weights(model, B_dir) on a model cold-loaded from A (that load is not
+                     measured); B is mmapped from its files again (page cache warm: written or read before);
+  reload-memory:q    reload_weights(model, state_dict.items()), state_dict = {name: tensor.clone()} of B
+                     in checkpoint naming, built before the measurement (RL trainers hold weights in memory);
+  reload-shuffled:q  the same items in a seeded random order (many layers in flight, staged, at once);
+  reload-atomic:q    reload-memory with atomic=True (a snapshot of the inference weights is taken first).
+Correctness, outside the timed region: after each reload-memory measurement the child cold-loads B
+with the same scheme and compares `model.state_dict()` bitwise (keys, dtypes, shapes, bytes):
+`equals_cold`. Every reload child also records whether each tensor the reload writes kept its
+data_ptr (`addresses_unchanged`).
+
+How (as benchmarks/peak_memory.py): every repeat of every row runs in a fresh child (`--one NAME`);
+imports and unmeasured setup come first, then the measured call runs in PeakMemorySampler("cpu"):
+anonymous RSS (RssAnon) above entry, sampled every 5 ms after a malloc_trim(0); file-backed RSS
+(mmapped checkpoint pages) is reported apart, never added. Time is time.perf_counter() around the
+call. Rows show the median time and the max peak over `--repeats`. "kept MiB" is RssAnon above entry
+after the call and one more malloc_trim(0): what the call leaves allocated (cold: the model; a reload
+or the floor: should be ~0). An exception or a crashed child is recorded as the row's error.
+
+Reading the ratios (no targets; the exit status never depends on them):
+  time/cold   seconds / the cold load's seconds for the same scheme. A refit should beat a fresh load
+              (< 1): a cold load also builds, allocates and page-faults the model; a reload only writes.
+  time/floor  seconds / the floor's seconds. A reload also maps names, checks every incoming tensor for
+              NaN/Inf, stages fused layers (qkv, gate_up) in checkpoint format and, for fp8, computes
+              amax and quantizes; 1.0 is out of reach, the ratio says what that machinery costs.
+  peak anon   for a reload: staging and temporaries only (the model and the source exist before
+              entry); reload-atomic adds its snapshot (about the model's bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
+
+import safetensors  # noqa: E402
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
+
+from streamquant.api import load_model  # noqa: E402
+from streamquant.checkpoint.reader import SAFETENSORS_INDEX, checkpoint_bytes, iterate_weights  # noqa: E402
+from streamquant.checkpoint.synthetic import (  # noqa: E402
+    BENCH_SPEC, DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint)
+from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
+from streamquant.reload import inference_tensors, reload_weights  # noqa: E402
+
+SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
+SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
+KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-atomic")
+MARKER, MIB, B_MARKER = "RELOAD_RESULT ", 2**20, "reload-bench-B.json"
+
+
+def git_revision() -> str:
+    """The commit measured (`-dirty`: the working tree differs from it)."""
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True)
+    return git.stdout.strip() or "unknown"
+
+
+def ensure_checkpoint_b(a: Path, spec: str) -> tuple[Path, dict]:
+    """Checkpoint B (see the module doc), written shard by shard into a sibling renamed at the end."""
+    target = default_cache_dir() / f"reload-bench-B-{spec}"
+    try:
+        marker = json.loads((target / B_MARKER).read_text())
+        if marker["source"] == a.name:
+            return target, marker
+    except (OSError, ValueError, KeyError):
+        pass
+    shutil.rmtree(target, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    generator, changed, total = torch.Generator().manual_seed(1), 0, 0
+    for file in sorted(a.glob("*.json")):  # config.json, generation_config.json (not A's own marker)
+        if file.name != "streamquant-synthetic.json" and not file.name.endswith(".index.json"):
+            shutil.copy(file, staging / file.name)
+    shutil.copy(a / SAFETENSORS_INDEX, staging / SAFETENSORS_INDEX)  # same names, shards and sizes as A
+    for shard in sorted(set(json.loads((a / SAFETENSORS_INDEX).read_text())["weight_map"].values())):
+        tensors = {}
+        with safetensors.safe_open(a / shard, framework="pt") as handle:
+            for name in sorted(handle.keys()):
+                w = handle.get_tensor(name)
+                x = w.float()
+                scale = 0.01 * max(x.std().item() if x.numel() > 1 else 0.0, x.mean().abs().item())
+                tensors[name] = (x + scale * torch.randn(x.shape, generator=generator)).to(w.dtype)
+                changed, total = changed + (not torch.equal(tensors[name], w)), total + 1
+        safetensors.torch.save_file(tensors, staging / shard, metadata={"format": "pt"})
+        del tensors  # one shard at a time
+    marker = {"source": a.name, "tensors": total, "tensors_differing_from_a": changed}
+    (staging / B_MARKER).write_text(json.dumps(marker))
+    os.rename(staging, target)
+    return target, marker
+
+
+def measured(fn) -> tuple[dict, object]:
+    """Run fn() in the sampler; returns (seconds, peaks, kept bytes) and fn's result (kept alive)."""
+    gc.collect()  # cycles of the setup must not be freed inside the measurement
+    with PeakMemorySampler("cpu") as sampler:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    peak = sampler.result
+    trim_heap()
+    return {"seconds": seconds, "peak_bytes": peak.peak_bytes, "file_backed_peak_bytes": peak.file_backed_peak_bytes,
+            "kept_bytes": read_rss()[0] - peak.baseline_bytes}, out
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return (x.dtype == y.dtype and x.shape == y.shape
+            and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
+
+
+def compare(model: torch.nn.Module, reference: torch.nn.Module) -> dict:
+    """Bitwise comparison of two state dicts."""
+    got, want = model.state_dict(), reference.state_dict()
+    bad = sorted(n for n in got.keys() | want.keys() if n not in got or n not in want or not same_bits(got[n], want[n]))
+    return {"equals_cold": not bad, "mismatched_count": len(bad), "mismatched": bad[:10]}
+
+
+def run_one(name: str, a: Path, b: Path) -> dict:
+    """One measured configuration in this process (the `--one` child); returns one result row."""
+    kind, _, scheme = name.partition(":")
+    q = None if scheme in ("", "none") else scheme
+    row: dict = {"name": name}
+    try:
+        if kind == "cold":
+            result, model = measured(lambda: load_model(a, quantization=q))
+            return {**row, **result, "model_bytes": model.load_report.model_bytes}
+        model = load_model(a, quantization=q)
+        row["model_bytes"] = model.load_report.model_bytes
+        if kind == "floor":
+            params = [p for p in model.parameters() if not p.is_meta]
+            sources = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+
+            def copy_all() -> None:
+                with torch.no_grad():
+                    for p, s in zip(params, sources):
+                        p.copy_(s)
+            return {**row, **measured(copy_all)[0], "source_bytes": sum(s.nbytes for s in sources)}
+        source = b
+        if kind != "reload-disk":
+            state_dict = {n: t.clone() for n, t in iterate_weights(b)}
+            row["source_bytes"] = sum(t.nbytes for t in state_dict.values())
+            source = state_dict.items()
+            if kind == "reload-shuffled":
+                source = list(source)
+                random.Random(0).shuffle(source)
+        before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
+        result, loaded = measured(lambda: reload_weights(model, source, atomic=kind == "reload-atomic"))
+        after = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
+        row.update(result, tensors_loaded=len(loaded), weights_version=model.weights_version,
+                   addresses_unchanged=before == after)
+        if kind == "reload-memory":
+            row.update(compare(model, load_model(b, quantization=q)))
+    except Exception as exc:  # recorded as the row's error; the run goes on
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def spawn(name: str, spec: str) -> dict:
+    """Run `--one name` in a fresh interpreter and parse its result line."""
+    proc = subprocess.run([sys.executable, __file__, "--one", name, "--spec", spec],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if proc.returncode or not lines:
+        return {"name": name, "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    return json.loads(lines[-1][len(MARKER):])
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    """Median time, max peaks over the repeats; equals_cold / addresses_unchanged must hold in all."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"name": name, "error": runs[-1]["error"], "repeats": len(runs)}
+    row = {**max(ok, key=lambda r: r["peak_bytes"]), "name": name, "repeats": len(ok),
+           "seconds": statistics.median(r["seconds"] for r in ok), "seconds_all": [r["seconds"] for r in ok],
+           "peak_bytes_all": [r["peak_bytes"] for r in ok],
+           **{k: max(r[k] for r in ok) for k in ("file_backed_peak_bytes", "kept_bytes")}}
+    for flag in ("equals_cold", "addresses_unchanged"):
+        if flag in row:
+            row[flag] = all(r[flag] for r in ok)
+    if len(ok) < len(runs):
+        row["failed_repeats"] = [r["error"] for r in runs if "error" in r]
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    ok = {r["name"]: r for r in rows if "error" not in r}
+    floor = ok.get("floor", {}).get("seconds")
+    for row in ok.values():
+        cold = ok.get("cold:" + row["name"].partition(":")[2], {}).get("seconds")
+        row["time_over_cold"] = row["seconds"] / cold if cold and row["name"] != "floor" else None
+        row["time_over_floor"] = row["seconds"] / floor if floor else None
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("config", "seconds", "peak anon MiB", "file peak MiB", "kept MiB", "time/cold", "time/floor", "equals cold")
+    print("{:<26}{:>9}{:>15}{:>15}{:>10}{:>11}{:>12}{:>13}".format(*head))
+    ratio = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<26}  FAILED: {r['error'][:300]}")
+            continue
+        equal = {True: "yes", False: "NO"}.get(r.get("equals_cold"), "-")
+        moved = "" if r.get("addresses_unchanged", True) else "  (data_ptr changed)"
+        print(f"{r['name']:<26}{r['seconds']:>9.3f}{r['peak_bytes'] / MIB:>15.1f}"
+              f"{r['file_backed_peak_bytes'] / MIB:>15.1f}{r['kept_bytes'] / MIB:>10.1f}"
+              f"{ratio(r['time_over_cold']):>11}{ratio(r['time_over_floor']):>12}{equal:>13}{moved}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--spec", choices=sorted(SPECS), default="bench",
+                        help="synthetic checkpoint: bench (28 layers, ~1 GB bf16) or demo (12 layers, ~400 MB)")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh child processes per configuration (default 3)")
+    parser.add_argument("--schemes", default="fp8",
+                        help=f"comma-separated subset of {','.join(SCHEMES)} (none: unquantized bf16; default fp8)")
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "reload.json",
+                        help="where to write the results (default benchmarks/results/reload.json)")
+    parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
+                                                      "JSON line (NAME: floor, cold:fp8, reload-memory:none, ...)")
+    args = parser.parse_args(argv)
+    a = ensure_synthetic_checkpoint(default_cache_dir(), SPECS[args.spec])
+    b, b_marker = ensure_checkpoint_b(a, args.spec)
+    if args.one:
+        print(MARKER + json.dumps(run_one(args.one, a, b)), flush=True)
+        return
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if not schemes or set(schemes) - set(SCHEMES) or args.repeats < 1:
+        parser.error(f"--schemes must name some of {','.join(SCHEMES)}; --repeats must be >= 1")
+    machine = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
+               "python": sys.version.split()[0], "loadavg_1m_at_start": os.getloadavg()[0], "git": git_revision()}
+    print(f"streamquant {machine['git']}, A {a} ({checkpoint_bytes(a) / MIB:.1f} MiB), B {b} "
+          f"({b_marker['tensors_differing_from_a']}/{b_marker['tensors']} tensors differ from A), torch "
+          f"{torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
+          f"{machine['loadavg_1m_at_start']:.2f}, {args.repeats} repeat(s)", flush=True)
+    rows = []
+    for name in ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]:
+        rows.append(summarize(name, [spawn(name, args.spec) for _ in range(args.repeats)]))
+        print(f"  measured {name}", flush=True)
+    add_ratios(rows)
+    print_table(rows)
+    result = {"spec": args.spec, "checkpoint_a": str(a), "checkpoint_b": str(b), "checkpoint_b_info": b_marker,
+              "checkpoint_bytes": checkpoint_bytes(a), "machine": {**machine, "loadavg_1m_at_end": os.getloadavg()[0]},
+              "repeats": args.repeats, "schemes": schemes, "rows": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -176,6 +176,7 @@ def load_model(
     tp: TPContext | None = None,
     strict: bool = True,
     streaming: bool = True,
+    staging_budget: int | None = None,
     **options: Any,
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
@@ -184,7 +185,9 @@ def load_model(
     `make_quant_config`. `tp` defaults to the initialized process group (or a single rank).
     `strict=False` tolerates checkpoint tensors without a parameter and parameters left unwritten.
     `streaming=False` is the naive baseline kept for comparisons: the whole high-precision model
-    is loaded first, then every layer is quantized; the resulting model is bitwise the same. The returned model is in
+    is loaded first, then every layer is quantized; the resulting model is bitwise the same.
+    `staging_budget` (bytes) bounds the high-precision staging of layers in flight when the
+    checkpoint arrives out of layer order (see `loading/streaming.py`); None: unbounded. The returned model is in
     eval mode and carries `model.load_report` (a `LoadReport`).
     """
     start = time.perf_counter()
@@ -200,7 +203,8 @@ def load_model(
         model = model_class(hf_config, tp=tp, quant_config=quant_config, params_dtype=params_dtype)
     check_ignore_patterns(model, quant_config)
     if streaming:
-        stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict)
+        stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict,
+                       staging_budget=staging_budget)
     else:
         _load_naive(model, checkpoint, device)
     _move_buffers_(model, torch.device(device))

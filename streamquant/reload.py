@@ -21,8 +21,8 @@ processed (fp8 codes and scales), named as `inference_tensors(model)` names them
 its first name) -- and copies each into place after checking its shape, dtype and finiteness; the
 same strictness and failure handling apply.
 
-Limitations of this version: staging is not yet bounded by a budget (out-of-order sources keep
-every partially arrived layer staged); all tensor-parallel ranks must see the same order.
+Limitations: all tensor-parallel ranks must see the same order; a tensor deferred by the staging
+budget is a reference to the caller's tensor, which must not change until the reload returns.
 """
 
 from __future__ import annotations
@@ -78,17 +78,20 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
-                   strict: bool = True, atomic: bool = False) -> set[str]:
+                   strict: bool = True, atomic: bool = False, staging_budget: int | None = None) -> set[str]:
     """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
 
     `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
-    naming and layout (full, unsharded tensors: each rank takes its shard). Increments
+    naming and layout (full, unsharded tensors: each rank takes its shard). `staging_budget`
+    (bytes) bounds the high-precision staging when tensors arrive out of layer order: later
+    layers' tensors are held as references until budget frees. Increments
     `model.weights_version` on success.
     """
     snapshot = {n: t.detach().clone() for n, t in inference_tensors(model).items()} if atomic else None
     seen: list[str] = []
     if checkpoint_format:
-        session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict)
+        session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
+                                       staging_budget=staging_budget)
         try:
             with torch.no_grad():
                 session.load_all(_checked(_tensors(weights), seen))

@@ -10,7 +10,13 @@ heap is trimmed every ~3% of the model released (`TRIM_FRACTION`), and once at t
 complete together.
 
 On failure (an exception, or a strict check at the end) every module still in flight is released,
-so a failed load gives its memory back. Known limitation: all tensor-parallel ranks must see the
+so a failed load gives its memory back.
+
+`staging_budget` (bytes, optional) bounds the checkpoint-format staging of the layers in flight:
+a tensor that would start another layer while the budget is spent is deferred -- kept as a
+reference (a zero-copy view when it came from an mmapped file), never copied -- and retried when
+a layer finishes; deferred tensors left at the end are loaded grouped by layer, so each layer
+completes at once. Out-of-order sources then cost references, not staged layers. Known limitation: all tensor-parallel ranks must see the
 checkpoint in the same order, because finishing a layer may run a collective (amax reduction).
 """
 
@@ -21,6 +27,7 @@ from collections.abc import Iterable
 import torch
 
 from streamquant.loading.loader import (
+    DuplicateWeightError,
     NonFiniteWeightError,
     WeightLoadSession,
     module_loadables,
@@ -43,8 +50,13 @@ class StreamingLoadSession(WeightLoadSession):
     """`WeightLoadSession` that materializes modules at first write and finishes them at last write."""
 
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, device: torch.device | str,
-                 strict: bool = True, fill: float | None = None):
+                 strict: bool = True, fill: float | None = None, staging_budget: int | None = None):
         super().__init__(model, mapping, strict=strict)
+        self.staging_budget = staging_budget
+        self.staged_bytes = 0  # checkpoint-format bytes of the modules in flight
+        self.peak_staged_bytes = 0
+        self.pending: list[tuple[str, torch.Tensor]] = []  # deferred by the budget: references, not copies
+        self.draining = False
         self.device = torch.device(device)
         self.fill = fill
         name_of = {id(p): n for n, p in self.params.items()}
@@ -77,6 +89,8 @@ class StreamingLoadSession(WeightLoadSession):
                     if param.is_meta:
                         self.materialized.add(n)
                     materialize_(param, self.device, self.fill, self.pool if id(param) in self.staged else None)
+                self.staged_bytes += self._staging_bytes(mod_name)
+                self.peak_staged_bytes = max(self.peak_staged_bytes, self.staged_bytes)
 
     def after_write(self, param_name: str) -> None:
         for mod_name in self.owners[param_name]:
@@ -94,11 +108,13 @@ class StreamingLoadSession(WeightLoadSession):
             self.since_trim += sum(p.numel() * p.element_size()
                                    for p in (getattr(self.modules[mod_name], "checkpoint_params", None) or {}).values())
             release_checkpoint_params(self.modules[mod_name], self.pool)
+            self.staged_bytes -= self._staging_bytes(mod_name)
             if self.device.type == "cpu" and self.since_trim >= self.trim_every:
                 trim_heap()
                 self.since_trim = 0
         self.in_flight.discard(mod_name)
         self.finished.append(mod_name)
+        self._drain()
 
     def name_source(self, mod_name: str, error: NonFiniteWeightError) -> NonFiniteWeightError:
         """`error` restated with the checkpoint tensor that wrote the non-finite element."""
@@ -111,6 +127,46 @@ class StreamingLoadSession(WeightLoadSession):
             f"checkpoint tensor {source!r} holds NaN or Inf (element {list(error.index)} of parameter "
             f"{param_name!r}); refusing to quantize {mod_name!r}", param=error.param, index=error.index)
 
+    def _staging_bytes(self, mod_name: str) -> int:
+        return sum(self.params[n].numel() * self.params[n].element_size()
+                   for n in self.members[mod_name] if id(self.params[n]) in self.staged)
+
+    def _new_staging_bytes(self, name: str) -> int:
+        """Staging bytes that loading checkpoint tensor `name` would newly give memory (0: its modules are in flight)."""
+        if self.mapping.should_skip(name):
+            return 0
+        owners = self.owners.get(self.mapping.map(name)[0], ())
+        return sum(self._staging_bytes(m) for m in owners if m not in self.in_flight and m not in self.finished)
+
+    def load(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Load, or defer (keeping a reference) while the staging budget is spent by other layers in flight."""
+        if self.staging_budget is not None and not self.draining and self.staged_bytes:
+            need = self._new_staging_bytes(name)
+            if need and self.staged_bytes + need > self.staging_budget:
+                if name in self.loaded or any(name == n for n, _ in self.pending):
+                    raise DuplicateWeightError(f"checkpoint tensor {name!r} arrived twice")
+                self.pending.append((name, tensor))
+                return None
+        return super().load(name, tensor)
+
+    def _owner_of(self, name: str) -> str:
+        return self.owners.get(self.mapping.map(name)[0], [""])[0]
+
+    def _drain(self) -> None:
+        """Retry deferred tensors (after a layer finished and freed budget)."""
+        items, self.pending = self.pending, []
+        for name, tensor in items:
+            self.load(name, tensor)
+
+    def load_all(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load everything; deferred tensors go last, grouped by layer so each completes at once."""
+        super().load_all(weights)
+        self.draining = True
+        items, self.pending = sorted(self.pending, key=lambda item: self._owner_of(item[0])), []
+        for name, tensor in items:
+            super().load(name, tensor)
+        return self.loaded
+
     def abort(self) -> None:
         """Release what this session materialized for the modules still in flight (after a failure);
         parameters that already had storage (a live model being reloaded) keep it."""
@@ -119,13 +175,16 @@ class StreamingLoadSession(WeightLoadSession):
                 if n in self.materialized:
                     release_(self.params[n])
         self.in_flight.clear()
+        self.pending.clear()
         self.pool.clear()
 
 
 def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *,
-                   device: torch.device | str, strict: bool = True, fill: float | None = None) -> StreamingLoadSession:
+                   device: torch.device | str, strict: bool = True, fill: float | None = None,
+                   staging_budget: int | None = None) -> StreamingLoadSession:
     """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers)."""
-    session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill)
+    session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
+                                   staging_budget=staging_budget)
     try:
         session.load_all(weights)
         session.check_complete()

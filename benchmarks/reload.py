@@ -1,26 +1,22 @@
 """Time and peak CPU memory of `reload_weights` (the RL refit path) beside a cold load and a memcpy floor.
 
-Checkpoint A is the synthetic bf16 Llama (BENCH_SPEC: 28 layers, ~1 GB; `--spec demo`: 12 layers,
-~400 MB). Checkpoint B has A's config, sharding and tensor names, every tensor A's plus seeded noise,
-w + 0.01 * max(std(w), |mean(w)|) * randn, same dtype (the |mean| term makes the RMSNorm weights, all
-near 1.0 where a bf16 ulp is 2^-7, change too); it is written once under
-default_cache_dir()/reload-bench-B-<spec> and reused. Rows, for each scheme q of `--schemes` (fp8,
-fp8-channel, fp8-block; none = unquantized bf16):
-  floor              the pure memcpy cost, one row for all schemes: load_model(A) unquantized (not
-                     measured), then `param.copy_(src)` for every parameter of the model from a pre-made
-                     list of same-shaped random bf16 tensors (not measured): every bf16 weight written in
-                     place, nothing else (no name mapping, no NaN check, no fusing, no quantization);
+A is the synthetic bf16 Llama (BENCH_SPEC: 28 layers, ~1 GB; `--spec demo`: 12 layers, ~400 MB). B has
+A's config, shards and names, each tensor A's plus seeded noise w + 0.01 * max(std(w), |mean(w)|) * randn
+(the |mean| term changes the RMSNorm weights too: near 1.0 a bf16 ulp is 2^-7), written once under
+default_cache_dir()/reload-bench-B-<spec>. Rows, per scheme q of `--schemes` (none: unquantized bf16):
+  floor              pure memcpy, one row for all schemes: on load_model(A) unquantized (not measured),
+                     `param.copy_(src)` for every parameter from a pre-made list of same-shaped random
+                     bf16 tensors: every bf16 weight written in place, nothing else (no mapping or checks);
   cold:q             load_model(A, quantization=q) from disk;
-  reload-disk:q      reload_weights(model, B_dir) on a model cold-loaded from A (that load is not
-                     measured); B is mmapped from its files again (page cache warm: written or read before);
+  reload-disk:q      reload_weights(model, B_dir) on a model cold-loaded from A (not measured); B is
+                     mmapped from its files again (page cache warm: written or read before);
   reload-memory:q    reload_weights(model, state_dict.items()), state_dict = {name: tensor.clone()} of B
                      in checkpoint naming, built before the measurement (RL trainers hold weights in memory);
   reload-shuffled:q  the same items in a seeded random order (many layers in flight, staged, at once);
   reload-atomic:q    reload-memory with atomic=True (a snapshot of the inference weights is taken first).
 Correctness, outside the timed region: after each reload-memory measurement the child cold-loads B
-with the same scheme and compares `model.state_dict()` bitwise (keys, dtypes, shapes, bytes):
-`equals_cold`. Every reload child also records whether each tensor the reload writes kept its
-data_ptr (`addresses_unchanged`).
+with the same scheme and compares `model.state_dict()` bitwise: `equals_cold`. Reload children also
+record whether every tensor a reload writes kept its data_ptr (`addresses_unchanged`).
 
 How (as benchmarks/peak_memory.py): every repeat of every row runs in a fresh child (`--one NAME`);
 imports and unmeasured setup come first, then the measured call runs in PeakMemorySampler("cpu"):
@@ -28,7 +24,8 @@ anonymous RSS (RssAnon) above entry, sampled every 5 ms after a malloc_trim(0); 
 (mmapped checkpoint pages) is reported apart, never added. Time is time.perf_counter() around the
 call. Rows show the median time and the max peak over `--repeats`. "kept MiB" is RssAnon above entry
 after the call and one more malloc_trim(0): what the call leaves allocated (cold: the model; a reload
-or the floor: should be ~0). An exception or a crashed child is recorded as the row's error.
+or the floor: should be ~0). An exception or a crashed child is recorded as the row's error. The
+machine may be shared: each child records the 1-minute load average at its start (`loadavg_1m_all`).
 
 Reading the ratios (no targets; the exit status never depends on them):
   time/cold   seconds / the cold load's seconds for the same scheme. A refit should beat a fresh load
@@ -93,10 +90,9 @@ def ensure_checkpoint_b(a: Path, spec: str) -> tuple[Path, dict]:
     shutil.rmtree(target, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     generator, changed, total = torch.Generator().manual_seed(1), 0, 0
-    for file in sorted(a.glob("*.json")):  # config.json, generation_config.json (not A's own marker)
-        if file.name != "streamquant-synthetic.json" and not file.name.endswith(".index.json"):
+    for file in sorted(a.glob("*.json")):  # config.json, generation_config.json; the index: same shards as A
+        if file.name != "streamquant-synthetic.json":  # not A's marker
             shutil.copy(file, staging / file.name)
-    shutil.copy(a / SAFETENSORS_INDEX, staging / SAFETENSORS_INDEX)  # same names, shards and sizes as A
     for shard in sorted(set(json.loads((a / SAFETENSORS_INDEX).read_text())["weight_map"].values())):
         tensors = {}
         with safetensors.safe_open(a / shard, framework="pt") as handle:
@@ -127,15 +123,12 @@ def measured(fn) -> tuple[dict, object]:
             "kept_bytes": read_rss()[0] - peak.baseline_bytes}, out
 
 
-def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return (x.dtype == y.dtype and x.shape == y.shape
-            and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
-
-
 def compare(model: torch.nn.Module, reference: torch.nn.Module) -> dict:
-    """Bitwise comparison of two state dicts."""
+    """Bitwise comparison of two state dicts: names, dtypes, shapes and bytes."""
     got, want = model.state_dict(), reference.state_dict()
-    bad = sorted(n for n in got.keys() | want.keys() if n not in got or n not in want or not same_bits(got[n], want[n]))
+    same = lambda x, y: (x.dtype == y.dtype and x.shape == y.shape  # noqa: E731
+                         and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)))
+    bad = sorted(n for n in got.keys() | want.keys() if n not in got or n not in want or not same(got[n], want[n]))
     return {"equals_cold": not bad, "mismatched_count": len(bad), "mismatched": bad[:10]}
 
 
@@ -143,7 +136,7 @@ def run_one(name: str, a: Path, b: Path) -> dict:
     """One measured configuration in this process (the `--one` child); returns one result row."""
     kind, _, scheme = name.partition(":")
     q = None if scheme in ("", "none") else scheme
-    row: dict = {"name": name}
+    row: dict = {"name": name, "loadavg_1m": os.getloadavg()[0]}
     try:
         if kind == "cold":
             result, model = measured(lambda: load_model(a, quantization=q))
@@ -153,12 +146,9 @@ def run_one(name: str, a: Path, b: Path) -> dict:
         if kind == "floor":
             params = [p for p in model.parameters() if not p.is_meta]
             sources = [torch.randn(p.shape, dtype=p.dtype) for p in params]
-
-            def copy_all() -> None:
-                with torch.no_grad():
-                    for p, s in zip(params, sources):
-                        p.copy_(s)
-            return {**row, **measured(copy_all)[0], "source_bytes": sum(s.nbytes for s in sources)}
+            with torch.no_grad():
+                result, _ = measured(lambda: [p.copy_(s) for p, s in zip(params, sources)])
+            return {**row, **result, "source_bytes": sum(s.nbytes for s in sources)}
         source = b
         if kind != "reload-disk":
             state_dict = {n: t.clone() for n, t in iterate_weights(b)}
@@ -196,7 +186,7 @@ def summarize(name: str, runs: list[dict]) -> dict:
         return {"name": name, "error": runs[-1]["error"], "repeats": len(runs)}
     row = {**max(ok, key=lambda r: r["peak_bytes"]), "name": name, "repeats": len(ok),
            "seconds": statistics.median(r["seconds"] for r in ok), "seconds_all": [r["seconds"] for r in ok],
-           "peak_bytes_all": [r["peak_bytes"] for r in ok],
+           "peak_bytes_all": [r["peak_bytes"] for r in ok], "loadavg_1m_all": [r["loadavg_1m"] for r in ok],
            **{k: max(r[k] for r in ok) for k in ("file_backed_peak_bytes", "kept_bytes")}}
     for flag in ("equals_cold", "addresses_unchanged"):
         if flag in row:
@@ -217,15 +207,15 @@ def add_ratios(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     head = ("config", "seconds", "peak anon MiB", "file peak MiB", "kept MiB", "time/cold", "time/floor", "equals cold")
-    print("{:<26}{:>9}{:>15}{:>15}{:>10}{:>11}{:>12}{:>13}".format(*head))
+    print("{:<28}{:>9}{:>15}{:>15}{:>10}{:>11}{:>12}{:>13}".format(*head))
     ratio = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
     for r in rows:
         if "error" in r:
-            print(f"{r['name']:<26}  FAILED: {r['error'][:300]}")
+            print(f"{r['name']:<28}  FAILED: {r['error'][:300]}")
             continue
         equal = {True: "yes", False: "NO"}.get(r.get("equals_cold"), "-")
         moved = "" if r.get("addresses_unchanged", True) else "  (data_ptr changed)"
-        print(f"{r['name']:<26}{r['seconds']:>9.3f}{r['peak_bytes'] / MIB:>15.1f}"
+        print(f"{r['name']:<28}{r['seconds']:>9.3f}{r['peak_bytes'] / MIB:>15.1f}"
               f"{r['file_backed_peak_bytes'] / MIB:>15.1f}{r['kept_bytes'] / MIB:>10.1f}"
               f"{ratio(r['time_over_cold']):>11}{ratio(r['time_over_floor']):>12}{equal:>13}{moved}")
 

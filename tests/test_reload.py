@@ -23,7 +23,7 @@ from streamquant.loading.loader import MissingWeightsError, NonFiniteWeightError
 from streamquant.models.base import ModelNotReadyError
 from streamquant.loading.streaming import StreamingLoadSession
 from streamquant.parallel import TPContext
-from streamquant.reload import inference_tensors, reload_weights
+from streamquant.reload import _finite, inference_tensors, reload_weights
 
 from hf_cases import CASES, make_checkpoint
 
@@ -239,3 +239,12 @@ def test_staging_budget_bounds_out_of_order_staging(pairs, order):
         unbounded = seen["session"].peak_staged_bytes
     assert_bitwise_equal(state(model), cold_b)
     assert bounded <= 2 * largest < unbounded
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finiteness_check_catches_every_non_finite_value(dtype, bad):
+    t = torch.randn(64, 33).to(dtype)
+    assert _finite(t) and _finite(torch.empty(0, dtype=dtype)) and _finite(torch.arange(5))
+    t[17, 5] = bad  # e4m3fn has no Inf: the cast stores NaN
+    assert not _finite(t)

@@ -44,7 +44,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
+
+from common import git_revision, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import torch  # noqa: E402
 
@@ -69,12 +70,6 @@ SCHEMES = ("fp8", "fp8-channel", "fp8-block")
 TRANSFORMERS = "transformers+torchao"
 MARKER, MIB = "PEAK_MEMORY_RESULT ", 2**20
 PEAK_TARGET, TIME_TARGET, MONOTONIC_NOISE, TIMELINE_POINTS = 1.10, 1.5, 0.02, 200
-
-
-def git_revision() -> str:
-    """The commit measured (`-dirty`: the working tree differs from it)."""
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return git.stdout.strip() or "unknown"
 
 
 def config_names(schemes: list[str]) -> list[str]:
@@ -175,16 +170,10 @@ def run_one(name: str, path: Path) -> dict:
     return row
 
 
-def spawn(name: str, spec: str) -> dict:
-    """Run `--one name` in a fresh interpreter (cold inductor cache) and parse its result line."""
+def spawn_one(name: str, spec: str) -> dict:
+    """Run `--one name` in a fresh interpreter with a cold inductor cache."""
     with tempfile.TemporaryDirectory(prefix="peak_memory_inductor_") as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--spec", spec],
-                              capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    if proc.returncode or not lines:
-        return {"name": name, "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-500:]}"}
-    return json.loads(lines[-1][len(MARKER):])
+        return spawn(__file__, MARKER, name, spec, {"TORCHINDUCTOR_CACHE_DIR": cache})
 
 
 def summarize(name: str, runs: list[dict]) -> dict:
@@ -279,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeats} repeat(s)", flush=True)
     rows = []
     for name in config_names(schemes):
-        runs = [spawn(name, args.spec) for _ in range(args.repeats)]
+        runs = [spawn_one(name, args.spec) for _ in range(args.repeats)]
         rows.append(summarize(name, runs))
         print(f"  measured {name}", flush=True)
     add_ratios(rows)

@@ -46,7 +46,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
+
+from common import git_revision, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import safetensors  # noqa: E402
 import safetensors.torch  # noqa: E402
@@ -70,12 +71,6 @@ SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
 KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-atomic")
 MARKER, MIB, B_MARKER = "RELOAD_RESULT ", 2**20, "reload-bench-B.json"
-
-
-def git_revision() -> str:
-    """The commit measured (`-dirty`: the working tree differs from it)."""
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return git.stdout.strip() or "unknown"
 
 
 def ensure_checkpoint_b(a: Path, spec: str) -> tuple[Path, dict]:
@@ -169,16 +164,6 @@ def run_one(name: str, a: Path, b: Path) -> dict:
     return row
 
 
-def spawn(name: str, spec: str) -> dict:
-    """Run `--one name` in a fresh interpreter and parse its result line."""
-    proc = subprocess.run([sys.executable, __file__, "--one", name, "--spec", spec],
-                          capture_output=True, text=True, cwd=REPO_ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    if proc.returncode or not lines:
-        return {"name": name, "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-500:]}"}
-    return json.loads(lines[-1][len(MARKER):])
-
-
 def summarize(name: str, runs: list[dict]) -> dict:
     """Median time, max peaks over the repeats; equals_cold / addresses_unchanged must hold in all."""
     ok = [r for r in runs if "error" not in r]
@@ -250,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{machine['loadavg_1m_at_start']:.2f}, {args.repeats} repeat(s)", flush=True)
     rows = []
     for name in ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]:
-        rows.append(summarize(name, [spawn(name, args.spec) for _ in range(args.repeats)]))
+        rows.append(summarize(name, [spawn(__file__, MARKER, name, args.spec) for _ in range(args.repeats)]))
         print(f"  measured {name}", flush=True)
     add_ratios(rows)
     print_table(rows)

@@ -1,0 +1,32 @@
+"""What the benchmarks share: the measured commit, and running one configuration in a fresh child.
+
+Each benchmark script runs every measured configuration as `python SCRIPT --one NAME --spec SPEC`
+in a fresh interpreter (memory high-water marks and allocator state of one load must not
+contaminate the next); the child prints one line `MARKER + json` that `spawn` parses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_revision() -> str:
+    """The commit measured (`-dirty`: the working tree differs from it)."""
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True)
+    return git.stdout.strip() or "unknown"
+
+
+def spawn(script: str, marker: str, name: str, spec: str, env: dict[str, str] | None = None) -> dict:
+    """Run `script --one name --spec spec` in a fresh interpreter; its result row (or an error row)."""
+    proc = subprocess.run([sys.executable, script, "--one", name, "--spec", spec], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO_ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker)]
+    if proc.returncode or not lines:
+        return {"name": name, "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    return json.loads(lines[-1][len(marker):])

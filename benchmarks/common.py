@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,3 +32,17 @@ def spawn(script: str, marker: str, name: str, spec: str, env: dict[str, str] | 
     if proc.returncode or not lines:
         return {"name": name, "error": f"child exited {proc.returncode}: {proc.stderr.strip()[-500:]}"}
     return json.loads(lines[-1][len(marker):])
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on (the load average changes: read it again at the end)."""
+    return {"torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "loadavg_1m_at_start": os.getloadavg()[0], "git": git_revision()}
+
+
+def parse_schemes(parser, text: str, allowed: tuple[str, ...], repeats: int) -> list[str]:
+    """The comma-separated `--schemes` (validated against `allowed`), or a parser error."""
+    schemes = [s.strip() for s in text.split(",") if s.strip()]
+    if not schemes or set(schemes) - set(allowed) or repeats < 1:
+        parser.error(f"--schemes must name some of {','.join(allowed)}; --repeats must be >= 1")
+    return schemes

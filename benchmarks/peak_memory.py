@@ -54,7 +54,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import git_revision, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import machine_info, parse_schemes, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import torch  # noqa: E402
 
@@ -257,11 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(MARKER + json.dumps(run_one(args.one, path)), flush=True)
         return
-    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    if not schemes or set(schemes) - set(SCHEMES) or args.repeats < 1:
-        parser.error(f"--schemes must name some of {','.join(SCHEMES)}; --repeats must be >= 1")
-    machine = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_num_threads": torch.get_num_threads(),
-               "python": sys.version.split()[0], "loadavg_1m_at_start": os.getloadavg()[0], "git": git_revision()}
+    schemes = parse_schemes(parser, args.schemes, SCHEMES, args.repeats)
+    machine = machine_info()
     print(f"streamquant {machine['git']}, checkpoint {path} ({checkpoint_bytes(path) / MIB:.1f} MiB), "
           f"torch {torch.__version__}, {os.cpu_count()} "
           f"CPUs, {torch.get_num_threads()} torch threads, load average {machine['loadavg_1m_at_start']:.2f}, "

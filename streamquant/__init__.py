@@ -3,7 +3,8 @@
 Public API (see README.md):
     load_model(path, *, quantization=None, dtype=torch.bfloat16, device="cpu", tp=None, strict=True,
                streaming=True, **fp8_options)
-    reload_weights(model, weights, *, strict=True, atomic=False)
+    reload_weights(model, weights, *, strict=True, atomic=False, staging_budget=None)
+    (and `streamquant.sync`: WeightSender / WeightReceiver, trainer -> inference over torch.distributed)
     generate(model, input_ids, max_new_tokens)
     PeakMemorySampler(device)
     (and `streamquant.launch.launch(fn, tp_size, *args, device="cpu")`: the module of that name

@@ -86,20 +86,23 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
-                   strict: bool = True, atomic: bool = False, staging_budget: int | None = None) -> set[str]:
+                   strict: bool = True, atomic: bool = False, staging_budget: int | None = None,
+                   transient_source: bool = False) -> set[str]:
     """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
 
     `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
     naming and layout (full, unsharded tensors: each rank takes its shard). `staging_budget`
     (bytes) bounds the high-precision staging when tensors arrive out of layer order: later
-    layers' tensors are held as references until budget frees. Increments
+    layers' tensors are held as references until budget frees (accelerator tensors spill to host
+    memory; with `transient_source=True`, for a source that reuses a tensor's storage once the next
+    one is requested, every deferred tensor is copied). Increments
     `model.weights_version` on success.
     """
     snapshot = {n: t.detach().clone() for n, t in inference_tensors(model).items()} if atomic else None
     seen: list[str] = []
     if checkpoint_format:
         session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
-                                       staging_budget=staging_budget)
+                                       staging_budget=staging_budget, transient_source=transient_source)
         try:
             with torch.no_grad():
                 session.load_all(_checked(_tensors(weights), seen))

@@ -13,10 +13,13 @@ On failure (an exception, or a strict check at the end) every module still in fl
 so a failed load gives its memory back.
 
 `staging_budget` (bytes, optional) bounds the checkpoint-format staging of the layers in flight:
-a tensor that would start another layer while the budget is spent is deferred -- kept as a
-reference (a zero-copy view when it came from an mmapped file), never copied -- and retried when
-a layer finishes; deferred tensors left at the end are loaded grouped by layer, so each layer
-completes at once. Out-of-order sources then cost references, not staged layers. Known limitation: all tensor-parallel ranks must see the
+a tensor that would start another layer while the budget is spent is deferred and retried when a
+layer finishes; deferred tensors left at the end are loaded grouped by layer, so each layer
+completes at once. A deferred host tensor is kept as a reference (a zero-copy view when it came
+from an mmapped file); one on an accelerator spills to host memory (pinned for CUDA), so device
+memory never grows with the backlog; with `transient_source=True` (a source that reuses a tensor's
+storage once the next is requested, e.g. a broadcast bucket) host tensors are copied too.
+Out-of-order sources then cost references or host copies, not staged layers. Known limitation: all tensor-parallel ranks must see the
 checkpoint in the same order, because finishing a layer may run a collective (amax reduction).
 """
 
@@ -50,9 +53,12 @@ class StreamingLoadSession(WeightLoadSession):
     """`WeightLoadSession` that materializes modules at first write and finishes them at last write."""
 
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, device: torch.device | str,
-                 strict: bool = True, fill: float | None = None, staging_budget: int | None = None):
+                 strict: bool = True, fill: float | None = None, staging_budget: int | None = None,
+                 transient_source: bool = False):
         super().__init__(model, mapping, strict=strict)
         self.staging_budget = staging_budget
+        self.transient_source = transient_source
+        self.spilled_bytes = 0  # deferred tensors copied to host memory (accelerator or transient sources)
         self.staged_bytes = 0  # checkpoint-format bytes of the modules in flight
         self.peak_staged_bytes = 0
         self.pending: list[tuple[str, torch.Tensor]] = []  # deferred by the budget: references, not copies
@@ -145,9 +151,18 @@ class StreamingLoadSession(WeightLoadSession):
             if need and self.staged_bytes + need > self.staging_budget:
                 if name in self.loaded or any(name == n for n, _ in self.pending):
                     raise DuplicateWeightError(f"checkpoint tensor {name!r} arrived twice")
-                self.pending.append((name, tensor))
+                self.pending.append((name, self._hold(tensor)))
                 return None
         return super().load(name, tensor)
+
+    def _hold(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What a deferred tensor is kept as: itself (host memory, stable), else a host copy."""
+        if tensor.device.type == "cpu" and not self.transient_source:
+            return tensor
+        held = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        held.copy_(tensor)
+        self.spilled_bytes += held.numel() * held.element_size()
+        return held
 
     def _owner_of(self, name: str) -> str:
         return self.owners.get(self.mapping.map(name)[0], [""])[0]
@@ -181,10 +196,10 @@ class StreamingLoadSession(WeightLoadSession):
 
 def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *,
                    device: torch.device | str, strict: bool = True, fill: float | None = None,
-                   staging_budget: int | None = None) -> StreamingLoadSession:
+                   staging_budget: int | None = None, transient_source: bool = False) -> StreamingLoadSession:
     """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers)."""
     session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
-                                   staging_budget=staging_budget)
+                                   staging_budget=staging_budget, transient_source=transient_source)
     try:
         session.load_all(weights)
         session.check_complete()

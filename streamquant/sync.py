@@ -1,0 +1,259 @@
+"""Trainer -> inference weight sync over `torch.distributed`: flat buckets of mixed dtypes.
+
+The RL refit path without a disk in between. The trainer's process runs a `WeightSender`, every
+inference rank a `WeightReceiver`, all in one process group (gloo for CPU buckets, NCCL for CUDA
+ones); each inference rank takes its tensor-parallel shards from the full tensors it receives.
+
+    # trainer (global rank `src` of `group`)
+    sender = WeightSender(group=group, src=0)
+    sender.send(hf_model.named_parameters())          # raises SyncError if a receiver rejected them
+
+    # every inference rank
+    receiver = WeightReceiver(group=group, src=0)
+    receiver.reload(model, atomic=True)               # = reload_weights(model, <received>, ...)
+
+Protocol of one `send`: (1) a header broadcast as a Python object -- the plan (name, dtype, shape,
+bucket, offset of every tensor) or the sender's error; (2) the buckets, each one `broadcast` of a
+flat uint8 buffer, double-buffered on both sides (bucket i+1 travels while bucket i is packed /
+consumed); (3) a report gathered from every rank: each receiver's error or None, so the trainer
+learns that (and why) an inference rank refused the weights. The receiver hands out views into its
+buckets; they are valid until the consumer asks for the next tensor, so `reload` tells
+`reload_weights` to copy any tensor it defers (`transient_source=True`). If the consumer fails
+mid-way the receiver still drains the remaining buckets, so sender and receivers stay in step and
+the next `send` works.
+
+Buffers are kept between sends (two of `bucket_bytes` per side, allocated at the first send); a
+tensor larger than `bucket_bytes` travels alone in a buffer of its own size. `dtype=` on the sender
+casts floating-point tensors while packing (e.g. fp32 master weights sent as bf16, no temporary).
+
+Limitations: one sender per group; a receiver that never calls `reload`/`receive` while the sender
+sends blocks the sender until the group's timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from streamquant.reload import reload_weights
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+ALIGN = 64  # every tensor starts at a multiple of this many bytes in its bucket (any dtype can view it)
+PROTOCOL = 1
+
+T = TypeVar("T")
+
+
+class SyncError(RuntimeError):
+    """The sender could not send, or a receiver refused the weights (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str  # e.g. "bfloat16" (torch attribute name)
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    nbytes: int
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """What one `send` moved."""
+
+    tensors: int
+    bytes: int
+    buckets: int
+    seconds: float
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None = None) -> list[Bucket]:
+    """Pack tensors, in order, into buckets of at most `bucket_bytes` (one bigger tensor: a bucket of its own)."""
+    buckets: list[Bucket] = []
+    entries: list[Entry] = []
+    used = 0
+    seen: set[str] = set()
+    for name, tensor in items:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
+        if tensor.is_meta:
+            raise ValueError(f"{name!r} is on the meta device (no data to send)")
+        if name in seen:
+            raise ValueError(f"{name!r} appears twice in the tensors to send")
+        seen.add(name)
+        out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        nbytes = tensor.numel() * out_dtype.itemsize
+        start = _aligned(used)
+        if entries and start + nbytes > bucket_bytes:
+            buckets.append(Bucket(used, tuple(entries)))
+            entries, start = [], 0
+        entries.append(Entry(name, _dtype_name(out_dtype), tuple(tensor.shape), start, nbytes))
+        used = start + nbytes
+    if entries:
+        buckets.append(Bucket(used, tuple(entries)))
+    return buckets
+
+
+def _view(buffer: torch.Tensor, entry: Entry) -> torch.Tensor:
+    return buffer[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype)).view(entry.shape)
+
+
+def _default_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Buckets live where the backend moves data: CUDA for NCCL, host memory otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Buffers:
+    """Two reusable flat buffers (ping-pong), grown when a plan needs more."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.slots: list[torch.Tensor | None] = [None, None]
+
+    def get(self, index: int, nbytes: int, bucket_bytes: int) -> torch.Tensor:
+        if nbytes > bucket_bytes:  # a tensor bigger than a bucket: its own buffer, not kept
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        slot = index % 2
+        buf = self.slots[slot]
+        if buf is None or buf.numel() < nbytes:
+            buf = self.slots[slot] = torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device)
+        return buf
+
+
+def _report(group: dist.ProcessGroup | None, error: str | None) -> list[str | None]:
+    reports: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, error, group=group)
+    return reports
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class WeightSender:
+    """Broadcasts named tensors to every `WeightReceiver` of `group` (this process is global rank `src`)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, src: int = 0, *,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        if bucket_bytes < ALIGN:
+            raise ValueError(f"bucket_bytes must be at least {ALIGN}, got {bucket_bytes}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype= casts floating-point tensors; {dtype} is not a floating-point dtype")
+        if dist.get_rank() != src:
+            raise ValueError(f"WeightSender(src={src}) created on global rank {dist.get_rank()}")
+        self.group, self.src, self.bucket_bytes, self.dtype = group, src, bucket_bytes, dtype
+        self.buffers = _Buffers(torch.device(device) if device is not None else _default_device(group))
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
+        """Send every tensor (e.g. `model.named_parameters()`); raises `SyncError` if a receiver refused them."""
+        start = time.perf_counter()
+        try:
+            items = [(name, tensor.detach()) for name, tensor in named_tensors]
+            plan = plan_buckets(items, self.bucket_bytes, self.dtype)
+        except BaseException as exc:
+            dist.broadcast_object_list([{"protocol": PROTOCOL, "error": _describe(exc)}], src=self.src, group=self.group)
+            raise
+        dist.broadcast_object_list([{"protocol": PROTOCOL, "error": None, "bucket_bytes": self.bucket_bytes,
+                                     "plan": plan}], src=self.src, group=self.group)
+        tensors = dict(items)
+        works: list[Any] = [None, None]
+        with torch.no_grad():
+            for i, bucket in enumerate(plan):
+                if works[i % 2] is not None:
+                    works[i % 2][1].wait()  # the buffer's previous bucket has left
+                buf = self.buffers.get(i, bucket.nbytes, self.bucket_bytes)
+                for entry in bucket.entries:
+                    _view(buf, entry).copy_(tensors[entry.name])  # casts to the entry's dtype if asked
+                work = dist.broadcast(buf[:bucket.nbytes], src=self.src, group=self.group, async_op=True)
+                works[i % 2] = (buf, work)  # the buffer stays alive until its broadcast is done
+        for pending in works:
+            if pending is not None:
+                pending[1].wait()
+        refused = [f"rank {r}: {e}" for r, e in enumerate(_report(self.group, None)) if e is not None]
+        if refused:
+            raise SyncError("receiver(s) refused the weights: " + "; ".join(refused))
+        return SyncStats(len(items), sum(e.nbytes for b in plan for e in b.entries), len(plan),
+                         time.perf_counter() - start)
+
+
+class WeightReceiver:
+    """Receives what a `WeightSender` (global rank `src` of `group`) sends."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, src: int = 0, *,
+                 device: torch.device | str | None = None):
+        if dist.get_rank() == src:
+            raise ValueError(f"WeightReceiver on global rank {src}, the sender's rank")
+        self.group, self.src = group, src
+        self.buffers = _Buffers(torch.device(device) if device is not None else _default_device(group))
+
+    def receive(self, consume: Callable[[Iterator[tuple[str, torch.Tensor]]], T]) -> T:
+        """Run `consume` on the received `(name, tensor)` stream; each tensor is a view into a bucket,
+        valid until the next one is requested. The stream is drained even if `consume` fails, and
+        the outcome is reported to the sender."""
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        header = box[0]
+        if header.get("protocol") != PROTOCOL:
+            raise SyncError(f"sender speaks protocol {header.get('protocol')}, this receiver {PROTOCOL}")
+        if header["error"] is not None:
+            raise SyncError(f"the sender failed before sending: {header['error']}")
+        stream = self._stream(header["plan"], header["bucket_bytes"])
+        error = None
+        try:
+            return consume(stream)
+        except BaseException as exc:
+            error = _describe(exc)
+            raise
+        finally:
+            stream.close()  # receives any buckets the consumer did not ask for
+            _report(self.group, error)
+
+    def reload(self, model: torch.nn.Module, **reload_options: Any) -> set[str]:
+        """`reload_weights(model, <the sent tensors>, **reload_options)`; deferred tensors are copied
+        out of the bucket (`transient_source=True`)."""
+        return self.receive(lambda tensors: reload_weights(model, tensors, transient_source=True, **reload_options))
+
+    def _stream(self, plan: list[Bucket], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+        def post(i: int) -> tuple[torch.Tensor, Any]:
+            buf = self.buffers.get(i, plan[i].nbytes, bucket_bytes)
+            return buf, dist.broadcast(buf[:plan[i].nbytes], src=self.src, group=self.group, async_op=True)
+
+        inflight = post(0) if plan else None
+        posted = 1
+        try:
+            for i, bucket in enumerate(plan):
+                buf, work = inflight
+                work.wait()
+                inflight = None
+                if posted < len(plan):  # the other buffer's bucket was consumed: receive the next into it
+                    inflight, posted = post(posted), posted + 1
+                for entry in bucket.entries:
+                    yield entry.name, _view(buf, entry)
+        finally:
+            if inflight is not None:
+                inflight[1].wait()
+            while posted < len(plan):
+                post(posted)[1].wait()
+                posted += 1

@@ -1,0 +1,199 @@
+"""streamquant.sync: trainer -> inference over torch.distributed (gloo, one process per rank).
+
+The trainer is a transformers model (fp32, as a trainer holds it) after a real AdamW step; it
+sends `named_parameters()` (transformers 5 names: fused `experts.gate_up_proj` for MoE) cast to
+bf16 while packing, in small buckets so that many buckets, double buffering and a tensor larger
+than a bucket are exercised. Every inference rank (fp8, TP=1 and TP=2) must then equal, bit for
+bit, a cold fp8 load of the checkpoint the trainer saved after its step, at unchanged addresses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+
+from streamquant.api import load_model
+from streamquant.launch import launch
+from streamquant.parallel import TPContext
+from streamquant.sync import SyncError, WeightReceiver, WeightSender, plan_buckets
+
+from hf_cases import CASES, make_checkpoint
+
+BUCKET = 8 << 10  # 8 KiB: tiny models still span many buckets (embeddings of 97x64 fp32 -> bf16 are 12 KiB: oversized)
+
+
+def _optimizer_step(model: torch.nn.Module, seed: int) -> None:
+    """One AdamW step on a language-modelling loss: every trained tensor moves, as in RL."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _bitwise_diffs(got: dict, want: dict) -> list[str]:
+    bad = [n for n in want if n not in got or got[n].dtype != want[n].dtype
+           or not torch.equal(got[n].view(torch.uint8), want[n].view(torch.uint8))]
+    return bad + sorted(set(got) - set(want))
+
+
+def _trainer_to_inference(root, case_names, scheme, tp_size):
+    """Rank 0 trains and sends; ranks 1..tp_size hold the fp8 model (their own TP group).
+    Returns, per case, the sender's stats and every inference rank's report."""
+    rank = dist.get_rank()
+    tp_group = dist.new_group(list(range(1, tp_size + 1)))  # every rank must call new_group
+    results = {}
+    for i, name in enumerate(case_names):
+        case = next(c for c in CASES if c.name == name)
+        a, b = root / name, root / f"{name}-B"
+        if rank == 0:
+            make_checkpoint(case, root)  # A: the weights both sides start from
+            trainer = transformers.AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32)
+            _optimizer_step(trainer, seed=i)
+            trainer.save_pretrained(b)  # the reference: what a cold load after this step sees
+        dist.barrier()
+        report = None
+        if rank == 0:
+            stats = WeightSender(src=0, bucket_bytes=BUCKET, dtype=torch.bfloat16).send(trainer.named_parameters())
+        else:
+            tp = TPContext(rank=rank - 1, size=tp_size, group=tp_group)
+            model = load_model(a, quantization=scheme, tp=tp)
+            before = {n: t.data_ptr() for n, t in model.state_dict().items()}
+            stale = {n: t.clone() for n, t in model.state_dict().items()}
+            loaded = WeightReceiver(src=0).reload(model)
+            cold = load_model(b, quantization=scheme, tp=tp).state_dict()
+            got = model.state_dict()
+            report = (_bitwise_diffs(got, cold), len(_bitwise_diffs(stale, cold)), {n for n, t in got.items() if t.data_ptr() != before[n]},
+                      model.weights_version, len(loaded))
+        gathered = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(report, gathered, dst=0)
+        if rank == 0:
+            results[name] = (stats.buckets, stats.tensors, gathered[1:])
+    return results
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_trainer_step_reaches_fp8_inference_bitwise(tmp_path, tp_size):
+    names = ["llama-tied-mqa-llama3rope", "qwen2moe"]
+    out = launch(_trainer_to_inference, tp_size + 1, tmp_path, names, "fp8", tp_size)
+    for name in names:
+        buckets, tensors, reports = out[name]
+        assert buckets > 3 and tensors > 10, name
+        assert len(reports) == tp_size
+        for diffs, stale_diffs, moved, version, loaded in reports:
+            assert diffs == [], (name, diffs[:5])
+            assert stale_diffs > 10  # the step moved the weights: equality above is not vacuous
+            assert moved == set(), (name, moved)
+            assert version == 1 and loaded == tensors
+
+
+def _mixed_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(3 * BUCKET // 4, generator=g)  # 1.5 buckets of fp32 alone: its own buffer
+    return [
+        ("bf16", torch.randn(7, 5, generator=g).bfloat16()),
+        ("fp32.transposed", torch.randn(6, 9, generator=g).t()),  # not contiguous
+        ("int64", torch.randint(-2**40, 2**40, (11,), generator=g)),
+        ("fp8", torch.randn(33, generator=g).to(torch.float8_e4m3fn)),
+        ("bool", torch.rand(13, generator=g) > 0.5),
+        ("scalar", torch.tensor(3.25)),
+        ("empty", torch.empty(0, 4)),
+        ("big", big),
+        ("after.big", torch.randn(100, generator=g).half()),
+    ]
+
+
+def _clone_all(tensors):
+    return [(n, t.clone()) for n, t in tensors]
+
+
+def _protocol(seed):
+    """Round trips, sender failure, receiver failure, early stop: after each the next send still works."""
+    rank = dist.get_rank()
+    events = []
+    if rank == 0:
+        sender = WeightSender(src=0, bucket_bytes=BUCKET)
+        events.append(("roundtrip", sender.send(_mixed_tensors(seed)).buckets))
+        events.append(("roundtrip", sender.send(_mixed_tensors(seed + 1)).buckets))
+        bad = _mixed_tensors(seed) + [("bf16", torch.ones(1))]
+        try:
+            sender.send(bad)
+        except ValueError as exc:
+            events.append(("sender-error", str(exc)))
+        try:
+            sender.send(_mixed_tensors(seed))
+        except SyncError as exc:
+            events.append(("refused", str(exc)))
+        events.append(("early-stop", sender.send(_mixed_tensors(seed)).tensors))
+        events.append(("after", sender.send(_mixed_tensors(seed + 2)).tensors))
+        received = [None, None]
+        dist.gather_object(None, received, dst=0)
+        return events, received[1]
+    receiver = WeightReceiver(src=0)
+    got = [receiver.receive(_clone_all)]
+    ptrs = {s.data_ptr() for s in receiver.buffers.slots if s is not None}
+    got.append(receiver.receive(_clone_all))
+    reused = {s.data_ptr() for s in receiver.buffers.slots if s is not None} == ptrs
+    try:
+        receiver.receive(_clone_all)
+    except SyncError as exc:
+        events.append(("sender-error", str(exc)))
+
+    def refuse(tensors):
+        next(tensors)
+        raise RuntimeError("inference side says no")
+    try:
+        receiver.receive(refuse)
+    except RuntimeError as exc:
+        events.append(("refused", str(exc)))
+    events.append(("early-stop", receiver.receive(lambda tensors: [next(tensors)[0]])))
+    got.append(receiver.receive(_clone_all))
+    checks = [_compare(received, _mixed_tensors(s)) for received, s in zip(got, (seed, seed + 1, seed + 2))]
+    dist.gather_object((checks, reused, events), None, dst=0)
+    return None
+
+
+def _compare(received, want) -> list[str]:
+    """Names (in order) of the received tensors, '!' marking any that differs from `want` in dtype, shape or bits."""
+    out = []
+    for (name, r), (wname, w) in zip(received, want, strict=True):
+        same = (name == wname and r.dtype == w.dtype and r.shape == w.shape
+                and torch.equal(r.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)))
+        out.append(name if same else f"!{name}")
+    return out
+
+
+def test_protocol_round_trips_and_failures_keep_sender_and_receiver_in_step():
+    seed = 5
+    sent_events, (checks, reused, recv_events) = launch(_protocol, 2, seed)
+    assert checks == [[n for n, _ in _mixed_tensors(0)]] * 3
+    assert reused  # the buckets are allocated once, not per send
+    kinds = dict(sent_events)
+    assert kinds["roundtrip"] > 2  # many buckets
+    assert "'bf16' appears twice" in kinds["sender-error"]
+    assert "rank 1: RuntimeError: inference side says no" in kinds["refused"]
+    assert kinds["after"] == len(_mixed_tensors(0))
+    recv = dict(recv_events)
+    assert "the sender failed before sending" in recv["sender-error"] and "'bf16' appears twice" in recv["sender-error"]
+    assert recv["refused"] == "inference side says no"
+    assert recv["early-stop"] == ["bf16"]
+
+
+@pytest.mark.parametrize("bucket_bytes", [64, 1000, 1 << 20])
+def test_plan_buckets_aligned_disjoint_and_bounded(bucket_bytes):
+    items = _mixed_tensors(0)
+    plan = plan_buckets(items, bucket_bytes, dtype=torch.bfloat16)
+    entries = [e for b in plan for e in b.entries]
+    assert [e.name for e in entries] == [n for n, _ in items]
+    for (name, t), e in zip(items, entries):
+        want = torch.bfloat16 if t.is_floating_point() else t.dtype
+        assert e.dtype == str(want).removeprefix("torch.") and e.shape == tuple(t.shape)
+        assert e.nbytes == t.numel() * want.itemsize and e.offset % 64 == 0
+    for b in plan:
+        spans = sorted((e.offset, e.offset + e.nbytes) for e in b.entries)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+        assert b.nbytes == spans[-1][1]
+        assert b.nbytes <= bucket_bytes or len(b.entries) == 1

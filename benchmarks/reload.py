@@ -13,8 +13,13 @@ default_cache_dir()/reload-bench-B-<spec>. Rows, per scheme q of `--schemes` (no
   reload-memory:q    reload_weights(model, state_dict.items()), state_dict = {name: tensor.clone()} of B
                      in checkpoint naming, built before the measurement (RL trainers hold weights in memory);
   reload-shuffled:q  the same items in a seeded random order (many layers in flight, staged, at once);
-  reload-atomic:q    reload-memory with atomic=True (a snapshot of the inference weights is taken first).
-Correctness, outside the timed region: after each reload-memory measurement the child cold-loads B
+  reload-budget:q    reload-shuffled with staging_budget = the largest layer's bf16 staging bytes (tensors
+                     of further layers wait as references instead of being staged);
+  reload-atomic:q    reload-memory with atomic=True (a snapshot of the inference weights is taken first);
+  reloader:q         a Reloader (buffers kept between calls) after one unmeasured warm-up reload of A:
+                     the steady state of an RL loop; reloader-atomic:q the same with atomic=True.
+Correctness, outside the timed region: after each reload-memory, reload-budget and reloader-atomic
+measurement the child cold-loads B
 with the same scheme and compares `model.state_dict()` bitwise: `equals_cold`. Reload children also
 record whether every tensor a reload writes kept its data_ptr (`addresses_unchanged`).
 
@@ -65,11 +70,12 @@ from streamquant.checkpoint.reader import SAFETENSORS_INDEX, checkpoint_bytes, i
 from streamquant.checkpoint.synthetic import (  # noqa: E402
     BENCH_SPEC, DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint)
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
-from streamquant.reload import inference_tensors, reload_weights  # noqa: E402
+from streamquant.reload import Reloader, inference_tensors, reload_weights  # noqa: E402
 
 SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
-KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-atomic")
+KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-budget", "reload-atomic", "reloader",
+         "reloader-atomic")
 MARKER, MIB, B_MARKER = "RELOAD_RESULT ", 2**20, "reload-bench-B.json"
 
 
@@ -149,15 +155,27 @@ def run_one(name: str, a: Path, b: Path) -> dict:
             state_dict = {n: t.clone() for n, t in iterate_weights(b)}
             row["source_bytes"] = sum(t.nbytes for t in state_dict.values())
             source = state_dict.items()
-            if kind == "reload-shuffled":
+            if kind in ("reload-shuffled", "reload-budget"):
                 source = list(source)
                 random.Random(0).shuffle(source)
+        budget = None
+        if kind == "reload-budget":
+            budget = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
+                         for m in model.modules() if getattr(m, "checkpoint_params", None) or {}) if q else 0
+            row["staging_budget"] = budget
         before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
-        result, loaded = measured(lambda: reload_weights(model, source, atomic=kind == "reload-atomic"))
+        if kind.startswith("reloader"):
+            reloader = Reloader(model, atomic=kind == "reloader-atomic")
+            reloader(iterate_weights(a))  # warm-up: the buffers a loop keeps
+            row["held_bytes"] = reloader.held_bytes
+            result, loaded = measured(lambda: reloader(source))
+        else:
+            result, loaded = measured(lambda: reload_weights(model, source, atomic=kind == "reload-atomic",
+                                                             staging_budget=budget))
         after = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
         row.update(result, tensors_loaded=len(loaded), weights_version=model.weights_version,
                    addresses_unchanged=before == after)
-        if kind == "reload-memory":
+        if kind in ("reload-memory", "reload-budget", "reloader-atomic"):
             row.update(compare(model, load_model(b, quantization=q)))
     except Exception as exc:  # recorded as the row's error; the run goes on
         row["error"] = f"{type(exc).__name__}: {exc}"

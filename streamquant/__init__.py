@@ -32,6 +32,7 @@ _EXPORTS = MappingProxyType(
         "MemoryPeak": "streamquant.memory",
         "TPContext": "streamquant.parallel",
         "reload_weights": "streamquant.reload",
+        "Reloader": "streamquant.reload",
         "ModelNotReadyError": "streamquant.models.base",
     }
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from streamquant.checkpoint.reader import checkpoint_bytes, iterate_weights, load_hf_config, resolve_checkpoint
 from streamquant.loading.loader import load_weights, loadable_parameters, process_weights_after_loading
 from streamquant.loading.materialize import materialize_
+from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, OffloadPlan
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel import TPContext
@@ -126,6 +128,27 @@ def fp8_weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.dtype in fp8 and not p.is_meta)
 
 
+def make_offload_plan(offload_before_quant: bool, quantize_on: str | None, *, quantization: str | None,
+                      device: str | torch.device, streaming: bool) -> OffloadPlan | None:
+    """Validate the offload options against the rest of the load (before any memory is touched)."""
+    if not offload_before_quant:
+        if quantize_on is not None:
+            raise ValueError(f"quantize_on={quantize_on!r} only applies with offload_before_quant=True")
+        return None
+    if quantization is None:
+        raise ValueError("offload_before_quant=True needs a quantization scheme (it stages high-precision weights "
+                         f"in host memory until they are quantized); choose one of "
+                         f"{', '.join(q for q in SUPPORTED_QUANTIZATION if q)}")
+    if not streaming:
+        raise ValueError("offload_before_quant=True streams layer by layer; it cannot be combined with "
+                         "streaming=False (the naive baseline holds the whole high-precision model)")
+    plan = OffloadPlan(quantize_on if quantize_on is not None else DEFAULT_QUANTIZE_ON)
+    if torch.device(device).type == "cpu":
+        warnings.warn("offload_before_quant=True with a CPU target saves nothing: host and device are the same "
+                      "memory (the load is bitwise the same, with extra copies)", stacklevel=3)
+    return plan
+
+
 def default_tp() -> TPContext:
     """This process's TP context: the whole initialized process group, or a single rank."""
     if dist.is_available() and dist.is_initialized():
@@ -177,6 +200,8 @@ def load_model(
     strict: bool = True,
     streaming: bool = True,
     staging_budget: int | None = None,
+    offload_before_quant: bool = False,
+    quantize_on: str | None = None,
     **options: Any,
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
@@ -187,13 +212,19 @@ def load_model(
     `streaming=False` is the naive baseline kept for comparisons: the whole high-precision model
     is loaded first, then every layer is quantized; the resulting model is bitwise the same.
     `staging_budget` (bytes) bounds the high-precision staging of layers in flight when the
-    checkpoint arrives out of layer order (see `loading/streaming.py`); None: unbounded. The returned model is in
-    eval mode and carries `model.load_report` (a `LoadReport`).
+    checkpoint arrives out of layer order (see `loading/streaming.py`); None: unbounded.
+    `offload_before_quant=True` stages the high-precision weights in host memory (pinned for CUDA)
+    and places only quantized weights on `device`; `quantize_on` ("device", the default, or "cpu")
+    says where each complete layer is quantized (see `loading/offload.py`). A model loaded so
+    keeps the plan (`model.offload_plan`), and `reload_weights` stages the same way.
+    The returned model is in eval mode and carries `model.load_report` (a `LoadReport`).
     """
     start = time.perf_counter()
     if not streaming and not strict:
         raise ValueError("streaming=False (the naive baseline) needs strict=True")
     quant_config = make_quant_config(quantization, options)
+    offload = make_offload_plan(offload_before_quant, quantize_on, quantization=quantization, device=device,
+                                streaming=streaming)
     params_dtype = resolve_dtype(dtype)
     tp = default_tp() if tp is None else tp
     checkpoint = resolve_checkpoint(path)
@@ -204,10 +235,11 @@ def load_model(
     check_ignore_patterns(model, quant_config)
     if streaming:
         stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict,
-                       staging_budget=staging_budget)
+                       staging_budget=staging_budget, offload=offload)
     else:
         _load_naive(model, checkpoint, device)
     _move_buffers_(model, torch.device(device))
+    model.offload_plan = offload
     model.eval()
     model.load_report = LoadReport(
         checkpoint_bytes=checkpoint_bytes(checkpoint),

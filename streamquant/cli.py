@@ -25,6 +25,7 @@ from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensur
 from streamquant.generation import generate_with_logits
 from streamquant.launch import LaunchError, init_from_env, launch, shutdown, under_torchrun
 from streamquant.loading.loader import WeightLoadError
+from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError
 from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
@@ -70,6 +71,12 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
         help="dynamic: quantize activations at each matmul (default); none: fp8 weights only")
     add("--ignore", action="append", default=[], metavar="REGEX",
         help="keep layers whose module name matches REGEX (re.search) unquantized; repeatable")
+    add("--offload-before-quant", action="store_true",
+        help="stage the high-precision weights in host memory (pinned for CUDA) until each layer is quantized, "
+             "so the device only receives fp8 weights (needs --quantization; no effect on a CPU target)")
+    add("--quantize-on", choices=list(QUANTIZE_ON), default=None,
+        help=f"with --offload-before-quant: quantize each layer on the device (one bf16 layer there at a time) "
+             f"or on the cpu (the device never holds bf16 weights) (default: {DEFAULT_QUANTIZE_ON})")
     add("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -106,7 +113,8 @@ def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     with PeakMemorySampler(options["device"]) as sampler:
         model = load_model(
             options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"],
-            streaming=options.get("streaming", True), **fp8,
+            streaming=options.get("streaming", True), offload_before_quant=options["offload_before_quant"],
+            quantize_on=options["quantize_on"], **fp8,
         )
     report, peak = model.load_report, sampler.result
     result = {
@@ -156,7 +164,8 @@ def run_command(options: dict[str, Any]) -> dict[str, Any]:
     """
     naive = None
     if options["command"] == "demo" and options["quantization"]:
-        naive, naive_result = _load({**options, "streaming": False})
+        naive, naive_result = _load({**options, "streaming": False, "offload_before_quant": False,
+                                     "quantize_on": None})
     model, result = _load(options)
     if naive is not None:
         result["naive"] = {k: naive_result[k] for k in ("load_seconds", "peak_memory_bytes", "model_bytes")}

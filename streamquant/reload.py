@@ -21,6 +21,10 @@ processed (fp8 codes and scales), named as `inference_tensors(model)` names them
 its first name) -- and copies each into place after checking its shape, dtype and finiteness; the
 same strictness and failure handling apply.
 
+`Reloader(model, atomic=..., staging_budget=...)` is the same for a loop of reloads (the RL case):
+it keeps the atomic snapshot (`WeightSnapshot`, one flat buffer) and an idle staging buffer between
+calls instead of allocating and page-faulting them every step.
+
 Limitations: all tensor-parallel ranks must see the same order; a tensor deferred by the staging
 budget is a reference to the caller's tensor, which must not change until the reload returns.
 """
@@ -42,7 +46,8 @@ from streamquant.loading.loader import (
     loadable_parameters,
     release_checkpoint_params,
 )
-from streamquant.loading.streaming import StreamingLoadSession
+from streamquant.loading.materialize import StagingPool
+from streamquant.loading.streaming import StreamingLoadSession, staging_pool
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 
@@ -95,14 +100,92 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     (bytes) bounds the high-precision staging when tensors arrive out of layer order: later
     layers' tensors are held as references until budget frees (accelerator tensors spill to host
     memory; with `transient_source=True`, for a source that reuses a tensor's storage once the next
-    one is requested, every deferred tensor is copied). Increments
-    `model.weights_version` on success.
+    one is requested, every deferred tensor is copied). Increments `model.weights_version` on
+    success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
+    `Reloader` keeps them for the next.
     """
-    snapshot = {n: t.detach().clone() for n, t in inference_tensors(model).items()} if atomic else None
+    snapshot = WeightSnapshot(model) if atomic else None
+    return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, snapshot=snapshot,
+                   staging_budget=staging_budget, transient_source=transient_source, pool=None)
+
+
+class WeightSnapshot:
+    """One flat buffer holding a copy of every tensor a reload writes (`inference_tensors`).
+
+    `device` defaults to the model's; "cpu" for a CUDA model keeps the copy in pinned host memory
+    (no device memory, slower copies)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None, *, save: bool = True):
+        tensors = inference_tensors(model)
+        model_device = _device(model)
+        device = torch.device(device) if device is not None else model_device
+        offsets, total = {}, 0
+        for name, t in tensors.items():
+            offsets[name] = total
+            total += -(-t.numel() * t.element_size() // 64) * 64
+        self.buffer = torch.empty(total, dtype=torch.uint8, device=device,
+                                  pin_memory=device.type == "cpu" and model_device.type == "cuda")
+        self.views = {n: self.buffer[offsets[n]:offsets[n] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                      for n, t in tensors.items()}
+        if save:
+            self.save(model)
+
+    def save(self, model: torch.nn.Module) -> None:
+        live = inference_tensors(model)
+        if live.keys() != self.views.keys():
+            raise ValueError("the model's tensors changed since this snapshot was made")
+        with torch.no_grad():
+            for name, t in live.items():
+                self.views[name].copy_(t)
+
+    def restore(self, model: torch.nn.Module) -> None:
+        live = inference_tensors(model)
+        with torch.no_grad():
+            for name, saved in self.views.items():
+                live[name].copy_(saved)
+
+
+class Reloader:
+    """Repeated reloads of one model (the RL loop), with buffers kept between calls.
+
+    Holds, between reloads, the atomic snapshot (with `atomic=True`: one copy of the inference
+    weights, on `snapshot_device`) and one idle staging buffer (about the largest layer's bf16
+    checkpoint-format bytes), so a refit does not allocate and page-fault them again every step.
+    `reloader(weights, ...)` takes what `reload_weights` takes after `weights`; `close()` frees the
+    buffers. Same guarantees as `reload_weights`."""
+
+    def __init__(self, model: torch.nn.Module, *, atomic: bool = False, strict: bool = True,
+                 staging_budget: int | None = None, snapshot_device: torch.device | str | None = None):
+        self.model, self.atomic, self.strict, self.staging_budget = model, atomic, strict, staging_budget
+        self.snapshot = WeightSnapshot(model, snapshot_device, save=False) if atomic else None
+        self.pool = staging_pool(_device(model), getattr(model, "offload_plan", None))
+
+    def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True,
+                 transient_source: bool = False) -> set[str]:
+        if self.snapshot is not None:
+            self.snapshot.save(self.model)
+        return _reload(self.model, weights, checkpoint_format=checkpoint_format, strict=self.strict,
+                       snapshot=self.snapshot, staging_budget=self.staging_budget,
+                       transient_source=transient_source, pool=self.pool)
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory this reloader keeps between calls (snapshot + idle staging)."""
+        return (self.snapshot.buffer.numel() if self.snapshot is not None else 0) + self.pool.idle_bytes
+
+    def close(self) -> None:
+        self.snapshot = None
+        self.pool.clear()
+
+
+def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool,
+            snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
+            pool: StagingPool | None) -> set[str]:
     seen: list[str] = []
     if checkpoint_format:
         session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
-                                       staging_budget=staging_budget, transient_source=transient_source)
+                                       staging_budget=staging_budget, transient_source=transient_source, pool=pool,
+                                       offload=getattr(model, "offload_plan", None))
         try:
             with torch.no_grad():
                 session.load_all(_checked(_tensors(weights), seen))
@@ -112,8 +195,9 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
             _fail(model, snapshot, seen, exc)
             raise
         for mod_name in sorted(session.in_flight):  # strict=False: incomplete layers keep their weights
-            release_checkpoint_params(session.modules[mod_name])
-        session.pool.clear()
+            release_checkpoint_params(session.modules[mod_name], session.pool)
+        if pool is None:
+            session.pool.clear()
         loaded = session.loaded
     else:
         try:
@@ -152,14 +236,10 @@ def _copy_processed(model: torch.nn.Module, weights: Iterable[tuple[str, torch.T
     return done
 
 
-def _fail(model: torch.nn.Module, snapshot: dict[str, torch.Tensor] | None, seen: list[str],
-          exc: BaseException) -> None:
+def _fail(model: torch.nn.Module, snapshot: WeightSnapshot | None, seen: list[str], exc: BaseException) -> None:
     """Restore the snapshot (atomic) or, if anything was written, mark the model not ready."""
     if snapshot is not None:
-        live = inference_tensors(model)
-        with torch.no_grad():
-            for name, saved in snapshot.items():
-                live[name].copy_(saved)
+        snapshot.restore(model)
         return
     if seen:
         model.not_ready_reason = (

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from streamquant.reload import reload_weights
+from streamquant.reload import Reloader, reload_weights
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 ALIGN = 64  # every tensor starts at a multiple of this many bytes in its bucket (any dtype can view it)
@@ -230,10 +230,12 @@ class WeightReceiver:
             stream.close()  # receives any buckets the consumer did not ask for
             _report(self.group, error)
 
-    def reload(self, model: torch.nn.Module, **reload_options: Any) -> set[str]:
-        """`reload_weights(model, <the sent tensors>, **reload_options)`; deferred tensors are copied
-        out of the bucket (`transient_source=True`)."""
-        return self.receive(lambda tensors: reload_weights(model, tensors, transient_source=True, **reload_options))
+    def reload(self, target: torch.nn.Module | Reloader, **reload_options: Any) -> set[str]:
+        """`reload_weights(model, <the sent tensors>, **reload_options)`, or `reloader(<the sent tensors>)`
+        for a `Reloader`; deferred tensors are copied out of the bucket (`transient_source=True`)."""
+        if isinstance(target, Reloader):
+            return self.receive(lambda tensors: target(tensors, transient_source=True, **reload_options))
+        return self.receive(lambda tensors: reload_weights(target, tensors, transient_source=True, **reload_options))
 
     def _stream(self, plan: list[Bucket], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
         def post(i: int) -> tuple[torch.Tensor, Any]:

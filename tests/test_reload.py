@@ -279,3 +279,32 @@ def test_transient_source_copies_what_the_budget_defers(pairs):
         assert any(not torch.equal(wrong[n].view(torch.uint8), cold_b[n].view(torch.uint8)) for n in cold_b)
     except NonFiniteWeightError:
         pass
+
+
+def test_reloader_keeps_its_buffers_and_stays_exact(pairs):
+    """A loop of atomic reloads through one Reloader: the snapshot buffer and one staging buffer are
+    allocated once; each reload is bitwise the cold load; a failing one restores exactly and the next works."""
+    from streamquant.reload import Reloader
+
+    a, b = pairs["qwen2moe"]
+    cold_a, cold_b = state(load_model(a, quantization="fp8")), state(load_model(b, quantization="fp8"))
+    model = load_model(a, quantization="fp8")
+    before = addresses(model)
+    reloader = Reloader(model, atomic=True)
+    snapshot_ptr = reloader.snapshot.buffer.data_ptr()
+    items_a, items_b = list(iterate_weights(a)), list(iterate_weights(b))
+    reloader(items_b)
+    assert_bitwise_equal(state(model), cold_b)
+    idle = reloader.pool.idle_bytes
+    assert idle > 0 and reloader.held_bytes == reloader.snapshot.buffer.numel() + idle
+    reloader(items_a)
+    assert_bitwise_equal(state(model), cold_a)
+    with pytest.raises(NonFiniteWeightError):
+        reloader(items_b[:-3] + [(items_b[-3][0], torch.full_like(items_b[-3][1], float("nan")))] + items_b[-2:])
+    assert_bitwise_equal(state(model), cold_a)  # restored from the kept snapshot
+    reloader(items_b)
+    assert_bitwise_equal(state(model), cold_b)
+    assert reloader.snapshot.buffer.data_ptr() == snapshot_ptr and addresses(model) == before
+    assert model.weights_version == 3
+    reloader.close()
+    assert reloader.held_bytes == 0

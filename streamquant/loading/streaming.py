@@ -19,7 +19,11 @@ completes at once. A deferred host tensor is kept as a reference (a zero-copy vi
 from an mmapped file); one on an accelerator spills to host memory (pinned for CUDA), so device
 memory never grows with the backlog; with `transient_source=True` (a source that reuses a tensor's
 storage once the next is requested, e.g. a broadcast bucket) host tensors are copied too.
-Out-of-order sources then cost references or host copies, not staged layers. Known limitation: all tensor-parallel ranks must see the
+Out-of-order sources then cost references or host copies, not staged layers.
+
+`offload` (an `OffloadPlan`, see `offload.py`): staging in host memory, quantized on the target
+one layer at a time or on the host; only fp8 codes and scales (and unquantized weights) are
+placed on the target. Known limitation: all tensor-parallel ranks must see the
 checkpoint in the same order, because finishing a layer may run a collective (amax reduction).
 """
 
@@ -38,6 +42,7 @@ from streamquant.loading.loader import (
 )
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.materialize import StagingPool, materialize_, release_
+from streamquant.loading.offload import OffloadPlan, host_device, quantize_placement
 from streamquant.memory import trim_heap
 
 
@@ -49,12 +54,21 @@ TRIM_FRACTION = 32
 TRIM_MIN_BYTES = 8 << 20
 
 
+def staging_pool(device: torch.device | str, offload: OffloadPlan | None) -> StagingPool:
+    """The staging pool of a load to `device`: host buffers pinned for CUDA when offloading; with
+    offload (quantize_on="cpu") a layer's fp8 temporaries are pooled too, so 3 idle buffers."""
+    if offload is None:
+        return StagingPool()
+    return StagingPool(keep=3, pin_memory=torch.device(device).type == "cuda")
+
+
 class StreamingLoadSession(WeightLoadSession):
     """`WeightLoadSession` that materializes modules at first write and finishes them at last write."""
 
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, device: torch.device | str,
                  strict: bool = True, fill: float | None = None, staging_budget: int | None = None,
-                 transient_source: bool = False):
+                 transient_source: bool = False, pool: StagingPool | None = None,
+                 offload: OffloadPlan | None = None):
         super().__init__(model, mapping, strict=strict)
         self.staging_budget = staging_budget
         self.transient_source = transient_source
@@ -81,7 +95,12 @@ class StreamingLoadSession(WeightLoadSession):
         self.in_flight: set[str] = set()
         self.materialized: set[str] = set()  # parameters this session gave storage (they were on meta)
         self.finished: list[str] = []
-        self.pool = StagingPool()
+        self.offload = offload
+        # staging lives on the target, or (offload) in host memory, pinned for CUDA; `target_pool`:
+        # the target buffers offloaded layers are quantized in (quantize_on="device")
+        self.staging_device = host_device() if offload is not None else self.device
+        self.pool = pool if pool is not None else staging_pool(self.device, offload)
+        self.target_pool = StagingPool()
         self.since_trim = 0  # checkpoint-format bytes released since the heap was last trimmed
         total = sum(p.numel() * p.element_size() for p in self.params.values())
         self.trim_every = max(TRIM_MIN_BYTES, total // TRIM_FRACTION)
@@ -94,7 +113,9 @@ class StreamingLoadSession(WeightLoadSession):
                     param = self.params[n]
                     if param.is_meta:
                         self.materialized.add(n)
-                    materialize_(param, self.device, self.fill, self.pool if id(param) in self.staged else None)
+                    staged = id(param) in self.staged
+                    materialize_(param, self.staging_device if staged else self.device, self.fill,
+                                 self.pool if staged else None)
                 self.staged_bytes += self._staging_bytes(mod_name)
                 self.peak_staged_bytes = max(self.peak_staged_bytes, self.staged_bytes)
 
@@ -105,17 +126,22 @@ class StreamingLoadSession(WeightLoadSession):
 
     def finish(self, mod_name: str) -> None:
         """Run the module's quant method on its complete weights (still in flight if that fails)."""
-        method = getattr(self.modules[mod_name], "quant_method", None)
+        module = self.modules[mod_name]
+        method = getattr(module, "quant_method", None)
         if method is not None:
             try:
-                method.process_weights_after_loading(self.modules[mod_name])
+                if self.offload is not None and getattr(module, "checkpoint_params", None):
+                    with quantize_placement(module, self.offload, self.device, self.pool, self.target_pool):
+                        method.process_weights_after_loading(module)
+                else:
+                    method.process_weights_after_loading(module)
             except NonFiniteWeightError as e:
                 raise self.name_source(mod_name, e) from None
             self.since_trim += sum(p.numel() * p.element_size()
                                    for p in (getattr(self.modules[mod_name], "checkpoint_params", None) or {}).values())
             release_checkpoint_params(self.modules[mod_name], self.pool)
             self.staged_bytes -= self._staging_bytes(mod_name)
-            if self.device.type == "cpu" and self.since_trim >= self.trim_every:
+            if self.staging_device.type == "cpu" and self.since_trim >= self.trim_every:
                 trim_heap()
                 self.since_trim = 0
         self.in_flight.discard(mod_name)
@@ -192,14 +218,16 @@ class StreamingLoadSession(WeightLoadSession):
         self.in_flight.clear()
         self.pending.clear()
         self.pool.clear()
+        self.target_pool.clear()
 
 
 def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *,
                    device: torch.device | str, strict: bool = True, fill: float | None = None,
-                   staging_budget: int | None = None, transient_source: bool = False) -> StreamingLoadSession:
+                   staging_budget: int | None = None, transient_source: bool = False,
+                   offload: OffloadPlan | None = None) -> StreamingLoadSession:
     """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers)."""
     session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
-                                   staging_budget=staging_budget, transient_source=transient_source)
+                                   staging_budget=staging_budget, transient_source=transient_source, offload=offload)
     try:
         session.load_all(weights)
         session.check_complete()
@@ -209,6 +237,7 @@ def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
     for mod_name in sorted(session.in_flight):  # strict=False: never completed, never quantized
         release_checkpoint_params(session.modules[mod_name])
     session.pool.clear()
-    if session.device.type == "cpu":
+    session.target_pool.clear()
+    if session.staging_device.type == "cpu":
         trim_heap()
     return session

@@ -56,6 +56,7 @@ class CausalLM(torch.nn.Module):
         self.params_dtype = params_dtype
         self.weights_version = 0  # incremented by every successful `reload_weights`
         self.not_ready_reason: str | None = None  # set by a failed non-atomic reload; forward refuses
+        self.offload_plan = None  # set by load_model(offload_before_quant=True); reloads stage the same way
 
     def compute_logits(self, input_ids, positions, kv_cache, start_pos) -> torch.Tensor:
         raise NotImplementedError

@@ -24,9 +24,10 @@ def git_revision() -> str:
     return git.stdout.strip() or "unknown"
 
 
-def spawn(script: str, marker: str, name: str, spec: str, env: dict[str, str] | None = None) -> dict:
-    """Run `script --one name --spec spec` in a fresh interpreter; its result row (or an error row)."""
-    proc = subprocess.run([sys.executable, script, "--one", name, "--spec", spec], capture_output=True, text=True,
+def spawn(script: str, marker: str, name: str, spec: str, env: dict[str, str] | None = None,
+          args: tuple[str, ...] = ()) -> dict:
+    """Run `script --one name --spec spec *args` in a fresh interpreter; its result row (or an error row)."""
+    proc = subprocess.run([sys.executable, script, "--one", name, "--spec", spec, *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=REPO_ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker)]
     if proc.returncode or not lines:

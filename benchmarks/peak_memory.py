@@ -7,6 +7,11 @@ layers, ~400 MB) on CPU as
   streaming:<q>         streamquant quantize-on-load, eager quantization kernel;
   shuffled:<q>, by-type:<q>  streaming, fed the checkpoint shuffled / grouped by parameter type across
                         layers (every layer in flight at once: shows what out-of-order costs);
+  offload-device:<q>, offload-cpu:<q>  streaming with `offload_before_quant=True`, quantize_on="device" /
+                        "cpu". With `--device cuda` the peak column is the DEVICE peak
+                        (torch.cuda.max_memory_allocated): what offload is for. On CPU host and device
+                        are the same memory: these rows show the cost of the extra staging copies
+                        (time) and that the peak stays that of streaming, nothing is saved;
   compiled:<q>          the same with `compile=True`; each child first does one warm-up compiled load
                         with an empty inductor cache (a cold first compile), excluded from the table
                         and reported as compile_seconds;
@@ -47,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from unittest import mock
 from pathlib import Path
@@ -66,6 +72,7 @@ from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E
 
 SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
 ORDERS = ("shuffled", "by-type")  # streaming rows fed the checkpoint out of layer order
+OFFLOAD = ("offload-device", "offload-cpu")  # streaming with offload_before_quant, quantize_on= the suffix
 SCHEMES = ("fp8", "fp8-channel", "fp8-block")
 TRANSFORMERS = "transformers+torchao"
 MARKER, MIB = "PEAK_MEMORY_RESULT ", 2**20
@@ -74,7 +81,7 @@ PEAK_TARGET, TIME_TARGET, MONOTONIC_NOISE, TIMELINE_POINTS = 1.10, 1.5, 0.02, 20
 
 def config_names(schemes: list[str]) -> list[str]:
     """Every configuration, in table order."""
-    kinds = ("naive", "streaming", "compiled", *ORDERS)
+    kinds = ("naive", "streaming", *OFFLOAD, "compiled", *ORDERS)
     return ["bf16", *(f"{kind}:{q}" for kind in kinds for q in schemes), TRANSFORMERS]
 
 
@@ -126,7 +133,7 @@ def timeline_stats(timeline: tuple[tuple[float, int], ...]) -> dict:
             "timeline": [(round(timeline[i][0], 4), round(timeline[i][1] / MIB, 2)) for i in keep]}
 
 
-def load_once(name: str, path: Path) -> tuple[torch.nn.Module, float]:
+def load_once(name: str, path: Path, device: str = "cpu") -> tuple[torch.nn.Module, float]:
     """Load with configuration `name`; returns (model, seconds)."""
     if name == TRANSFORMERS:
         from torchao.quantization import Float8WeightOnlyConfig
@@ -134,46 +141,51 @@ def load_once(name: str, path: Path) -> tuple[torch.nn.Module, float]:
 
         config = TorchAoConfig(Float8WeightOnlyConfig())
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config,
+                                                     device_map=device)
         return model, time.perf_counter() - start
     kind, _, scheme = name.partition(":")
     kwargs = {"compile": True} if kind == "compiled" else {}
+    if kind in OFFLOAD:
+        kwargs.update(offload_before_quant=True, quantize_on=kind.removeprefix("offload-"))
     order = mock.patch("streamquant.api.iterate_weights", reordered(kind)) if kind in ORDERS else nullcontext()
     with order:
         start = time.perf_counter()
-        model = load_model(path, quantization=scheme or None, dtype="bfloat16", device="cpu",
-                           streaming=kind != "naive", **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "offload_before_quant=True with a CPU target")
+            model = load_model(path, quantization=scheme or None, dtype="bfloat16", device=device,
+                               streaming=kind != "naive", **kwargs)
         return model, time.perf_counter() - start
 
 
-def run_one(name: str, path: Path) -> dict:
+def run_one(name: str, path: Path, device: str = "cpu") -> dict:
     """One measured load in this process (the `--one` child); returns one result row."""
     if name == TRANSFORMERS:  # imports stay outside the timed, sampled load (streamquant's are at the top)
         import torchao.quantization  # noqa: F401
         import transformers.models.llama.modeling_llama  # noqa: F401
     row: dict = {"name": name}
     if name.startswith("compiled:"):  # warm-up: the model is dropped at once, its time kept
-        row["compile_seconds"] = load_once(name, path)[1]
+        row["compile_seconds"] = load_once(name, path, device)[1]
         gc.collect()  # a cycle in the warm-up model must not be freed during the measured load
     try:
-        with PeakMemorySampler("cpu") as sampler:
-            model, row["load_seconds"] = load_once(name, path)
+        with PeakMemorySampler(device) as sampler:
+            model, row["load_seconds"] = load_once(name, path, device)
     except Exception as exc:  # transformers+torchao may not run here: record it, do not crash
         return {**row, "error": f"{type(exc).__name__}: {exc}"}
     peak, report = sampler.result, getattr(model, "load_report", None)
     trim_heap()  # what stays resident once glibc gives back what it kept: live data, not heap retention
     row.update(peak_bytes=peak.peak_bytes, file_backed_peak_bytes=peak.file_backed_peak_bytes,
-               anon_after_trim_bytes=read_rss()[0] - peak.baseline_bytes,
+               anon_after_trim_bytes=read_rss()[0] - peak.baseline_bytes if device == "cpu" else None,
                method=peak.method, model_bytes=report.model_bytes if report else tensor_bytes(model),
                model_bytes_method="load_report.model_bytes" if report else "inner tensors of subclasses",
                **timeline_stats(peak.timeline))
     return row
 
 
-def spawn_one(name: str, spec: str) -> dict:
+def spawn_one(name: str, spec: str, device: str = "cpu") -> dict:
     """Run `--one name` in a fresh interpreter with a cold inductor cache."""
     with tempfile.TemporaryDirectory(prefix="peak_memory_inductor_") as cache:
-        return spawn(__file__, MARKER, name, spec, {"TORCHINDUCTOR_CACHE_DIR": cache})
+        return spawn(__file__, MARKER, name, spec, {"TORCHINDUCTOR_CACHE_DIR": cache}, ("--device", device))
 
 
 def summarize(name: str, runs: list[dict]) -> dict:
@@ -183,7 +195,7 @@ def summarize(name: str, runs: list[dict]) -> dict:
         return {"name": name, "error": runs[-1]["error"], "repeats": len(runs)}
     worst = max(ok, key=lambda r: r["peak_bytes"])  # its timeline, model bytes and method are reported
     row = {**worst, "name": name, "repeats": len(ok),
-           "file_backed_peak_bytes": max(r["file_backed_peak_bytes"] for r in ok),
+           "file_backed_peak_bytes": max(r["file_backed_peak_bytes"] or 0 for r in ok),
            "peak_bytes_all": [r["peak_bytes"] for r in ok],
            "load_seconds": statistics.median(r["load_seconds"] for r in ok),
            "load_seconds_all": [r["load_seconds"] for r in ok]}
@@ -217,7 +229,7 @@ def print_table(rows: list[dict]) -> None:
         extra = f"  (+{r['compile_seconds']:.1f} s warm-up compile, excluded)" if "compile_seconds" in r else ""
         print(f"{r['name']:<22}{r['peak_bytes'] / MIB:>14.1f}{r['model_bytes'] / MIB:>11.1f}{r['peak_ratio']:>11.2f}"
               f"{r['file_backed_peak_bytes'] / MIB:>15.1f}{r['load_seconds']:>9.2f}{r['time_ratio']:>10.2f}"
-              f"{r['anon_after_trim_bytes'] / MIB:>13.1f}{extra}")
+              f"{(r['anon_after_trim_bytes'] or 0) / MIB:>13.1f}{extra}")
 
 
 def print_verdicts(rows: list[dict]) -> dict | None:
@@ -250,12 +262,17 @@ def main(argv: list[str] | None = None) -> None:
                                                          "naive/streaming/compiled rows (default fp8)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "peak_memory.json",
                         help="where to write the results (default benchmarks/results/peak_memory.json)")
+    parser.add_argument("--only", default=None, metavar="KINDS",
+                        help="comma-separated row kinds to run (e.g. streaming,offload-device,offload-cpu); the bf16 "
+                             "floor always runs (default: every row)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="load target (default cpu); cuda: peaks are device peaks (allocator high-water mark)")
     parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
                                                       "JSON line (NAME: bf16, naive:fp8, ..., transformers+torchao)")
     args = parser.parse_args(argv)
     path = ensure_synthetic_checkpoint(default_cache_dir(), SPECS[args.spec])
     if args.one:
-        print(MARKER + json.dumps(run_one(args.one, path)), flush=True)
+        print(MARKER + json.dumps(run_one(args.one, path, args.device)), flush=True)
         return
     schemes = parse_schemes(parser, args.schemes, SCHEMES, args.repeats)
     machine = machine_info()
@@ -264,15 +281,19 @@ def main(argv: list[str] | None = None) -> None:
           f"CPUs, {torch.get_num_threads()} torch threads, load average {machine['loadavg_1m_at_start']:.2f}, "
           f"{args.repeats} repeat(s)", flush=True)
     rows = []
-    for name in config_names(schemes):
-        runs = [spawn_one(name, args.spec) for _ in range(args.repeats)]
+    names = config_names(schemes)
+    if args.only:
+        kinds = {k.strip() for k in args.only.split(",")}
+        names = [n for n in names if n == "bf16" or n.partition(":")[0] in kinds]
+    for name in names:
+        runs = [spawn_one(name, args.spec, args.device) for _ in range(args.repeats)]
         rows.append(summarize(name, runs))
         print(f"  measured {name}", flush=True)
     add_ratios(rows)
     print_table(rows)
     monotonic = print_verdicts(rows)
     rows = [r if r["name"] == "streaming:fp8" else {k: v for k, v in r.items() if k != "timeline"} for r in rows]
-    result = {"spec": args.spec, "checkpoint": str(path), "checkpoint_bytes": checkpoint_bytes(path),
+    result = {"spec": args.spec, "device": args.device, "checkpoint": str(path), "checkpoint_bytes": checkpoint_bytes(path),
               "machine": {**machine, "loadavg_1m_at_end": os.getloadavg()[0]},
               "repeats": args.repeats, "schemes": schemes, "rows": rows, "streaming_fp8_timeline_check": monotonic}
     args.json.parent.mkdir(parents=True, exist_ok=True)

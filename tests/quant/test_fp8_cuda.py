@@ -88,3 +88,21 @@ def test_cuda_reload_spills_deferred_tensors_to_host(checkpoints):
     got = fp8_state(model)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("quantize_on", ["device", "cpu"])
+def test_cuda_offload_before_quant_is_bitwise_and_keeps_bf16_off_the_device(checkpoints, quantize_on):
+    """Offload: bitwise the plain CUDA load; device peak <= final model + one layer's bf16 staging
+    ("device": the layer being quantized) or + 1 MiB ("cpu": the device never holds a bf16 weight)."""
+    path = checkpoints["qwen3moe"]
+    want = fp8_state(load_model(path, quantization="fp8", device="cuda"))
+    torch.cuda.empty_cache()
+    with PeakMemorySampler("cuda") as sampler:
+        model = load_model(path, quantization="fp8", device="cuda", offload_before_quant=True, quantize_on=quantize_on)
+    got = fp8_state(model)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    layer = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
+                for m in model.modules() if getattr(m, "checkpoint_params", None))
+    allowance = layer if quantize_on == "device" else 0
+    assert sampler.result.peak_bytes <= model.load_report.model_bytes + allowance + (1 << 20)

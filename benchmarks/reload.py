@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated subset of {','.join(SCHEMES)} (none: unquantized bf16; default fp8)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "reload.json",
                         help="where to write the results (default benchmarks/results/reload.json)")
+    parser.add_argument("--only", default=None, metavar="KINDS",
+                        help="comma-separated row kinds to run (e.g. reload-memory,reloader); floor and cold always run")
     parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
                                                       "JSON line (NAME: floor, cold:fp8, reload-memory:none, ...)")
     args = parser.parse_args(argv)
@@ -249,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
           f"{machine['loadavg_1m_at_start']:.2f}, {args.repeats} repeat(s)", flush=True)
     rows = []
-    for name in ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]:
+    kinds = [k for k in KINDS if k == "cold" or not args.only or k in {x.strip() for x in args.only.split(",")}]
+    for name in ["floor", *(f"{kind}:{q}" for q in schemes for kind in kinds)]:
         rows.append(summarize(name, [spawn(__file__, MARKER, name, args.spec) for _ in range(args.repeats)]))
         print(f"  measured {name}", flush=True)
     add_ratios(rows)

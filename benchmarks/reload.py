@@ -17,8 +17,11 @@ default_cache_dir()/reload-bench-B-<spec>. Rows, per scheme q of `--schemes` (no
                      of further layers wait as references instead of being staged);
   reload-atomic:q    reload-memory with atomic=True (a snapshot of the inference weights is taken first);
   reloader:q         a Reloader (buffers kept between calls) after one unmeasured warm-up reload of A:
-                     the steady state of an RL loop; reloader-atomic:q the same with atomic=True.
-Correctness, outside the timed region: after each reload-memory, reload-budget and reloader-atomic
+                     the steady state of an RL loop; reloader-atomic:q the same with atomic=True;
+  sync:q             trainer -> inference over gloo (two processes on this machine): rank 0 holds B in
+                     memory and sends it with WeightSender (64 MiB buckets); rank 1, the fp8 model cold-
+                     loaded from A, runs WeightReceiver.reload; seconds and peak are rank 1's.
+Correctness, outside the timed region: after each reload-memory, reload-budget, reloader-atomic and sync
 measurement the child cold-loads B
 with the same scheme and compares `model.state_dict()` bitwise: `equals_cold`. Reload children also
 record whether every tensor a reload writes kept its data_ptr (`addresses_unchanged`).
@@ -69,13 +72,14 @@ from streamquant.api import load_model  # noqa: E402
 from streamquant.checkpoint.reader import SAFETENSORS_INDEX, checkpoint_bytes, iterate_weights  # noqa: E402
 from streamquant.checkpoint.synthetic import (  # noqa: E402
     BENCH_SPEC, DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint)
+from streamquant.launch import launch  # noqa: E402
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
 from streamquant.reload import Reloader, inference_tensors, reload_weights  # noqa: E402
 
 SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
 KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-budget", "reload-atomic", "reloader",
-         "reloader-atomic")
+         "reloader-atomic", "sync")
 MARKER, MIB, B_MARKER = "RELOAD_RESULT ", 2**20, "reload-bench-B.json"
 
 
@@ -133,12 +137,41 @@ def compare(model: torch.nn.Module, reference: torch.nn.Module) -> dict:
     return {"equals_cold": not bad, "mismatched_count": len(bad), "mismatched": bad[:10]}
 
 
+def _sync_ranks(a: Path, b: Path, q: str | None) -> dict:
+    """Rank 0 sends B, rank 1 receives into a model loaded from A (see the module doc); rank 1's row."""
+    import torch.distributed as dist
+
+    from streamquant.parallel import TPContext
+    from streamquant.sync import WeightReceiver, WeightSender
+
+    row: dict = {}
+    if dist.get_rank() == 0:
+        state_dict = {n: t.clone() for n, t in iterate_weights(b)}
+        dist.barrier()
+        WeightSender(src=0).send(state_dict.items())
+    else:
+        single = TPContext()  # the world holds the trainer too: the inference model is one rank of its own
+        model = load_model(a, quantization=q, tp=single)
+        before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
+        dist.barrier()
+        result, loaded = measured(lambda: WeightReceiver(src=0).reload(model))
+        row.update(result, model_bytes=model.load_report.model_bytes, tensors_loaded=len(loaded),
+                   addresses_unchanged=before == {n: t.data_ptr() for n, t in inference_tensors(model).items()},
+                   **compare(model, load_model(b, quantization=q, tp=single)))
+    rows = [None, None] if dist.get_rank() == 0 else None
+    dist.gather_object(row, rows, dst=0)
+    return rows[1] if rows else {}
+
+
 def run_one(name: str, a: Path, b: Path) -> dict:
     """One measured configuration in this process (the `--one` child); returns one result row."""
     kind, _, scheme = name.partition(":")
     q = None if scheme in ("", "none") else scheme
     row: dict = {"name": name, "loadavg_1m": os.getloadavg()[0]}
     try:
+        if kind == "sync":
+            os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))  # rank 1 gets every core, as the other rows
+            return {**row, **launch(_sync_ranks, 2, a, b, q)}
         if kind == "cold":
             result, model = measured(lambda: load_model(a, quantization=q))
             return {**row, **result, "model_bytes": model.load_report.model_bytes}
@@ -175,7 +208,7 @@ def run_one(name: str, a: Path, b: Path) -> dict:
         after = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
         row.update(result, tensors_loaded=len(loaded), weights_version=model.weights_version,
                    addresses_unchanged=before == after)
-        if kind in ("reload-memory", "reload-budget", "reloader-atomic"):
+        if kind in ("reload-memory", "reload-budget", "reloader-atomic"):  # (sync compares in _sync_ranks)
             row.update(compare(model, load_model(b, quantization=q)))
     except Exception as exc:  # recorded as the row's error; the run goes on
         row["error"] = f"{type(exc).__name__}: {exc}"

@@ -26,6 +26,10 @@ Buffers are kept between sends (two of `bucket_bytes` per side, allocated at the
 tensor larger than `bucket_bytes` travels alone in a buffer of its own size. `dtype=` on the sender
 casts floating-point tensors while packing (e.g. fp32 master weights sent as bf16, no temporary).
 
+The inference model's tensor-parallel group is not the sync group (that one also holds the
+trainer): pass it to `load_model(..., tp=TPContext(rank, size, group=tp_group))`; the default,
+the whole initialized world, would make the trainer a tensor-parallel rank.
+
 Limitations: one sender per group; a receiver that never calls `reload`/`receive` while the sender
 sends blocks the sender until the group's timeout.
 """

@@ -44,9 +44,16 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
 
 
 def all_reduce(x: torch.Tensor, tp: TPContext, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    """Reduce `x` over the tensor-parallel group with `op` (default: sum), in place; identity at size 1."""
+    """Reduce `x` over the tensor-parallel group with `op` (default: sum), in place; identity at size 1.
+
+    A host tensor over an NCCL group (e.g. amax grids of a layer quantized on the CPU with
+    offload) travels through the current CUDA device: NCCL only moves device memory."""
     if tp.size == 1:
         return x
+    if x.device.type == "cpu" and dist.get_backend(tp.group) == "nccl":
+        staged = x.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=op, group=tp.group)
+        return x.copy_(staged)
     dist.all_reduce(x, op=op, group=tp.group)
     return x
 

@@ -47,3 +47,11 @@ def parse_schemes(parser, text: str, allowed: tuple[str, ...], repeats: int) -> 
     if not schemes or set(schemes) - set(allowed) or repeats < 1:
         parser.error(f"--schemes must name some of {','.join(allowed)}; --repeats must be >= 1")
     return schemes
+
+
+def select_rows(names: list[str], only: str | None, always: tuple[str, ...]) -> list[str]:
+    """The rows `--only` asks for: names whose kind (before ':') is listed, plus the `always` kinds (ratio bases)."""
+    if not only:
+        return names
+    kinds = {k.strip() for k in only.split(",")} | set(always)
+    return [n for n in names if n.partition(":")[0] in kinds]

@@ -60,7 +60,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import machine_info, parse_schemes, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import torch  # noqa: E402
 
@@ -281,11 +281,7 @@ def main(argv: list[str] | None = None) -> None:
           f"CPUs, {torch.get_num_threads()} torch threads, load average {machine['loadavg_1m_at_start']:.2f}, "
           f"{args.repeats} repeat(s)", flush=True)
     rows = []
-    names = config_names(schemes)
-    if args.only:
-        kinds = {k.strip() for k in args.only.split(",")}
-        names = [n for n in names if n == "bf16" or n.partition(":")[0] in kinds]
-    for name in names:
+    for name in select_rows(config_names(schemes), args.only, always=("bf16",)):
         runs = [spawn_one(name, args.spec, args.device) for _ in range(args.repeats)]
         rows.append(summarize(name, runs))
         print(f"  measured {name}", flush=True)

@@ -62,7 +62,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import machine_info, parse_schemes, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import safetensors  # noqa: E402
 import safetensors.torch  # noqa: E402
@@ -73,6 +73,7 @@ from streamquant.checkpoint.reader import SAFETENSORS_INDEX, checkpoint_bytes, i
 from streamquant.checkpoint.synthetic import (  # noqa: E402
     BENCH_SPEC, DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint)
 from streamquant.launch import launch  # noqa: E402
+from streamquant.loading.streaming import largest_layer_staging_bytes  # noqa: E402
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
 from streamquant.reload import Reloader, inference_tensors, reload_weights  # noqa: E402
 
@@ -193,8 +194,7 @@ def run_one(name: str, a: Path, b: Path) -> dict:
                 random.Random(0).shuffle(source)
         budget = None
         if kind == "reload-budget":
-            budget = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                         for m in model.modules() if getattr(m, "checkpoint_params", None) or {}) if q else 0
+            budget = largest_layer_staging_bytes(model)
             row["staging_budget"] = budget
         before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
         if kind.startswith("reloader"):
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
           f"{machine['loadavg_1m_at_start']:.2f}, {args.repeats} repeat(s)", flush=True)
     rows = []
-    kinds = [k for k in KINDS if k == "cold" or not args.only or k in {x.strip() for x in args.only.split(",")}]
-    for name in ["floor", *(f"{kind}:{q}" for q in schemes for kind in kinds)]:
+    names = ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]
+    for name in select_rows(names, args.only, always=("floor", "cold")):
         rows.append(summarize(name, [spawn(__file__, MARKER, name, args.spec) for _ in range(args.repeats)]))
         print(f"  measured {name}", flush=True)
     add_ratios(rows)

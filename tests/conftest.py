@@ -16,3 +16,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+@pytest.fixture
+def last_session(monkeypatch):
+    """A dict whose "session" entry is the most recent StreamingLoadSession (to read its staging counters)."""
+    from streamquant.loading.streaming import StreamingLoadSession
+
+    seen = {}
+    original_init = StreamingLoadSession.__init__
+
+    def spy(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        seen["session"] = self
+
+    monkeypatch.setattr(StreamingLoadSession, "__init__", spy)
+    return seen

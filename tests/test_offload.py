@@ -22,6 +22,7 @@ from streamquant.loading import offload as offload_module
 from streamquant.loading import streaming
 from streamquant.loading.loader import NonFiniteWeightError
 from streamquant.loading.offload import OffloadPlan
+from streamquant.loading.streaming import largest_layer_staging_bytes
 from streamquant.parallel import TPContext
 from streamquant.reload import Reloader, reload_weights
 
@@ -136,8 +137,7 @@ def test_offloaded_staging_respects_the_budget(checkpoints, quantize_on):
     path = checkpoints["qwen2moe"]
     want = bits(load_model(path, quantization="fp8"))
     model = load_model(path, quantization="fp8", offload_before_quant=True, quantize_on=quantize_on)
-    largest = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                  for m in model.modules() if getattr(m, "checkpoint_params", None))
+    largest = largest_layer_staging_bytes(model)
     items = list(iterate_weights(path))
     random.Random(1).shuffle(items)
     session = streaming.StreamingLoadSession(model, model.weight_mapping, device="cpu", staging_budget=largest,

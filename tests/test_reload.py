@@ -21,7 +21,7 @@ from streamquant.checkpoint.reader import iterate_weights
 from streamquant.launch import launch
 from streamquant.loading.loader import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
 from streamquant.models.base import ModelNotReadyError
-from streamquant.loading.streaming import StreamingLoadSession
+from streamquant.loading.streaming import largest_layer_staging_bytes
 from streamquant.parallel import TPContext
 from streamquant.reload import _finite, inference_tensors, reload_weights
 
@@ -211,7 +211,7 @@ def test_processed_format_copies_in_place(pairs, scheme):
 
 
 @pytest.mark.parametrize("order", ["shuffled", "by-type"])
-def test_staging_budget_bounds_out_of_order_staging(pairs, order):
+def test_staging_budget_bounds_out_of_order_staging(pairs, order, last_session):
     """Out of order with a budget of one layer's staging: same bits, staging never above budget + one layer."""
     a, b = pairs["qwen2moe"]
     items = list(iterate_weights(b))
@@ -221,22 +221,12 @@ def test_staging_budget_bounds_out_of_order_staging(pairs, order):
         items.sort(key=lambda kv: (kv[0].split(".")[-2:], kv[0]))
     cold_b = state(load_model(b, quantization="fp8"))
     model = load_model(a, quantization="fp8")
-    largest = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                  for m in model.modules() if getattr(m, "checkpoint_params", None))
-    seen = {}
-    original_init = StreamingLoadSession.__init__
-
-    def spy(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        seen["session"] = self
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StreamingLoadSession, "__init__", spy)
-        reload_weights(model, items, staging_budget=largest)
-        bounded = seen["session"].peak_staged_bytes
-        assert_bitwise_equal(state(model), cold_b)
-        reload_weights(model, items)
-        unbounded = seen["session"].peak_staged_bytes
+    largest = largest_layer_staging_bytes(model)
+    reload_weights(model, items, staging_budget=largest)
+    bounded = last_session["session"].peak_staged_bytes
+    assert_bitwise_equal(state(model), cold_b)
+    reload_weights(model, items)
+    unbounded = last_session["session"].peak_staged_bytes
     assert_bitwise_equal(state(model), cold_b)
     assert bounded <= 2 * largest < unbounded
 
@@ -269,8 +259,7 @@ def test_transient_source_copies_what_the_budget_defers(pairs):
     random.Random(5).shuffle(items)
     cold_b = state(load_model(b, quantization="fp8"))
     model = load_model(a, quantization="fp8")
-    largest = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                  for m in model.modules() if getattr(m, "checkpoint_params", None))
+    largest = largest_layer_staging_bytes(model)
     reload_weights(model, _reusing_one_buffer(items), staging_budget=largest, transient_source=True)
     assert_bitwise_equal(state(model), cold_b)
     try:  # the control: the same stream without the flag must not come out right

@@ -54,6 +54,13 @@ TRIM_FRACTION = 32
 TRIM_MIN_BYTES = 8 << 20
 
 
+def largest_layer_staging_bytes(model: torch.nn.Module) -> int:
+    """Checkpoint-format bytes of the model's largest quantized layer on this rank (0 if none): the
+    staging one in-order layer needs, and the smallest useful `staging_budget`."""
+    return max((sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
+                for m in model.modules() if getattr(m, "checkpoint_params", None)), default=0)
+
+
 def staging_pool(device: torch.device | str, offload: OffloadPlan | None) -> StagingPool:
     """The staging pool of a load to `device`: host buffers pinned for CUDA when offloading; with
     offload (quantize_on="cpu") a layer's fp8 temporaries are pooled too, so 3 idle buffers."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from streamquant.api import load_model
+from streamquant.loading.streaming import largest_layer_staging_bytes
 from streamquant.memory import PeakMemorySampler
 
 from hf_cases import CASES, make_checkpoint
@@ -52,19 +53,17 @@ def test_cuda_streaming_peak_is_near_the_fp8_model(checkpoints):
     with PeakMemorySampler("cuda") as sampler:
         model = load_model(path, quantization="fp8", device="cuda")
     final = model.load_report.model_bytes
-    layer = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                for m in model.modules() if getattr(m, "checkpoint_params", None))
+    layer = largest_layer_staging_bytes(model)
     assert sampler.result.method == "cuda_max_memory_allocated"
     assert sampler.result.peak_bytes <= final + 2 * layer + (1 << 20)
 
 
-def test_cuda_reload_spills_deferred_tensors_to_host(checkpoints):
+def test_cuda_reload_spills_deferred_tensors_to_host(checkpoints, last_session):
     """Out of order with a one-layer budget, from CUDA tensors: deferred ones go to pinned host memory,
     device memory stays near the model, and the result is bitwise the in-order reload."""
     import random
 
     from streamquant.checkpoint.reader import iterate_weights
-    from streamquant.loading.streaming import StreamingLoadSession
     from streamquant.reload import reload_weights
 
     path = checkpoints["qwen3moe"]
@@ -72,19 +71,10 @@ def test_cuda_reload_spills_deferred_tensors_to_host(checkpoints):
     model = load_model(path, quantization="fp8", device="cuda")
     items = [(n, t.cuda()) for n, t in iterate_weights(path)]
     random.Random(0).shuffle(items)
-    largest = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                  for m in model.modules() if getattr(m, "checkpoint_params", None))
-    seen = {}
-    original_init = StreamingLoadSession.__init__
-
-    def spy(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        seen["session"] = self
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StreamingLoadSession, "__init__", spy)
-        reload_weights(model, items, staging_budget=largest)
-    assert seen["session"].spilled_bytes > 0 and seen["session"].peak_staged_bytes <= 2 * largest
+    largest = largest_layer_staging_bytes(model)
+    reload_weights(model, items, staging_budget=largest)
+    session = last_session["session"]
+    assert session.spilled_bytes > 0 and session.peak_staged_bytes <= 2 * largest
     got = fp8_state(model)
     for key in want:
         assert torch.equal(got[key], want[key]), key
@@ -102,7 +92,6 @@ def test_cuda_offload_before_quant_is_bitwise_and_keeps_bf16_off_the_device(chec
     got = fp8_state(model)
     for key in want:
         assert torch.equal(got[key], want[key]), key
-    layer = max(sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                for m in model.modules() if getattr(m, "checkpoint_params", None))
+    layer = largest_layer_staging_bytes(model)
     allowance = layer if quantize_on == "device" else 0
     assert sampler.result.peak_bytes <= model.load_report.model_bytes + allowance + (1 << 20)

@@ -41,6 +41,13 @@ def machine_info() -> dict:
             "python": sys.version.split()[0], "loadavg_1m_at_start": os.getloadavg()[0], "git": git_revision()}
 
 
+def banner(machine: dict, what: str, repeats: int) -> str:
+    """The first line of a benchmark run: commit, what is measured, torch, cores, load, repeats."""
+    return (f"streamquant {machine['git']}, {what}, torch {machine['torch']}, {machine['cpu_count']} CPUs, "
+            f"{machine['torch_num_threads']} torch threads, load average {machine['loadavg_1m_at_start']:.2f}, "
+            f"{repeats} repeat(s)")
+
+
 def parse_schemes(parser, text: str, allowed: tuple[str, ...], repeats: int) -> list[str]:
     """The comma-separated `--schemes` (validated against `allowed`), or a parser error."""
     schemes = [s.strip() for s in text.split(",") if s.strip()]

@@ -60,7 +60,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import banner, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import torch  # noqa: E402
 
@@ -276,10 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     schemes = parse_schemes(parser, args.schemes, SCHEMES, args.repeats)
     machine = machine_info()
-    print(f"streamquant {machine['git']}, checkpoint {path} ({checkpoint_bytes(path) / MIB:.1f} MiB), "
-          f"torch {torch.__version__}, {os.cpu_count()} "
-          f"CPUs, {torch.get_num_threads()} torch threads, load average {machine['loadavg_1m_at_start']:.2f}, "
-          f"{args.repeats} repeat(s)", flush=True)
+    print(banner(machine, f"checkpoint {path} ({checkpoint_bytes(path) / MIB:.1f} MiB)", args.repeats), flush=True)
     rows = []
     for name in select_rows(config_names(schemes), args.only, always=("bf16",)):
         runs = [spawn_one(name, args.spec, args.device) for _ in range(args.repeats)]

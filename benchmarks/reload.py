@@ -62,7 +62,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import banner, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import safetensors  # noqa: E402
 import safetensors.torch  # noqa: E402
@@ -279,10 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     schemes = parse_schemes(parser, args.schemes, SCHEMES, args.repeats)
     machine = machine_info()
-    print(f"streamquant {machine['git']}, A {a} ({checkpoint_bytes(a) / MIB:.1f} MiB), B {b} "
-          f"({b_marker['tensors_differing_from_a']}/{b_marker['tensors']} tensors differ from A), torch "
-          f"{torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
-          f"{machine['loadavg_1m_at_start']:.2f}, {args.repeats} repeat(s)", flush=True)
+    print(banner(machine, f"A {a} ({checkpoint_bytes(a) / MIB:.1f} MiB), B {b} ({b_marker['tensors_differing_from_a']}/"
+                          f"{b_marker['tensors']} tensors differ from A)", args.repeats), flush=True)
     rows = []
     names = ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]
     for name in select_rows(names, args.only, always=("floor", "cold")):

@@ -46,7 +46,7 @@ from streamquant.loading.loader import (
     loadable_parameters,
     release_checkpoint_params,
 )
-from streamquant.loading.materialize import StagingPool
+from streamquant.loading.materialize import StagingPool, align_up, byte_view
 from streamquant.loading.streaming import StreamingLoadSession, staging_pool
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
@@ -122,11 +122,10 @@ class WeightSnapshot:
         offsets, total = {}, 0
         for name, t in tensors.items():
             offsets[name] = total
-            total += -(-t.numel() * t.element_size() // 64) * 64
+            total += align_up(t.numel() * t.element_size())
         self.buffer = torch.empty(total, dtype=torch.uint8, device=device,
                                   pin_memory=device.type == "cpu" and model_device.type == "cuda")
-        self.views = {n: self.buffer[offsets[n]:offsets[n] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                      for n, t in tensors.items()}
+        self.views = {n: byte_view(self.buffer, offsets[n], t.shape, t.dtype) for n, t in tensors.items()}
         if save:
             self.save(model)
 
@@ -156,7 +155,7 @@ class Reloader:
 
     def __init__(self, model: torch.nn.Module, *, atomic: bool = False, strict: bool = True,
                  staging_budget: int | None = None, snapshot_device: torch.device | str | None = None):
-        self.model, self.atomic, self.strict, self.staging_budget = model, atomic, strict, staging_budget
+        self.model, self.strict, self.staging_budget = model, strict, staging_budget
         self.snapshot = WeightSnapshot(model, snapshot_device, save=False) if atomic else None
         self.pool = staging_pool(_device(model), getattr(model, "offload_plan", None))
 

@@ -44,10 +44,11 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from streamquant.loading.materialize import FLAT_ALIGN, align_up, byte_view
 from streamquant.reload import Reloader, reload_weights
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-ALIGN = 64  # every tensor starts at a multiple of this many bytes in its bucket (any dtype can view it)
+ALIGN = FLAT_ALIGN  # every tensor starts at a multiple of this many bytes in its bucket
 PROTOCOL = 1
 
 T = TypeVar("T")
@@ -86,10 +87,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None = None) -> list[Bucket]:
     """Pack tensors, in order, into buckets of at most `bucket_bytes` (one bigger tensor: a bucket of its own)."""
     buckets: list[Bucket] = []
@@ -106,7 +103,7 @@ def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype
         seen.add(name)
         out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         nbytes = tensor.numel() * out_dtype.itemsize
-        start = _aligned(used)
+        start = align_up(used, ALIGN)
         if entries and start + nbytes > bucket_bytes:
             buckets.append(Bucket(used, tuple(entries)))
             entries, start = [], 0
@@ -118,7 +115,7 @@ def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype
 
 
 def _view(buffer: torch.Tensor, entry: Entry) -> torch.Tensor:
-    return buffer[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype)).view(entry.shape)
+    return byte_view(buffer, entry.offset, entry.shape, getattr(torch, entry.dtype))
 
 
 def _default_device(group: dist.ProcessGroup | None) -> torch.device:

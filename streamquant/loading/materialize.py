@@ -13,6 +13,20 @@ import math
 import torch
 
 
+FLAT_ALIGN = 64  # bytes: a tensor placed at a multiple of this in a flat uint8 buffer can take any dtype
+
+
+def align_up(nbytes: int, alignment: int = FLAT_ALIGN) -> int:
+    """`nbytes` rounded up to a multiple of `alignment`."""
+    return -(-nbytes // alignment) * alignment
+
+
+def byte_view(flat: torch.Tensor, offset: int, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A `dtype` tensor of `shape` over the bytes of the flat uint8 buffer `flat` starting at `offset`."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return flat[offset:offset + nbytes].view(dtype).view(shape)
+
+
 class StagingPool:
     """Flat byte buffers reused by the checkpoint-format parameters of one load.
 
@@ -40,7 +54,7 @@ class StagingPool:
         else:
             pin = self.pin_memory and device.type == "cpu"
             flat = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
-        return flat[:nbytes].view(dtype).view(shape)
+        return byte_view(flat, 0, shape, dtype)
 
     def give(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()

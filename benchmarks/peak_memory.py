@@ -1,7 +1,8 @@
 """Peak CPU memory and load time of fp8 quantize-on-load, side by side, on one synthetic checkpoint.
 
-Loads the same synthetic bf16 Llama checkpoint (BENCH_SPEC: 28 layers, ~1 GB; `--spec demo`: 12
-layers, ~400 MB) on CPU as
+Loads the same synthetic bf16 Llama checkpoint (BENCH_SPEC: 28 layers of hidden 1024, ~1 GB; `--spec
+demo`: 12 layers, ~400 MB; `--spec 7b-2layer`: two layers of Qwen2-7B's shapes, hidden 3584 /
+intermediate 18944, ~1 GB; `--spec 7b`: all 28 such layers, ~15 GB) on CPU as
   bf16                  streamquant unquantized: the time floor the time ratios divide by;
   naive:<q>             streamquant `streaming=False`: whole bf16 model first, then quantize;
   streaming:<q>         streamquant quantize-on-load, eager quantization kernel;
@@ -67,10 +68,9 @@ import torch  # noqa: E402
 from streamquant.api import load_model  # noqa: E402
 from streamquant.checkpoint.reader import checkpoint_bytes, iterate_weights  # noqa: E402
 from streamquant.checkpoint.synthetic import (  # noqa: E402
-    BENCH_SPEC, DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint)
+    BENCH_SPECS, default_cache_dir, ensure_synthetic_checkpoint)
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
 
-SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
 ORDERS = ("shuffled", "by-type")  # streaming rows fed the checkpoint out of layer order
 OFFLOAD = ("offload-device", "offload-cpu")  # streaming with offload_before_quant, quantize_on= the suffix
 SCHEMES = ("fp8", "fp8-channel", "fp8-block")
@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--spec", choices=sorted(SPECS), default="bench",
-                        help="synthetic checkpoint: bench (28 layers, ~1 GB bf16) or demo (12 layers, ~400 MB)")
+    parser.add_argument("--spec", choices=sorted(BENCH_SPECS), default="bench",
+                        help="synthetic checkpoint: bench (28 layers, hidden 1024, ~1 GB bf16), demo (12 layers, ~400 MB), "
+                             "7b-2layer (two layers of Qwen2-7B's shapes, hidden 3584 / intermediate 18944, ~1 GB) "
+                             "or 7b (all 28 such layers, vocab 152064, ~15.2 GB: needs ~16 GB free memory and disk)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh child processes per configuration (default 3)")
     parser.add_argument("--schemes", default="fp8", help=f"comma-separated subset of {','.join(SCHEMES)} for the "
                                                          "naive/streaming/compiled rows (default fp8)")
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
                                                       "JSON line (NAME: bf16, naive:fp8, ..., transformers+torchao)")
     args = parser.parse_args(argv)
-    path = ensure_synthetic_checkpoint(default_cache_dir(), SPECS[args.spec])
+    path = ensure_synthetic_checkpoint(default_cache_dir(), BENCH_SPECS[args.spec])
     if args.one:
         print(MARKER + json.dumps(run_one(args.one, path, args.device)), flush=True)
         return

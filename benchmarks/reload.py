@@ -1,6 +1,7 @@
 """Time and peak CPU memory of `reload_weights` (the RL refit path) beside a cold load and a memcpy floor.
 
-A is the synthetic bf16 Llama (BENCH_SPEC: 28 layers, ~1 GB; `--spec demo`: 12 layers, ~400 MB). B has
+A is the synthetic bf16 Llama (BENCH_SPEC: 28 layers, ~1 GB; `--spec demo`: 12 layers, ~400 MB; `--spec
+7b-2layer`: two layers of Qwen2-7B's shapes, ~1 GB; `--spec 7b`: all 28, ~15 GB). B has
 A's config, shards and names, each tensor A's plus seeded noise w + 0.01 * max(std(w), |mean(w)|) * randn
 (the |mean| term changes the RMSNorm weights too: near 1.0 a bf16 ulp is 2^-7), written once under
 default_cache_dir()/reload-bench-B-<spec>. Rows, per scheme q of `--schemes` (none: unquantized bf16):
@@ -71,13 +72,12 @@ import torch  # noqa: E402
 from streamquant.api import load_model  # noqa: E402
 from streamquant.checkpoint.reader import SAFETENSORS_INDEX, checkpoint_bytes, iterate_weights  # noqa: E402
 from streamquant.checkpoint.synthetic import (  # noqa: E402
-    BENCH_SPEC, DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint)
+    BENCH_SPECS, default_cache_dir, ensure_synthetic_checkpoint)
 from streamquant.launch import launch  # noqa: E402
 from streamquant.loading.streaming import largest_layer_staging_bytes  # noqa: E402
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
 from streamquant.reload import Reloader, inference_tensors, reload_weights  # noqa: E402
 
-SPECS = {"bench": BENCH_SPEC, "demo": DEMO_SPEC}
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
 KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-budget", "reload-atomic", "reloader",
          "reloader-atomic", "sync")
@@ -260,8 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--spec", choices=sorted(SPECS), default="bench",
-                        help="synthetic checkpoint: bench (28 layers, ~1 GB bf16) or demo (12 layers, ~400 MB)")
+    parser.add_argument("--spec", choices=sorted(BENCH_SPECS), default="bench",
+                        help="synthetic checkpoint: bench (28 layers, hidden 1024, ~1 GB bf16), demo (12 layers, ~400 MB), "
+                             "7b-2layer (two layers of Qwen2-7B's shapes, hidden 3584 / intermediate 18944, ~1 GB) "
+                             "or 7b (all 28 such layers, vocab 152064, ~15.2 GB: needs ~16 GB free memory and disk)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh child processes per configuration (default 3)")
     parser.add_argument("--schemes", default="fp8",
                         help=f"comma-separated subset of {','.join(SCHEMES)} (none: unquantized bf16; default fp8)")
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
                                                       "JSON line (NAME: floor, cold:fp8, reload-memory:none, ...)")
     args = parser.parse_args(argv)
-    a = ensure_synthetic_checkpoint(default_cache_dir(), SPECS[args.spec])
+    a = ensure_synthetic_checkpoint(default_cache_dir(), BENCH_SPECS[args.spec])
     b, b_marker = ensure_checkpoint_b(a, args.spec)
     if args.one:
         print(MARKER + json.dumps(run_one(args.one, a, b)), flush=True)

@@ -68,10 +68,10 @@ class LoadReport:
 
     checkpoint_bytes: int  # bytes of tensor data in the checkpoint files (all ranks read the same files)
     model_bytes: int  # bytes of unique parameter and buffer storage of the model on this rank
-    load_seconds: float  # wall time of the whole `load_model` call
+    load_seconds: float  # wall time of the `load_model` call, less `quantization_error["measure_seconds"]`
     quantization: str | None = None  # the scheme, None when unquantized
     fp8_weight_bytes: int = 0  # bytes of fp8 weights on this rank (scales not included)
-    quantization_error: dict | None = None  # `QuantErrorLog.summary()` when measure_error=True
+    quantization_error: dict | None = None  # `QuantErrorLog.summary()` when measure_error=True (its own seconds)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -244,7 +244,8 @@ def load_model(
     model.load_report = LoadReport(
         checkpoint_bytes=checkpoint_bytes(checkpoint),
         model_bytes=model_storage_bytes(model),
-        load_seconds=time.perf_counter() - start,
+        load_seconds=time.perf_counter() - start - (quant_config.error_log.seconds if quant_config and
+                                                     quant_config.error_log else 0.0),
         quantization=quantization,
         fp8_weight_bytes=fp8_weight_bytes(model),
         quantization_error=quant_config.error_log.summary() if quant_config and quant_config.error_log else None,

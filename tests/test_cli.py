@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_load_writes_json(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "fp8-block"])
 def test_load_fp8_reports_quantization(checkpoint, tmp_path, capsys, scheme):
     out = tmp_path / "load.json"
-    assert cli.main(["load", str(checkpoint), "--quantization", scheme, "--json", str(out)]) == 0
+    assert cli.main(["load", str(checkpoint), "--quantization", scheme, "--measure-error", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["quantization"] == scheme
     assert 0 < result["fp8_weight_bytes"] < result["model_bytes"]
@@ -86,6 +87,20 @@ def test_load_fp8_reports_quantization(checkpoint, tmp_path, capsys, scheme):
     assert max(b for _, b in timeline) <= result["peak_memory_bytes"]
     text = capsys.readouterr().out
     assert "weight SQNR dB" in text and "fp8 weight bytes" in text
+
+
+def test_load_measures_error_only_when_asked_and_apart_from_load_seconds(checkpoint, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    start = time.perf_counter()
+    assert cli.main(["load", str(checkpoint), "--quantization", "fp8", "--measure-error", "--json", str(out)]) == 0
+    wall = time.perf_counter() - start
+    result = json.loads(out.read_text())
+    measure = result["quantization_error"]["measure_seconds"]
+    assert measure > 0 and result["load_seconds"] + measure <= wall  # the two never overlap
+    assert cli.main(["load", str(checkpoint), "--quantization", "fp8", "--json", str(out)]) == 0
+    assert "quantization_error" not in json.loads(out.read_text())
+    assert cli.main(["load", str(checkpoint), "--measure-error"]) == 2
+    assert "--measure-error needs --quantization" in capsys.readouterr().err
 
 
 def test_unquantized_load_reports_no_quantization(checkpoint, tmp_path):

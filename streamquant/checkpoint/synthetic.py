@@ -91,6 +91,13 @@ DEMO_SPEC = SyntheticSpec(num_layers=12, hidden_size=1024, intermediate_size=281
                           num_kv_heads=4, vocab_size=32000)  # about 400 MB in bf16
 BENCH_SPEC = SyntheticSpec(num_layers=28, hidden_size=1024, intermediate_size=4096, num_heads=8,
                            num_kv_heads=4, vocab_size=32000)  # about 1.0 GB in bf16
+QWEN2_7B_2LAYER_SPEC = SyntheticSpec(num_layers=2, hidden_size=3584, intermediate_size=18944, num_heads=28,
+                                     num_kv_heads=4, vocab_size=32000)  # Qwen2-7B's layer shapes, about 1.0 GB
+QWEN2_7B_SPEC = SyntheticSpec(num_layers=28, hidden_size=3584, intermediate_size=18944, num_heads=28,
+                              num_kv_heads=4, vocab_size=152064,
+                              max_shard_bytes=4 * 2**30)  # Qwen2-7B's shapes (Llama layout), about 15.2 GB
+# Named presets of the benchmarks (`--spec NAME`): the small default shapes and real 7B shapes.
+BENCH_SPECS = {"demo": DEMO_SPEC, "bench": BENCH_SPEC, "7b-2layer": QWEN2_7B_2LAYER_SPEC, "7b": QWEN2_7B_SPEC}
 TINY_SPEC = SyntheticSpec(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4,
                           num_kv_heads=2, vocab_size=512, max_position_embeddings=256,
                           max_shard_bytes=256 * 1024)  # under 1 MB, four shards

@@ -3,7 +3,8 @@
 A `QuantErrorLog` belongs to one load (the quant config that load made owns it); the fp8 methods
 record, for every logical weight they quantize, the energy of the high-precision weight and of the
 error `w - dequant(quant(w))`. SQNR in dB is `10 * log10(signal / noise)`; an exact quantization
-(noise 0) is +inf dB. Measuring costs two extra passes over each weight, so it is opt-in.
+(noise 0) is +inf dB. Measuring costs two extra passes over each weight (about the time of the
+quantization itself), so it is opt-in, and its seconds are kept apart from the load's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class QuantErrorLog:
     """(label, signal energy, noise energy) per logical weight, in the order they were quantized."""
 
     entries: list[tuple[str, float, float]] = field(default_factory=list)
-    seconds: float = 0.0  # time spent measuring (included in the load's time)
+    seconds: float = 0.0  # time spent measuring (`LoadReport.load_seconds` leaves it out)
 
     def record(self, label: str, signal: float, noise: float) -> None:
         self.entries.append((label, signal, noise))

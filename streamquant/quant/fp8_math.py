@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streamquant.quant.fp8_convert import fp8_to_float32
 from streamquant.quant.granularity import (
     Granularity,
     Piece,
@@ -46,9 +47,13 @@ from streamquant.quant.granularity import (
     window_pieces,
 )
 
-# Elements per eager processing chunk. CPU: keeps temporaries in cache (2-3x faster than one pass);
-# accelerators: bounds the float32 temporary (64 MiB) while keeping kernel launches few.
-CHUNK_ELEMENTS = 1 << 18
+# Elements per eager processing chunk. CPU: 2 MiB of bf16 keeps the pass's temporaries and output
+# in cache (one whole-tensor pass is ~2x slower) while each weight takes few kernel calls: every
+# call is an intra-op parallel region whose thread wake-up costs far more on a loaded or
+# oversubscribed machine than its work (`benchmarks/kernels.py --chunk-elements` compares sizes;
+# 2^20 beat 2^18 at every shape measured, 2^22 and up lose the cache). Accelerators: bounds the
+# float32 temporary (64 MiB) while keeping kernel launches few.
+CHUNK_ELEMENTS = 1 << 20
 DEVICE_CHUNK_ELEMENTS = 1 << 24
 _FLOAT_BITS_AS_INT = ((torch.bfloat16, torch.int16), (torch.float16, torch.int16),
                       (torch.float32, torch.int32), (torch.float64, torch.int64))
@@ -259,7 +264,7 @@ def dequantize_window(
         src = q[..., offset : offset + sub.rows, :]
         dst = out[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            values = _view(src, piece).to(torch.float32)
+            values = fp8_to_float32(_view(src, piece))
             _view(dst, piece).copy_(values.mul_(_scale_view(local_scale_grid, piece, base)))
     return out
 

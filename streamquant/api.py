@@ -182,11 +182,11 @@ def _move_buffers_(model: torch.nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buf.to(device)
 
 
-def _load_naive(model: torch.nn.Module, checkpoint: Path, device: str | torch.device) -> None:
+def _load_naive(model: torch.nn.Module, checkpoint: Path, device: str | torch.device, check_finite: bool) -> None:
     """Every checkpoint-format weight in memory first, then quantize (the baseline streaming beats)."""
     for param in loadable_parameters(model).values():
         materialize_(param, device)
-    load_weights(model, iterate_weights(checkpoint), model.weight_mapping, strict=True)
+    load_weights(model, iterate_weights(checkpoint), model.weight_mapping, strict=True, check_finite=check_finite)
     process_weights_after_loading(model)
 
 
@@ -202,6 +202,7 @@ def load_model(
     staging_budget: int | None = None,
     offload_before_quant: bool = False,
     quantize_on: str | None = None,
+    check_finite: bool = True,
     **options: Any,
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
@@ -217,6 +218,8 @@ def load_model(
     and places only quantized weights on `device`; `quantize_on` ("device", the default, or "cpu")
     says where each complete layer is quantized (see `loading/offload.py`). A model loaded so
     keeps the plan (`model.offload_plan`), and `reload_weights` stages the same way.
+    Every checkpoint tensor must be bf16 / fp16 / fp32 / fp64 and, unless `check_finite=False`
+    (saves one `aminmax` pass per tensor, a few percent), free of NaN and Inf (`loading/validate.py`).
     The returned model is in eval mode and carries `model.load_report` (a `LoadReport`).
     """
     start = time.perf_counter()
@@ -235,9 +238,10 @@ def load_model(
     check_ignore_patterns(model, quant_config)
     if streaming:
         stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict,
+                       check_finite=check_finite,
                        staging_budget=staging_budget, offload=offload)
     else:
-        _load_naive(model, checkpoint, device)
+        _load_naive(model, checkpoint, device, check_finite)
     _move_buffers_(model, torch.device(device))
     model.offload_plan = offload
     model.eval()

@@ -48,6 +48,7 @@ from streamquant.loading.loader import (
 )
 from streamquant.loading.materialize import StagingPool, align_up, byte_view
 from streamquant.loading.streaming import StreamingLoadSession, staging_pool
+from streamquant.loading.validate import is_finite
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 
@@ -59,19 +60,9 @@ def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
     return weights
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN / Inf: min and max propagate both (one pass, no tensor-sized temporary; 20x faster
-    than `isfinite(t).all()` on CPU bf16). fp8 codes are widened first (aminmax has no fp8 kernel)."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(tensor.float() if tensor.dtype.itemsize == 1 else tensor)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def _checked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _tracked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights`, recording each name as it is handed on (what a failure may have written)."""
     for name, tensor in weights:
-        if not _finite(tensor):
-            raise NonFiniteWeightError(f"checkpoint tensor {name!r} holds NaN or Inf; refusing to reload it")
         seen.append(name)
         yield name, tensor
 
@@ -92,7 +83,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
                    strict: bool = True, atomic: bool = False, staging_budget: int | None = None,
-                   transient_source: bool = False) -> set[str]:
+                   transient_source: bool = False, check_finite: bool = True) -> set[str]:
     """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
 
     `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
@@ -100,13 +91,15 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     (bytes) bounds the high-precision staging when tensors arrive out of layer order: later
     layers' tensors are held as references until budget frees (accelerator tensors spill to host
     memory; with `transient_source=True`, for a source that reuses a tensor's storage once the next
-    one is requested, every deferred tensor is copied). Increments `model.weights_version` on
+    one is requested, every deferred tensor is copied). `check_finite=False` skips the NaN / Inf
+    check of every incoming tensor (one `aminmax` pass each). Increments `model.weights_version` on
     success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
     `Reloader` keeps them for the next.
     """
     snapshot = WeightSnapshot(model) if atomic else None
     return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, snapshot=snapshot,
-                   staging_budget=staging_budget, transient_source=transient_source, pool=None)
+                   staging_budget=staging_budget, transient_source=transient_source, pool=None,
+                   check_finite=check_finite)
 
 
 class WeightSnapshot:
@@ -154,8 +147,10 @@ class Reloader:
     buffers. Same guarantees as `reload_weights`."""
 
     def __init__(self, model: torch.nn.Module, *, atomic: bool = False, strict: bool = True,
-                 staging_budget: int | None = None, snapshot_device: torch.device | str | None = None):
+                 staging_budget: int | None = None, snapshot_device: torch.device | str | None = None,
+                 check_finite: bool = True):
         self.model, self.strict, self.staging_budget = model, strict, staging_budget
+        self.check_finite = check_finite
         self.snapshot = WeightSnapshot(model, snapshot_device, save=False) if atomic else None
         self.pool = staging_pool(_device(model), getattr(model, "offload_plan", None))
 
@@ -165,7 +160,7 @@ class Reloader:
             self.snapshot.save(self.model)
         return _reload(self.model, weights, checkpoint_format=checkpoint_format, strict=self.strict,
                        snapshot=self.snapshot, staging_budget=self.staging_budget,
-                       transient_source=transient_source, pool=self.pool)
+                       transient_source=transient_source, pool=self.pool, check_finite=self.check_finite)
 
     @property
     def held_bytes(self) -> int:
@@ -179,15 +174,15 @@ class Reloader:
 
 def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool,
             snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
-            pool: StagingPool | None) -> set[str]:
+            pool: StagingPool | None, check_finite: bool = True) -> set[str]:
     seen: list[str] = []
     if checkpoint_format:
         session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
                                        staging_budget=staging_budget, transient_source=transient_source, pool=pool,
-                                       offload=getattr(model, "offload_plan", None))
+                                       offload=getattr(model, "offload_plan", None), check_finite=check_finite)
         try:
             with torch.no_grad():
-                session.load_all(_checked(_tensors(weights), seen))
+                session.load_all(_tracked(_tensors(weights), seen))
             session.check_complete()
         except BaseException as exc:
             session.abort()
@@ -200,7 +195,7 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
         loaded = session.loaded
     else:
         try:
-            loaded = _copy_processed(model, _checked(_tensors(weights), seen), strict)
+            loaded = _copy_processed(model, _tracked(_tensors(weights), seen), strict, check_finite)
         except BaseException as exc:
             _fail(model, snapshot, seen, exc)
             raise
@@ -209,7 +204,8 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
     return loaded
 
 
-def _copy_processed(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], strict: bool) -> set[str]:
+def _copy_processed(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], strict: bool,
+                    check_finite: bool) -> set[str]:
     """checkpoint_format=False: copy tensors in the model's own format into place, checked exactly."""
     targets = inference_tensors(model)
     done: set[str] = set()
@@ -225,6 +221,8 @@ def _copy_processed(model: torch.nn.Module, weights: Iterable[tuple[str, torch.T
         if tensor.shape != target.shape or tensor.dtype != target.dtype:
             raise WeightLoadError(f"{name!r}: expected {target.dtype} {list(target.shape)} (this rank's processed "
                                   f"tensor), received {tensor.dtype} {list(tensor.shape)}")
+        if check_finite and not is_finite(tensor):
+            raise NonFiniteWeightError(f"{name!r} holds NaN or Inf; refusing to reload it")
         with torch.no_grad():
             target.copy_(tensor)
         done.add(name)

@@ -23,7 +23,8 @@ from streamquant.loading.loader import MissingWeightsError, NonFiniteWeightError
 from streamquant.models.base import ModelNotReadyError
 from streamquant.loading.streaming import largest_layer_staging_bytes
 from streamquant.parallel import TPContext
-from streamquant.reload import _finite, inference_tensors, reload_weights
+from streamquant.loading.validate import is_finite as _finite
+from streamquant.reload import inference_tensors, reload_weights
 
 from hf_cases import CASES, make_checkpoint
 

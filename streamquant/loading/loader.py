@@ -3,8 +3,9 @@
 `WeightLoadSession` owns the per-load state (what was loaded, what each parameter received) and
 nothing else keeps any. For every `(name, tensor)` it maps the name through the model's
 `WeightMapping`, calls the target parameter's `weight_loader` and records the regions that loader
-says it wrote. Strict by default: an unknown name, a tensor seen twice, a shape that does not fit
-and a parameter left incomplete each raise an error naming the tensor and the parameter.
+says it wrote. Strict by default: an unknown name, a tensor seen twice, a shape that does not fit,
+a dtype no weight can come from, a NaN / Inf (`validate.py`) and a parameter left incomplete each
+raise an error naming the tensor and the parameter.
 """
 
 from __future__ import annotations
@@ -14,37 +15,17 @@ from collections.abc import Iterable
 import torch
 
 from streamquant.loading.coverage import Coverage, DuplicateWriteError
+from streamquant.loading.errors import (  # noqa: F401  (the errors' historical home: importable from here too)
+    DuplicateWeightError,
+    MissingWeightsError,
+    NonFiniteWeightError,
+    UnexpectedWeightError,
+    WeightDtypeError,
+    WeightLoadError,
+)
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.materialize import StagingPool, release_
-
-
-class WeightLoadError(ValueError):
-    """A checkpoint does not fit the model it is loaded into."""
-
-
-class UnexpectedWeightError(WeightLoadError):
-    """A checkpoint tensor has no parameter in the model."""
-
-
-class DuplicateWeightError(WeightLoadError):
-    """A checkpoint tensor arrived twice, or two tensors wrote the same elements."""
-
-
-class MissingWeightsError(WeightLoadError):
-    """Some parameters were not (fully) written when the checkpoint ended."""
-
-
-class NonFiniteWeightError(WeightLoadError):
-    """A checkpoint weight holds NaN or Inf, found when its layer was processed.
-
-    `param` is the parameter's name as its module holds it ("weight"), `index` the position of
-    one non-finite element in it; a load session turns them into the checkpoint tensor's name.
-    """
-
-    def __init__(self, message: str, *, param: str = "", index: tuple[int, ...] = ()):
-        super().__init__(message)
-        self.param = param
-        self.index = index
+from streamquant.loading.validate import check_tensor
 
 
 def module_loadables(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -75,10 +56,12 @@ def loadable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]
 class WeightLoadSession:
     """One pass of checkpoint tensors into `model`'s parameters."""
 
-    def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, strict: bool = True):
+    def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, strict: bool = True,
+                 check_finite: bool = True):
         self.model = model
         self.mapping = mapping
         self.strict = strict
+        self.check_finite = check_finite  # NaN / Inf in any tensor fails the load (`validate.check_tensor`)
         self.params = loadable_parameters(model)
         self.coverage = {name: Coverage(p.shape) for name, p in self.params.items()}
         self.loaded: set[str] = set()
@@ -103,6 +86,7 @@ class WeightLoadSession:
                 )
             self.unexpected.append(name)
             return None
+        check_tensor(name, tensor, finite=self.check_finite)
         self.before_write(param_name)
         try:
             regions = param.weight_loader(param, tensor, **kwargs)
@@ -154,10 +138,11 @@ class WeightLoadSession:
 
 
 def load_weights(
-    model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *, strict: bool = True
+    model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *, strict: bool = True,
+    check_finite: bool = True,
 ) -> set[str]:
     """Load every tensor of `weights` into `model`; returns the checkpoint names loaded."""
-    session = WeightLoadSession(model, mapping, strict=strict)
+    session = WeightLoadSession(model, mapping, strict=strict, check_finite=check_finite)
     loaded = session.load_all(weights)
     session.check_complete()
     return loaded

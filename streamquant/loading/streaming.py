@@ -75,8 +75,8 @@ class StreamingLoadSession(WeightLoadSession):
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, device: torch.device | str,
                  strict: bool = True, fill: float | None = None, staging_budget: int | None = None,
                  transient_source: bool = False, pool: StagingPool | None = None,
-                 offload: OffloadPlan | None = None):
-        super().__init__(model, mapping, strict=strict)
+                 offload: OffloadPlan | None = None, check_finite: bool = True):
+        super().__init__(model, mapping, strict=strict, check_finite=check_finite)
         self.staging_budget = staging_budget
         self.transient_source = transient_source
         self.spilled_bytes = 0  # deferred tensors copied to host memory (accelerator or transient sources)
@@ -231,10 +231,11 @@ class StreamingLoadSession(WeightLoadSession):
 def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *,
                    device: torch.device | str, strict: bool = True, fill: float | None = None,
                    staging_budget: int | None = None, transient_source: bool = False,
-                   offload: OffloadPlan | None = None) -> StreamingLoadSession:
+                   offload: OffloadPlan | None = None, check_finite: bool = True) -> StreamingLoadSession:
     """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers)."""
     session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
-                                   staging_budget=staging_budget, transient_source=transient_source, offload=offload)
+                                   staging_budget=staging_budget, transient_source=transient_source, offload=offload,
+                                   check_finite=check_finite)
     try:
         session.load_all(weights)
         session.check_complete()

@@ -50,11 +50,15 @@ from streamquant.quant.granularity import (
 # Elements per eager processing chunk. CPU: 2 MiB of bf16 keeps the pass's temporaries and output
 # in cache (one whole-tensor pass is ~2x slower) while each weight takes few kernel calls: every
 # call is an intra-op parallel region whose thread wake-up costs far more on a loaded or
-# oversubscribed machine than its work (`benchmarks/kernels.py --chunk-elements` compares sizes;
+# oversubscribed machine than its work (`benchmarks/fp8_kernels.py --chunk-elements` compares sizes;
 # 2^20 beat 2^18 at every shape measured, 2^22 and up lose the cache). Accelerators: bounds the
 # float32 temporary (64 MiB) while keeping kernel launches few.
 CHUNK_ELEMENTS = 1 << 20
 DEVICE_CHUNK_ELEMENTS = 1 << 24
+# Compiled code has a fixed cost per call (guards, wrapper: ~0.3-0.5 ms on CPU): below this many
+# elements a window takes the eager kernel even with compiled=True, so compiled is never the slower
+# (`benchmarks/fp8_kernels.py`: compiled lost below ~2M elements and won from ~4M, up to 2x at 68M).
+COMPILED_MIN_ELEMENTS = 1 << 22
 _FLOAT_BITS_AS_INT = ((torch.bfloat16, torch.int16), (torch.float16, torch.int16),
                       (torch.float32, torch.int32), (torch.float64, torch.int64))
 
@@ -225,8 +229,9 @@ def quantize_window_(
 ) -> torch.Tensor:
     """Write `clamp(w / scale, +-max).to(fp8)` into `out_fp8` in place (its storage is kept); returns it.
 
-    `compiled=True` runs inductor-compiled code on CPU tensors (bitwise the same codes, several
-    times faster after a first compile of seconds); other devices run eager code either way.
+    `compiled=True` runs inductor-compiled code on CPU windows of COMPILED_MIN_ELEMENTS or more
+    (bitwise the same codes, up to 2x faster after a first compile of seconds); smaller windows and
+    other devices run eager code either way.
     `scales_cover_amax=True` is the caller's promise that the scales came from `scale_from_amax`
     of amaxes at least the tiles' (as in `quantize`): the clamp is then provably a no-op and the
     eager code skips it (`_quantize_piece_unclamped`).
@@ -239,7 +244,7 @@ def quantize_window_(
     if torch.promote_types(w_local.dtype, torch.float32) != torch.float32:
         w_local = w_local.float()  # the formula divides in float32, never in float64
     base = (window.row0 // tile[0], window.col0 // tile[1])
-    compiled = compiled and w_local.device.type == "cpu"
+    compiled = compiled and w_local.device.type == "cpu" and w_local.numel() >= COMPILED_MIN_ELEMENTS
     if compiled:
         quantize_piece = torch.compile(_quantize_piece, dynamic=True)
     else:

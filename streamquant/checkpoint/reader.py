@@ -12,6 +12,11 @@ Invariants:
   only when a tensor is touched and writing to a tensor never changes the file.
 - Every failure a user can cause (missing config, missing or corrupt shard, unreachable hub id,
   malformed config or index) is a ``CheckpointError`` naming the path or file at fault.
+- Nothing from a checkpoint runs: shards named by an index stay inside its directory (no absolute
+  paths, no ``..``, no folder symlinked outside; a symlinked shard file, as in the Hugging Face
+  cache, is followed), ``config.json`` is parsed with ``trust_remote_code=False`` (an ``auto_map``
+  that would need the checkpoint's code is refused, never prompted for), and ``.bin`` files are
+  unpickled with ``weights_only=True`` (a pickle that wants more is refused).
 
 Limitations: ``.bin`` files must use torch's zipfile format (the default since torch 1.6),
 because mmap loading needs it. Duplicate tensor names across files are passed through; the
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import pickle
 from collections.abc import Iterator
 
 import huggingface_hub
@@ -105,16 +111,36 @@ def _index_shards(index_path: pathlib.Path) -> list[pathlib.Path]:
     """Shard files named by an index's weight_map, deduplicated, sorted, all present."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(weight_map.values()), key=str)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"malformed index {index_path}: {type(exc).__name__}: {exc}") from exc
     if not names:
         raise CheckpointError(f"index {index_path} has an empty weight_map")
-    shards = [index_path.parent / name for name in names]
+    shards = [_inside(index_path, name) for name in names]
     missing = [name for name, shard in zip(names, shards) if not shard.is_file()]
     if missing:
         raise CheckpointError(f"index {index_path} names missing shard(s): {', '.join(missing)}")
     return shards
+
+
+def _inside(index_path: pathlib.Path, name: object) -> pathlib.Path:
+    """The shard `name` of an index, refused unless it stays inside the checkpoint directory.
+
+    A name is a relative path with no `..` part whose folders (resolved, symlinks followed) are the
+    directory or below it; the file itself may be a symlink (the Hugging Face cache stores shards
+    so, pointing into its blobs folder).
+    """
+    directory = index_path.parent
+    pure = pathlib.PurePosixPath(name) if isinstance(name, str) else None
+    if (pure is None or not name or pure.is_absolute() or ".." in pure.parts or "\\" in name
+            or pathlib.PureWindowsPath(name).drive):
+        raise CheckpointError(f"index {index_path} names shard {name!r}, which is not a file inside the checkpoint "
+                              "directory (absolute paths and '..' are refused)")
+    shard = directory / pure
+    if not shard.parent.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"index {index_path} names shard {name!r}, whose folder leads outside the checkpoint "
+                              "directory (through a symlink)")
+    return shard
 
 
 def iterate_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
@@ -139,7 +165,11 @@ def _iterate_safetensors(file: pathlib.Path) -> Iterator[tuple[str, torch.Tensor
 def _iterate_bin(file: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: the file wants code run
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{file} holds more than tensors (its pickle would run code, which streamquant never "
+                              f"allows; convert it to safetensors): {first}") from exc
+    except (RuntimeError, OSError, ValueError, EOFError) as exc:
         raise CheckpointError(f"cannot mmap-load {file}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict")
@@ -159,9 +189,24 @@ def load_hf_config(path: str | os.PathLike) -> transformers.PreTrainedConfig:
     """The checkpoint's ``config.json`` parsed by ``transformers.AutoConfig``."""
     directory = pathlib.Path(path)
     _require_config(directory)
-    try:
-        return transformers.AutoConfig.from_pretrained(directory)
+    auto_map = _auto_map(directory)
+    try:  # never the checkpoint's own Python: no prompt, no import of its code, whatever config.json says
+        return transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
+        if auto_map:
+            raise CheckpointError(
+                f"{directory / CONFIG_FILE} needs the checkpoint's own Python code (auto_map: {auto_map}), which "
+                "streamquant never runs; not supported"
+            ) from exc
         raise CheckpointError(
             f"malformed {directory / CONFIG_FILE}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _auto_map(directory: pathlib.Path) -> dict | None:
+    """config.json's `auto_map` (classes defined by code shipped with the checkpoint), if any."""
+    try:
+        value = json.loads((directory / CONFIG_FILE).read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, dict) and value else None

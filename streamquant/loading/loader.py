@@ -62,6 +62,10 @@ class WeightLoadSession:
         self.mapping = mapping
         self.strict = strict
         self.check_finite = check_finite  # NaN / Inf in any tensor fails the load (`validate.check_tensor`)
+        # checkpoint-format inputs of quant methods: their amax pass (which reads every element
+        # anyway) refuses NaN / Inf, whatever check_finite says, so they are not read twice
+        self.finite_checked_later = {id(p) for m in model.modules()
+                                     for p in (getattr(m, "checkpoint_params", None) or {}).values()}
         self.params = loadable_parameters(model)
         self.coverage = {name: Coverage(p.shape) for name, p in self.params.items()}
         self.loaded: set[str] = set()
@@ -86,7 +90,7 @@ class WeightLoadSession:
                 )
             self.unexpected.append(name)
             return None
-        check_tensor(name, tensor, finite=self.check_finite)
+        check_tensor(name, tensor, finite=self.check_finite and id(param) not in self.finite_checked_later)
         self.before_write(param_name)
         try:
             regions = param.weight_loader(param, tensor, **kwargs)

@@ -9,7 +9,11 @@ errors, naming the checkpoint tensor:
     reader for it), are refused: `WeightDtypeError`;
   - values: no NaN or Inf anywhere (`NonFiniteWeightError`), checked with one `aminmax` pass (min
     and max propagate NaN and reach +-Inf; no tensor-sized temporary; ~20x faster than
-    `isfinite(t).all()` on CPU bf16, a few percent of a load's time). `finite=False` skips it.
+    `isfinite(t).all()` on CPU bf16). `finite=False` skips it. Tensors a quant method quantizes are
+    not checked here: its amax pass reads every element anyway and refuses NaN / Inf itself (always,
+    as NaN scales would be garbage), naming the checkpoint tensor. Measured cost of the check on a
+    two-layer 7B-shaped checkpoint (1.3 GB, CPU): +20% of a bf16 load (every tensor checked), ~+5%
+    of an fp8 load (only embeddings, LM head and norms are checked here).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
-from streamquant.checkpoint.reader import CheckpointError
+from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
-from streamquant.generation import generate_with_logits
+from streamquant.cli_input import check_device, check_json_path, count, prompt_ids
+from streamquant.generation import check_request, generate_with_logits
 from streamquant.launch import LaunchError, init_from_env, launch, shutdown, under_torchrun
 from streamquant.loading.loader import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
@@ -46,14 +47,13 @@ DEMO_NEW_TOKENS = 8
 EXIT_BAD_INPUT = 2
 
 
-def _prompt_ids(text: str) -> list[int]:
-    try:
-        ids = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"expected at least one non-negative token id, got {text!r}")
-    return ids
+def _check_request(options: dict[str, Any]) -> None:
+    """Generation requests checked against the checkpoint's config before the (long) load."""
+    if options["command"] == "load":
+        return
+    config = load_hf_config(resolve_checkpoint(options["path"]))
+    prompt = torch.tensor([options["prompt_ids"]], dtype=torch.long)
+    check_request(config, prompt, options["max_new_tokens"])
 
 
 def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "the weights; their seconds are reported apart, not in load seconds)")
     gen = commands.add_parser("generate", help="load a checkpoint and generate tokens greedily")
     gen.add_argument("path", help="checkpoint directory or Hugging Face hub id")
-    gen.add_argument("--prompt-ids", type=_prompt_ids, required=True, metavar="IDS",
+    gen.add_argument("--prompt-ids", type=prompt_ids, required=True, metavar="IDS",
                      help="prompt token ids, comma-separated (e.g. 1,2,3)")
-    gen.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="number of tokens to generate")
+    gen.add_argument("--max-new-tokens", type=count, required=True, metavar="N",
+                     help="number of tokens to generate (prompt + N must fit the model's max_position_embeddings)")
     _add_loading_flags(gen)
     demo = commands.add_parser("demo", help="write a small synthetic checkpoint (no network), load it, generate")
     demo.add_argument("--cache-dir", type=Path, default=None,
@@ -166,6 +167,7 @@ def run_command(options: dict[str, Any]) -> dict[str, Any]:
     streaming, reports both and checks that the two models are bitwise equal.
     """
     naive = None
+    _check_request(options)
     if options["command"] == "demo" and options["quantization"]:
         naive, naive_result = _load({**options, "streaming": False, "offload_before_quant": False,
                                      "quantize_on": None})
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamquant: error: --tp must be >= 1, got {args.tp}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        check_device(args.device)
+        check_json_path(args.json)
         result = _dispatch(_options(args))
     except LaunchError as exc:
         if not isinstance(exc.exception, USER_ERRORS):

@@ -58,6 +58,12 @@ def resolve_checkpoint(
     ``HF_HUB_OFFLINE``; only json, safetensors and bin files are fetched.
     """
     local = pathlib.Path(path_or_id).expanduser()
+    try:
+        local.stat()
+    except PermissionError:
+        raise CheckpointError(f"cannot read {local}: permission denied") from None
+    except OSError:
+        pass  # absent: maybe a hub id
     if local.is_dir():
         if revision is not None:
             raise CheckpointError(f"{local} is a local directory; revision={revision!r} does not apply")
@@ -80,8 +86,17 @@ def resolve_checkpoint(
 
 
 def _require_config(directory: pathlib.Path) -> None:
-    if not (directory / CONFIG_FILE).is_file():
-        raise CheckpointError(f"checkpoint directory {directory} has no {CONFIG_FILE}")
+    """The directory's config.json must exist and be readable (unreadable is said so, not "missing")."""
+    config = directory / CONFIG_FILE
+    try:
+        with open(config, "rb"):
+            pass
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint directory {directory} has no {CONFIG_FILE}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{config} is a directory, not a file") from None
+    except PermissionError:
+        raise CheckpointError(f"cannot read {config}: permission denied") from None
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:

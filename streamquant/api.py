@@ -30,7 +30,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from streamquant.checkpoint.reader import checkpoint_bytes, iterate_weights, load_hf_config, resolve_checkpoint
+from streamquant.checkpoint.config_sizes import check_config_sizes, check_model_fits
+from streamquant.checkpoint.reader import (
+    checkpoint_bytes,
+    checkpoint_shapes,
+    iterate_weights,
+    load_hf_config,
+    resolve_checkpoint,
+)
 from streamquant.loading.loader import load_weights, loadable_parameters, process_weights_after_loading
 from streamquant.loading.materialize import materialize_
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, OffloadPlan
@@ -233,8 +240,12 @@ def load_model(
     checkpoint = resolve_checkpoint(path)
     hf_config = load_hf_config(checkpoint)
     model_class = get_model_class(hf_config)
+    shapes = checkpoint_shapes(checkpoint)
+    check_config_sizes(hf_config, shapes)
     with torch.device("meta"):
         model = model_class(hf_config, tp=tp, quant_config=quant_config, params_dtype=params_dtype)
+    if strict:  # strict=False may load a partial checkpoint on purpose
+        check_model_fits(model, loadable_parameters(model), shapes)
     check_ignore_patterns(model, quant_config)
     if streaming:
         stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict,

@@ -22,9 +22,9 @@ import torch
 from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
 from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
-from streamquant.cli_input import check_device, check_json_path, count, prompt_ids
+from streamquant.cli_input import check_device, check_json_path, count, is_peer_failure, positive_seconds, prompt_ids
 from streamquant.generation import check_request, generate_with_logits
-from streamquant.launch import LaunchError, init_from_env, launch, shutdown, under_torchrun
+from streamquant.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
 from streamquant.loading.loader import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
@@ -78,6 +78,9 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
         help=f"with --offload-before-quant: quantize each layer on the device (one bf16 layer there at a time) "
              f"or on the cpu (the device never holds bf16 weights) (default: {DEFAULT_QUANTIZE_ON})")
     add("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to FILE")
+    add("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help=f"with --tp or torchrun: how long a collective waits for another rank before failing "
+             f"(default: {DEFAULT_TIMEOUT_S:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +202,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _dispatch(options: dict[str, Any]) -> dict[str, Any] | None:
     """Run on the right ranks; rank 0's result, or None on the other torchrun ranks."""
     if under_torchrun():
-        tp = init_from_env(options["device"])
+        tp = init_from_env(options["device"], options["timeout"])
         try:
             if options["tp"] not in (None, tp.size):
                 raise ValueError(f"--tp {options['tp']} does not match torchrun's world size {tp.size}")
@@ -208,7 +211,7 @@ def _dispatch(options: dict[str, Any]) -> dict[str, Any] | None:
             shutdown()
         return result if tp.rank == 0 else None
     if (options["tp"] or 1) > 1:
-        return launch(run_command, options["tp"], options, device=options["device"])
+        return launch(run_command, options["tp"], options, device=options["device"], timeout_s=options["timeout"])
     return run_command(options)
 
 
@@ -267,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         check_json_path(args.json)
         result = _dispatch(_options(args))
     except LaunchError as exc:
+        if exc.exception is None or is_peer_failure(exc.exception):  # died, or a peer did
+            cause = _one_line(exc.exception) if exc.exception is not None else str(exc).splitlines()[0]
+            print(f"streamquant: error: rank {exc.rank}: {cause} (the other ranks were ended)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if not isinstance(exc.exception, USER_ERRORS):
             raise
         print(f"streamquant: error: rank {exc.rank}: {_one_line(exc.exception)}", file=sys.stderr)

@@ -63,3 +63,23 @@ def check_json_path(path: Path | None) -> None:
         raise ValueError(f"--json {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"--json {path}: permission denied")
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+# What gloo / NCCL say when a peer is gone or silent (a timeout, a closed connection).
+PEER_FAILURE_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                        "connection refused")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether a rank's exception says that another rank died or stopped answering."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS)

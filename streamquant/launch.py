@@ -6,6 +6,8 @@ over `tcp://127.0.0.1:<free port>` (on CPU each rank gets cpu_count // N threads
 OMP_NUM_THREADS is set), runs `fn(*args)`, always destroys the group, and sends back
 either its pickled result (only rank 0's is kept) or its traceback. The first failure terminates
 the other ranks (they would otherwise wait in a collective) and raises `LaunchError` in the parent.
+Collectives time out after `timeout_s` (default 5 minutes, not gloo's 30): a rank that stops
+answering makes its peers fail within that time.
 
 Under `torchrun` the processes already exist: `under_torchrun()` tells so from the environment and
 `init_from_env()` joins the group it describes.
@@ -23,6 +25,7 @@ import queue
 import socket
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -33,6 +36,9 @@ from streamquant.parallel import TPContext
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 POLL_SECONDS = 0.2
+# Collectives wait at most this long for a peer (gloo's own default is 30 minutes): a rank that died
+# or stopped answering then fails the survivors with an error instead of a silent wait.
+DEFAULT_TIMEOUT_S = 300.0
 
 
 class LaunchError(RuntimeError):
@@ -75,14 +81,16 @@ def _run_rank(rank: int, fn: Callable, args: tuple) -> tuple:
         return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
 
 
-def _worker(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, results) -> None:
+def _worker(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, results,
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
         elif "OMP_NUM_THREADS" not in os.environ:
             # N ranks each using every core would oversubscribe the CPU; split the cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                                timeout=timedelta(seconds=timeout_s))
     except BaseException as exc:  # noqa: BLE001
         results.put((rank, "error", (traceback.format_exc(), _picklable_exception(exc))))
         return
@@ -120,8 +128,12 @@ def _collect(procs: list, results) -> Any:
     return value
 
 
-def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = "cpu") -> Any:
-    """Run `fn(*args)` on `tp_size` ranks and return rank 0's result."""
+def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = "cpu",
+           timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """Run `fn(*args)` on `tp_size` ranks and return rank 0's result; a collective waits at most
+    `timeout_s` seconds for a peer."""
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     backend = backend_for(device)
@@ -130,7 +142,8 @@ def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, tp_size, port, backend, fn, args, results)) for r in range(tp_size)]
+    procs = [ctx.Process(target=_worker, args=(r, tp_size, port, backend, fn, args, results, timeout_s))
+             for r in range(tp_size)]
     for p in procs:
         p.start()
     try:
@@ -151,13 +164,13 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
-def init_from_env(device: str | torch.device = "cpu") -> TPContext:
+def init_from_env(device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> TPContext:
     """Join the process group described by the environment (once) and return this rank's context."""
     if not dist.is_initialized():
         backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, init_method="env://")
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     return TPContext.from_process_group()
 
 

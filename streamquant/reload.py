@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
 from streamquant.loading.loader import (
@@ -49,6 +50,7 @@ from streamquant.loading.loader import (
 from streamquant.loading.materialize import StagingPool, align_up, byte_view
 from streamquant.loading.streaming import StreamingLoadSession, staging_pool
 from streamquant.loading.validate import is_finite
+from streamquant.parallel import TPContext, all_reduce
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 
@@ -176,32 +178,56 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
             snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
             pool: StagingPool | None, check_finite: bool = True) -> set[str]:
     seen: list[str] = []
-    if checkpoint_format:
-        session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
-                                       staging_budget=staging_budget, transient_source=transient_source, pool=pool,
-                                       offload=getattr(model, "offload_plan", None), check_finite=check_finite)
-        try:
-            with torch.no_grad():
-                session.load_all(_tracked(_tensors(weights), seen))
-            session.check_complete()
-        except BaseException as exc:
-            session.abort()
-            _fail(model, snapshot, seen, exc)
-            raise
-        for mod_name in sorted(session.in_flight):  # strict=False: incomplete layers keep their weights
-            release_checkpoint_params(session.modules[mod_name], session.pool)
-        if pool is None:
-            session.pool.clear()
-        loaded = session.loaded
-    else:
-        try:
+    failure: Exception | None = None
+    try:
+        if checkpoint_format:
+            loaded = _stream(model, weights, strict=strict, staging_budget=staging_budget,
+                             transient_source=transient_source, pool=pool, check_finite=check_finite, seen=seen)
+        else:
             loaded = _copy_processed(model, _tracked(_tensors(weights), seen), strict, check_finite)
-        except BaseException as exc:
-            _fail(model, snapshot, seen, exc)
-            raise
+    except Exception as exc:  # KeyboardInterrupt & co. leave at once: no collective after them
+        failure = exc
+    failure = _agree(getattr(model, "tp", None), failure)
+    if failure is not None:
+        _fail(model, snapshot, seen, failure)
+        raise failure
     model.weights_version += 1
     model.not_ready_reason = None
     return loaded
+
+
+def _stream(model: torch.nn.Module, weights: WeightSource, *, strict: bool, staging_budget: int | None,
+            transient_source: bool, pool: StagingPool | None, check_finite: bool, seen: list[str]) -> set[str]:
+    """checkpoint_format=True: the cold load's streaming session on the live model."""
+    session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
+                                   staging_budget=staging_budget, transient_source=transient_source, pool=pool,
+                                   offload=getattr(model, "offload_plan", None), check_finite=check_finite)
+    try:
+        with torch.no_grad():
+            session.load_all(_tracked(_tensors(weights), seen))
+        session.check_complete()
+    except BaseException:
+        session.abort()
+        raise
+    for mod_name in sorted(session.in_flight):  # strict=False: incomplete layers keep their weights
+        release_checkpoint_params(session.modules[mod_name], session.pool)
+    if pool is None:
+        session.pool.clear()
+    return session.loaded
+
+
+def _agree(tp: TPContext | None, failure: Exception | None) -> Exception | None:
+    """Every tensor-parallel rank learns whether all ranks' reloads succeeded (one 1-element MIN
+    all-reduce); the error this rank must raise, or None when every rank succeeded. A reload commits
+    on all ranks or on none."""
+    if tp is None or tp.size == 1:
+        return failure
+    ok = torch.tensor([0 if failure is not None else 1], dtype=torch.int32)
+    all_reduce(ok, tp, dist.ReduceOp.MIN)
+    if failure is None and int(ok) == 0:
+        return WeightLoadError(f"tensor-parallel rank {tp.rank}: another rank's reload failed, so this rank's "
+                               "reload does not commit either")
+    return failure
 
 
 def _copy_processed(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], strict: bool,

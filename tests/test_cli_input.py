@@ -14,6 +14,7 @@ from streamquant.api import load_model
 from streamquant.checkpoint.reader import CheckpointError, resolve_checkpoint
 from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
 from streamquant.generation import generate
+from streamquant.launch import LaunchError
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,18 @@ def test_unreadable_config_says_permission_denied(checkpoint, monkeypatch, capsy
         resolve_checkpoint(checkpoint)
     assert cli.main(["load", str(checkpoint)]) == 2
     assert "permission denied" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("failure", [
+    LaunchError(1, "process exited with code -9 without reporting"),
+    LaunchError(0, "failed", "traceback text", RuntimeError("[gloo] Timed out waiting 300000ms for recv")),
+])
+def test_a_dead_or_silent_rank_is_one_line(checkpoint, monkeypatch, capsys, failure):
+    def fail(*args, **kwargs):
+        assert kwargs["timeout_s"] == 7.5  # --timeout reaches the process group
+        raise failure
+
+    monkeypatch.setattr(cli, "launch", fail)
+    assert cli.main(["load", str(checkpoint), "--tp", "2", "--timeout", "7.5"]) == 2
+    line = one_error_line(capsys)
+    assert f"rank {failure.rank}:" in line and "the other ranks were ended" in line

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from streamquant.cli_input import is_peer_failure
 from streamquant.launch import LaunchError, _run_rank, free_port, launch, under_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +83,15 @@ def test_init_from_env_joins_the_described_group():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1", "gloo", "False"]
+
+
+def _one_rank_goes_silent():
+    if dist.get_rank() == 1:
+        time.sleep(120)  # never reaches the collective; ended by launch once rank 0 fails
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_silent_rank_fails_its_peers_within_the_timeout():
+    with pytest.raises(LaunchError) as info:
+        launch(_one_rank_goes_silent, 2, timeout_s=2)
+    assert info.value.rank == 0 and is_peer_failure(info.value.exception)

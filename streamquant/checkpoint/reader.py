@@ -195,6 +195,22 @@ def _iterate_bin(file: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor, from safetensors headers (no tensor data read; `.bin`: mmapped)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in checkpoint_files(path):
+        if file.suffix != ".safetensors":
+            shapes.update((name, tuple(t.shape)) for name, t in _iterate_bin(file))
+            continue
+        try:
+            opened = safetensors.safe_open(file, framework="pt")
+        except (safetensors.SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot open {file}: {type(exc).__name__}: {exc}") from exc
+        with opened as handle:
+            shapes.update((name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys())
+    return shapes
+
+
 def checkpoint_bytes(path: str | os.PathLike) -> int:
     """Total size on disk of the weight files, headers included (sum of file sizes)."""
     return sum(file.stat().st_size for file in checkpoint_files(path))
@@ -207,7 +223,7 @@ def load_hf_config(path: str | os.PathLike) -> transformers.PreTrainedConfig:
     auto_map = _auto_map(directory)
     try:  # never the checkpoint's own Python: no prompt, no import of its code, whatever config.json says
         return transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- parsing a user's file: any failure is a malformed config
         if auto_map:
             raise CheckpointError(
                 f"{directory / CONFIG_FILE} needs the checkpoint's own Python code (auto_map: {auto_map}), which "

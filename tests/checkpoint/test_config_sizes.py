@@ -8,21 +8,17 @@ import shutil
 
 import pytest
 import torch
-import transformers
 
 import streamquant.api as api
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import CheckpointError, checkpoint_shapes
 
+from hf_cases import CASES, make_checkpoint
+
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("good")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
-    return directory
+    return make_checkpoint(next(c for c in CASES if c.name == "llama"), tmp_path_factory.mktemp("good"))
 
 
 def with_config(good, tmp_path, **changes):
@@ -74,4 +70,4 @@ def test_a_large_position_limit_costs_nothing_until_generation(good, tmp_path):
 
 def test_shapes_come_from_headers(good):
     shapes = checkpoint_shapes(good)
-    assert shapes["model.embed_tokens.weight"] == (64, 32) and len(shapes) == 2 * 9 + 3
+    assert shapes["model.embed_tokens.weight"] == (97, 64) and len(shapes) == 2 * 9 + 3

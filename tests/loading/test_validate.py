@@ -12,7 +12,6 @@ import shutil
 import pytest
 import safetensors.torch
 import torch
-import transformers
 
 from streamquant.api import load_model
 from streamquant.loading.errors import NonFiniteWeightError, WeightDtypeError
@@ -20,17 +19,14 @@ from streamquant.loading.validate import check_tensor
 from streamquant import ModelNotReadyError
 from streamquant.reload import reload_weights
 
+from hf_cases import CASES, make_checkpoint
+
 EMBED, NORM, QPROJ = "model.embed_tokens.weight", "model.layers.1.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight"
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("good")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
-    return directory
+    return make_checkpoint(next(c for c in CASES if c.name == "llama"), tmp_path_factory.mktemp("good"))
 
 
 def edited(good, tmp_path, name, change):

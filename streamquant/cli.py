@@ -22,13 +22,14 @@ import torch
 from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
 from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
-from streamquant.cli_input import check_device, check_json_path, count, is_peer_failure, positive_seconds, prompt_ids
+from streamquant.cli_input import check_device, check_json_path, count, positive_seconds, prompt_ids
 from streamquant.generation import check_request, generate_with_logits
 from streamquant.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
 from streamquant.loading.loader import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError
+from streamquant.parallel import is_peer_failure
 from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
 
 TIMELINE_POINTS = 200  # memory timeline samples kept in the JSON (evenly thinned, the peak always kept)

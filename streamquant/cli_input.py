@@ -73,13 +73,3 @@ def positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
     return value
-
-
-# What gloo / NCCL say when a peer is gone or silent (a timeout, a closed connection).
-PEER_FAILURE_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                        "connection refused")
-
-
-def is_peer_failure(exc: BaseException) -> bool:
-    """Whether a rank's exception says that another rank died or stopped answering."""
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS)

@@ -65,3 +65,13 @@ def all_gather(x: torch.Tensor, tp: TPContext, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(tp.size)]
     dist.all_gather(parts, x.contiguous(), group=tp.group)
     return torch.cat(parts, dim=dim)
+
+
+# What gloo / NCCL say when a peer is gone or silent (a timeout, a closed connection).
+PEER_FAILURE_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                        "connection refused")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether a rank's exception says that another rank died or stopped answering."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS)

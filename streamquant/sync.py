@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from streamquant.loading.materialize import FLAT_ALIGN, align_up, byte_view
+from streamquant.parallel import is_peer_failure
 from streamquant.reload import Reloader, reload_weights
 
 DEFAULT_BUCKET_BYTES = 64 << 20
@@ -56,6 +58,10 @@ T = TypeVar("T")
 
 class SyncError(RuntimeError):
     """The sender could not send, or a receiver refused the weights (the message says which and why)."""
+
+
+class PeerLostError(SyncError):
+    """A peer of the sync group died or stopped answering (the group's timeout ran out)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@contextmanager
+def _peers(who: str):
+    """A collective that fails because `who` died or stopped answering (the group's timeout) raises
+    SyncError naming them and this rank, instead of a backend error."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, SyncError) or not is_peer_failure(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLostError(f"rank {dist.get_rank()}: lost {who} during the weight sync: {first}") from exc
+
+
 class WeightSender:
     """Broadcasts named tensors to every `WeightReceiver` of `group` (this process is global rank `src`)."""
 
@@ -168,7 +187,12 @@ class WeightSender:
         self.buffers = _Buffers(torch.device(device) if device is not None else _default_device(group))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
-        """Send every tensor (e.g. `model.named_parameters()`); raises `SyncError` if a receiver refused them."""
+        """Send every tensor (e.g. `model.named_parameters()`); raises `SyncError` if a receiver refused them,
+        or died or stopped answering (within the group's timeout)."""
+        with _peers("a receiving rank of the sync group"):
+            return self._send(named_tensors)
+
+    def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         start = time.perf_counter()
         try:
             items = [(name, tensor.detach()) for name, tensor in named_tensors]
@@ -214,22 +238,27 @@ class WeightReceiver:
         valid until the next one is requested. The stream is drained even if `consume` fails, and
         the outcome is reported to the sender."""
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        sender = f"the sender (global rank {self.src})"
+        with _peers(sender):
+            dist.broadcast_object_list(box, src=self.src, group=self.group)
         header = box[0]
         if header.get("protocol") != PROTOCOL:
             raise SyncError(f"sender speaks protocol {header.get('protocol')}, this receiver {PROTOCOL}")
         if header["error"] is not None:
             raise SyncError(f"the sender failed before sending: {header['error']}")
-        stream = self._stream(header["plan"], header["bucket_bytes"])
-        error = None
+        stream = self._stream(header["plan"], header["bucket_bytes"], sender)
+        error, lost = None, False
         try:
             return consume(stream)
         except BaseException as exc:
             error = _describe(exc)
+            lost = isinstance(exc, PeerLostError)
             raise
         finally:
-            stream.close()  # receives any buckets the consumer did not ask for
-            _report(self.group, error)
+            if not lost:  # with the sender gone, nobody would take the rest of the stream or the report
+                with _peers(sender):
+                    stream.close()  # receives any buckets the consumer did not ask for
+                    _report(self.group, error)
 
     def reload(self, target: torch.nn.Module | Reloader, **reload_options: Any) -> set[str]:
         """`reload_weights(model, <the sent tensors>, **reload_options)`, or `reloader(<the sent tensors>)`
@@ -238,7 +267,7 @@ class WeightReceiver:
             return self.receive(lambda tensors: target(tensors, transient_source=True, **reload_options))
         return self.receive(lambda tensors: reload_weights(target, tensors, transient_source=True, **reload_options))
 
-    def _stream(self, plan: list[Bucket], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def _stream(self, plan: list[Bucket], bucket_bytes: int, sender: str) -> Iterator[tuple[str, torch.Tensor]]:
         def post(i: int) -> tuple[torch.Tensor, Any]:
             buf = self.buffers.get(i, plan[i].nbytes, bucket_bytes)
             return buf, dist.broadcast(buf[:plan[i].nbytes], src=self.src, group=self.group, async_op=True)
@@ -248,7 +277,8 @@ class WeightReceiver:
         try:
             for i, bucket in enumerate(plan):
                 buf, work = inflight
-                work.wait()
+                with _peers(sender):
+                    work.wait()
                 inflight = None
                 if posted < len(plan):  # the other buffer's bucket was consumed: receive the next into it
                     inflight, posted = post(posted), posted + 1

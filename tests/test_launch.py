@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from streamquant.cli_input import is_peer_failure
+from streamquant.parallel import is_peer_failure
 from streamquant.launch import LaunchError, _run_rank, free_port, launch, under_torchrun
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,15 +9,17 @@ bit, a cold fp8 load of the checkpoint the trainer saved after its step, at unch
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
 import transformers
 
 from streamquant.api import load_model
-from streamquant.launch import launch
+from streamquant.launch import LaunchError, launch
 from streamquant.parallel import TPContext
-from streamquant.sync import SyncError, WeightReceiver, WeightSender, plan_buckets
+from streamquant.sync import PeerLostError, SyncError, WeightReceiver, WeightSender, plan_buckets
 
 from hf_cases import CASES, make_checkpoint
 
@@ -197,3 +199,30 @@ def test_plan_buckets_aligned_disjoint_and_bounded(bucket_bytes):
         assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
         assert b.nbytes == spans[-1][1]
         assert b.nbytes <= bucket_bytes or len(b.entries) == 1
+
+
+def _silent_peer(who_stops: str):
+    """Rank 0 sends, rank 1 receives; `who_stops` stops answering mid-sync (a hung or dead process)."""
+    tensors = _mixed_tensors(0)
+    if dist.get_rank() == 0:
+        def named():
+            if who_stops == "sender":
+                time.sleep(120)  # ended by launch once the receiver gives up
+            yield from tensors
+        WeightSender(src=0, bucket_bytes=64).send(named())
+    else:
+        def consume(stream):
+            for _ in stream:
+                if who_stops == "receiver":
+                    time.sleep(120)
+        WeightReceiver(src=0).receive(consume)
+
+
+@pytest.mark.parametrize("who_stops, failing_rank, lost", [("receiver", 0, "a receiving rank"),
+                                                           ("sender", 1, "the sender (global rank 0)")])
+def test_a_silent_peer_becomes_a_sync_error_naming_it(who_stops, failing_rank, lost):
+    with pytest.raises(LaunchError) as info:
+        launch(_silent_peer, 2, who_stops, timeout_s=3)
+    assert info.value.rank == failing_rank
+    assert isinstance(info.value.exception, PeerLostError) and isinstance(info.value.exception, SyncError)
+    assert f"rank {failing_rank}: lost {lost}" in str(info.value.exception)

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import launch
-from streamquant.parallel import TPContext
+from streamquant.launch import LaunchError, launch
+from streamquant.parallel import TPContext, is_peer_failure
 from streamquant.reload import reload_weights
 
 from hf_cases import CASES, make_checkpoint
@@ -63,3 +63,26 @@ def test_no_rank_commits_when_one_fails(checkpoint, scheme, how, atomic):
         assert rank0[2:] == rank1[2:] == (True, True)  # both exactly as before, and usable
     else:
         assert rank0[3] is False and rank1[3] is False  # both marked not ready until a complete reload
+
+
+def _source_dies_mid_stream(path):
+    tp = TPContext.from_process_group()
+    model = load_model(path, quantization="fp8", dtype=torch.float32, tp=tp)
+    items = list(iterate_weights(path))
+
+    def source():
+        for i, item in enumerate(items):
+            if tp.rank == 1 and i == len(items) // 2:
+                raise ConnectionError("rank 1's trainer went away")
+            yield item
+
+    reload_weights(model, source())
+
+
+def test_a_source_dying_mid_stream_ends_within_the_timeout(checkpoint):
+    """Rank 0 waits in a layer's amax all-reduce that rank 1 never joins: the timeout ends it, and
+    every rank fails (launch ends the survivors at the first failure)."""
+    with pytest.raises(LaunchError) as info:
+        launch(_source_dies_mid_stream, 2, checkpoint, timeout_s=5)
+    exc = info.value.exception
+    assert isinstance(exc, ConnectionError) or is_peer_failure(exc), repr(exc)

@@ -62,3 +62,16 @@ def select_rows(names: list[str], only: str | None, always: tuple[str, ...]) -> 
         return names
     kinds = {k.strip() for k in only.split(",")} | set(always)
     return [n for n in names if n.partition(":")[0] in kinds]
+
+
+def interleaved(names: list[str], repeats: int, run) -> dict[str, list[dict]]:
+    """`run(name)` `repeats` times per name, round-robin (every row's first repeat, then every row's
+    second, ...), so that a slow spell of a shared machine spreads over all rows instead of biasing
+    the ratios of the few rows measured during it."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names:
+            results[name].append(run(name))
+        print(f"  repeat {repeat + 1}/{repeats} of {len(names)} rows done", flush=True)
+    return results
+

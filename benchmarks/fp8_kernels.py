@@ -15,7 +15,7 @@ Each runs with 1 torch thread (the per-core figure the goal is stated in) and wi
 Families (`--shapes`): `bench` (the layer weights of BENCH_SPEC, hidden 1024), `7b` (Qwen2-7B's:
 hidden 3584, intermediate 18944, 4 kv heads of 128), `edges` (every pair of 64, 512, 4096, 32768 up
 to `--max-elements`). `--chunk-elements 262144,1048576` repeats the eager rows with other processing
-chunk sizes (streamquant.quant.fp8_math.CHUNK_ELEMENTS); `--busy N` keeps N busy-looping processes
+chunk sizes (streamquant.quant.fp8_kernels.CHUNK_ELEMENTS); `--busy N` keeps N busy-looping processes
 running during the measurement (a loaded machine: every intra-op parallel region then waits for a
 descheduled thread, so the number of kernel calls per weight matters more than their size).
 Goal flag per row: quantize >= 1 GB/s with 1 thread. Writes benchmarks/results/fp8_kernels.json.
@@ -39,7 +39,7 @@ from common import banner, machine_info  # noqa: E402  (benchmarks/common.py, be
 
 import torch  # noqa: E402
 
-from streamquant.quant import fp8_math  # noqa: E402
+from streamquant.quant import fp8_kernels, fp8_math  # noqa: E402
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window, tile_shape  # noqa: E402
 
 SCHEMES = {"fp8": PerTensor(), "fp8-channel": PerRow(), "fp8-block": PerBlock((128, 128))}
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated subset of {','.join(SCHEMES)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per kernel, median reported (default 5)")
     parser.add_argument("--max-elements", type=int, default=1 << 28, help="largest edge shape (default 2^28)")
-    parser.add_argument("--chunk-elements", default=str(fp8_math.CHUNK_ELEMENTS),
+    parser.add_argument("--chunk-elements", default=str(fp8_kernels.CHUNK_ELEMENTS),
                         help="comma-separated eager chunk sizes to compare (default: the library's)")
     parser.add_argument("--busy", type=int, default=0, metavar="N", help="busy-looping processes during the run")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled column")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         for (label, shape), scheme, chunk in ((s, q, c) for s in shapes for q in schemes for c in chunks):
             for threads in sorted({1, all_threads}):
                 torch.set_num_threads(threads)
-                fp8_math.CHUNK_ELEMENTS = chunk
+                fp8_kernels.CHUNK_ELEMENTS = chunk
                 result = measure_shape(shape, scheme, args.repeats, device, not args.no_compile and chunk == chunks[0]
                                        and device.type == "cpu")
                 rows.append({"label": label, "shape": list(shape), "scheme": scheme, "threads": threads,

@@ -19,7 +19,8 @@ intermediate 18944, ~1 GB; `--spec 7b`: all 28 such layers, ~15 GB) on CPU as
   transformers+torchao  from_pretrained with TorchAoConfig(Float8WeightOnlyConfig()).
 An exception in a load, or a crashed child, is recorded as the row's error instead of stopping the run.
 
-How: every repeat of every configuration runs in a fresh child (`--one NAME`): RSS high-water marks
+How: every repeat of every configuration runs in a fresh child (`--one NAME`), repeats round-robin
+over the configurations (a slow spell of a shared machine then hits every row alike): RSS high-water marks
 and glibc heap state left by one load would contaminate the next. In the child, imports come first,
 then the load runs in `streamquant.memory.PeakMemorySampler("cpu")`: anonymous RSS (RssAnon) above
 entry, sampled every 5 ms (longer when the loader holds the GIL: see mean_interval_ms in the JSON),
@@ -61,7 +62,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import banner, interleaved, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import torch  # noqa: E402
 
@@ -279,11 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     schemes = parse_schemes(parser, args.schemes, SCHEMES, args.repeats)
     machine = machine_info()
     print(banner(machine, f"checkpoint {path} ({checkpoint_bytes(path) / MIB:.1f} MiB)", args.repeats), flush=True)
-    rows = []
-    for name in select_rows(config_names(schemes), args.only, always=("bf16",)):
-        runs = [spawn_one(name, args.spec, args.device) for _ in range(args.repeats)]
-        rows.append(summarize(name, runs))
-        print(f"  measured {name}", flush=True)
+    names = select_rows(config_names(schemes), args.only, always=("bf16",))
+    runs = interleaved(names, args.repeats, lambda name: spawn_one(name, args.spec, args.device))
+    rows = [summarize(name, runs[name]) for name in names]
     add_ratios(rows)
     print_table(rows)
     monotonic = print_verdicts(rows)

@@ -27,7 +27,8 @@ measurement the child cold-loads B
 with the same scheme and compares `model.state_dict()` bitwise: `equals_cold`. Reload children also
 record whether every tensor a reload writes kept its data_ptr (`addresses_unchanged`).
 
-How (as benchmarks/peak_memory.py): every repeat of every row runs in a fresh child (`--one NAME`);
+How (as benchmarks/peak_memory.py): every repeat of every row runs in a fresh child (`--one NAME`),
+repeats round-robin over the rows;
 imports and unmeasured setup come first, then the measured call runs in PeakMemorySampler("cpu"):
 anonymous RSS (RssAnon) above entry, sampled every 5 ms after a malloc_trim(0); file-backed RSS
 (mmapped checkpoint pages) is reported apart, never added. Time is time.perf_counter() around the
@@ -63,7 +64,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import banner, interleaved, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import safetensors  # noqa: E402
 import safetensors.torch  # noqa: E402
@@ -285,9 +286,9 @@ def main(argv: list[str] | None = None) -> None:
                           f"{b_marker['tensors']} tensors differ from A)", args.repeats), flush=True)
     rows = []
     names = ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]
-    for name in select_rows(names, args.only, always=("floor", "cold")):
-        rows.append(summarize(name, [spawn(__file__, MARKER, name, args.spec) for _ in range(args.repeats)]))
-        print(f"  measured {name}", flush=True)
+    selected = select_rows(names, args.only, always=("floor", "cold"))
+    runs = interleaved(selected, args.repeats, lambda name: spawn(__file__, MARKER, name, args.spec))
+    rows += [summarize(name, runs[name]) for name in selected]
     add_ratios(rows)
     print_table(rows)
     result = {"spec": args.spec, "checkpoint_a": str(a), "checkpoint_b": str(b), "checkpoint_b_info": b_marker,

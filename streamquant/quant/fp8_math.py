@@ -36,31 +36,29 @@ from dataclasses import dataclass
 
 import torch
 
+from streamquant.quant import fp8_kernels
 from streamquant.quant.fp8_convert import fp8_to_float32
+from streamquant.quant.fp8_kernels import (
+    FLOAT_BITS_AS_INT,
+    _abs_max,
+    _chunk_rows,
+    _chunks,
+    _grid_part,
+    _quantize_piece,
+    _quantize_piece_eager,
+    _quantize_piece_unclamped,
+    _scale_view,
+    _scratch,
+    _view,
+)
 from streamquant.quant.granularity import (
     Granularity,
-    Piece,
     Window,
     check_tile,
     grid_shape,
     tile_shape,
     window_pieces,
 )
-
-# Elements per eager processing chunk. CPU: 2 MiB of bf16 keeps the pass's temporaries and output
-# in cache (one whole-tensor pass is ~2x slower) while each weight takes few kernel calls: every
-# call is an intra-op parallel region whose thread wake-up costs far more on a loaded or
-# oversubscribed machine than its work (`benchmarks/fp8_kernels.py --chunk-elements` compares sizes;
-# 2^20 beat 2^18 at every shape measured, 2^22 and up lose the cache). Accelerators: bounds the
-# float32 temporary (64 MiB) while keeping kernel launches few.
-CHUNK_ELEMENTS = 1 << 20
-DEVICE_CHUNK_ELEMENTS = 1 << 24
-# Compiled code has a fixed cost per call (guards, wrapper: ~0.3-0.5 ms on CPU): below this many
-# elements a window takes the eager kernel even with compiled=True, so compiled is never the slower
-# (`benchmarks/fp8_kernels.py`: compiled lost below ~2M elements and won from ~4M, up to 2x at 68M).
-COMPILED_MIN_ELEMENTS = 1 << 22
-_FLOAT_BITS_AS_INT = ((torch.bfloat16, torch.int16), (torch.float16, torch.int16),
-                      (torch.float32, torch.int32), (torch.float64, torch.int64))
 
 
 @dataclass(frozen=True)
@@ -99,81 +97,10 @@ def check_finite(w: torch.Tensor, name: str) -> None:
 
 def _check(w: torch.Tensor, window: Window, tile: tuple[int, int], what: str) -> None:
     check_tile(tile)
-    if what == "weight" and w.dtype not in dict(_FLOAT_BITS_AS_INT):
+    if what == "weight" and w.dtype not in dict(FLOAT_BITS_AS_INT):
         raise ValueError(f"can only quantize a bf16, fp16, fp32 or fp64 weight, got {w.dtype}")
     if w.dim() < 2 or tuple(w.shape[-2:]) != window.shape:
         raise ValueError(f"{what} of shape {tuple(w.shape)} does not match window {window.shape}: {window}")
-
-
-def _view(t: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """`t`'s piece as [..., row tiles, tile rows, col tiles, tile cols] (a view, never a copy)."""
-    r, c = piece
-    part = t[..., r.start : r.stop, c.start : c.stop]
-    return part.unflatten(-2, (r.n, r.length)).unflatten(-1, (c.n, c.length))
-
-
-def _grid_part(grid: torch.Tensor, piece: Piece, base: tuple[int, int]) -> torch.Tensor:
-    """The piece's tiles [..., row tiles, col tiles] of a grid whose first tile is global tile `base`."""
-    r, c = piece
-    return grid[..., r.tile0 - base[0] : r.tile0 - base[0] + r.n, c.tile0 - base[1] : c.tile0 - base[1] + c.n]
-
-
-def _scale_view(grid: torch.Tensor, piece: Piece, base: tuple[int, int]) -> torch.Tensor:
-    """The piece's scales shaped [..., row tiles, 1, col tiles, 1] to broadcast over `_view`."""
-    return _grid_part(grid, piece, base).unsqueeze(-2).unsqueeze(-1)
-
-
-def _chunk_rows(w: torch.Tensor, window: Window, whole: bool) -> int:
-    """Rows per chunk: the whole window when `whole` (compiled code needs no temporaries), else about
-    CHUNK_ELEMENTS (CPU) or DEVICE_CHUNK_ELEMENTS (accelerators) elements, batch elements included."""
-    if whole:
-        return max(1, window.rows)
-    target = CHUNK_ELEMENTS if w.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
-    return max(1, min(window.rows, target // max(1, w[..., :1, :1].numel() * window.cols)))
-
-
-def _chunks(window: Window, step: int) -> list[tuple[int, Window]]:
-    """(local row offset, sub-window of `step` rows or fewer) covering the window."""
-    return [(i, window.sub(i, min(i + step, window.rows))) for i in range(0, window.rows, step)]
-
-
-def _abs_max(view: torch.Tensor) -> torch.Tensor:
-    """max |x| over the tile dims of a piece view, as float32.
-
-    Works on the bits with the sign cleared: for IEEE floats the order of non-negative values is
-    the order of their bit patterns as integers, so this is exactly max |x| (NaN stays NaN), and
-    integer max reductions run several times faster than bf16 ones on CPU. Rows are reduced first
-    (elementwise across rows, the vectorizable direction).
-    """
-    int_dtype = dict(_FLOAT_BITS_AS_INT)[view.dtype]
-    magnitude = view.view(int_dtype) & torch.iinfo(int_dtype).max
-    if magnitude.shape[-3] > 1:
-        magnitude = magnitude.amax(-3, keepdim=True)
-    return magnitude.amax(dim=(-3, -1)).view(view.dtype).float()
-
-
-def _quantize_piece_unclamped(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float) -> None:
-    """dst <- (src / scale) cast to fp8 in one kernel: division in float32, cast on store.
-
-    Bitwise `_quantize_piece` when every |src| / scale <= fmax * (1 + 2^-23), which holds when the
-    scales come from `scale_from_amax` of an amax at least the tile's: scale = fl(amax / fmax)
-    is at most one rounding below amax / fmax, and values up to halfway to the next fp8 step
-    (464 for e4m3fn, 248 for e4m3fnuz) round to fmax on the cast exactly as the clamped value does.
-    About 1.3x faster on CPU (no float32 temporary).
-    """
-    torch.div(src, scale, out=dst)
-
-
-def _quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float) -> None:
-    """dst <- clamp(src / scale, +-fmax) cast to dst's fp8 dtype (division in float32).
-
-    `quantize_window_(compiled=True)` runs this through inductor on CPU only: its C++ output was
-    verified bitwise against eager (IEEE division, the same fp8 rounding); its GPU output was not,
-    and eager GPU code is memory bound anyway. Re-wrapping it in `torch.compile` on every call is
-    cheap: dynamo caches the compiled code on the function's code object. The amax pass is never
-    compiled: the eager bit trick in `_abs_max` is faster than inductor's reduction.
-    """
-    dst.copy_(torch.div(src, scale).clamp_(-fmax, fmax))
 
 
 def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) -> torch.Tensor:
@@ -184,11 +111,13 @@ def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) ->
     _check(w_local, window, tile, "weight")
     batch = tuple(w_local.shape[:-2])
     grid = torch.zeros(batch + grid_shape(tile, window.global_shape), dtype=torch.float32, device=w_local.device)
-    for offset, sub in _chunks(window, _chunk_rows(w_local, window, False)):
+    step = _chunk_rows(w_local, window, False)
+    scratch = _scratch(w_local[..., :step, :].numel(), w_local.element_size(), w_local.device)
+    for offset, sub in _chunks(window, step):
         rows = w_local[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
             target = _grid_part(grid, piece, (0, 0))
-            torch.maximum(target, _abs_max(_view(rows, piece)), out=target)
+            torch.maximum(target, _abs_max(_view(rows, piece), scratch), out=target)
     return grid
 
 
@@ -229,7 +158,7 @@ def quantize_window_(
 ) -> torch.Tensor:
     """Write `clamp(w / scale, +-max).to(fp8)` into `out_fp8` in place (its storage is kept); returns it.
 
-    `compiled=True` runs inductor-compiled code on CPU windows of COMPILED_MIN_ELEMENTS or more
+    `compiled=True` runs inductor-compiled code on CPU windows of `fp8_kernels.COMPILED_MIN_ELEMENTS` or more
     (bitwise the same codes, up to 2x faster after a first compile of seconds); smaller windows and
     other devices run eager code either way.
     `scales_cover_amax=True` is the caller's promise that the scales came from `scale_from_amax`
@@ -244,16 +173,20 @@ def quantize_window_(
     if torch.promote_types(w_local.dtype, torch.float32) != torch.float32:
         w_local = w_local.float()  # the formula divides in float32, never in float64
     base = (window.row0 // tile[0], window.col0 // tile[1])
-    compiled = compiled and w_local.device.type == "cpu" and w_local.numel() >= COMPILED_MIN_ELEMENTS
+    compiled = compiled and w_local.device.type == "cpu" and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS
+    step = _chunk_rows(w_local, window, compiled)
     if compiled:
-        quantize_piece = torch.compile(_quantize_piece, dynamic=True)
+        kernel = torch.compile(_quantize_piece, dynamic=True)
+        quantize_piece = lambda src, scale, dst: kernel(src, scale, dst, fmax)  # noqa: E731
     else:
-        quantize_piece = _quantize_piece_unclamped if scales_cover_amax else _quantize_piece
-    for offset, sub in _chunks(window, _chunk_rows(w_local, window, compiled)):
+        eager = _quantize_piece_unclamped if scales_cover_amax else _quantize_piece_eager
+        scratch = _scratch(w_local[..., :step, :].numel(), 4, w_local.device)
+        quantize_piece = lambda src, scale, dst: eager(src, scale, dst, fmax, scratch)  # noqa: E731
+    for offset, sub in _chunks(window, step):
         src = w_local[..., offset : offset + sub.rows, :]
         dst = out_fp8[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            quantize_piece(_view(src, piece), _scale_view(local_scale_grid, piece, base), _view(dst, piece), fmax)
+            quantize_piece(_view(src, piece), _scale_view(local_scale_grid, piece, base), _view(dst, piece))
     return out_fp8
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import streamquant.quant.fp8_kernels as fp8_kernels
 import streamquant.quant.fp8_math as fp8_math
 from streamquant.quant.fp8_math import (
     E4M3FN,
@@ -29,7 +30,7 @@ from .fp8_reference import bits, ref_quantize, to_f32
 @pytest.fixture(autouse=True)
 def compile_every_window(monkeypatch):
     """These weights are small: without this, the size threshold would send them to the eager kernel."""
-    monkeypatch.setattr(fp8_math, "COMPILED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fp8_kernels, "COMPILED_MIN_ELEMENTS", 0)
 
 
 def hard_weight(shape, seed=0):
@@ -72,12 +73,12 @@ def test_compiled_straddling_window_is_bitwise_eager():
 
 def test_windows_below_the_threshold_take_the_eager_kernel(monkeypatch):
     """compiled=True never pays compiled code's per-call cost on a small window (it would be slower)."""
-    monkeypatch.setattr(fp8_math, "COMPILED_MIN_ELEMENTS", 300 * 260 + 1)
+    monkeypatch.setattr(fp8_kernels, "COMPILED_MIN_ELEMENTS", 300 * 260 + 1)
     calls = []
     monkeypatch.setattr(fp8_math.torch, "compile", lambda fn, **kw: calls.append(fn) or fn)
     w = hard_weight((300, 260))
     q, _ = quantize(w, PerTensor(), compiled=True)
     assert calls == []
-    monkeypatch.setattr(fp8_math, "COMPILED_MIN_ELEMENTS", 300 * 260)
+    monkeypatch.setattr(fp8_kernels, "COMPILED_MIN_ELEMENTS", 300 * 260)
     assert torch.equal(quantize(w, PerTensor(), compiled=True)[0].view(torch.uint8), q.view(torch.uint8))
-    assert calls == [fp8_math._quantize_piece]
+    assert calls == [fp8_kernels._quantize_piece]

@@ -176,17 +176,15 @@ def quantize_window_(
     compiled = compiled and w_local.device.type == "cpu" and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS
     step = _chunk_rows(w_local, window, compiled)
     if compiled:
-        kernel = torch.compile(_quantize_piece, dynamic=True)
-        quantize_piece = lambda src, scale, dst: kernel(src, scale, dst, fmax)  # noqa: E731
+        kernel, scratch = torch.compile(_quantize_piece, dynamic=True), ()
     else:
-        eager = _quantize_piece_unclamped if scales_cover_amax else _quantize_piece_eager
-        scratch = _scratch(w_local[..., :step, :].numel(), 4, w_local.device)
-        quantize_piece = lambda src, scale, dst: eager(src, scale, dst, fmax, scratch)  # noqa: E731
+        kernel = _quantize_piece_unclamped if scales_cover_amax else _quantize_piece_eager
+        scratch = (_scratch(w_local[..., :step, :].numel(), 4, w_local.device),)
     for offset, sub in _chunks(window, step):
         src = w_local[..., offset : offset + sub.rows, :]
         dst = out_fp8[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            quantize_piece(_view(src, piece), _scale_view(local_scale_grid, piece, base), _view(dst, piece))
+            kernel(_view(src, piece), _scale_view(local_scale_grid, piece, base), _view(dst, piece), fmax, *scratch)
     return out_fp8
 
 

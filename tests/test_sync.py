@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import transformers
@@ -19,6 +20,7 @@ import transformers
 from streamquant.api import load_model
 from streamquant.launch import LaunchError, launch
 from streamquant.parallel import TPContext
+from streamquant.reload import reload_weights
 from streamquant.sync import PeerLostError, SyncError, WeightReceiver, WeightSender, plan_buckets
 
 from hf_cases import CASES, make_checkpoint
@@ -226,3 +228,39 @@ def test_a_silent_peer_becomes_a_sync_error_naming_it(who_stops, failing_rank, l
     assert info.value.rank == failing_rank
     assert isinstance(info.value.exception, PeerLostError) and isinstance(info.value.exception, SyncError)
     assert f"rank {failing_rank}: lost {lost}" in str(info.value.exception)
+
+
+def _one_receiver_refuses(root, scheme):
+    """Rank 0 sends a checkpoint; ranks 1 and 2 are one TP=2 inference model; rank 2's copy of one
+    norm tensor is poisoned (a corrupted transfer to that rank alone)."""
+    rank = dist.get_rank()
+    tp_group = dist.new_group([1, 2])
+    path = make_checkpoint(next(c for c in CASES if c.name == "llama"), root)
+    dist.barrier()
+    if rank == 0:
+        try:
+            WeightSender(src=0, bucket_bytes=BUCKET).send(safetensors.torch.load_file(path / "model.safetensors").items())
+        except SyncError as exc:
+            return str(exc)
+        return "sent"
+    model = load_model(path, quantization=scheme, dtype=torch.float32, tp=TPContext(rank - 1, 2, tp_group))
+
+    def poisoned(tensors):
+        for name, tensor in tensors:
+            if rank == 2 and name == "model.layers.1.post_attention_layernorm.weight":
+                tensor = torch.full_like(tensor, float("nan"))
+            yield name, tensor
+
+    try:
+        WeightReceiver(src=0).receive(lambda tensors: reload_weights(model, poisoned(tensors), atomic=True,
+                                                                     transient_source=True))
+    except Exception:  # noqa: BLE001 -- both ranks are expected to refuse
+        pass
+    return None
+
+
+@pytest.mark.parametrize("scheme", [None, "fp8-block"])
+def test_a_refusal_on_one_inference_rank_is_a_refusal_on_all(tmp_path, scheme):
+    message = launch(_one_receiver_refuses, 3, tmp_path, scheme)
+    assert message.startswith("receiver(s) refused the weights")
+    assert "rank 2: NonFiniteWeightError" in message and "rank 1: WeightLoadError" in message

@@ -2,7 +2,8 @@
 
 Loads the same synthetic bf16 Llama checkpoint (BENCH_SPEC: 28 layers of hidden 1024, ~1 GB; `--spec
 demo`: 12 layers, ~400 MB; `--spec 7b-2layer`: two layers of Qwen2-7B's shapes, hidden 3584 /
-intermediate 18944, ~1 GB; `--spec 7b`: all 28 such layers, ~15 GB) on CPU as
+intermediate 18944, ~1 GB; `--spec 7b`: all 28 such layers, ~15 GB; several, comma-separated, in one
+run with their repeats interleaved, each with its own bf16 floor) on CPU as
   bf16                  streamquant unquantized: the time floor the time ratios divide by;
   naive:<q>             streamquant `streaming=False`: whole bf16 model first, then quantize;
   streaming:<q>         streamquant quantize-on-load, eager quantization kernel;
@@ -256,10 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--spec", choices=sorted(BENCH_SPECS), default="bench",
-                        help="synthetic checkpoint: bench (28 layers, hidden 1024, ~1 GB bf16), demo (12 layers, ~400 MB), "
-                             "7b-2layer (two layers of Qwen2-7B's shapes, hidden 3584 / intermediate 18944, ~1 GB) "
-                             "or 7b (all 28 such layers, vocab 152064, ~15.2 GB: needs ~16 GB free memory and disk)")
+    parser.add_argument("--spec", default="bench", metavar="SPEC[,SPEC]",
+                        help="synthetic checkpoint(s), comma-separated, measured in one run with repeats interleaved: "
+                             "bench (28 layers, hidden 1024, ~1 GB bf16), demo (12 layers, ~400 MB), 7b-2layer (two "
+                             "layers of Qwen2-7B's shapes, hidden 3584 / intermediate 18944, ~1 GB) or 7b (all 28 "
+                             "such layers, vocab 152064, ~15.2 GB: needs ~16 GB free memory and disk)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh child processes per configuration (default 3)")
     parser.add_argument("--schemes", default="fp8", help=f"comma-separated subset of {','.join(SCHEMES)} for the "
                                                          "naive/streaming/compiled rows (default fp8)")
@@ -273,27 +275,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
                                                       "JSON line (NAME: bf16, naive:fp8, ..., transformers+torchao)")
     args = parser.parse_args(argv)
-    path = ensure_synthetic_checkpoint(default_cache_dir(), BENCH_SPECS[args.spec])
+    specs = [x.strip() for x in args.spec.split(",") if x.strip()]
+    if not specs or set(specs) - set(BENCH_SPECS):
+        parser.error(f"--spec takes some of {','.join(BENCH_SPECS)}, got {args.spec!r}")
+    paths = {spec: ensure_synthetic_checkpoint(default_cache_dir(), BENCH_SPECS[spec]) for spec in specs}
     if args.one:
-        print(MARKER + json.dumps(run_one(args.one, path, args.device)), flush=True)
+        print(MARKER + json.dumps(run_one(args.one, paths[specs[0]], args.device)), flush=True)
         return
     schemes = parse_schemes(parser, args.schemes, SCHEMES, args.repeats)
     machine = machine_info()
-    print(banner(machine, f"checkpoint {path} ({checkpoint_bytes(path) / MIB:.1f} MiB)", args.repeats), flush=True)
+    sizes = ", ".join(f"{spec}: {paths[spec]} ({checkpoint_bytes(paths[spec]) / MIB:.1f} MiB)" for spec in specs)
+    print(banner(machine, f"checkpoints {sizes}", args.repeats), flush=True)
     names = select_rows(config_names(schemes), args.only, always=("bf16",))
-    runs = interleaved(names, args.repeats, lambda name: spawn_one(name, args.spec, args.device))
-    rows = [summarize(name, runs[name]) for name in names]
-    add_ratios(rows)
-    print_table(rows)
-    monotonic = print_verdicts(rows)
-    rows = [r if r["name"] == "streaming:fp8" else {k: v for k, v in r.items() if k != "timeline"} for r in rows]
-    result = {"spec": args.spec, "device": args.device, "checkpoint": str(path), "checkpoint_bytes": checkpoint_bytes(path),
-              "machine": {**machine, "loadavg_1m_at_end": os.getloadavg()[0]},
-              "repeats": args.repeats, "schemes": schemes, "rows": rows, "streaming_fp8_timeline_check": monotonic}
+    keys = [f"{spec}/{name}" for spec in specs for name in names]
+    runs = interleaved(keys, args.repeats, lambda key: spawn_one(key.split("/")[1], key.split("/")[0], args.device))
+    results = {}
+    for spec in specs:
+        rows = [summarize(name, runs[f"{spec}/{name}"]) for name in names]
+        add_ratios(rows)
+        print(f"\n--spec {spec}: {paths[spec]}")
+        print_table(rows)
+        monotonic = print_verdicts(rows)
+        rows = [r if r["name"] == "streaming:fp8" else {k: v for k, v in r.items() if k != "timeline"} for r in rows]
+        results[spec] = {"checkpoint": str(paths[spec]), "checkpoint_bytes": checkpoint_bytes(paths[spec]),
+                         "rows": rows, "streaming_fp8_timeline_check": monotonic}
+    result = {"device": args.device, "machine": {**machine, "loadavg_1m_at_end": os.getloadavg()[0]},
+              "repeats": args.repeats, "schemes": schemes, "specs": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
-
 
 if __name__ == "__main__":
     main()

@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         if exc.exception is None or is_peer_failure(exc.exception):  # died, or a peer did
             cause = _one_line(exc.exception) if exc.exception is not None else str(exc).splitlines()[0]
-            print(f"streamquant: error: rank {exc.rank}: {cause} (the other ranks were ended)", file=sys.stderr)
+            silent = f"; ranks that had not answered: {list(exc.unreported)}" if exc.unreported else ""
+            print(f"streamquant: error: rank {exc.rank}: {cause}{silent} (the other ranks were ended)", file=sys.stderr)
             return EXIT_BAD_INPUT
         if not isinstance(exc.exception, USER_ERRORS):
             raise

@@ -44,11 +44,13 @@ DEFAULT_TIMEOUT_S = 300.0
 class LaunchError(RuntimeError):
     """A rank failed. `exception` is the rank's own exception when it could be sent back."""
 
-    def __init__(self, rank: int, message: str, traceback_text: str = "", exception: BaseException | None = None):
+    def __init__(self, rank: int, message: str, traceback_text: str = "", exception: BaseException | None = None,
+                 unreported: tuple[int, ...] = ()):
         super().__init__(f"rank {rank}: {message}" + (f"\n{traceback_text}" if traceback_text else ""))
         self.rank = rank
         self.traceback_text = traceback_text
         self.exception = exception
+        self.unreported = unreported  # the other ranks that had not reported then (a silent peer is among them)
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -122,7 +124,7 @@ def _collect(procs: list, results) -> Any:
         if status == "error":
             text, exc_bytes = payload
             exception = pickle.loads(exc_bytes) if exc_bytes is not None else None
-            raise LaunchError(rank, "failed", text, exception) from exception
+            raise LaunchError(rank, "failed", text, exception, tuple(sorted(pending))) from exception
         if rank == 0:
             value = pickle.loads(payload)
     return value

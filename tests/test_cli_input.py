@@ -101,7 +101,8 @@ def test_unreadable_config_says_permission_denied(checkpoint, monkeypatch, capsy
 
 @pytest.mark.parametrize("failure", [
     LaunchError(1, "process exited with code -9 without reporting"),
-    LaunchError(0, "failed", "traceback text", RuntimeError("[gloo] Timed out waiting 300000ms for recv")),
+    LaunchError(0, "failed", "traceback text", RuntimeError("[gloo] Timed out waiting 300000ms for recv"),
+                unreported=(1,)),
 ])
 def test_a_dead_or_silent_rank_is_one_line(checkpoint, monkeypatch, capsys, failure):
     def fail(*args, **kwargs):
@@ -112,3 +113,4 @@ def test_a_dead_or_silent_rank_is_one_line(checkpoint, monkeypatch, capsys, fail
     assert cli.main(["load", str(checkpoint), "--tp", "2", "--timeout", "7.5"]) == 2
     line = one_error_line(capsys)
     assert f"rank {failure.rank}:" in line and "the other ranks were ended" in line
+    assert ("ranks that had not answered: [1]" in line) == bool(failure.unreported)

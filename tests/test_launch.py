@@ -95,3 +95,4 @@ def test_a_silent_rank_fails_its_peers_within_the_timeout():
     with pytest.raises(LaunchError) as info:
         launch(_one_rank_goes_silent, 2, timeout_s=2)
     assert info.value.rank == 0 and is_peer_failure(info.value.exception)
+    assert info.value.unreported == (1,)  # the silent rank is named

@@ -185,8 +185,11 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
                              transient_source=transient_source, pool=pool, check_finite=check_finite, seen=seen)
         else:
             loaded = _copy_processed(model, _tracked(_tensors(weights), seen), strict, check_finite)
-    except Exception as exc:  # KeyboardInterrupt & co. leave at once: no collective after them
+    except Exception as exc:
         failure = exc
+    except BaseException as exc:  # KeyboardInterrupt & co.: fail closed at once, no collective after them
+        _fail(model, snapshot, seen, exc)
+        raise
     failure = _agree(getattr(model, "tp", None), failure)
     if failure is not None:
         _fail(model, snapshot, seen, failure)

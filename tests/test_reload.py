@@ -298,3 +298,25 @@ def test_reloader_keeps_its_buffers_and_stays_exact(pairs):
     assert model.weights_version == 3
     reloader.close()
     assert reloader.held_bytes == 0
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_an_interrupted_reload_fails_closed(pairs, atomic):
+    """Ctrl-C (a BaseException, not an Exception) in the middle of a reload still restores or marks."""
+    a, b = pairs["llama-tied-mqa-llama3rope"]
+    model = load_model(a, quantization="fp8")
+    before = state(model)
+
+    def interrupted():
+        for i, item in enumerate(iterate_weights(b)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        reload_weights(model, interrupted(), atomic=atomic)
+    if atomic:
+        assert_bitwise_equal(state(model), before)
+        assert model.not_ready_reason is None
+    else:
+        assert model.not_ready_reason is not None

@@ -225,8 +225,9 @@ def load_model(
     and places only quantized weights on `device`; `quantize_on` ("device", the default, or "cpu")
     says where each complete layer is quantized (see `loading/offload.py`). A model loaded so
     keeps the plan (`model.offload_plan`), and `reload_weights` stages the same way.
-    Every checkpoint tensor must be bf16 / fp16 / fp32 / fp64 and, unless `check_finite=False`
-    (saves one `aminmax` pass per tensor, a few percent), free of NaN and Inf (`loading/validate.py`).
+    Every checkpoint tensor must be bf16 / fp16 / fp32 / fp64 and free of NaN and Inf
+    (`loading/validate.py`); `check_finite=False` skips the NaN / Inf pass over unquantized tensors
+    (measured ~20% of a bf16 load, a few percent of an fp8 one; quantized weights stay checked).
     The returned model is in eval mode and carries `model.load_report` (a `LoadReport`).
     """
     start = time.perf_counter()
@@ -256,13 +257,13 @@ def load_model(
     _move_buffers_(model, torch.device(device))
     model.offload_plan = offload
     model.eval()
+    error_log = quant_config.error_log if quant_config else None
     model.load_report = LoadReport(
         checkpoint_bytes=checkpoint_bytes(checkpoint),
         model_bytes=model_storage_bytes(model),
-        load_seconds=time.perf_counter() - start - (quant_config.error_log.seconds if quant_config and
-                                                     quant_config.error_log else 0.0),
+        load_seconds=time.perf_counter() - start - (error_log.seconds if error_log else 0.0),
         quantization=quantization,
         fp8_weight_bytes=fp8_weight_bytes(model),
-        quantization_error=quant_config.error_log.summary() if quant_config and quant_config.error_log else None,
+        quantization_error=error_log.summary() if error_log else None,
     )
     return model

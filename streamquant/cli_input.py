@@ -40,7 +40,8 @@ def check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device {name!r} is not a device torch knows: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--device {name!r} is not a device torch knows: {first}") from None
     if device.type == "cpu":
         return
     backend = getattr(torch, device.type, None)
@@ -48,9 +49,9 @@ def check_device(name: str) -> None:
     if not available:
         raise ValueError(f"--device {name}: this machine has no {device.type} device (torch {torch.__version__}"
                          f"{', a CPU-only build' if device.type == 'cuda' and torch.version.cuda is None else ''})")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name}: only {count} {device.type} device(s) here")
+    devices = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= devices:
+        raise ValueError(f"--device {name}: only {devices} {device.type} device(s) here")
 
 
 def check_json_path(path: Path | None) -> None:

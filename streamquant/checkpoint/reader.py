@@ -167,12 +167,16 @@ def iterate_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor
             yield from _iterate_bin(file)
 
 
-def _iterate_safetensors(file: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _open_safetensors(file: pathlib.Path):
+    """`safetensors.safe_open(file)` (lazy, mmapped), its failures a CheckpointError naming the file."""
     try:
-        opened = safetensors.safe_open(file, framework="pt")
+        return safetensors.safe_open(file, framework="pt")
     except (safetensors.SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot open {file}: {type(exc).__name__}: {exc}") from exc
-    with opened as handle:
+
+
+def _iterate_safetensors(file: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with _open_safetensors(file) as handle:
         for name in sorted(handle.keys()):
             yield name, handle.get_tensor(name)
 
@@ -202,11 +206,7 @@ def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         if file.suffix != ".safetensors":
             shapes.update((name, tuple(t.shape)) for name, t in _iterate_bin(file))
             continue
-        try:
-            opened = safetensors.safe_open(file, framework="pt")
-        except (safetensors.SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot open {file}: {type(exc).__name__}: {exc}") from exc
-        with opened as handle:
+        with _open_safetensors(file) as handle:
             shapes.update((name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys())
     return shapes
 

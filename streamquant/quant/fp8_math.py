@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streamquant.loading.validate import is_finite
 from streamquant.quant import fp8_kernels
 from streamquant.quant.fp8_convert import fp8_to_float32
 from streamquant.quant.fp8_kernels import (
@@ -87,11 +88,8 @@ E4M3FNUZ = Fp8Format(torch.float8_e4m3fnuz)
 
 
 def check_finite(w: torch.Tensor, name: str) -> None:
-    """Raise ValueError naming `name` if `w` holds a NaN or an Inf (max and min propagate both)."""
-    if not w.is_floating_point() or w.numel() == 0:
-        return
-    lo, hi = torch.aminmax(w)
-    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+    """Raise ValueError naming `name` if `w` holds a NaN or an Inf (`loading.validate.is_finite`)."""
+    if not is_finite(w):
         raise ValueError(f"{name} holds NaN or Inf values; refusing to quantize it")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import streamquant.api as api
 from streamquant.api import load_model
 
 from hf_cases import CASE_IDS, CASES, hf_logits, make_checkpoint
@@ -150,3 +151,21 @@ def test_ignore_pattern_for_a_never_quantized_layer_is_an_error(checkpoints):
         load_model(checkpoints["qwen2moe"], quantization="fp8", ignore=[r"mlp\.gate$"])
     with pytest.raises(ValueError, match="block_size applies to quantization='fp8-block' only"):
         load_model(checkpoints["llama"], quantization="fp8", block_size=(64, 64))
+
+
+class _Clock:
+    """perf_counter for load_model only: 100.0 at the start, 110.0 at the end (a 10 s load)."""
+
+    def __init__(self):
+        self.readings = iter([100.0, 110.0])
+
+    def perf_counter(self):
+        return next(self.readings)
+
+
+def test_load_seconds_leave_out_the_error_measurement(checkpoints, monkeypatch):
+    monkeypatch.setattr(api, "time", _Clock())
+    report = load_model(checkpoints["llama"], quantization="fp8", measure_error=True).load_report
+    measure = report.quantization_error["measure_seconds"]
+    assert measure > 0
+    assert report.load_seconds == pytest.approx(10.0 - measure, abs=1e-12)

@@ -31,6 +31,7 @@ from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError
 from streamquant.parallel import is_peer_failure
 from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
+from streamquant.quant.fp8_formula import Formula
 
 TIMELINE_POINTS = 200  # memory timeline samples kept in the JSON (evenly thinned, the peak always kept)
 # Bad input, reported in one line. ValueError also covers sizes that do not fit (a --tp that does not
@@ -70,6 +71,8 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
         help="fp8 format (default: e4m3fn, max 448; e4m3fnuz has max 240)")
     add("--activation-scheme", default="dynamic", choices=[a.value for a in ActivationScheme],
         help="dynamic: quantize activations at each matmul (default); none: fp8 weights only")
+    add("--formula", default="streamquant", choices=[f.value for f in Formula],
+        help="whose fp8 arithmetic: streamquant's (default), or compressed-tensors' / transformers' bit for bit")
     add("--ignore", action="append", default=[], metavar="REGEX",
         help="keep layers whose module name matches REGEX (re.search) unquantized; repeatable")
     add("--offload-before-quant", action="store_true",
@@ -115,7 +118,8 @@ def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     fp8 = {}
     if options["quantization"]:
         fp8 = dict(fp8_dtype=options["fp8_dtype"], activation_scheme=options["activation_scheme"],
-                   ignore=options["ignore"], measure_error=options.get("measure_error", False))
+                   ignore=options["ignore"], formula=options.get("formula", "streamquant"),
+                   measure_error=options.get("measure_error", False))
     elif options["ignore"] or options.get("measure_error"):
         raise ValueError(("--ignore" if options["ignore"] else "--measure-error") + " needs --quantization")
     with PeakMemorySampler(options["device"]) as sampler:

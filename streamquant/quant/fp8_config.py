@@ -8,7 +8,8 @@ quantized dynamically at matmul time: per token for the first two, per 1x128 gro
 Linear layers and MoE experts are quantized; embeddings, the LM head, norms and the MoE router gate
 (built without a quant config) stay in the model dtype. `ignore` regexes (`re.search` over the
 module name, e.g. "model.layers.0.self_attn.qkv_proj" -- streamquant's fused names) keep matching
-layers unquantized.
+layers unquantized. `formula` picks the arithmetic (`fp8_formula.py`): streamquant's own (default), or
+compressed-tensors' or transformers' bit for bit.
 
 The config is a frozen value except for `error_log`, a per-load record the load that made the
 config owns (`api.make_quant_config` makes one config per `load_model` call).
@@ -25,6 +26,7 @@ import torch
 
 from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
 from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_formula import Formula, formula_of
 from streamquant.quant.fp8_linear import Fp8LinearMethod, default_activation
 from streamquant.quant.fp8_math import Fp8Format
 from streamquant.quant.fp8_moe import Fp8MoEMethod
@@ -79,6 +81,7 @@ class Fp8Config:
     ignore: tuple[str, ...] = ()
     block_size: tuple[int, int] = (128, 128)
     compile: bool = False
+    formula: Formula = Formula.STREAMQUANT
     error_log: QuantErrorLog | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +98,7 @@ class Fp8Config:
             except re.error as e:
                 raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {e}") from None
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
+        object.__setattr__(self, "formula", formula_of(self.formula))
 
     @property
     def granularity(self) -> Granularity:
@@ -103,7 +107,7 @@ class Fp8Config:
 
     @property
     def weight_spec(self) -> Fp8WeightSpec:
-        return Fp8WeightSpec(self.granularity, Fp8Format(self.fp8_dtype), self.compile)
+        return Fp8WeightSpec(self.granularity, Fp8Format(self.fp8_dtype), self.compile, self.formula)
 
     @property
     def activation(self) -> Granularity | None:

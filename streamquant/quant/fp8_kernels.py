@@ -123,3 +123,27 @@ def _quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, f
     compiled: the eager bit trick in `_abs_max` is faster than inductor's reduction.
     """
     dst.copy_(torch.div(src, scale).clamp_(-fmax, fmax))
+
+
+def _quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
+                            scratch: torch.Tensor) -> None:
+    """dst <- clamp(round_to(src.dtype, src / scale), +-fmax) cast to fp8 (compressed-tensors' order).
+
+    The quotient is computed in float32 and rounded to the weight's own dtype before the clamp and
+    the cast, which is what torch does for `bf16 / bf16` (the double rounding of compressed-tensors
+    on a bf16 model). A float32 weight has no second rounding. `scratch` holds 4 + 2 bytes per element.
+    """
+    values = _like(scratch, src, torch.float32)
+    values.copy_(src).div_(scale)
+    if src.dtype != torch.float32:
+        rounded = scratch[values.numel() * 4 :].view(src.dtype)[: src.numel()].view(src.shape)
+        values = rounded.copy_(values)
+    dst.copy_(values.clamp_(-fmax, fmax))
+
+
+def _quantize_piece_multiplied(src: torch.Tensor, factor: torch.Tensor, dst: torch.Tensor, fmax: float,
+                               scratch: torch.Tensor) -> None:
+    """dst <- clamp(src.float() * factor, +-fmax) cast to fp8 (transformers' FineGrainedFP8 order)."""
+    values = _like(scratch, src, torch.float32)
+    values.copy_(src).mul_(factor).clamp_(-fmax, fmax)
+    dst.copy_(values)

@@ -47,11 +47,14 @@ from streamquant.quant.fp8_kernels import (
     _grid_part,
     _quantize_piece,
     _quantize_piece_eager,
+    _quantize_piece_multiplied,
+    _quantize_piece_rounded,
     _quantize_piece_unclamped,
     _scale_view,
     _scratch,
     _view,
 )
+from streamquant.quant.fp8_formula import Formula, TileScales, tile_scales
 from streamquant.quant.granularity import (
     Granularity,
     Window,
@@ -121,9 +124,12 @@ def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) ->
 
 def scale_from_amax(amax: torch.Tensor, fmt: Fp8Format = E4M3FN) -> torch.Tensor:
     """float32 `max(amax / fmt.max, fmt.min_scale)`, elementwise, a new tensor."""
-    amax = amax.to(torch.float32)
-    divisor = torch.full((), fmt.max, dtype=torch.float32, device=amax.device)
-    return torch.div(amax, divisor).clamp_min_(fmt.min_scale)
+    return tile_scales(amax, fmt.max, fmt.min_scale, Formula.STREAMQUANT, torch.float32).scales
+
+
+def formula_scales(amax: torch.Tensor, fmt: Fp8Format, formula: Formula, weight_dtype: torch.dtype) -> TileScales:
+    """(dequantization scales, kernel factors) of `formula` (`fp8_formula.py`) from float32 tile amaxes."""
+    return tile_scales(amax, fmt.max, fmt.min_scale, formula, weight_dtype)
 
 
 def local_scales(global_scale_grid: torch.Tensor, window: Window, tile: tuple[int, int]) -> torch.Tensor:
@@ -153,8 +159,13 @@ def quantize_window_(
     tile: tuple[int, int],
     compiled: bool = False,
     scales_cover_amax: bool = False,
+    formula: Formula = Formula.STREAMQUANT,
+    local_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write `clamp(w / scale, +-max).to(fp8)` into `out_fp8` in place (its storage is kept); returns it.
+
+    `formula` other than STREAMQUANT runs that library's arithmetic (`fp8_formula.py`) with
+    `local_factors` (default: the scales) as the kernel's divisor or multiplier, always eager and clamped.
 
     `compiled=True` runs inductor-compiled code on CPU windows of `fp8_kernels.COMPILED_MIN_ELEMENTS` or more
     (bitwise the same codes, up to 2x faster after a first compile of seconds); smaller windows and
@@ -171,18 +182,26 @@ def quantize_window_(
     if torch.promote_types(w_local.dtype, torch.float32) != torch.float32:
         w_local = w_local.float()  # the formula divides in float32, never in float64
     base = (window.row0 // tile[0], window.col0 // tile[1])
-    compiled = compiled and w_local.device.type == "cpu" and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS
+    factors = local_scale_grid if local_factors is None else local_factors
+    if factors.shape != local_scale_grid.shape or factors.dtype != torch.float32:
+        raise ValueError(f"local_factors {factors.dtype} {tuple(factors.shape)} must be float32 shaped like the "
+                         f"scales {tuple(local_scale_grid.shape)}")
+    streamquant = formula is Formula.STREAMQUANT
+    compiled = (compiled and streamquant and w_local.device.type == "cpu"
+                and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS)
     step = _chunk_rows(w_local, window, compiled)
     if compiled:
         kernel, scratch = torch.compile(_quantize_piece, dynamic=True), ()
     else:
-        kernel = _quantize_piece_unclamped if scales_cover_amax else _quantize_piece_eager
-        scratch = (_scratch(w_local[..., :step, :].numel(), 4, w_local.device),)
+        kernel = {Formula.COMPRESSED_TENSORS: _quantize_piece_rounded,
+                  Formula.TRANSFORMERS: _quantize_piece_multiplied}.get(formula)
+        kernel = kernel or (_quantize_piece_unclamped if scales_cover_amax else _quantize_piece_eager)
+        scratch = (_scratch(w_local[..., :step, :].numel(), 4 if streamquant else 8, w_local.device),)
     for offset, sub in _chunks(window, step):
         src = w_local[..., offset : offset + sub.rows, :]
         dst = out_fp8[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            kernel(_view(src, piece), _scale_view(local_scale_grid, piece, base), _view(dst, piece), fmax, *scratch)
+            kernel(_view(src, piece), _scale_view(factors, piece, base), _view(dst, piece), fmax, *scratch)
     return out_fp8
 
 
@@ -210,20 +229,24 @@ def _whole(w: torch.Tensor, granularity: Granularity) -> tuple[Window, tuple[int
     return Window(0, 0, rows, cols), tile_shape(granularity, (rows, cols))
 
 
-def compute_scales(w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN) -> torch.Tensor:
+def compute_scales(w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN,
+                   formula: Formula = Formula.STREAMQUANT) -> torch.Tensor:
     """The float32 scale grid [..., grid_rows, grid_cols] of a whole (unsharded) weight."""
     window, tile = _whole(w, granularity)
-    return scale_from_amax(window_amax(w, window, tile), fmt)
+    return formula_scales(window_amax(w, window, tile), fmt, formula, w.dtype).scales
 
 
 def quantize(
-    w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN, compiled: bool = False
+    w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN, compiled: bool = False,
+    formula: Formula = Formula.STREAMQUANT, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 codes shaped like `w`, float32 scale grid) of a whole weight."""
+    """(fp8 codes shaped like `w`, float32 scale grid) of a whole weight; codes into `out` when given."""
     window, tile = _whole(w, granularity)
-    scales = scale_from_amax(window_amax(w, window, tile), fmt)
-    q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device)
-    return quantize_window_(q, w, scales, window, tile, compiled, scales_cover_amax=True), scales
+    scales, factors = formula_scales(window_amax(w, window, tile), fmt, formula, w.dtype)
+    q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device) if out is None else out
+    quantize_window_(q, w, scales, window, tile, compiled, scales_cover_amax=True, formula=formula,
+                     local_factors=factors)
+    return q, scales
 
 
 def dequantize(

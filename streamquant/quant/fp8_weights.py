@@ -36,12 +36,13 @@ from streamquant.loading.loader import NonFiniteWeightError
 from streamquant.loading.materialize import materialize_
 from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_formula import Formula
 from streamquant.quant.fp8_math import (
     Fp8Format,
     dequantize_window,
+    formula_scales,
     local_scales,
     quantize_window_,
-    scale_from_amax,
     window_amax,
 )
 from streamquant.quant.granularity import Granularity, LogicalShard, Window, tile_shape
@@ -49,11 +50,12 @@ from streamquant.quant.granularity import Granularity, LogicalShard, Window, til
 
 @dataclass(frozen=True)
 class Fp8WeightSpec:
-    """How weights are quantized: scale granularity, fp8 format, compiled CPU kernel or not."""
+    """How weights are quantized: scale granularity, fp8 format, compiled CPU kernel or not, formula."""
 
     granularity: Granularity
     fmt: Fp8Format
     compiled: bool = False
+    formula: Formula = Formula.STREAMQUANT
 
 
 class ShardLayout(NamedTuple):
@@ -154,9 +156,11 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
     w, codes, scales = slot.detach(), codes.detach(), scales.detach()
     for lay, amax in zip(layouts, grids):
         local = scales[..., lay.scale_rows, :]
-        local.copy_(local_scales(scale_from_amax(amax, spec.fmt), lay.window, lay.tile))
+        tile_scales, factors = formula_scales(amax, spec.fmt, spec.formula, w.dtype)
+        local.copy_(local_scales(tile_scales, lay.window, lay.tile))
         quantize_window_(codes[..., lay.rows, :], w[..., lay.rows, :], local, lay.window, lay.tile, spec.compiled,
-                         scales_cover_amax=True)
+                         scales_cover_amax=True, formula=spec.formula,
+                         local_factors=local_scales(factors, lay.window, lay.tile))
     if error_log is not None:
         _record_error(layer, name, slot, layouts, tp, error_log)
     return True

@@ -1,0 +1,72 @@
+"""Which arithmetic turns a tile's amax into a scale and a weight into fp8 codes: the formula modes.
+
+`Formula.STREAMQUANT` is streamquant's own (see `fp8_math`): float32 `scale = max(amax / fmax,
+1 / (fmax * 512))`, codes `clamp(w.float() / scale)`. The other two reproduce, bit for bit, what
+another library writes from the same weight, so a checkpoint streamquant writes (or an online load)
+can equal theirs:
+
+  COMPRESSED_TENSORS (compressed-tensors 0.20 / llm-compressor 0.14, `calculate_qparams` and
+    `_quantize`): the scale is `amax / fmax` computed in the WEIGHT's dtype (bf16 for a bf16
+    model: `bf16(fl32(amax / fmax))`), a zero scale replaced by that dtype's eps; codes are
+    `w / scale` rounded to the weight's dtype, clamped, cast (a double rounding for bf16 / fp16).
+    The scale is stored in the weight's dtype by that library; streamquant keeps it as float32
+    (exact: every bf16 / fp16 value is a float32).
+  TRANSFORMERS (transformers 5 `FineGrainedFP8`, `Fp8Quantize`): a float32 multiplier
+    `m = reciprocal(amax) * fmax` (torch's `fmax / tensor`), 1 for a zero tile; codes
+    `clamp(w.float() * m)`; the stored dequantization scale is `reciprocal(m)` (`weight_scale_inv`).
+    The codes use `m` itself, not the reciprocal of the stored scale (the two can differ in the
+    last bit), so the kernel takes a separate factor grid.
+
+Every formula gives each tile a positive finite scale (no 0/0). Tests compare each mode with the
+library's own function on the same tensors.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NamedTuple
+
+import torch
+
+
+class Formula(str, Enum):
+    STREAMQUANT = "streamquant"
+    COMPRESSED_TENSORS = "compressed-tensors"
+    TRANSFORMERS = "transformers"
+
+
+class TileScales(NamedTuple):
+    """Per-tile float32 grids: `scales` (dequantization multipliers, what the model stores) and
+    `factors` (what the kernel applies: a divisor, or for TRANSFORMERS a multiplier)."""
+
+    scales: torch.Tensor
+    factors: torch.Tensor
+
+
+def formula_of(value: Formula | str) -> Formula:
+    """A `Formula` from itself or its name, with a clear error naming the choices."""
+    try:
+        return Formula(value)
+    except ValueError:
+        names = ", ".join(repr(f.value) for f in Formula)
+        raise ValueError(f"formula must be one of {names}, got {value!r}") from None
+
+
+def tile_scales(amax: torch.Tensor, fmax: float, min_scale: float, formula: Formula,
+                weight_dtype: torch.dtype) -> TileScales:
+    """The scale and kernel-factor grids of `formula` for float32 tile amaxes of a `weight_dtype` weight."""
+    amax = amax.to(torch.float32)
+    if formula is Formula.STREAMQUANT:
+        scales = torch.div(amax, torch.full((), fmax, dtype=torch.float32, device=amax.device)).clamp_min_(min_scale)
+        return TileScales(scales, scales)
+    if formula is Formula.COMPRESSED_TENSORS:
+        dtype = weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        scales = torch.div(amax.to(dtype), torch.full((), fmax, dtype=dtype, device=amax.device))
+        scales = torch.where(scales == 0, torch.full((), torch.finfo(dtype).eps, dtype=dtype, device=amax.device),
+                             scales).to(torch.float32)
+        return TileScales(scales, scales)
+    if formula is Formula.TRANSFORMERS:
+        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+        factors = torch.where(amax > 0, safe.reciprocal() * fmax, torch.ones_like(amax))
+        return TileScales(factors.reciprocal(), factors)
+    raise TypeError(f"unknown formula {formula!r}")

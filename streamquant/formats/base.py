@@ -1,0 +1,91 @@
+"""What every on-disk fp8 format module provides, and the value a read of its config gives.
+
+A format module owns both directions for its format: `write_config` (the `quantization_config` of a
+checkpoint streamquant writes), `scale_to_disk` / the tensor names (how a weight's scales are stored),
+and `read_config` (a checkpoint's `quantization_config` -> `QuantizedCheckpoint`, or a
+`QuantizationConfigError` naming the field and value it cannot serve). The quantization math lives in
+`quant/`; nothing here computes a code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from streamquant.quant.fp8_config import ActivationScheme, Fp8Scheme
+from streamquant.quant.fp8_formula import Formula
+
+# The key streamquant adds to a `quantization_config` it writes, so a reload of the checkpoint
+# quantizes with the formula it was written with (both formats' readers ignore unknown keys).
+FORMULA_KEY = "streamquant_formula"
+
+
+class QuantizationConfigError(ValueError):
+    """A checkpoint's `quantization_config` asks for something streamquant cannot load (named)."""
+
+
+@dataclass(frozen=True)
+class QuantizedCheckpoint:
+    """What a pre-quantized checkpoint holds, as streamquant's fp8 options.
+
+    `scale_suffix`: the name of a weight's scale tensor beside `X.weight` ("weight_scale" or
+    "weight_scale_inv"); `formula`: the arithmetic a reload of this model uses (the writer's, when
+    it recorded one, else the format's own library's)."""
+
+    format: str
+    scheme: Fp8Scheme
+    activation_scheme: ActivationScheme
+    formula: Formula
+    scale_suffix: str
+    block_size: tuple[int, int] = (128, 128)
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> dict:
+        """`load_model` fp8 options (besides `ignore`, which the loader derives from the tensors present)."""
+        options = {"activation_scheme": self.activation_scheme.value, "formula": self.formula.value}
+        if self.scheme is Fp8Scheme.FP8_BLOCK:
+            options["block_size"] = self.block_size
+        return options
+
+
+class CheckpointFormat(Protocol):
+    """One on-disk format (a module-level instance per format module)."""
+
+    name: str
+    scale_suffix: str
+
+    def write_config(self, scheme: Fp8Scheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
+                     ignore: list[str], formula: Formula) -> dict: ...
+
+    def scale_to_disk(self, scales: torch.Tensor, scheme: Fp8Scheme, weight_dtype: torch.dtype,
+                      formula: Formula) -> torch.Tensor: ...
+
+    def read_config(self, config: dict) -> QuantizedCheckpoint: ...
+
+
+def field(config: dict, key: str, where: str, default=None, required: bool = False):
+    """`config[key]` with a clear error when a required one is missing."""
+    if key not in config or config[key] is None:
+        if required:
+            raise QuantizationConfigError(f"quantization_config{where} has no {key!r}")
+        return default
+    return config[key]
+
+
+def recorded_formula(config: dict, default: Formula) -> Formula:
+    value = config.get(FORMULA_KEY)
+    if value is None:
+        return default
+    try:
+        return Formula(value)
+    except ValueError:
+        raise QuantizationConfigError(f"quantization_config.{FORMULA_KEY} = {value!r} is not a formula streamquant "
+                                      f"knows ({', '.join(f.value for f in Formula)})") from None
+
+
+def check_fp8_e4m3(value, where: str) -> None:
+    if value not in (None, "e4m3", "float8_e4m3fn", "e4m3fn"):
+        raise QuantizationConfigError(f"quantization_config{where} = {value!r}: only e4m3 (float8_e4m3fn) is supported")

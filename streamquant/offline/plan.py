@@ -1,0 +1,104 @@
+"""Which checkpoint tensors an offline quantization turns into fp8, decided by the online path itself.
+
+`QuantizePlan` builds streamquant's model for the checkpoint's config on the `meta` device (no
+memory, no weights) with the same quant config an online `load_model(quantization=...)` would make,
+and asks it, for each checkpoint tensor: which parameter does its name map to, and does that
+parameter's layer quantize it (an fp8 method keeps it in `checkpoint_params`)? So the offline and
+online paths keep the same weights in high precision (embeddings, LM head, norms, MoE routers,
+`ignore` matches), by construction. A tensor that maps to no parameter (and is not one the model
+skips, such as `rotary_emb.inv_freq`) is refused, as a strict load refuses it.
+
+`QuantizedTensor.outputs` gives a quantized tensor's output names, dtypes and shapes (codes, then
+scales in the format's layout) without computing anything, so shards can be planned from headers.
+Limitation: a checkpoint tensor that already fuses several logical weights (a fused `qkv_proj`, or
+`experts.gate_up_proj`) is refused: its parts would need separate scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamquant.api import make_quant_config
+from streamquant.checkpoint.writer import TensorSpec
+from streamquant.formats import CheckpointFormat
+from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from streamquant.models import get_model_class
+from streamquant.parallel import TPContext
+from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
+from streamquant.quant.fp8_weights import Fp8WeightSpec
+from streamquant.quant.granularity import grid_shape, tile_shape
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """How one checkpoint tensor is quantized, and what it becomes on disk."""
+
+    name: str
+    scale_name: str
+    spec: Fp8WeightSpec
+    scheme: Fp8Scheme
+
+    def outputs(self, shape: tuple[int, ...], dtype: torch.dtype, fmt: CheckpointFormat) -> list[TensorSpec]:
+        grid = tile_shape(self.spec.granularity, tuple(shape[-2:]))
+        meta = torch.empty(tuple(shape[:-2]) + grid_shape(grid, tuple(shape[-2:])), dtype=torch.float32, device="meta")
+        scale = fmt.scale_to_disk(meta, self.scheme, dtype, self.spec.formula)
+        return [TensorSpec(self.name, self.spec.fmt.dtype, tuple(shape)),
+                TensorSpec(self.scale_name, scale.dtype, tuple(scale.shape))]
+
+
+def scale_name_of(name: str, suffix: str) -> str:
+    """`X.weight` -> `X.<suffix>`; any other name -> `name_<suffix minus 'weight_'>`."""
+    if name.endswith(".weight"):
+        return name[: -len("weight")] + suffix
+    return f"{name}_{suffix.removeprefix('weight_')}"
+
+
+class QuantizePlan:
+    """The per-tensor decisions of an offline quantization (see the module docstring)."""
+
+    def __init__(self, hf_config, quantization: str, fmt: CheckpointFormat, dtype: torch.dtype, **options):
+        self.config: Fp8Config = make_quant_config(quantization, options)
+        self.fmt = fmt
+        self.dtype = dtype
+        with torch.device("meta"):
+            self.model = get_model_class(hf_config)(hf_config, tp=TPContext(), quant_config=self.config,
+                                                    params_dtype=dtype)
+        self.modules = dict(self.model.named_modules())
+        self.mapping = self.model.weight_mapping
+
+    def _target(self, name: str) -> tuple[torch.nn.Module | None, str, dict]:
+        param_name, kwargs = self.mapping.map(name)
+        mod_name, _, leaf = param_name.rpartition(".")
+        return self.modules.get(mod_name), leaf, kwargs
+
+    def rule(self, name: str) -> QuantizedTensor | None:
+        """How `name` is quantized, or None when it is written as it is (cast to the plan's dtype)."""
+        if self.mapping.should_skip(name):
+            return None
+        module, leaf, kwargs = self._target(name)
+        if module is None or (leaf not in dict(module.named_parameters(recurse=False))
+                              and leaf not in (getattr(module, "checkpoint_params", None) or {})):
+            raise ValueError(f"checkpoint tensor {name!r} maps to {self.mapping.map(name)[0]!r}, which is not a "
+                             f"parameter of {type(self.model).__name__}")
+        if leaf not in (getattr(module, "checkpoint_params", None) or {}):
+            return None
+        if kwargs.get("shard_id") in (None, "w13") and len(module.logical_shards[leaf]) > 1:
+            raise ValueError(f"checkpoint tensor {name!r} holds several fused weights "
+                             f"({', '.join(s.label for s in module.logical_shards[leaf])}); offline quantization "
+                             "needs them as separate tensors (each gets its own scales)")
+        return QuantizedTensor(name, scale_name_of(name, self.fmt.scale_suffix), module.quant_method.spec,
+                               self.config.scheme)
+
+    def high_precision_modules(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """HF module names of 2-D weights written unquantized, input embeddings aside: the format's ignore list."""
+        out = []
+        for name, shape in shapes.items():
+            if len(shape) != 2 or not name.endswith(".weight") or self.rule(name) is not None:
+                continue
+            module, _, _ = self._target(name)
+            if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+                continue
+            out.append(name[: -len(".weight")])
+        return sorted(out)

@@ -1,0 +1,245 @@
+"""`quantize_checkpoint`: a high-precision checkpoint directory in, an fp8 checkpoint directory out.
+
+Streams tensor by tensor: no model is materialized (a `meta` model only decides which tensors are
+quantized, `plan.py`), each source tensor is read from its mmapped shard, quantized with
+`tensors.quantize_tensor` and its bytes written at once into a safetensors shard whose header was
+planned from the source headers (`checkpoint/writer.py`). Memory: one tensor's copy in the model
+dtype (only when the source dtype differs) plus its fp8 codes and a few MB of scratch per worker,
+whatever the model or shard size; the source's pages are file-backed (page cache), counted apart.
+
+`workers=N` runs N processes, each writing whole output shards of the same plan, so the files are
+bitwise the same for every N. The run is all-or-nothing: it writes into a hidden sibling of `dst`
+and renames it onto `dst` at the end; a failure (or Ctrl-C) removes the partial output. A non-empty
+`dst` is refused unless `overwrite=True`. Besides the weights it writes `config.json` with the
+format's `quantization_config` and copies every other non-weight file (tokenizer, generation config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import safetensors
+import torch
+
+from streamquant.api import resolve_dtype
+from streamquant.checkpoint.reader import CONFIG_FILE, CheckpointError, checkpoint_files, load_hf_config, resolve_checkpoint
+from streamquant.checkpoint.writer import (
+    SAFETENSORS_DTYPES,
+    ShardWriter,
+    TensorSpec,
+    check_destination,
+    plan_shards,
+    publish,
+    shard_name,
+    staging_directory,
+    write_index,
+)
+from streamquant.formats import get_format
+from streamquant.memory import PeakMemorySampler
+from streamquant.offline.plan import QuantizedTensor, QuantizePlan
+from streamquant.offline.tensors import cast, quantize_tensor
+from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_math import dequantize
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_DTYPE_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One source tensor and what it becomes."""
+
+    file: str
+    name: str
+    rule: QuantizedTensor | None
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    path: str
+    units: tuple[Unit, ...]
+    measure_error: bool
+
+
+def _source_units(directory: Path, plan: QuantizePlan) -> tuple[list[Unit], dict[str, tuple[int, ...]], int]:
+    units, shapes, nbytes = [], {}, 0
+    for file in checkpoint_files(directory):
+        if file.suffix != ".safetensors":
+            raise CheckpointError(f"{file.name}: offline quantization reads safetensors checkpoints only")
+        with safetensors.safe_open(file, framework="pt") as handle:
+            for name in sorted(handle.keys()):
+                view = handle.get_slice(name)
+                shape, dtype = tuple(view.get_shape()), _DTYPE_OF.get(view.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"checkpoint tensor {name!r} has dtype {view.get_dtype()}, not loadable")
+                shapes[name] = shape
+                nbytes += TensorSpec(name, dtype, shape).nbytes
+                rule = plan.rule(name)
+                out_dtype = plan.dtype if dtype.is_floating_point else dtype
+                outputs = rule.outputs(shape, out_dtype, plan.fmt) if rule else [TensorSpec(name, out_dtype, shape)]
+                units.append(Unit(str(file), name, rule, tuple(outputs)))
+    return units, shapes, nbytes
+
+
+def write_shard(job: ShardJob, plan: QuantizePlan, threads: int | None = None) -> dict:
+    """Write one planned shard; returns its peak memory and (measure_error) error log entries."""
+    if threads:
+        torch.set_num_threads(threads)
+    log = QuantErrorLog()
+    specs = [spec for unit in job.units for spec in unit.outputs]
+    with PeakMemorySampler("cpu") as sampler:
+        writer = ShardWriter(Path(job.path), specs)
+        handles: dict[str, object] = {}
+        try:
+            for unit in job.units:
+                if unit.file not in handles:
+                    handles[unit.file] = safetensors.safe_open(unit.file, framework="pt")
+                tensor = handles[unit.file].get_tensor(unit.name)
+                if unit.rule is None:
+                    writer.write(cast(tensor, plan.dtype))
+                    continue
+                out = quantize_tensor(unit.name, tensor, unit.rule, plan)
+                writer.write(out.codes)
+                writer.write(out.disk_scales)
+                if job.measure_error:
+                    _record_error(log, unit, out)
+                del out, tensor
+        finally:
+            writer.file.close()
+        writer.close()
+    peak = sampler.result
+    return {"peak_anon_bytes": peak.peak_bytes, "peak_file_bytes": peak.file_backed_peak_bytes,
+            "errors": log.entries, "error_seconds": log.seconds}
+
+
+def _record_error(log: QuantErrorLog, unit: Unit, out) -> None:
+    start = time.perf_counter()
+    ref = out.weight.float()
+    noise = dequantize(out.codes, out.scales, unit.rule.spec.granularity, torch.float32).sub_(ref)
+    log.record(unit.name, float(ref.square().sum(dtype=torch.float64)), float(noise.square_().sum(dtype=torch.float64)))
+    log.seconds += time.perf_counter() - start
+
+
+def _worker(job: ShardJob, plan_args: tuple, threads: int) -> dict:
+    """A worker process: rebuild the (meta) plan, write one shard."""
+    return write_shard(job, QuantizePlan(*plan_args[:4], **plan_args[4]), threads)
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What one `quantize_checkpoint` run read, wrote and cost."""
+
+    source: str
+    destination: str
+    quantization: str
+    format: str
+    formula: str
+    workers: int
+    shards: int
+    tensors_in: int
+    quantized_tensors: int
+    bytes_in: int  # tensor bytes of the source checkpoint
+    bytes_out: int  # bytes of the written weight files
+    seconds: float
+    input_gb_per_s: float
+    peak_anon_bytes: int  # the largest process's anonymous RSS high-water mark over its start (sampled)
+    peak_file_bytes: int | None  # the same for file-backed pages (the mmapped source)
+    quantization_error: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _copy_other_files(source: Path, destination: Path) -> None:
+    """Every non-weight file of the source (tokenizer, generation config, ...), config.json aside."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if path.is_dir() or relative.parts[0].startswith(".") or relative.name == CONFIG_FILE and len(relative.parts) == 1:
+            continue
+        if any(relative.match(pattern) for pattern in WEIGHT_FILES):
+            continue
+        (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination / relative)
+
+
+def _run_jobs(jobs: list[ShardJob], plan: QuantizePlan, plan_args: tuple, workers: int) -> list[dict]:
+    if workers == 1:
+        return [write_shard(job, plan) for job in jobs]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_worker, jobs, [plan_args] * len(jobs), [threads] * len(jobs)))
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, format: str = "compressed-tensors",
+                        dtype: torch.dtype | str = torch.bfloat16, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+                        workers: int = 1, overwrite: bool = False, measure_error: bool = False,
+                        **options) -> QuantizeReport:
+    """Write an fp8 checkpoint of `src` to `dst` (see the module docstring); returns a `QuantizeReport`.
+
+    `quantization`: "fp8", "fp8-channel" or "fp8-block"; `format`: "compressed-tensors" (default) or
+    "hf-fp8" (block only); `options`: the fp8 options of `api.make_quant_config` (`ignore`,
+    `formula`, `activation_scheme`, `block_size`, `fp8_dtype`: e4m3fn only). `dtype`: the model dtype
+    floating-point tensors are written in and quantized from (as `load_model(dtype=...)` would).
+    `measure_error=True` adds each quantized weight's SQNR (two more passes, their seconds apart).
+    """
+    start = time.perf_counter()
+    fmt = get_format(format)
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    source = resolve_checkpoint(src)
+    destination = Path(dst).expanduser().absolute()
+    if destination.resolve() == source.resolve():
+        raise ValueError(f"destination {destination} is the source checkpoint")
+    raw = json.loads((source / CONFIG_FILE).read_text())
+    if raw.get("quantization_config"):
+        raise CheckpointError(f"{source} is already quantized (quantization_config.quant_method = "
+                              f"{raw['quantization_config'].get('quant_method')!r})")
+    model_dtype = resolve_dtype(dtype)
+    plan_args = (load_hf_config(source), quantization, fmt, model_dtype, dict(options))
+    plan = QuantizePlan(*plan_args[:4], **plan_args[4])
+    if plan.config.fp8_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"format {fmt.name!r} stores float8_e4m3fn codes; fp8_dtype={plan.config.fp8_dtype} is not "
+                         "supported there")
+    units, shapes, bytes_in = _source_units(source, plan)
+    quantization_config = fmt.write_config(plan.config.scheme, plan.config.activation_scheme, plan.config.block_size,
+                                           plan.high_precision_modules(shapes), plan.config.formula)
+    check_destination(destination, overwrite)
+    shards = plan_shards([list(u.outputs) for u in units], max_shard_size)
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    by_name = {u.name: u for u in units}
+    with PeakMemorySampler("cpu") as sampler, staging_directory(destination) as staging:
+        jobs = [ShardJob(str(staging / file), tuple(by_name[group[0].name] for group in shard), measure_error)
+                for file, shard in zip(names, shards)]
+        results = _run_jobs(jobs, plan, plan_args, int(workers))
+        write_index(staging, [[s for g in shard for s in g] for shard in shards], names)
+        (staging / CONFIG_FILE).write_text(json.dumps({**raw, "quantization_config": quantization_config}, indent=2)
+                                           + "\n")
+        _copy_other_files(source, staging)
+        publish(staging, destination)
+    return _report(source, destination, plan, fmt.name, workers, names, units, bytes_in, results, sampler.result,
+                   time.perf_counter() - start)
+
+
+def _report(source, destination, plan, fmt_name, workers, names, units, bytes_in, results, parent, seconds):
+    log = QuantErrorLog([entry for r in results for entry in r["errors"]], sum(r["error_seconds"] for r in results))
+    seconds -= log.seconds
+    file_peaks = [r["peak_file_bytes"] for r in results if r["peak_file_bytes"] is not None]
+    return QuantizeReport(
+        source=str(source), destination=str(destination), quantization=plan.config.scheme.value, format=fmt_name,
+        formula=plan.config.formula.value, workers=int(workers), shards=len(names), tensors_in=len(units),
+        quantized_tensors=sum(u.rule is not None for u in units), bytes_in=bytes_in,
+        bytes_out=sum((destination / n).stat().st_size for n in names), seconds=seconds,
+        input_gb_per_s=bytes_in / seconds / 1e9 if seconds > 0 else 0.0,
+        peak_anon_bytes=max([parent.peak_bytes] + [r["peak_anon_bytes"] for r in results]),
+        peak_file_bytes=max([parent.file_backed_peak_bytes or 0] + file_peaks) if parent.file_backed_peak_bytes is not None else None,
+        quantization_error=log.summary() if log.entries else None,
+    )

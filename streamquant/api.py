@@ -44,6 +44,7 @@ from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, OffloadPlan
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel import TPContext
+from streamquant.prequantized import prequantized_plan, prequantized_tensors
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
 
@@ -235,25 +236,34 @@ def load_model(
     start = time.perf_counter()
     if not streaming and not strict:
         raise ValueError("streaming=False (the naive baseline) needs strict=True")
+    checkpoint = resolve_checkpoint(path)
+    hf_config = load_hf_config(checkpoint)
+    model_class = get_model_class(hf_config)
+    shapes = checkpoint_shapes(checkpoint)
+    prequantized, quantization, options = prequantized_plan(checkpoint, model_class, hf_config, shapes,
+                                                            quantization, options)
     quant_config = make_quant_config(quantization, options)
     offload = make_offload_plan(offload_before_quant, quantize_on, quantization=quantization, device=device,
                                 streaming=streaming)
     params_dtype = resolve_dtype(dtype)
     tp = default_tp() if tp is None else tp
-    checkpoint = resolve_checkpoint(path)
-    hf_config = load_hf_config(checkpoint)
-    model_class = get_model_class(hf_config)
-    shapes = checkpoint_shapes(checkpoint)
     check_config_sizes(hf_config, shapes)
     with torch.device("meta"):
         model = model_class(hf_config, tp=tp, quant_config=quant_config, params_dtype=params_dtype)
     if strict:  # strict=False may load a partial checkpoint on purpose
-        check_model_fits(model, loadable_parameters(model), shapes)
+        check_model_fits(model, loadable_parameters(model, prequantized is not None), shapes)
     check_ignore_patterns(model, quant_config)
+    weights = iterate_weights(checkpoint)
+    if prequantized is not None:
+        if not streaming or offload is not None:
+            raise ValueError("a pre-quantized checkpoint loads its fp8 codes directly: streaming=False and "
+                             "offload_before_quant=True do not apply")
+        weights = prequantized_tensors(weights, prequantized, params_dtype)
+    model.prequantized = prequantized.checkpoint if prequantized is not None else None
     if streaming:
-        stream_weights(model, iterate_weights(checkpoint), model.weight_mapping, device=device, strict=strict,
-                       check_finite=check_finite,
-                       staging_budget=staging_budget, offload=offload)
+        stream_weights(model, weights, model.weight_mapping, device=device, strict=strict,
+                       check_finite=check_finite, staging_budget=staging_budget, offload=offload,
+                       quantized_source=prequantized is not None)
     else:
         _load_naive(model, checkpoint, device, check_finite)
     _move_buffers_(model, torch.device(device))

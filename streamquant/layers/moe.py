@@ -116,7 +116,11 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 def expert_mapping_rules() -> tuple[MappingRule, ...]:
     """Checkpoint names -> `experts.w13_weight` / `experts.w2_weight`, per-expert and fused formats."""
-    return (
+    scales = tuple(  # pre-quantized checkpoints: each expert projection's scales (both formats' names)
+        MappingRule.make(f"experts.{{expert}}.{proj}.{suffix}", f"experts.{param}_weight_scale", shard_id=shard)
+        for proj, param, shard in (("gate_proj", "w13", "w1"), ("up_proj", "w13", "w3"), ("down_proj", "w2", "w2"))
+        for suffix in ("weight_scale", "weight_scale_inv"))
+    return scales + (
         MappingRule.make("experts.{expert}.gate_proj.weight", "experts.w13_weight", shard_id="w1"),
         MappingRule.make("experts.{expert}.up_proj.weight", "experts.w13_weight", shard_id="w3"),
         MappingRule.make("experts.{expert}.down_proj.weight", "experts.w2_weight", shard_id="w2"),

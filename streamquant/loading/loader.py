@@ -25,28 +25,43 @@ from streamquant.loading.errors import (  # noqa: F401  (the errors' historical 
 )
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.materialize import StagingPool, release_
-from streamquant.loading.validate import check_tensor
+from streamquant.loading.parameters import WeightLoader
+from streamquant.loading.validate import check_codes, check_tensor
 
 
-def module_loadables(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def module_loadables(module: torch.nn.Module, quantized_source: bool = False) -> dict[str, torch.nn.Parameter]:
     """The parameters checkpoint tensors are written into for `module` itself (not its children).
 
     Its own parameters that have a `weight_loader`, except where its quant method keeps a
     checkpoint-format parameter of the same name in `module.checkpoint_params` (the fp8 methods:
     the loaders write a bf16 `weight` there, and `process_weights_after_loading` derives the fp8
     `weight` and `weight_scale` the module computes with; derived parameters have no loader).
+    With `quantized_source=True` (fp8 codes and scales arrive, already quantized) a module with
+    `quantized_loaders` takes them straight into its fp8 parameters instead (`module_loaders`).
     """
     own = {n: p for n, p in module.named_parameters(recurse=False) if hasattr(p, "weight_loader")}
-    own.update(getattr(module, "checkpoint_params", None) or {})
+    quantized = getattr(module, "quantized_loaders", None) or {}
+    if quantized_source and quantized:
+        own.update({name: getattr(module, name) for name in quantized})
+    else:
+        own.update(getattr(module, "checkpoint_params", None) or {})
     return own
 
 
-def loadable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def module_loaders(model: torch.nn.Module, quantized_source: bool) -> dict[str, WeightLoader]:
+    """Full parameter name -> loader, for loadables whose loader is not their own `weight_loader`."""
+    if not quantized_source:
+        return {}
+    return {f"{mod_name}.{name}" if mod_name else name: loader for mod_name, module in model.named_modules()
+            for name, loader in (getattr(module, "quantized_loaders", None) or {}).items()}
+
+
+def loadable_parameters(model: torch.nn.Module, quantized_source: bool = False) -> dict[str, torch.nn.Parameter]:
     """Every parameter a checkpoint writes, by full name; a tied parameter under its first name only."""
     out: dict[str, torch.nn.Parameter] = {}
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
-        for name, param in module_loadables(module).items():
+        for name, param in module_loadables(module, quantized_source).items():
             if id(param) not in seen:
                 seen.add(id(param))
                 out[f"{mod_name}.{name}" if mod_name else name] = param
@@ -57,8 +72,10 @@ class WeightLoadSession:
     """One pass of checkpoint tensors into `model`'s parameters."""
 
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, strict: bool = True,
-                 check_finite: bool = True):
+                 check_finite: bool = True, quantized_source: bool = False):
         self.model = model
+        self.quantized_source = quantized_source  # fp8 codes and scales arrive (`module_loadables`)
+        self.loaders = module_loaders(model, quantized_source)
         self.mapping = mapping
         self.strict = strict
         self.check_finite = check_finite  # NaN / Inf in any tensor fails the load (`validate.check_tensor`)
@@ -72,7 +89,7 @@ class WeightLoadSession:
         tp = getattr(model, "tp", None)
         self.defer_value_errors = tp is not None and tp.size > 1
         self.value_error: WeightLoadError | None = None
-        self.params = loadable_parameters(model)
+        self.params = loadable_parameters(model, quantized_source)
         self.coverage = {name: Coverage(p.shape) for name, p in self.params.items()}
         self.loaded: set[str] = set()
         self.renamed: set[str] = set()  # loaded names that a prefix rename changed
@@ -97,14 +114,17 @@ class WeightLoadSession:
             self.unexpected.append(name)
             return None
         try:
-            check_tensor(name, tensor, finite=self.check_finite and id(param) not in self.finite_checked_later)
+            if param.dtype.itemsize == 1 and param.dtype.is_floating_point:
+                check_codes(name, tensor, param.dtype, finite=self.check_finite)
+            else:
+                check_tensor(name, tensor, finite=self.check_finite and id(param) not in self.finite_checked_later)
         except WeightLoadError as e:
             if not self.defer_value_errors:
                 raise
             self.value_error = self.value_error or e
         self.before_write(param_name)
         try:
-            regions = param.weight_loader(param, tensor, **kwargs)
+            regions = self.loaders.get(param_name, getattr(param, "weight_loader", None))(param, tensor, **kwargs)
             for region in regions:
                 self.coverage[param_name].add(region, name)
         except DuplicateWriteError as e:

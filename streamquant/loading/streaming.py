@@ -75,8 +75,8 @@ class StreamingLoadSession(WeightLoadSession):
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, device: torch.device | str,
                  strict: bool = True, fill: float | None = None, staging_budget: int | None = None,
                  transient_source: bool = False, pool: StagingPool | None = None,
-                 offload: OffloadPlan | None = None, check_finite: bool = True):
-        super().__init__(model, mapping, strict=strict, check_finite=check_finite)
+                 offload: OffloadPlan | None = None, check_finite: bool = True, quantized_source: bool = False):
+        super().__init__(model, mapping, strict=strict, check_finite=check_finite, quantized_source=quantized_source)
         self.staging_budget = staging_budget
         self.transient_source = transient_source
         self.spilled_bytes = 0  # deferred tensors copied to host memory (accelerator or transient sources)
@@ -91,7 +91,7 @@ class StreamingLoadSession(WeightLoadSession):
         self.owners: dict[str, list[str]] = {}
         self.modules = dict(model.named_modules())
         for mod_name, module in self.modules.items():
-            names = [name_of[id(p)] for p in module_loadables(module).values()]
+            names = [name_of[id(p)] for p in module_loadables(module, quantized_source).values()]
             if names:
                 self.members[mod_name] = names
                 for n in names:
@@ -231,11 +231,14 @@ class StreamingLoadSession(WeightLoadSession):
 def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *,
                    device: torch.device | str, strict: bool = True, fill: float | None = None,
                    staging_budget: int | None = None, transient_source: bool = False,
-                   offload: OffloadPlan | None = None, check_finite: bool = True) -> StreamingLoadSession:
-    """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers)."""
+                   offload: OffloadPlan | None = None, check_finite: bool = True,
+                   quantized_source: bool = False) -> StreamingLoadSession:
+    """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers).
+
+    `quantized_source=True`: fp8 layers take pre-quantized codes and scales (`loader.module_loadables`)."""
     session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
                                    staging_budget=staging_budget, transient_source=transient_source, offload=offload,
-                                   check_finite=check_finite)
+                                   check_finite=check_finite, quantized_source=quantized_source)
     try:
         session.load_all(weights)
         session.check_complete()

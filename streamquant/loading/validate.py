@@ -44,3 +44,17 @@ def check_tensor(name: str, tensor: torch.Tensor, *, finite: bool = True) -> Non
     if finite and not is_finite(tensor):
         raise NonFiniteWeightError(f"checkpoint tensor {name!r} (shape {list(tensor.shape)}) holds NaN or Inf; "
                                    "refusing to load it")
+
+
+def check_codes(name: str, tensor: torch.Tensor, dtype: torch.dtype, *, finite: bool = True) -> None:
+    """Pre-quantized fp8 codes: exactly `dtype` (never cast: a cast would re-round them) and, with
+    `finite`, no NaN code (e4m3fn: every bit of exponent and mantissa set; e4m3fnuz: 0x80)."""
+    if tensor.dtype != dtype:
+        raise WeightDtypeError(f"checkpoint tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                               f"the fp8 codes of a pre-quantized weight must be {str(dtype).removeprefix('torch.')}")
+    if finite and tensor.numel():
+        bits = tensor.view(torch.uint8)
+        nan = (bits & 0x7F) == 0x7F if dtype == torch.float8_e4m3fn else bits == 0x80
+        if bool(nan.any()):
+            raise NonFiniteWeightError(f"checkpoint tensor {name!r} (shape {list(tensor.shape)}) holds NaN fp8 codes; "
+                                       "refusing to load it")

@@ -12,6 +12,15 @@ For each quantized parameter `name` of a layer ("weight" for linear layers, "w13
 Codes and scales are created once (on `meta` when the model is built there), get storage the first
 time the layer is quantized, and every later quantization (a reload) writes into the same storage.
 
+Pre-quantized sources (an fp8 checkpoint, trainer-side quantized weights): `layer.quantized_loaders`
+maps `name` and `name_scale` to loaders that write checkpoint codes and scale grids straight into
+those parameters, this rank's shard of each (`loading.loader.module_loadables(quantized_source=True)`
+makes them the load targets instead of the checkpoint-format parameter). The codes parameter has the
+checkpoint parameter's class and layout attributes (`output_dim`, `tp`, ...) but no `weight_loader` of
+its own, so the same tensor-parallel loader narrows fp8 codes as it narrows bf16 weights; the scale
+loader (`fp8_scale_loader`) cuts this rank's tiles out of the GLOBAL grid of one logical weight, so a
+block straddling two ranks is handled (both ranks keep its scale), never refused.
+
 Scales are per logical shard: q, k and v (gate and up) of a fused parameter each get the scales
 they would get as separate layers, which is what a checkpoint quantized per projection holds.
 
@@ -25,6 +34,7 @@ collective. The reduction runs even where no tile straddles ranks, for exactly t
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -34,6 +44,8 @@ import torch.distributed as dist
 
 from streamquant.loading.loader import NonFiniteWeightError
 from streamquant.loading.materialize import materialize_
+from streamquant.loading.parameters import WeightShapeError, write_region
+from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_formula import Formula
@@ -45,7 +57,10 @@ from streamquant.quant.fp8_math import (
     quantize_window_,
     window_amax,
 )
-from streamquant.quant.granularity import Granularity, LogicalShard, Window, tile_shape
+from streamquant.quant.granularity import Granularity, LogicalShard, Window, grid_shape, tile_shape
+
+# MoE shard ids (`layers.moe`) -> the logical shard labels of w13 / w2.
+MOE_SHARD_LABELS = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 @dataclass(frozen=True)
@@ -96,10 +111,59 @@ def create_fp8_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch
                          f"{checkpoint_param.shape[-2]}")
     batch = tuple(checkpoint_param.shape[:-2])
     layer.checkpoint_params = {**(getattr(layer, "checkpoint_params", None) or {}), name: checkpoint_param}
-    codes = torch.empty(checkpoint_param.shape, dtype=spec.fmt.dtype)
+    codes = _like_param(checkpoint_param, torch.empty(checkpoint_param.shape, dtype=spec.fmt.dtype))
     scales = torch.empty(batch + (layouts[-1].scale_rows.stop, _grid_cols(layouts)), dtype=torch.float32)
-    layer.register_parameter(name, torch.nn.Parameter(codes, requires_grad=False))
+    layer.register_parameter(name, codes)
     layer.register_parameter(f"{name}_scale", torch.nn.Parameter(scales, requires_grad=False))
+    layer.quantized_loaders = {**(getattr(layer, "quantized_loaders", None) or {}),
+                               name: checkpoint_param.weight_loader,
+                               f"{name}_scale": functools.partial(fp8_scale_loader, layouts=tuple(layouts))}
+
+
+def _like_param(template: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
+    """A parameter of `template`'s class and layout attributes over `data`, without a `weight_loader`
+    (derived parameters have none; `quantized_loaders` says how pre-quantized codes reach it)."""
+    param = torch.nn.Parameter.__new__(type(template), data, requires_grad=False)
+    param.__dict__.update({k: v for k, v in template.__dict__.items() if k != "weight_loader"})
+    return param
+
+
+def _scale_targets(layouts: tuple[ShardLayout, ...], shard_id) -> list[ShardLayout]:
+    if shard_id is None:
+        if len(layouts) != 1:
+            raise WeightShapeError(f"a scale for the fused weights {[lay.label for lay in layouts]} cannot be split; "
+                                   "expected one scale tensor per logical weight")
+        return list(layouts)
+    if isinstance(shard_id, int):
+        return [layouts[shard_id]]
+    label = MOE_SHARD_LABELS.get(shard_id, shard_id)
+    found = [lay for lay in layouts if lay.label == label]
+    if not found:
+        raise WeightShapeError(f"no logical weight {shard_id!r} among {[lay.label for lay in layouts]}")
+    return found
+
+
+def fp8_scale_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None, expert_id: int | None = None, *,
+                     layouts: tuple[ShardLayout, ...], **kwargs) -> list[Region]:
+    """Write this rank's tiles of one logical weight's GLOBAL scale grid (as a checkpoint stores it:
+    [1] / 0-d per tensor, [out, 1] per channel, the block grid) into its rows of `param`."""
+    lay = _scale_targets(layouts, shard_id)[0]
+    batch = tuple(param.shape[:-2])
+    if expert_id is not None:
+        if not 0 <= expert_id < batch[0]:
+            raise WeightShapeError(f"expert id {expert_id} out of range for {batch[0]} experts")
+        loaded, experts, batch = loaded.unsqueeze(0), (expert_id, expert_id + 1), (1,)
+    grid = batch + grid_shape(lay.tile, lay.window.global_shape)
+    if loaded.numel() != torch.Size(grid).numel() or (loaded.dim() > 1 and loaded.shape[-1] != grid[-1]):
+        raise WeightShapeError(f"scale of shape {list(loaded.shape)} is not the {list(grid[-2:])} tile grid of a "
+                               f"{list(lay.window.global_shape)} weight")
+    rows, cols = lay.window.local_grid(lay.tile)
+    local = loaded.reshape(grid)[..., rows, cols]
+    if not bool((local > 0).all()):
+        raise WeightShapeError("scales must be positive (dequantization multipliers); found one <= 0")
+    region = ((experts if expert_id is not None else (0, batch[0])),) if param.dim() == 3 else ()
+    region += ((lay.scale_rows.start, lay.scale_rows.stop), (0, param.shape[-1]))
+    return write_region(param, region, local)
 
 
 def _reduce_max_(grids: list[torch.Tensor], tp: TPContext) -> None:

@@ -1,0 +1,129 @@
+"""Loading a pre-quantized (fp8) checkpoint: which layers keep fp8 codes, and the tensors' journey in.
+
+`plan_prequantized(model_class, hf_config, checkpoint, shapes)` reads the checkpoint's tensor names
+(headers only) against the model's own weight mapping, on a `meta` model:
+  - a layer whose checkpoint weights all have a scale beside them (`X.weight_scale` or
+    `X.weight_scale_inv`) is an fp8 layer: its codes and scales are loaded as they are (no
+    high-precision weight is ever materialized, no requantization; fused q/k/v and gate/up keep
+    one scale grid per logical weight);
+  - a quantizable layer without scales (a format's `ignore` list) stays in the model dtype: it is
+    given to the fp8 config as an `ignore` pattern;
+  - a layer streamquant always keeps in high precision (embeddings, LM head, MoE router) whose
+    checkpoint tensor is quantized anyway (llm-compressor quantizes `embed_tokens` although its
+    `targets` say Linear) is DEQUANTIZED on the way in (`codes.float() * scale`, in the model dtype);
+  - a layer with some weights quantized and some not is refused, naming it.
+`prequantized_tensors` is that journey: scale names normalized to `weight_scale` (hf-fp8 calls them
+`weight_scale_inv`), stray quantized tensors dequantized (each held, as a zero-copy reference, until
+its partner arrives).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamquant.checkpoint.reader import CONFIG_FILE
+from streamquant.formats import QuantizationConfigError, QuantizedCheckpoint, read_quantization_config
+from streamquant.parallel import TPContext
+from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
+from streamquant.quant.fp8_math import dequantize
+from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
+
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
+
+
+@dataclass(frozen=True)
+class PrequantizedLoad:
+    checkpoint: QuantizedCheckpoint
+    ignore: tuple[str, ...]  # anchored regexes of layers kept in the model dtype
+    dequantize: frozenset[str]  # checkpoint module names whose fp8 weight is dequantized on the way in
+
+
+def _scale_name(module: str, shapes: dict) -> str | None:
+    return next((f"{module}.{s}" for s in SCALE_SUFFIXES if f"{module}.{s}" in shapes), None)
+
+
+def plan_prequantized(model_class, hf_config, checkpoint: QuantizedCheckpoint,
+                      shapes: dict[str, tuple[int, ...]]) -> PrequantizedLoad:
+    with torch.device("meta"):
+        model = model_class(hf_config, tp=TPContext(), quant_config=Fp8Config(checkpoint.scheme),
+                            params_dtype=torch.bfloat16)
+    modules = dict(model.named_modules())
+    status: dict[str, dict[str, bool]] = {}
+    for name in shapes:
+        if not name.endswith(".weight") or model.weight_mapping.should_skip(name):
+            continue
+        target = model.weight_mapping.map(name)[0].rpartition(".")[0]
+        status.setdefault(target, {})[name] = _scale_name(name[: -len(".weight")], shapes) is not None
+    ignore, stray = [], set()
+    for target, sources in sorted(status.items()):
+        quantized = set(sources.values())
+        module = modules.get(target)
+        if len(quantized) > 1:
+            raise QuantizationConfigError(f"layer {target!r} is partly quantized in the checkpoint (with scales: "
+                                          f"{sorted(n for n, q in sources.items() if q)}; without: "
+                                          f"{sorted(n for n, q in sources.items() if not q)})")
+        if not getattr(module, "uses_quant_config", False):
+            if True in quantized:
+                stray.update(n[: -len(".weight")] for n in sources)
+        elif quantized == {False}:
+            ignore.append(f"^{re.escape(target)}$")
+    return PrequantizedLoad(checkpoint, tuple(ignore), frozenset(stray))
+
+
+def _granularity(codes: torch.Tensor, scale: torch.Tensor, checkpoint: QuantizedCheckpoint):
+    if scale.numel() == 1:
+        return PerTensor(), scale.reshape(1, 1)
+    if scale.dim() >= 1 and scale.shape[-1] == 1 and checkpoint.scheme is not Fp8Scheme.FP8_BLOCK:
+        return PerRow(), scale.reshape(*codes.shape[:-1], 1)
+    return PerBlock(checkpoint.block_size), scale
+
+
+def prequantized_tensors(weights: Iterable[tuple[str, torch.Tensor]], plan: PrequantizedLoad,
+                         dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors as the model's fp8 loaders take them (see the module docstring)."""
+    held: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights:
+        module, _, leaf = name.rpartition(".")
+        if module in plan.dequantize and leaf in ("weight", *SCALE_SUFFIXES):
+            pair = held.setdefault(module, {})
+            pair[leaf if leaf == "weight" else "scale"] = tensor
+            if len(pair) == 2:
+                granularity, scale = _granularity(pair["weight"], pair["scale"], plan.checkpoint)
+                yield f"{module}.weight", dequantize(pair["weight"], scale.float(), granularity, dtype)
+                del held[module]
+            continue
+        yield (f"{module}.weight_scale" if leaf == "weight_scale_inv" else name), tensor
+    if held:
+        raise QuantizationConfigError(f"a quantized tensor arrived without its partner (weight and scale): "
+                                      f"{sorted(held)}")
+
+
+def prequantized_plan(checkpoint: Path, model_class, hf_config, shapes, quantization: str | None,
+                      options: dict[str, Any]) -> tuple[PrequantizedLoad | None, str | None, dict[str, Any]]:
+    """(plan, scheme, fp8 options) for a checkpoint whose config.json has a `quantization_config`.
+
+    The checkpoint decides the scheme: `quantization` must be None or agree. Options the user gives
+    override the checkpoint's (`activation_scheme`, `formula` -- which a reload quantizes with), except
+    `block_size` and `ignore`, which the checkpoint's tensors fix."""
+    try:
+        raw = json.loads((checkpoint / CONFIG_FILE).read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        raw = None  # load_hf_config already refused an unreadable config
+    found = read_quantization_config(raw)
+    if found is None:
+        return None, quantization, options
+    if quantization not in (None, found.scheme.value):
+        raise QuantizationConfigError(f"quantization={quantization!r} disagrees with the checkpoint, which is "
+                                      f"pre-quantized as {found.scheme.value!r} ({found.format})")
+    for key in ("block_size", "ignore"):
+        if key in options:
+            raise QuantizationConfigError(f"{key}= cannot be given for a pre-quantized checkpoint (its tensors fix it)")
+    plan = plan_prequantized(model_class, hf_config, found, shapes)
+    return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}

@@ -236,6 +236,11 @@ def load_model(
     start = time.perf_counter()
     if not streaming and not strict:
         raise ValueError("streaming=False (the naive baseline) needs strict=True")
+    if quantization is not None or not options:  # options alone may belong to a pre-quantized checkpoint
+        make_quant_config(quantization, options)  # validated before the checkpoint is touched
+    offload = make_offload_plan(offload_before_quant, quantize_on, quantization=quantization, device=device,
+                                streaming=streaming)
+    params_dtype = resolve_dtype(dtype)
     checkpoint = resolve_checkpoint(path)
     hf_config = load_hf_config(checkpoint)
     model_class = get_model_class(hf_config)
@@ -243,9 +248,6 @@ def load_model(
     prequantized, quantization, options = prequantized_plan(checkpoint, model_class, hf_config, shapes,
                                                             quantization, options)
     quant_config = make_quant_config(quantization, options)
-    offload = make_offload_plan(offload_before_quant, quantize_on, quantization=quantization, device=device,
-                                streaming=streaming)
-    params_dtype = resolve_dtype(dtype)
     tp = default_tp() if tp is None else tp
     check_config_sizes(hf_config, shapes)
     with torch.device("meta"):

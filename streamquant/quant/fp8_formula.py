@@ -55,7 +55,7 @@ def formula_of(value: Formula | str) -> Formula:
 def tile_scales(amax: torch.Tensor, fmax: float, min_scale: float, formula: Formula,
                 weight_dtype: torch.dtype) -> TileScales:
     """The scale and kernel-factor grids of `formula` for float32 tile amaxes of a `weight_dtype` weight."""
-    amax = amax.to(torch.float32)
+    amax, formula = amax.to(torch.float32), formula_of(formula)
     if formula is Formula.STREAMQUANT:
         scales = torch.div(amax, torch.full((), fmax, dtype=torch.float32, device=amax.device)).clamp_min_(min_scale)
         return TileScales(scales, scales)

@@ -54,7 +54,7 @@ from streamquant.quant.fp8_kernels import (
     _scratch,
     _view,
 )
-from streamquant.quant.fp8_formula import Formula, TileScales, tile_scales
+from streamquant.quant.fp8_formula import Formula, TileScales, formula_of, tile_scales
 from streamquant.quant.granularity import (
     Granularity,
     Window,
@@ -186,6 +186,7 @@ def quantize_window_(
     if factors.shape != local_scale_grid.shape or factors.dtype != torch.float32:
         raise ValueError(f"local_factors {factors.dtype} {tuple(factors.shape)} must be float32 shaped like the "
                          f"scales {tuple(local_scale_grid.shape)}")
+    formula = formula_of(formula)
     streamquant = formula is Formula.STREAMQUANT
     compiled = (compiled and streamquant and w_local.device.type == "cpu"
                 and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS)

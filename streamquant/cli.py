@@ -1,4 +1,4 @@
-"""The `streamquant` command line: `load`, `generate` and `demo`.
+"""The `streamquant` command line: `load`, `generate`, `demo` and `quantize` (`cli_quantize.py`).
 
 Every command is a function of a plain, picklable options dict that returns a JSON-able result
 dict (`run_command`), so the same code runs in this process, on the ranks `launch()` spawns for
@@ -23,6 +23,8 @@ from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuan
 from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.cli_input import check_device, check_json_path, count, positive_seconds, prompt_ids
+from streamquant.cli_output import print_summary
+from streamquant.cli_quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
 from streamquant.generation import check_request, generate_with_logits
 from streamquant.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
 from streamquant.loading.loader import WeightLoadError
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the synthetic checkpoint is kept (default: streamquant's cache directory)")
     _add_loading_flags(demo)
     demo.set_defaults(quantization="fp8")
+    add_quantize_command(commands)
     return parser
 
 
@@ -220,53 +223,27 @@ def _dispatch(options: dict[str, Any]) -> dict[str, Any] | None:
     return run_command(options)
 
 
-def _bytes(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
-
-
-def _print_summary(result: dict[str, Any]) -> None:
-    lines = [
-        ("checkpoint", result["checkpoint"]),
-        ("checkpoint bytes", _bytes(result["checkpoint_bytes"])),
-        ("model bytes", _bytes(result["model_bytes"])),
-        ("load seconds", f"{result['load_seconds']:.3f}"),
-        ("peak memory", f"{_bytes(result['peak_memory_bytes'])} [{result['peak_memory_method']}]"),
-    ]
-    if "file_backed_peak_bytes" in result:
-        lines.append(("file-backed peak", _bytes(result["file_backed_peak_bytes"])))
-    if result.get("quantization"):
-        lines += [("quantization", result["quantization"]), ("fp8 weight bytes", _bytes(result["fp8_weight_bytes"]))]
-    error = result.get("quantization_error")
-    if error and error.get("weights"):
-        lines.append(("weight SQNR dB", f"min {error['sqnr_db_min']:.1f}, median {error['sqnr_db_median']:.1f} "
-                                        f"over {error['weights']} weights ({error['measure_seconds']:.3f} s, "
-                                        "not in load seconds)"))
-    if "tokens" in result:
-        lines += [("prompt ids", result["prompt_ids"]), ("generated ids", result["tokens"])]
-    for key, value in lines:
-        print(f"{key:<18}{value}")
-    if "naive" in result:
-        _print_comparison(result)
-
-
-def _print_comparison(result: dict[str, Any]) -> None:
-    naive, final = result["naive"], result["model_bytes"]
-    print(f"\n{'fp8 load':<34}{'peak MiB':>10}{'peak / model':>14}{'seconds':>9}")
-    rows = [("naive: bf16 model, then quantize", naive), ("streaming: quantize per layer", result)]
-    for label, row in rows:
-        peak = row["peak_memory_bytes"]
-        print(f"{label:<34}{peak / 2**20:>10.1f}{peak / final:>13.2f}x{row['load_seconds']:>9.2f}")
-    print(f"final fp8 model {final / 2**20:.1f} MiB; naive and streaming models bitwise equal: "
-          f"{result['naive_equals_streaming']}")
-
-
 def _one_line(exc: BaseException) -> str:
     text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+def _quantize_main(args: argparse.Namespace) -> int:
+    try:
+        check_json_path(args.json)
+        result = run_quantize(args)
+    except (*USER_ERRORS, FileExistsError) as exc:
+        print(f"streamquant: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print_quantize_summary(result)
+    write_json(args.json, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "quantize":
+        return _quantize_main(args)
     if args.tp is not None and args.tp < 1:
         print(f"streamquant: error: --tp must be >= 1, got {args.tp}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -291,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         print("streamquant demo: a synthetic Llama checkpoint with random weights (its ids carry no meaning)")
-    _print_summary(result)
+    print_summary(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -3,8 +3,9 @@
 `plan_shards` cuts an ordered list of tensor groups (a group -- a weight's fp8 codes and its scales
 -- never straddles files) into `model-0000i-of-0000n.safetensors` shards of at most
 `max_shard_bytes` (a group larger than that gets a shard of its own). `ShardWriter` writes one shard
-whose header is known up front (names, dtypes, shapes from the plan), then each tensor's bytes as it
-is produced, so memory holds one tensor, never a shard. The file layout is the safetensors format
+whose header is known up front (names, dtypes, shapes from the plan): `create_shard` writes the header
+and sizes the file, then `ShardFiles.write` puts each tensor's bytes at its planned offset as it is
+produced, so memory holds one tensor, never a shard, and several processes can fill one file. The file layout is the safetensors format
 (8-byte little-endian header length, JSON header padded with spaces to 8 bytes, tensors packed in
 header order); tests read every file back with the `safetensors` library. `write_index` writes
 `model.safetensors.index.json`. Plans depend only on their input, so files are bitwise the same
@@ -84,29 +85,43 @@ def _header(specs: list[TensorSpec]) -> bytes:
     return text + b" " * (-len(text) % 8)
 
 
-class ShardWriter:
-    """One shard file: `write(tensor)` for each planned tensor, in plan order, then `close()`."""
+def create_shard(path: Path, specs: list[TensorSpec]) -> dict[str, int]:
+    """Write a shard's header and size the file (sparse); returns each tensor's byte offset in the file."""
+    header = _header(specs)
+    offsets, position = {}, 8 + len(header)
+    for spec in specs:
+        offsets[spec.name] = position
+        position += spec.nbytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(position)
+    return offsets
 
-    def __init__(self, path: Path, specs: list[TensorSpec]):
-        self.path, self.specs, self.next = path, specs, 0
-        header = _header(specs)
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(header)) + header)
 
-    def write(self, tensor: torch.Tensor) -> None:
-        spec = self.specs[self.next]
+class ShardFiles:
+    """Planned shard files open for writing: `write(spec, tensor)` puts a tensor's bytes at its planned
+    offset, so any number of writers (processes) fill the same files in any order, bitwise the same."""
+
+    def __init__(self, offsets: dict[str, tuple[str, int]]):
+        self.offsets = offsets  # tensor name -> (file path, byte offset)
+        self.handles: dict[str, object] = {}
+
+    def write(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{spec.name}: planned {spec.dtype} {list(spec.shape)}, produced {tensor.dtype} "
                              f"{list(tensor.shape)}")
+        path, offset = self.offsets[spec.name]
+        if path not in self.handles:
+            self.handles[path] = open(path, "r+b")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self.file.write(memoryview(data.numpy()))
-        self.next += 1
+        handle = self.handles[path]
+        handle.seek(offset)
+        handle.write(memoryview(data.numpy()))
 
     def close(self) -> None:
-        self.file.close()
-        if self.next != len(self.specs):
-            raise ValueError(f"{self.path.name}: {len(self.specs) - self.next} planned tensor(s) never written, "
-                             f"first {self.specs[self.next].name!r}")
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
 
 
 def write_index(directory: Path, shards: list[list[TensorSpec]], names: list[str]) -> None:

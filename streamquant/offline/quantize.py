@@ -7,8 +7,9 @@ planned from the source headers (`checkpoint/writer.py`). Memory: one tensor's c
 dtype (only when the source dtype differs) plus its fp8 codes and a few MB of scratch per worker,
 whatever the model or shard size; the source's pages are file-backed (page cache), counted apart.
 
-`workers=N` runs N processes, each writing whole output shards of the same plan, so the files are
-bitwise the same for every N. The run is all-or-nothing: it writes into a hidden sibling of `dst`
+`workers=N` runs N processes, each quantizing a consecutive run of the source tensors (about equal
+bytes) and writing their bytes at offsets planned up front, so the files are bitwise the same for
+every N (worker processes are spawned: about a second each to import torch). The run is all-or-nothing: it writes into a hidden sibling of `dst`
 and renames it onto `dst` at the end; a failure (or Ctrl-C) removes the partial output. A non-empty
 `dst` is refused unless `overwrite=True`. Besides the weights it writes `config.json` with the
 format's `quantization_config` and copies every other non-weight file (tokenizer, generation config).
@@ -32,9 +33,10 @@ from streamquant.api import resolve_dtype
 from streamquant.checkpoint.reader import CONFIG_FILE, CheckpointError, checkpoint_files, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.writer import (
     SAFETENSORS_DTYPES,
-    ShardWriter,
+    ShardFiles,
     TensorSpec,
     check_destination,
+    create_shard,
     plan_shards,
     publish,
     shard_name,
@@ -64,9 +66,11 @@ class Unit:
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    path: str
+class WriteJob:
+    """Units one writer quantizes, and where every output goes (file, byte offset)."""
+
     units: tuple[Unit, ...]
+    offsets: dict[str, tuple[str, int]]
     measure_error: bool
 
 
@@ -90,14 +94,13 @@ def _source_units(directory: Path, plan: QuantizePlan) -> tuple[list[Unit], dict
     return units, shapes, nbytes
 
 
-def write_shard(job: ShardJob, plan: QuantizePlan, threads: int | None = None) -> dict:
-    """Write one planned shard; returns its peak memory and (measure_error) error log entries."""
+def write_units(job: WriteJob, plan: QuantizePlan, threads: int | None = None) -> dict:
+    """Quantize and write one job's units; returns the writer's peak memory and (measure_error) errors."""
     if threads:
         torch.set_num_threads(threads)
     log = QuantErrorLog()
-    specs = [spec for unit in job.units for spec in unit.outputs]
+    files = ShardFiles(job.offsets)
     with PeakMemorySampler("cpu") as sampler:
-        writer = ShardWriter(Path(job.path), specs)
         handles: dict[str, object] = {}
         try:
             for unit in job.units:
@@ -105,20 +108,30 @@ def write_shard(job: ShardJob, plan: QuantizePlan, threads: int | None = None) -
                     handles[unit.file] = safetensors.safe_open(unit.file, framework="pt")
                 tensor = handles[unit.file].get_tensor(unit.name)
                 if unit.rule is None:
-                    writer.write(cast(tensor, plan.dtype))
+                    files.write(unit.outputs[0], cast(tensor, plan.dtype))
                     continue
                 out = quantize_tensor(unit.name, tensor, unit.rule, plan)
-                writer.write(out.codes)
-                writer.write(out.disk_scales)
+                files.write(unit.outputs[0], out.codes)
+                files.write(unit.outputs[1], out.disk_scales)
                 if job.measure_error:
                     _record_error(log, unit, out)
                 del out, tensor
         finally:
-            writer.file.close()
-        writer.close()
+            files.close()
+            handles.clear()
     peak = sampler.result
     return {"peak_anon_bytes": peak.peak_bytes, "peak_file_bytes": peak.file_backed_peak_bytes,
             "errors": log.entries, "error_seconds": log.seconds}
+
+
+def split_units(units: list[Unit], parts: int) -> list[list[Unit]]:
+    """Consecutive runs of units with about equal input bytes (each writer reads its files in order)."""
+    sizes = [sum(spec.nbytes for spec in unit.outputs) for unit in units]
+    total, out, acc = sum(sizes), [[] for _ in range(parts)], 0
+    for unit, size in zip(units, sizes):
+        out[min(parts - 1, acc * parts // max(1, total))].append(unit)
+        acc += size
+    return [part for part in out if part]
 
 
 def _record_error(log: QuantErrorLog, unit: Unit, out) -> None:
@@ -129,9 +142,9 @@ def _record_error(log: QuantErrorLog, unit: Unit, out) -> None:
     log.seconds += time.perf_counter() - start
 
 
-def _worker(job: ShardJob, plan_args: tuple, threads: int) -> dict:
-    """A worker process: rebuild the (meta) plan, write one shard."""
-    return write_shard(job, QuantizePlan(*plan_args[:4], **plan_args[4]), threads)
+def _worker(job: WriteJob, plan_args: tuple, threads: int) -> dict:
+    """A worker process: rebuild the (meta) plan, write its units."""
+    return write_units(job, QuantizePlan(*plan_args[:4], **plan_args[4]), threads)
 
 
 @dataclass(frozen=True)
@@ -171,9 +184,9 @@ def _copy_other_files(source: Path, destination: Path) -> None:
         shutil.copyfile(path, destination / relative)
 
 
-def _run_jobs(jobs: list[ShardJob], plan: QuantizePlan, plan_args: tuple, workers: int) -> list[dict]:
+def _run_jobs(jobs: list[WriteJob], plan: QuantizePlan, plan_args: tuple, workers: int) -> list[dict]:
     if workers == 1:
-        return [write_shard(job, plan) for job in jobs]
+        return [write_units(job, plan) for job in jobs]
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         return list(pool.map(_worker, jobs, [plan_args] * len(jobs), [threads] * len(jobs)))
@@ -215,10 +228,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
     check_destination(destination, overwrite)
     shards = plan_shards([list(u.outputs) for u in units], max_shard_size)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
-    by_name = {u.name: u for u in units}
     with PeakMemorySampler("cpu") as sampler, staging_directory(destination) as staging:
-        jobs = [ShardJob(str(staging / file), tuple(by_name[group[0].name] for group in shard), measure_error)
-                for file, shard in zip(names, shards)]
+        offsets = {}
+        for file, shard in zip(names, shards):
+            at = create_shard(staging / file, [spec for group in shard for spec in group])
+            offsets.update({name: (str(staging / file), offset) for name, offset in at.items()})
+        jobs = [WriteJob(tuple(part), {s.name: offsets[s.name] for u in part for s in u.outputs}, measure_error)
+                for part in split_units(units, int(workers))]
         results = _run_jobs(jobs, plan, plan_args, int(workers))
         write_index(staging, [[s for g in shard for s in g] for shard in shards], names)
         (staging / CONFIG_FILE).write_text(json.dumps({**raw, "quantization_config": quantization_config}, indent=2)

@@ -1,0 +1,45 @@
+"""What the `load`, `generate` and `demo` commands print: a summary and the naive-vs-streaming table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    lines = [
+        ("checkpoint", result["checkpoint"]),
+        ("checkpoint bytes", format_bytes(result["checkpoint_bytes"])),
+        ("model bytes", format_bytes(result["model_bytes"])),
+        ("load seconds", f"{result['load_seconds']:.3f}"),
+        ("peak memory", f"{format_bytes(result['peak_memory_bytes'])} [{result['peak_memory_method']}]"),
+    ]
+    if "file_backed_peak_bytes" in result:
+        lines.append(("file-backed peak", format_bytes(result["file_backed_peak_bytes"])))
+    if result.get("quantization"):
+        lines += [("quantization", result["quantization"]), ("fp8 weight bytes", format_bytes(result["fp8_weight_bytes"]))]
+    error = result.get("quantization_error")
+    if error and error.get("weights"):
+        lines.append(("weight SQNR dB", f"min {error['sqnr_db_min']:.1f}, median {error['sqnr_db_median']:.1f} "
+                                        f"over {error['weights']} weights ({error['measure_seconds']:.3f} s, "
+                                        "not in load seconds)"))
+    if "tokens" in result:
+        lines += [("prompt ids", result["prompt_ids"]), ("generated ids", result["tokens"])]
+    for key, value in lines:
+        print(f"{key:<18}{value}")
+    if "naive" in result:
+        _print_comparison(result)
+
+
+def _print_comparison(result: dict[str, Any]) -> None:
+    naive, final = result["naive"], result["model_bytes"]
+    print(f"\n{'fp8 load':<34}{'peak MiB':>10}{'peak / model':>14}{'seconds':>9}")
+    rows = [("naive: bf16 model, then quantize", naive), ("streaming: quantize per layer", result)]
+    for label, row in rows:
+        peak = row["peak_memory_bytes"]
+        print(f"{label:<34}{peak / 2**20:>10.1f}{peak / final:>13.2f}x{row['load_seconds']:>9.2f}")
+    print(f"final fp8 model {final / 2**20:.1f} MiB; naive and streaming models bitwise equal: "
+          f"{result['naive_equals_streaming']}")

@@ -5,8 +5,8 @@ to a parameter (skipped names, e.g. `rotary_emb.inv_freq` or integer `position_i
 never checked), so a cold load, a reload and a trainer sync refuse the same inputs with the same
 errors, naming the checkpoint tensor:
   - dtype: a floating-point dtype of 16 bits or more (bf16, fp16, fp32, fp64). Integer and bool
-    tensors, and fp8 codes (a pre-quantized checkpoint, which needs its `quantization_config` and a
-    reader for it), are refused: `WeightDtypeError`;
+    tensors are refused: `WeightDtypeError`; so are fp8 codes, except where a pre-quantized load sends
+    them to fp8 parameters (`check_codes`: exactly the parameter's fp8 dtype, no NaN code);
   - values: no NaN or Inf anywhere (`NonFiniteWeightError`), checked with one `aminmax` pass (min
     and max propagate NaN and reach +-Inf; no tensor-sized temporary; ~20x faster than
     `isfinite(t).all()` on CPU bf16). `finite=False` skips it. Tensors a quant method quantizes are
@@ -37,7 +37,7 @@ def check_tensor(name: str, tensor: torch.Tensor, *, finite: bool = True) -> Non
     """Raise naming checkpoint tensor `name` if its dtype cannot be loaded or (with `finite`) it holds NaN / Inf."""
     if tensor.dtype not in LOADABLE_DTYPES:
         kind = "fp8 codes" if tensor.is_floating_point() else "not floating point"
-        hint = (" (a pre-quantized checkpoint: streamquant reads only high-precision checkpoints so far)"
+        hint = (" (fp8 codes, but config.json has no quantization_config saying how to read them)"
                 if tensor.is_floating_point() else "")
         raise WeightDtypeError(f"checkpoint tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')} "
                                f"({kind}); weights must be bfloat16, float16, float32 or float64{hint}")

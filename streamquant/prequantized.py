@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from streamquant.checkpoint.reader import CONFIG_FILE
+from streamquant.checkpoint.reader import CONFIG_FILE, checkpoint_shapes, iterate_weights
 from streamquant.formats import QuantizationConfigError, QuantizedCheckpoint, read_quantization_config
 from streamquant.parallel import TPContext
 from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
@@ -127,3 +127,19 @@ def prequantized_plan(checkpoint: Path, model_class, hf_config, shapes, quantiza
             raise QuantizationConfigError(f"{key}= cannot be given for a pre-quantized checkpoint (its tensors fix it)")
     plan = plan_prequantized(model_class, hf_config, found, shapes)
     return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}
+
+
+def normalized_scale_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pre-quantized tensors with hf-fp8's `X.weight_scale_inv` named `X.weight_scale` (what the loaders take)."""
+    for name, tensor in weights:
+        module, _, leaf = name.rpartition(".")
+        yield (f"{module}.weight_scale" if leaf == "weight_scale_inv" else name), tensor
+
+
+def checkpoint_source(checkpoint: Path, model, dtype: torch.dtype) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
+    """A checkpoint directory's tensors for a reload of `model`, and whether they are pre-quantized."""
+    weights = iterate_weights(checkpoint)
+    plan, scheme, _ = prequantized_plan(checkpoint, type(model), model.config, checkpoint_shapes(checkpoint), None, {})
+    if plan is None:
+        return weights, False
+    return prequantized_tensors(weights, plan, dtype), True

@@ -51,6 +51,7 @@ from streamquant.loading.materialize import StagingPool, align_up, byte_view
 from streamquant.loading.streaming import StreamingLoadSession, staging_pool
 from streamquant.loading.validate import is_finite
 from streamquant.parallel import TPContext, all_reduce
+from streamquant.prequantized import checkpoint_source, normalized_scale_names
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 
@@ -60,6 +61,18 @@ def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(weights, (str, Path)):
         return iterate_weights(resolve_checkpoint(weights))
     return weights
+
+
+def _source(model: torch.nn.Module, weights: WeightSource,
+            quantized_source: bool | None) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
+    """(tensors, pre-quantized or not): a directory says itself (its `quantization_config`)."""
+    if isinstance(weights, (str, Path)):
+        tensors, found = checkpoint_source(resolve_checkpoint(weights), model, model.params_dtype)
+        if quantized_source is not None and quantized_source != found:
+            raise WeightLoadError(f"quantized_source={quantized_source}, but {weights} is "
+                                  + ("" if found else "not ") + "a pre-quantized checkpoint")
+        return tensors, found
+    return (normalized_scale_names(weights), True) if quantized_source else (weights, False)
 
 
 def _tracked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -85,7 +98,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
                    strict: bool = True, atomic: bool = False, staging_budget: int | None = None,
-                   transient_source: bool = False, check_finite: bool = True) -> set[str]:
+                   transient_source: bool = False, check_finite: bool = True,
+                   quantized_source: bool | None = None) -> set[str]:
     """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
 
     `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
@@ -94,14 +108,17 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     layers' tensors are held as references until budget frees (accelerator tensors spill to host
     memory; with `transient_source=True`, for a source that reuses a tensor's storage once the next
     one is requested, every deferred tensor is copied). `check_finite=False` skips the NaN / Inf
-    check of every incoming tensor (one `aminmax` pass each). Increments `model.weights_version` on
-    success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
+    check of every incoming tensor (one `aminmax` pass each). `quantized_source=True`: the tensors are
+    pre-quantized (fp8 codes and scales in checkpoint layout, e.g. from `offline.quantize_weights` or
+    a `WeightSender(quantization=...)`) and are installed as they are, no high-precision staging; a
+    checkpoint directory says itself whether it is (its `quantization_config`). Increments
+    `model.weights_version` on success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
     `Reloader` keeps them for the next.
     """
     snapshot = WeightSnapshot(model) if atomic else None
     return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, snapshot=snapshot,
                    staging_budget=staging_budget, transient_source=transient_source, pool=None,
-                   check_finite=check_finite)
+                   check_finite=check_finite, quantized_source=quantized_source)
 
 
 class WeightSnapshot:
@@ -157,12 +174,13 @@ class Reloader:
         self.pool = staging_pool(_device(model), getattr(model, "offload_plan", None))
 
     def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True,
-                 transient_source: bool = False) -> set[str]:
+                 transient_source: bool = False, quantized_source: bool | None = None) -> set[str]:
         if self.snapshot is not None:
             self.snapshot.save(self.model)
         return _reload(self.model, weights, checkpoint_format=checkpoint_format, strict=self.strict,
                        snapshot=self.snapshot, staging_budget=self.staging_budget,
-                       transient_source=transient_source, pool=self.pool, check_finite=self.check_finite)
+                       transient_source=transient_source, pool=self.pool, check_finite=self.check_finite,
+                       quantized_source=quantized_source)
 
     @property
     def held_bytes(self) -> int:
@@ -176,13 +194,14 @@ class Reloader:
 
 def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool,
             snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
-            pool: StagingPool | None, check_finite: bool = True) -> set[str]:
+            pool: StagingPool | None, check_finite: bool = True, quantized_source: bool | None = None) -> set[str]:
     seen: list[str] = []
     failure: Exception | None = None
     try:
         if checkpoint_format:
             loaded = _stream(model, weights, strict=strict, staging_budget=staging_budget,
-                             transient_source=transient_source, pool=pool, check_finite=check_finite, seen=seen)
+                             transient_source=transient_source, pool=pool, check_finite=check_finite, seen=seen,
+                             quantized_source=quantized_source)
         else:
             loaded = _copy_processed(model, _tracked(_tensors(weights), seen), strict, check_finite)
     except Exception as exc:
@@ -200,14 +219,17 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
 
 
 def _stream(model: torch.nn.Module, weights: WeightSource, *, strict: bool, staging_budget: int | None,
-            transient_source: bool, pool: StagingPool | None, check_finite: bool, seen: list[str]) -> set[str]:
+            transient_source: bool, pool: StagingPool | None, check_finite: bool, seen: list[str],
+            quantized_source: bool | None = None) -> set[str]:
     """checkpoint_format=True: the cold load's streaming session on the live model."""
+    tensors, quantized = _source(model, weights, quantized_source)
     session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
                                    staging_budget=staging_budget, transient_source=transient_source, pool=pool,
-                                   offload=getattr(model, "offload_plan", None), check_finite=check_finite)
+                                   offload=None if quantized else getattr(model, "offload_plan", None),
+                                   check_finite=check_finite, quantized_source=quantized)
     try:
         with torch.no_grad():
-            session.load_all(_tracked(_tensors(weights), seen))
+            session.load_all(_tracked(tensors, seen))
         session.check_complete()
     except BaseException:
         session.abort()

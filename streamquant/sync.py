@@ -22,9 +22,17 @@ buckets; they are valid until the consumer asks for the next tensor, so `reload`
 mid-way the receiver still drains the remaining buckets, so sender and receivers stay in step and
 the next `send` works.
 
+Trainer-side quantization: `WeightSender(quantization=QuantizePlan(...))` quantizes the tensors on
+the trainer (`offline.quantize_weights`: fp8 codes plus scales in checkpoint naming, about half the
+bytes of bf16 on the wire) and flags the stream; receivers install the codes and scales as they are
+(`reload_weights(quantized_source=True)`), bitwise what receiver-side quantization of the same
+weights gives when the plan and the model agree on scheme and formula. The trainer holds the
+quantized copy of every tensor while sending (about half a bf16 model).
+
 Buffers are kept between sends (two of `bucket_bytes` per side, allocated at the first send); a
 tensor larger than `bucket_bytes` travels alone in a buffer of its own size. `dtype=` on the sender
-casts floating-point tensors while packing (e.g. fp32 master weights sent as bf16, no temporary).
+casts floating-point tensors while packing (e.g. fp32 master weights sent as bf16, no temporary); fp8
+codes are never cast.
 
 The inference model's tensor-parallel group is not the sync group (that one also holds the
 trainer): pass it to `load_model(..., tp=TPContext(rank, size, group=tp_group))`; the default,
@@ -46,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from streamquant.loading.materialize import FLAT_ALIGN, align_up, byte_view
+from streamquant.offline import QuantizePlan, quantize_weights
 from streamquant.parallel import is_peer_failure
 from streamquant.reload import Reloader, reload_weights
 
@@ -107,7 +116,8 @@ def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype
         if name in seen:
             raise ValueError(f"{name!r} appears twice in the tensors to send")
         seen.add(name)
-        out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype.itemsize > 1  # never fp8 codes
+        out_dtype = dtype if cast else tensor.dtype
         nbytes = tensor.numel() * out_dtype.itemsize
         start = align_up(used, ALIGN)
         if entries and start + nbytes > bucket_bytes:
@@ -176,7 +186,7 @@ class WeightSender:
 
     def __init__(self, group: dist.ProcessGroup | None = None, src: int = 0, *,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, quantization: QuantizePlan | None = None):
         if bucket_bytes < ALIGN:
             raise ValueError(f"bucket_bytes must be at least {ALIGN}, got {bucket_bytes}")
         if dtype is not None and not dtype.is_floating_point:
@@ -184,6 +194,7 @@ class WeightSender:
         if dist.get_rank() != src:
             raise ValueError(f"WeightSender(src={src}) created on global rank {dist.get_rank()}")
         self.group, self.src, self.bucket_bytes, self.dtype = group, src, bucket_bytes, dtype
+        self.quantization = quantization
         self.buffers = _Buffers(torch.device(device) if device is not None else _default_device(group))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
@@ -196,12 +207,15 @@ class WeightSender:
         start = time.perf_counter()
         try:
             items = [(name, tensor.detach()) for name, tensor in named_tensors]
+            if self.quantization is not None:
+                items = list(quantize_weights(items, self.quantization))
             plan = plan_buckets(items, self.bucket_bytes, self.dtype)
         except BaseException as exc:
             dist.broadcast_object_list([{"protocol": PROTOCOL, "error": _describe(exc)}], src=self.src, group=self.group)
             raise
         dist.broadcast_object_list([{"protocol": PROTOCOL, "error": None, "bucket_bytes": self.bucket_bytes,
-                                     "plan": plan}], src=self.src, group=self.group)
+                                     "plan": plan, "quantized": self.quantization is not None}],
+                                   src=self.src, group=self.group)
         tensors = dict(items)
         works: list[Any] = [None, None]
         with torch.no_grad():
@@ -231,6 +245,7 @@ class WeightReceiver:
         if dist.get_rank() == src:
             raise ValueError(f"WeightReceiver on global rank {src}, the sender's rank")
         self.group, self.src = group, src
+        self.quantized = False  # set by each `receive` from the sender's header
         self.buffers = _Buffers(torch.device(device) if device is not None else _default_device(group))
 
     def receive(self, consume: Callable[[Iterator[tuple[str, torch.Tensor]]], T]) -> T:
@@ -246,6 +261,7 @@ class WeightReceiver:
             raise SyncError(f"sender speaks protocol {header.get('protocol')}, this receiver {PROTOCOL}")
         if header["error"] is not None:
             raise SyncError(f"the sender failed before sending: {header['error']}")
+        self.quantized = bool(header.get("quantized"))  # the stream is pre-quantized fp8 codes and scales
         stream = self._stream(header["plan"], header["bucket_bytes"], sender)
         error, lost = None, False
         try:
@@ -264,8 +280,10 @@ class WeightReceiver:
         """`reload_weights(model, <the sent tensors>, **reload_options)`, or `reloader(<the sent tensors>)`
         for a `Reloader`; deferred tensors are copied out of the bucket (`transient_source=True`)."""
         if isinstance(target, Reloader):
-            return self.receive(lambda tensors: target(tensors, transient_source=True, **reload_options))
-        return self.receive(lambda tensors: reload_weights(target, tensors, transient_source=True, **reload_options))
+            return self.receive(lambda tensors: target(tensors, transient_source=True,
+                                                       quantized_source=self.quantized, **reload_options))
+        return self.receive(lambda tensors: reload_weights(target, tensors, transient_source=True,
+                                                           quantized_source=self.quantized, **reload_options))
 
     def _stream(self, plan: list[Bucket], bucket_bytes: int, sender: str) -> Iterator[tuple[str, torch.Tensor]]:
         def post(i: int) -> tuple[torch.Tensor, Any]:

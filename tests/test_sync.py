@@ -193,7 +193,7 @@ def test_plan_buckets_aligned_disjoint_and_bounded(bucket_bytes):
     entries = [e for b in plan for e in b.entries]
     assert [e.name for e in entries] == [n for n, _ in items]
     for (name, t), e in zip(items, entries):
-        want = torch.bfloat16 if t.is_floating_point() else t.dtype
+        want = torch.bfloat16 if t.is_floating_point() and t.dtype.itemsize > 1 else t.dtype  # fp8 codes: never cast
         assert e.dtype == str(want).removeprefix("torch.") and e.shape == tuple(t.shape)
         assert e.nbytes == t.numel() * want.itemsize and e.offset % 64 == 0
     for b in plan:

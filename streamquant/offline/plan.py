@@ -10,8 +10,10 @@ skips, such as `rotary_emb.inv_freq`) is refused, as a strict load refuses it.
 
 `QuantizedTensor.outputs` gives a quantized tensor's output names, dtypes and shapes (codes, then
 scales in the format's layout) without computing anything, so shards can be planned from headers.
-Limitation: a checkpoint tensor that already fuses several logical weights (a fused `qkv_proj`, or
-`experts.gate_up_proj`) is refused: its parts would need separate scales.
+`expand` splits the fused MoE tensors transformers 5 holds in memory (`experts.gate_up_proj`
+[E, 2I, H], `experts.down_proj` [E, H, I], what a trainer's `named_parameters()` yields) into the
+per-expert projections of the on-disk layout, so each gets its own scales under its own name.
+Limitation: a dense checkpoint tensor that fuses several logical weights (a fused `qkv_proj`) is refused.
 """
 
 from __future__ import annotations
@@ -90,6 +92,20 @@ class QuantizePlan:
                              "needs them as separate tensors (each gets its own scales)")
         return QuantizedTensor(name, scale_name_of(name, self.fmt.scale_suffix), module.quant_method.spec,
                                self.config.scheme)
+
+    def expand(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """`(name, tensor)`, or for a fused MoE tensor its per-expert projections (see the module doc)."""
+        if self.mapping.should_skip(name):
+            return [(name, tensor)]
+        _, _, kwargs = self._target(name)
+        if kwargs.get("expert_id") is not None or kwargs.get("shard_id") not in ("w13", "w2") or tensor.dim() != 3:
+            return [(name, tensor)]
+        stem = name.rpartition("experts.")[0] + "experts."
+        if kwargs["shard_id"] == "w2":
+            return [(f"{stem}{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
+        gate, up = tensor.chunk(2, dim=1)
+        return [(f"{stem}{e}.{proj}.weight", part[e]) for e in range(tensor.shape[0])
+                for proj, part in (("gate_proj", gate), ("up_proj", up))]
 
     def high_precision_modules(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
         """HF module names of 2-D weights written unquantized, input embeddings aside: the format's ignore list."""

@@ -3,7 +3,8 @@ the `quantize` command and trainer-side quantization (`WeightSender(quantization
 
 `quantize_weights(weights, plan)` turns `(name, high-precision tensor)` pairs into `(name, fp8 codes)`
 and `(scale name, scales)` pairs in the plan's format and naming (`QuantizePlan`); tensors the plan
-keeps in high precision pass through, cast to the plan's dtype. The codes and scales are bitwise
+keeps in high precision pass through, cast to the plan's dtype; fused MoE expert tensors come out per
+expert (`QuantizePlan.expand`). The codes and scales are bitwise
 what an online `load_model(quantization=..., formula=...)` computes for the same weight (same
 formula, same tiles of the same logical weight), which is what makes a pre-quantized load or reload
 equal to an online one.
@@ -46,11 +47,12 @@ def quantize_tensor(name: str, tensor: torch.Tensor, rule: QuantizedTensor, plan
 def quantize_weights(weights: Iterable[tuple[str, torch.Tensor]], plan: QuantizePlan,
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """`(name, tensor)` pairs in checkpoint layout -> the same in the plan's quantized format (see module doc)."""
-    for name, tensor in weights:
-        rule = plan.rule(name)
-        if rule is None:
-            yield name, cast(tensor, plan.dtype)
-            continue
-        out = quantize_tensor(name, tensor, rule, plan)
-        yield rule.name, out.codes
-        yield rule.scale_name, out.disk_scales
+    for fused_name, fused in weights:
+        for name, tensor in plan.expand(fused_name, fused):
+            rule = plan.rule(name)
+            if rule is None:
+                yield name, cast(tensor, plan.dtype)
+                continue
+            out = quantize_tensor(name, tensor, rule, plan)
+            yield rule.name, out.codes
+            yield rule.scale_name, out.disk_scales

@@ -25,9 +25,11 @@ def git_revision() -> str:
 
 
 def spawn(script: str, marker: str, name: str, spec: str, env: dict[str, str] | None = None,
-          args: tuple[str, ...] = ()) -> dict:
-    """Run `script --one name --spec spec *args` in a fresh interpreter; its result row (or an error row)."""
-    proc = subprocess.run([sys.executable, script, "--one", name, "--spec", spec, *args], capture_output=True, text=True,
+          args: tuple[str, ...] = (), python: str | None = None) -> dict:
+    """Run `script --one name --spec spec *args` in a fresh interpreter (`python`, default this one);
+    its result row (or an error row)."""
+    proc = subprocess.run([python or sys.executable, script, "--one", name, "--spec", spec, *args],
+                          capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=REPO_ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker)]
     if proc.returncode or not lines:

@@ -17,6 +17,9 @@ run with their repeats interleaved, each with its own bf16 floor) on CPU as
   compiled:<q>          the same with `compile=True`; each child first does one warm-up compiled load
                         with an empty inductor cache (a cold first compile), excluded from the table
                         and reported as compile_seconds;
+  prequantized:<q>      load_model of the fp8 checkpoint `streamquant quantize` made of the same checkpoint
+                        (compressed-tensors, written once before any timing, cached beside it): codes and
+                        scales loaded as they are, nothing quantized;
   transformers+torchao  from_pretrained with TorchAoConfig(Float8WeightOnlyConfig()).
 An exception in a load, or a crashed child, is recorded as the row's error instead of stopping the run.
 
@@ -83,7 +86,7 @@ PEAK_TARGET, TIME_TARGET, MONOTONIC_NOISE, TIMELINE_POINTS = 1.10, 1.5, 0.02, 20
 
 def config_names(schemes: list[str]) -> list[str]:
     """Every configuration, in table order."""
-    kinds = ("naive", "streaming", *OFFLOAD, "compiled", *ORDERS)
+    kinds = ("naive", "streaming", *OFFLOAD, "compiled", *ORDERS, "prequantized")
     return ["bf16", *(f"{kind}:{q}" for kind in kinds for q in schemes), TRANSFORMERS]
 
 
@@ -135,6 +138,16 @@ def timeline_stats(timeline: tuple[tuple[float, int], ...]) -> dict:
             "timeline": [(round(timeline[i][0], 4), round(timeline[i][1] / MIB, 2)) for i in keep]}
 
 
+def prequantized_checkpoint(path: Path, scheme: str) -> Path:
+    """`streamquant quantize` output of `path` for `scheme`, made once and cached beside it."""
+    from streamquant.offline import quantize_checkpoint
+
+    target = path.parent / f"{path.name}-{scheme}-compressed-tensors"
+    if not (target / "config.json").exists():
+        quantize_checkpoint(path, target, scheme, overwrite=True)
+    return target
+
+
 def load_once(name: str, path: Path, device: str = "cpu") -> tuple[torch.nn.Module, float]:
     """Load with configuration `name`; returns (model, seconds)."""
     if name == TRANSFORMERS:
@@ -147,6 +160,10 @@ def load_once(name: str, path: Path, device: str = "cpu") -> tuple[torch.nn.Modu
                                                      device_map=device)
         return model, time.perf_counter() - start
     kind, _, scheme = name.partition(":")
+    if kind == "prequantized":
+        fp8_path = prequantized_checkpoint(path, scheme)  # exists already: made by the parent
+        start = time.perf_counter()
+        return load_model(fp8_path, device=device), time.perf_counter() - start
     kwargs = {"compile": True} if kind == "compiled" else {}
     if kind in OFFLOAD:
         kwargs.update(offload_before_quant=True, quantize_on=kind.removeprefix("offload-"))
@@ -288,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     print(banner(machine, f"checkpoints {sizes}", args.repeats), flush=True)
     names = select_rows(config_names(schemes), args.only, always=("bf16",))
     keys = [f"{spec}/{name}" for spec in specs for name in names]
+    for key in keys:  # fp8 checkpoints for the prequantized rows, before any timing
+        spec_name, _, row_name = key.partition("/")
+        if row_name.startswith("prequantized:"):
+            prequantized_checkpoint(paths[spec_name], row_name.partition(":")[2])
     runs = interleaved(keys, args.repeats, lambda key: spawn_one(key.split("/")[1], key.split("/")[0], args.device))
     results = {}
     for spec in specs:

@@ -21,7 +21,11 @@ default_cache_dir()/reload-bench-B-<spec>. Rows, per scheme q of `--schemes` (no
                      the steady state of an RL loop; reloader-atomic:q the same with atomic=True;
   sync:q             trainer -> inference over gloo (two processes on this machine): rank 0 holds B in
                      memory and sends it with WeightSender (64 MiB buckets); rank 1, the fp8 model cold-
-                     loaded from A, runs WeightReceiver.reload; seconds and peak are rank 1's.
+                     loaded from A, runs WeightReceiver.reload; seconds and peak are rank 1's;
+  sync-quantized:q   the same with trainer-side quantization: WeightSender(quantization=QuantizePlan(q))
+                     sends fp8 codes and scales, rank 1 installs them (no bf16 on the inference side);
+                     both sync rows also give the bytes sent and the sender's seconds (quantization
+                     included).
 Correctness, outside the timed region: after each reload-memory, reload-budget, reloader-atomic and sync
 measurement the child cold-loads B
 with the same scheme and compares `model.state_dict()` bitwise: `equals_cold`. Reload children also
@@ -81,7 +85,7 @@ from streamquant.reload import Reloader, inference_tensors, reload_weights  # no
 
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
 KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-budget", "reload-atomic", "reloader",
-         "reloader-atomic", "sync")
+         "reloader-atomic", "sync", "sync-quantized")
 MARKER, MIB, B_MARKER = "RELOAD_RESULT ", 2**20, "reload-bench-B.json"
 
 
@@ -139,18 +143,24 @@ def compare(model: torch.nn.Module, reference: torch.nn.Module) -> dict:
     return {"equals_cold": not bad, "mismatched_count": len(bad), "mismatched": bad[:10]}
 
 
-def _sync_ranks(a: Path, b: Path, q: str | None) -> dict:
-    """Rank 0 sends B, rank 1 receives into a model loaded from A (see the module doc); rank 1's row."""
+def _sync_ranks(a: Path, b: Path, q: str | None, quantized: bool = False) -> dict:
+    """Rank 0 sends B, rank 1 receives into a model loaded from A (see the module doc); rank 1's row
+    with the sender's bytes and seconds."""
     import torch.distributed as dist
 
+    from streamquant.checkpoint.reader import load_hf_config
+    from streamquant.formats import get_format
+    from streamquant.offline import QuantizePlan
     from streamquant.parallel import TPContext
     from streamquant.sync import WeightReceiver, WeightSender
 
     row: dict = {}
     if dist.get_rank() == 0:
         state_dict = {n: t.clone() for n, t in iterate_weights(b)}
+        plan = QuantizePlan(load_hf_config(a), q, get_format("compressed-tensors"), torch.bfloat16) if quantized else None
         dist.barrier()
-        WeightSender(src=0).send(state_dict.items())
+        stats = WeightSender(src=0, quantization=plan).send(state_dict.items())
+        row.update(bytes_sent=stats.bytes, sender_seconds=stats.seconds, buckets=stats.buckets)
     else:
         single = TPContext()  # the world holds the trainer too: the inference model is one rank of its own
         model = load_model(a, quantization=q, tp=single)
@@ -162,7 +172,7 @@ def _sync_ranks(a: Path, b: Path, q: str | None) -> dict:
                    **compare(model, load_model(b, quantization=q, tp=single)))
     rows = [None, None] if dist.get_rank() == 0 else None
     dist.gather_object(row, rows, dst=0)
-    return rows[1] if rows else {}
+    return {**rows[1], **rows[0]} if rows else {}
 
 
 def run_one(name: str, a: Path, b: Path) -> dict:
@@ -171,9 +181,9 @@ def run_one(name: str, a: Path, b: Path) -> dict:
     q = None if scheme in ("", "none") else scheme
     row: dict = {"name": name, "loadavg_1m": os.getloadavg()[0]}
     try:
-        if kind == "sync":
+        if kind in ("sync", "sync-quantized"):
             os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))  # rank 1 gets every core, as the other rows
-            return {**row, **launch(_sync_ranks, 2, a, b, q)}
+            return {**row, **launch(_sync_ranks, 2, a, b, q, kind == "sync-quantized")}
         if kind == "cold":
             result, model = measured(lambda: load_model(a, quantization=q))
             return {**row, **result, "model_bytes": model.load_report.model_bytes}
@@ -252,9 +262,11 @@ def print_table(rows: list[dict]) -> None:
             continue
         equal = {True: "yes", False: "NO"}.get(r.get("equals_cold"), "-")
         moved = "" if r.get("addresses_unchanged", True) else "  (data_ptr changed)"
+        sent = (f"  sent {r['bytes_sent'] / MIB:.1f} MiB, sender {r['sender_seconds']:.3f} s"
+                if "bytes_sent" in r else "")
         print(f"{r['name']:<28}{r['seconds']:>9.3f}{r['peak_bytes'] / MIB:>15.1f}"
               f"{r['file_backed_peak_bytes'] / MIB:>15.1f}{r['kept_bytes'] / MIB:>10.1f}"
-              f"{ratio(r['time_over_cold']):>11}{ratio(r['time_over_floor']):>12}{equal:>13}{moved}")
+              f"{ratio(r['time_over_cold']):>11}{ratio(r['time_over_floor']):>12}{equal:>13}{moved}{sent}")
 
 
 def main(argv: list[str] | None = None) -> None:

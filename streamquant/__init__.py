@@ -3,7 +3,9 @@
 Public API (see README.md):
     load_model(path, *, quantization=None, dtype=torch.bfloat16, device="cpu", tp=None, strict=True,
                streaming=True, **fp8_options)
-    reload_weights(model, weights, *, strict=True, atomic=False, staging_budget=None)
+    reload_weights(model, weights, *, strict=True, atomic=False, staging_budget=None, quantized_source=None)
+    quantize_checkpoint(src, dst, quantization, *, format="compressed-tensors", workers=1, **fp8_options)
+    (and `streamquant.offline`: QuantizePlan / quantize_weights, trainer-side quantization)
     (and `streamquant.sync`: WeightSender / WeightReceiver, trainer -> inference over torch.distributed)
     generate(model, input_ids, max_new_tokens)
     PeakMemorySampler(device)
@@ -34,6 +36,8 @@ _EXPORTS = MappingProxyType(
         "reload_weights": "streamquant.reload",
         "Reloader": "streamquant.reload",
         "ModelNotReadyError": "streamquant.models.base",
+        "quantize_checkpoint": "streamquant.offline",
+        "QuantizeReport": "streamquant.offline",
     }
 )
 

@@ -11,6 +11,10 @@ model as `model.load_report`.
 Invariants: the tensor-parallel context is either given or read once from the initialized
 `torch.distributed` group, and handed to the model constructor; nothing else reads the group.
 
+Pre-quantized checkpoints (`config.json` has a `quantization_config`): the checkpoint decides the
+scheme (`prequantized.py`), and the session loads its fp8 codes and scales straight into the fp8
+layers (`quantized_source=True`): nothing is quantized and no high-precision weight exists.
+
 Quantization: `make_quant_config` is the single place that turns a scheme name ("fp8",
 "fp8-channel", "fp8-block") and its options into a quant config; the fp8 methods quantize each
 layer inside the streaming session the moment its last element arrives, so high-precision weights
@@ -218,7 +222,10 @@ def load_model(
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
 
     `quantization`: None, "fp8", "fp8-channel" or "fp8-block"; `options` are the fp8 options of
-    `make_quant_config`. `tp` defaults to the initialized process group (or a single rank).
+    `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
+    is loaded as it is: `quantization` may be None or must agree, `activation_scheme` and `formula`
+    may be given (the formula a later bf16 reload quantizes with), and `model.prequantized` holds
+    what its config said (None for high-precision checkpoints). `tp` defaults to the initialized process group (or a single rank).
     `strict=False` tolerates checkpoint tensors without a parameter and parameters left unwritten.
     `streaming=False` is the naive baseline kept for comparisons: the whole high-precision model
     is loaded first, then every layer is quantized; the resulting model is bitwise the same.

@@ -14,7 +14,8 @@
   - a layer with some weights quantized and some not is refused, naming it.
 `prequantized_tensors` is that journey: scale names normalized to `weight_scale` (hf-fp8 calls them
 `weight_scale_inv`), stray quantized tensors dequantized (each held, as a zero-copy reference, until
-its partner arrives).
+its partner arrives). `reload_source` gives a reload the same view of a checkpoint directory (which
+says itself whether it is pre-quantized) or of an iterable the caller says is.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 import torch
 
-from streamquant.checkpoint.reader import CONFIG_FILE, checkpoint_shapes, iterate_weights
+from streamquant.checkpoint.reader import CONFIG_FILE, checkpoint_shapes, iterate_weights, resolve_checkpoint
+from streamquant.loading.errors import WeightLoadError
 from streamquant.formats import QuantizationConfigError, QuantizedCheckpoint, read_quantization_config
 from streamquant.parallel import TPContext
 from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
@@ -88,6 +90,11 @@ def _granularity(codes: torch.Tensor, scale: torch.Tensor, checkpoint: Quantized
 def prequantized_tensors(weights: Iterable[tuple[str, torch.Tensor]], plan: PrequantizedLoad,
                          dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors as the model's fp8 loaders take them (see the module docstring)."""
+    return normalized_scale_names(_dequantize_strays(weights, plan, dtype))
+
+
+def _dequantize_strays(weights: Iterable[tuple[str, torch.Tensor]], plan: PrequantizedLoad,
+                       dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     held: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
         module, _, leaf = name.rpartition(".")
@@ -99,7 +106,7 @@ def prequantized_tensors(weights: Iterable[tuple[str, torch.Tensor]], plan: Preq
                 yield f"{module}.weight", dequantize(pair["weight"], scale.float(), granularity, dtype)
                 del held[module]
             continue
-        yield (f"{module}.weight_scale" if leaf == "weight_scale_inv" else name), tensor
+        yield name, tensor
     if held:
         raise QuantizationConfigError(f"a quantized tensor arrived without its partner (weight and scale): "
                                       f"{sorted(held)}")
@@ -139,7 +146,20 @@ def normalized_scale_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Itera
 def checkpoint_source(checkpoint: Path, model, dtype: torch.dtype) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
     """A checkpoint directory's tensors for a reload of `model`, and whether they are pre-quantized."""
     weights = iterate_weights(checkpoint)
-    plan, scheme, _ = prequantized_plan(checkpoint, type(model), model.config, checkpoint_shapes(checkpoint), None, {})
+    plan, _, _ = prequantized_plan(checkpoint, type(model), model.config, checkpoint_shapes(checkpoint), None, {})
     if plan is None:
         return weights, False
     return prequantized_tensors(weights, plan, dtype), True
+
+
+def reload_source(model: torch.nn.Module, weights: str | Path | Iterable[tuple[str, torch.Tensor]],
+                  quantized_source: bool | None) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
+    """A reload's (tensors, pre-quantized or not): a checkpoint directory or hub id says itself (its
+    `quantization_config`); an iterable is pre-quantized when the caller says so."""
+    if isinstance(weights, (str, Path)):
+        tensors, found = checkpoint_source(resolve_checkpoint(weights), model, model.params_dtype)
+        if quantized_source is not None and quantized_source != found:
+            raise WeightLoadError(f"quantized_source={quantized_source}, but {weights} is "
+                                  + ("" if found else "not ") + "a pre-quantized checkpoint")
+        return tensors, found
+    return (normalized_scale_names(weights), True) if quantized_source else (weights, False)

@@ -21,6 +21,11 @@ processed (fp8 codes and scales), named as `inference_tensors(model)` names them
 its first name) -- and copies each into place after checking its shape, dtype and finiteness; the
 same strictness and failure handling apply.
 
+`quantized_source=True` takes pre-quantized fp8 codes and scales in checkpoint layout (an fp8
+checkpoint directory, which says so itself; `offline.quantize_weights`; a `WeightSender(quantization=)`)
+and writes them straight into the fp8 parameters, with the same strictness and failure handling;
+nothing is quantized, and no high-precision staging exists.
+
 `Reloader(model, atomic=..., staging_budget=...)` is the same for a loop of reloads (the RL case):
 it keeps the atomic snapshot (`WeightSnapshot`, one flat buffer) and an idle staging buffer between
 calls instead of allocating and page-faulting them every step.
@@ -51,7 +56,7 @@ from streamquant.loading.materialize import StagingPool, align_up, byte_view
 from streamquant.loading.streaming import StreamingLoadSession, staging_pool
 from streamquant.loading.validate import is_finite
 from streamquant.parallel import TPContext, all_reduce
-from streamquant.prequantized import checkpoint_source, normalized_scale_names
+from streamquant.prequantized import reload_source
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 
@@ -61,18 +66,6 @@ def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(weights, (str, Path)):
         return iterate_weights(resolve_checkpoint(weights))
     return weights
-
-
-def _source(model: torch.nn.Module, weights: WeightSource,
-            quantized_source: bool | None) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
-    """(tensors, pre-quantized or not): a directory says itself (its `quantization_config`)."""
-    if isinstance(weights, (str, Path)):
-        tensors, found = checkpoint_source(resolve_checkpoint(weights), model, model.params_dtype)
-        if quantized_source is not None and quantized_source != found:
-            raise WeightLoadError(f"quantized_source={quantized_source}, but {weights} is "
-                                  + ("" if found else "not ") + "a pre-quantized checkpoint")
-        return tensors, found
-    return (normalized_scale_names(weights), True) if quantized_source else (weights, False)
 
 
 def _tracked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -222,7 +215,7 @@ def _stream(model: torch.nn.Module, weights: WeightSource, *, strict: bool, stag
             transient_source: bool, pool: StagingPool | None, check_finite: bool, seen: list[str],
             quantized_source: bool | None = None) -> set[str]:
     """checkpoint_format=True: the cold load's streaming session on the live model."""
-    tensors, quantized = _source(model, weights, quantized_source)
+    tensors, quantized = reload_source(model, weights, quantized_source)
     session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
                                    staging_budget=staging_budget, transient_source=transient_source, pool=pool,
                                    offload=None if quantized else getattr(model, "offload_plan", None),

@@ -86,7 +86,7 @@ def _header(specs: list[TensorSpec]) -> bytes:
 
 
 def create_shard(path: Path, specs: list[TensorSpec]) -> dict[str, int]:
-    """Write a shard's header and size the file (sparse); returns each tensor's byte offset in the file."""
+    """Write a shard's header and reserve the file's size; returns each tensor's byte offset in the file."""
     header = _header(specs)
     offsets, position = {}, 8 + len(header)
     for spec in specs:
@@ -94,7 +94,11 @@ def create_shard(path: Path, specs: list[TensorSpec]) -> dict[str, int]:
         position += spec.nbytes
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
-        f.truncate(position)
+        f.flush()
+        try:  # reserve the blocks up front: writes into a sparse file ran at ~0.7 GB/s here, ~5 GB/s reserved
+            os.posix_fallocate(f.fileno(), 0, position)
+        except (AttributeError, OSError):
+            f.truncate(position)
     return offsets
 
 
@@ -112,11 +116,12 @@ class ShardFiles:
                              f"{list(tensor.shape)}")
         path, offset = self.offsets[spec.name]
         if path not in self.handles:
-            self.handles[path] = open(path, "r+b")
+            self.handles[path] = open(path, "r+b", buffering=0)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        handle = self.handles[path]
-        handle.seek(offset)
-        handle.write(memoryview(data.numpy()))
+        view, fd = memoryview(data.numpy()), self.handles[path].fileno()
+        while len(view):  # one pwrite moves at most ~2 GiB on Linux
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
 
     def close(self) -> None:
         for handle in self.handles.values():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamquant.api import make_quant_config
+from streamquant.api import check_ignore_patterns, make_quant_config
 from streamquant.checkpoint.writer import TensorSpec
 from streamquant.formats import CheckpointFormat
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -67,6 +67,7 @@ class QuantizePlan:
         with torch.device("meta"):
             self.model = get_model_class(hf_config)(hf_config, tp=TPContext(), quant_config=self.config,
                                                     params_dtype=dtype)
+        check_ignore_patterns(self.model, self.config)  # a pattern that matches no layer is a typo
         self.modules = dict(self.model.named_modules())
         self.mapping = self.model.weight_mapping
 

@@ -9,7 +9,8 @@ whatever the model or shard size; the source's pages are file-backed (page cache
 
 `workers=N` runs N processes, each quantizing a consecutive run of the source tensors (about equal
 bytes) and writing their bytes at offsets planned up front, so the files are bitwise the same for
-every N (worker processes are spawned: about a second each to import torch). The run is all-or-nothing: it writes into a hidden sibling of `dst`
+every N. Workers are forked and run one intra-op thread each (so use up to one worker per core); with
+one worker the run stays in this process and uses torch's threads. The run is all-or-nothing: it writes into a hidden sibling of `dst`
 and renames it onto `dst` at the end; a failure (or Ctrl-C) removes the partial output. A non-empty
 `dst` is refused unless `overwrite=True`. Besides the weights it writes `config.json` with the
 format's `quantization_config` and copies every other non-weight file (tokenizer, generation config).
@@ -144,6 +145,7 @@ def _record_error(log: QuantErrorLog, unit: Unit, out) -> None:
 
 def _worker(job: WriteJob, plan_args: tuple, threads: int) -> dict:
     """A worker process: rebuild the (meta) plan, write its units."""
+    torch.set_num_threads(threads)
     return write_units(job, QuantizePlan(*plan_args[:4], **plan_args[4]), threads)
 
 
@@ -187,9 +189,11 @@ def _copy_other_files(source: Path, destination: Path) -> None:
 def _run_jobs(jobs: list[WriteJob], plan: QuantizePlan, plan_args: tuple, workers: int) -> list[dict]:
     if workers == 1:
         return [write_units(job, plan) for job in jobs]
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_worker, jobs, [plan_args] * len(jobs), [threads] * len(jobs)))
+    # forked workers start at once (no import of torch again: spawned ones took ~2 s each here); each
+    # runs ONE intra-op thread, which also keeps OpenMP out of the forked children (libgomp's thread
+    # pool does not survive a fork): the workers are the parallelism
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        return list(pool.map(_worker, jobs, [plan_args] * len(jobs), [1] * len(jobs)))
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, format: str = "compressed-tensors",

@@ -127,17 +127,16 @@ def _quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, f
 
 def _quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
                             scratch: torch.Tensor) -> None:
-    """dst <- clamp(round_to(src.dtype, src / scale), +-fmax) cast to fp8 (compressed-tensors' order).
+    """dst <- clamp(src / scale computed in src's dtype, +-fmax) cast to fp8 (compressed-tensors' order).
 
-    The quotient is computed in float32 and rounded to the weight's own dtype before the clamp and
-    the cast, which is what torch does for `bf16 / bf16` (the double rounding of compressed-tensors
-    on a bf16 model). A float32 weight has no second rounding. `scratch` holds 4 + 2 bytes per element.
+    The division runs in the weight's own dtype with the scale in that dtype, exactly as that library's
+    `x / scale` on a bf16 model: torch computes a bf16 / bf16 quotient in float32 and rounds it to
+    bf16 once, so the codes are double-rounded (float32 -> bf16 -> fp8). The scale grid holds values
+    exact in that dtype (`fp8_formula.tile_scales`). A float32 weight divides in float32.
     """
-    values = _like(scratch, src, torch.float32)
-    values.copy_(src).div_(scale)
-    if src.dtype != torch.float32:
-        rounded = scratch[values.numel() * 4 :].view(src.dtype)[: src.numel()].view(src.shape)
-        values = rounded.copy_(values)
+    dtype = src.dtype if src.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    values = scratch.view(dtype)[: src.numel()].view(src.shape)
+    torch.div(src, scale.to(dtype), out=values)
     dst.copy_(values.clamp_(-fmax, fmax))
 
 

@@ -84,6 +84,8 @@ def test_bad_requests_fail_before_writing(source, tmp_path):
         quantize_checkpoint(source, out, "fp8-channel", format="hf-fp8")
     with pytest.raises(ValueError, match="unknown checkpoint format 'gguf'"):
         quantize_checkpoint(source, out, "fp8", format="gguf")
+    with pytest.raises(ValueError, match="ignore pattern 'qkv_prj' matches no linear or MoE layer"):
+        quantize_checkpoint(source, out, "fp8", ignore=["qkv_prj"])
     with pytest.raises(ValueError, match="fp8_dtype=torch.float8_e4m3fnuz"):
         quantize_checkpoint(source, out, "fp8", fp8_dtype="e4m3fnuz")
     config = json.loads((source / "config.json").read_text())

@@ -35,7 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import banner, interleaved, machine_info, spawn
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
+
+from common import banner, interleaved, machine_info, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 MARKER = "QUANTIZE_BENCH "
 SCHEMES = ("fp8", "fp8-channel", "fp8-block")
@@ -232,5 +235,4 @@ def _print(rows: list[dict], comparisons: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -74,6 +74,11 @@ class UnsupportedQuantizationError(ValueError):
     """`quantization=` named a scheme this build of streamquant cannot load."""
 
 
+class QuantizationOptionError(TypeError, ValueError):
+    """An fp8 option that does not apply (unknown, or given without a scheme): a TypeError, as for any
+    unexpected keyword, and a ValueError, the bad-input class the command line reports in one line."""
+
+
 @dataclass(frozen=True)
 class LoadReport:
     """What one `load_model` call read and built (on this rank)."""
@@ -111,8 +116,9 @@ def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Fp8C
     allowed = FP8_OPTIONS if quantization is not None else ()
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"load_model() got unknown option(s) for quantization={quantization!r}: {', '.join(unknown)}"
-                        + (f"; accepted: {', '.join(allowed)}" if allowed else ""))
+        raise QuantizationOptionError(
+            f"load_model() got unknown option(s) for quantization={quantization!r}: {', '.join(unknown)}"
+            + (f"; accepted: {', '.join(allowed)}" if allowed else ""))
     if quantization is None:
         return None
     options = dict(options)
@@ -254,6 +260,9 @@ def load_model(
     shapes = checkpoint_shapes(checkpoint)
     prequantized, quantization, options = prequantized_plan(checkpoint, model_class, hf_config, shapes,
                                                             quantization, options)
+    if quantization is None and options:
+        raise QuantizationOptionError(f"fp8 option(s) {', '.join(sorted(options))} need a quantization scheme "
+                                      "(quantization=..., --quantization) or a pre-quantized checkpoint")
     quant_config = make_quant_config(quantization, options)
     tp = default_tp() if tp is None else tp
     check_config_sizes(hf_config, shapes)

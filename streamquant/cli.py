@@ -69,12 +69,14 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
     add("--quantization", choices=[q for q in SUPPORTED_QUANTIZATION if q] + ["none"], default=None,
         help="quantize to fp8 while loading: per-tensor, per-output-channel or 128x128-block weight scales; "
              "none: keep the checkpoint dtype (default: none; demo: fp8)")
-    add("--fp8-dtype", default="e4m3fn", choices=[k for k in FP8_DTYPES if not k.startswith("float8")],
+    add("--fp8-dtype", default=None, choices=[k for k in FP8_DTYPES if not k.startswith("float8")],
         help="fp8 format (default: e4m3fn, max 448; e4m3fnuz has max 240)")
-    add("--activation-scheme", default="dynamic", choices=[a.value for a in ActivationScheme],
-        help="dynamic: quantize activations at each matmul (default); none: fp8 weights only")
-    add("--formula", default="streamquant", choices=[f.value for f in Formula],
-        help="whose fp8 arithmetic: streamquant's (default), or compressed-tensors' / transformers' bit for bit")
+    add("--activation-scheme", default=None, choices=[a.value for a in ActivationScheme],
+        help="dynamic: quantize activations at each matmul (default; a pre-quantized checkpoint: what it says); "
+             "none: fp8 weights only")
+    add("--formula", default=None, choices=[f.value for f in Formula],
+        help="whose fp8 arithmetic: streamquant's (default; a pre-quantized checkpoint: the one it was written "
+             "with), or compressed-tensors' / transformers' bit for bit")
     add("--ignore", action="append", default=[], metavar="REGEX",
         help="keep layers whose module name matches REGEX (re.search) unquantized; repeatable")
     add("--offload-before-quant", action="store_true",
@@ -118,13 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load with peak-memory sampling; the model and the load measurements."""
-    fp8 = {}
-    if options["quantization"]:
-        fp8 = dict(fp8_dtype=options["fp8_dtype"], activation_scheme=options["activation_scheme"],
-                   ignore=options["ignore"], formula=options.get("formula", "streamquant"),
-                   measure_error=options.get("measure_error", False))
-    elif options["ignore"] or options.get("measure_error"):
-        raise ValueError(("--ignore" if options["ignore"] else "--measure-error") + " needs --quantization")
+    given = dict(fp8_dtype=options.get("fp8_dtype"), activation_scheme=options.get("activation_scheme"),
+                 ignore=options.get("ignore") or None, formula=options.get("formula"),
+                 measure_error=options.get("measure_error") or None)
+    fp8 = {k: v for k, v in given.items() if v is not None}  # fp8 options; load_model says when one needs a scheme
     with PeakMemorySampler(options["device"]) as sampler:
         model = load_model(
             options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"],

@@ -95,7 +95,7 @@ def test_load_measures_error_only_when_asked(checkpoint, tmp_path, capsys):
     assert cli.main(["load", str(checkpoint), "--quantization", "fp8", "--json", str(out)]) == 0
     assert "quantization_error" not in json.loads(out.read_text())
     assert cli.main(["load", str(checkpoint), "--measure-error"]) == 2
-    assert "--measure-error needs --quantization" in capsys.readouterr().err
+    assert "measure_error need a quantization scheme" in capsys.readouterr().err
 
 
 def test_unquantized_load_reports_no_quantization(checkpoint, tmp_path):

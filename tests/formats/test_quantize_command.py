@@ -113,3 +113,14 @@ def test_cli_writes_the_report_and_names_bad_input(source, tmp_path, capsys):
     assert main(["quantize", str(source), str(tmp_path / "q"), "--quantization", "fp8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("streamquant: error: ") and "not empty" in err and len(err.splitlines()) == 1
+
+
+def test_cli_loads_a_pre_quantized_checkpoint_without_flags(source, tmp_path, capsys):
+    quantize_checkpoint(source, tmp_path / "q", "fp8-block", format="hf-fp8", formula="transformers")
+    out = tmp_path / "load.json"
+    assert main(["load", str(tmp_path / "q"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["quantization"] == "fp8-block"
+    assert main(["load", str(tmp_path / "q"), "--quantization", "fp8"]) == 2
+    assert "disagrees with the checkpoint" in capsys.readouterr().err
+    assert main(["load", str(source), "--formula", "transformers"]) == 2  # an fp8 option, nothing to quantize
+    assert "need a quantization scheme" in capsys.readouterr().err

@@ -1,7 +1,12 @@
-"""Greedy decoding with the model's KV cache.
+"""Decoding with the model's KV cache: greedy `generate`, and `generate_sequences` for rollouts.
 
-Owns one loop: prefill the whole prompt once, then feed one token per step at `start_pos`. The
-result matches Hugging Face `generate(do_sample=False)`: prompt followed by the new tokens.
+Owns the decode loops: prefill the whole prompt once, then feed one token per step at `start_pos`.
+`generate` matches Hugging Face `generate(do_sample=False)`: prompt followed by the new tokens.
+`generate_sequences(model, prompts, SamplingParams(...))` takes prompts of different lengths (left-
+padded into one batch; the KV cache's `key_mask` hides the pads, each row gets its own positions),
+samples with `sampling.py`, stops each sequence at its own stop token or budget, and returns one
+`Completion` per sequence (the `n` completions of a prompt together, prompts in order). A finished
+sequence stays in the batch until all are done (its further tokens are computed and discarded).
 
 Requests are checked before any work: token ids inside the vocabulary, prompt plus new tokens
 within `max_position_embeddings` (`check_request`).
@@ -13,9 +18,12 @@ does (and as Hugging Face does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from streamquant.sampling import SamplingParams, sample, sequence_generators, step_logprobs
 
 
 @dataclass(frozen=True)
@@ -76,3 +84,78 @@ def generate_with_logits(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding: `input_ids` ([B, T]) followed by `max_new_tokens` new ids ([B, T + max_new_tokens])."""
     return generate_with_logits(model, input_ids, max_new_tokens).tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled sequence: ids, the float32 logprob of each completion token (when asked), and
+    why it ended ("stop": a stop token, kept as the last id; "length": `max_new_tokens`)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+def stop_ids(config, params: SamplingParams) -> set[int]:
+    """`params.stop_token_ids`, or the config's `eos_token_id` (an int or a list) when None."""
+    if params.stop_token_ids is not None:
+        return set(params.stop_token_ids)
+    eos = getattr(config, "eos_token_id", None)
+    return set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] long ids, [B, T] bool real-token mask) of prompts left-padded to the longest."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = True
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_sequences(model: torch.nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor,
+                       params: SamplingParams) -> list[Completion]:
+    """Sample `params.n` completions of every prompt (see the module docstring)."""
+    rows = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)
+            for _ in range(params.n)]
+    ids, mask = left_pad(rows)
+    check_request(model.config, ids, params.max_new_tokens)
+    device = _model_device(model)
+    ids, mask = ids.to(device), mask.to(device)
+    batch, width = ids.shape
+    cache = model.new_kv_cache(batch, width + params.max_new_tokens)
+    cache.mask_keys(mask)
+    positions = (mask.long().cumsum(1) - 1).clamp_(min=0)
+    logits = model(ids, positions=positions, kv_cache=cache, start_pos=0)[:, -1]
+    generators = sequence_generators(params.seed, batch, device)
+    stops, next_pos = stop_ids(model.config, params), positions[:, -1:] + 1
+    out: list[list[int]] = [[] for _ in range(batch)]
+    logps: list[list[float]] = [[] for _ in range(batch)]
+    tops: list[list[dict[int, float]]] = [[] for _ in range(batch)]
+    reason: list[str | None] = [None] * batch
+    for step in range(params.max_new_tokens):
+        tokens = sample(logits, params, generators)
+        lp = step_logprobs(logits, tokens, params) if params.logprobs is not None else None
+        for row in range(batch):
+            if reason[row] is not None:
+                continue
+            out[row].append(int(tokens[row]))
+            if lp is not None:
+                logps[row].append(float(lp.chosen[row]))
+                if lp.top_ids is not None:
+                    tops[row].append(dict(zip(lp.top_ids[row].tolist(), lp.top_values[row].tolist())))
+            if int(tokens[row]) in stops:
+                reason[row] = "stop"
+        if all(r is not None for r in reason) or step + 1 == params.max_new_tokens:
+            break
+        logits = model(tokens.view(-1, 1), positions=next_pos + step, kv_cache=cache, start_pos=width + step)[:, -1]
+    return [Completion(rows[i], out[i], reason[i] or "length",
+                       logps[i] if params.logprobs is not None else None,
+                       tops[i] if params.logprobs else None) for i in range(batch)]

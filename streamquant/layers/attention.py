@@ -12,8 +12,12 @@ Invariants:
   so the layers of one forward never depend on a shared mutable counter; `KVCache.length` is a
   convenience the model advances once per forward.
 
-Limitations: every sequence of a batch shares the same positions (no padding masks, no ragged
-batches, no paged cache); no sliding window, no attention sinks, no logit soft-capping.
+- Ragged batches: `KVCache.key_mask` [B, max_len] (all True by default) says which cached positions
+  hold real tokens; a left-padded prompt marks its pads False, so no query attends to them. A pad
+  query attends to itself only (never to nothing: an all-masked SDPA row is NaN, and a NaN value
+  would reach real queries through a zero weight). Every row still shares the cache's slot indices.
+
+Limitations: no paged cache; no sliding window, no attention sinks, no logit soft-capping.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from torch import nn
 
 
 class LayerKVCache:
-    """One layer's keys and values, [B, max_len, Hkv, D] each (views into `KVCache`'s storage)."""
+    """One layer's keys and values, [B, max_len, Hkv, D] each (views into `KVCache`'s storage), and
+    the cache's `key_mask` [B, max_len] (None: every position valid)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None):
         self.k = k
         self.v = v
+        self.key_mask = key_mask
 
     @property
     def max_len(self) -> int:
@@ -67,13 +73,20 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0  # positions written by every layer so far; advanced by the model
+        self.key_mask: torch.Tensor | None = None  # [B, max_len] bool once `mask_keys` was called
 
     @property
     def num_layers(self) -> int:
         return self.k.shape[0]
 
     def layer(self, i: int) -> LayerKVCache:
-        return LayerKVCache(self.k[i], self.v[i])
+        return LayerKVCache(self.k[i], self.v[i], self.key_mask)
+
+    def mask_keys(self, valid: torch.Tensor, start: int = 0) -> None:
+        """Mark positions [start, start + T) of each row real (True) or padding (False) from `valid` [B, T]."""
+        if self.key_mask is None:
+            self.key_mask = torch.ones(self.k.shape[1:3], dtype=torch.bool, device=self.k.device)
+        self.key_mask[:, start : start + valid.shape[1]] = valid.to(self.key_mask.device)
 
     def advance(self, n: int) -> int:
         """Record that every layer wrote `n` more positions; returns the new length."""
@@ -91,6 +104,15 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.
     """Boolean [T, S] mask, True where query i (at absolute position S - T + i) may attend key j."""
     ones = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
     return ones.tril(diagonal=num_keys - num_queries)
+
+
+def padded_causal_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Boolean [B, 1, T, S]: causal, real keys only, and each query always its own position."""
+    num_keys = key_mask.shape[1]
+    causal = causal_mask(num_queries, num_keys, key_mask.device)
+    own = (torch.arange(num_keys, device=key_mask.device)[None, :]
+           == (num_keys - num_queries + torch.arange(num_queries, device=key_mask.device))[:, None])
+    return (causal & key_mask[:, None, :] | own).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -120,14 +142,18 @@ class Attention(nn.Module):
             raise ValueError(f"start_pos={start_pos} needs a kv_cache holding the earlier positions")
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, heads, T, D]
         num_keys = k.shape[2]
-        # is_causal aligns the mask top-left, which is only right when queries and keys coincide.
-        mask = None if num_tokens in (1, num_keys) else causal_mask(num_tokens, num_keys, q.device)
+        padded = kv_cache is not None and kv_cache.key_mask is not None
+        if padded:
+            mask = padded_causal_mask(kv_cache.key_mask[:, :num_keys], num_tokens)
+        else:
+            # is_causal aligns the mask top-left, which is only right when queries and keys coincide.
+            mask = None if num_tokens in (1, num_keys) else causal_mask(num_tokens, num_keys, q.device)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=num_tokens == num_keys and num_tokens > 1,
+            is_causal=not padded and num_tokens == num_keys and num_tokens > 1,
             scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )

@@ -1,0 +1,73 @@
+"""generate_sequences: ragged prompts (left-padded, key mask) greedy-equal to transformers' own
+left-padded `generate`; returned logprobs equal transformers' teacher-forced ones (fp32, 1e-4);
+stop tokens end each sequence on its own; `n` completions per prompt with a fixed seed reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from hf_cases import CASES, make_checkpoint
+
+from streamquant import load_model
+from streamquant.generation import generate_sequences
+from streamquant.sampling import SamplingParams
+
+PROMPTS = [[5, 9, 13, 2, 40, 7], [3, 8], [11, 12, 60, 1]]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    return {c.name: make_checkpoint(c, root) for c in CASES if c.name in ("llama", "qwen3", "qwen2moe", "opt")}
+
+
+def hf_greedy(path, prompts, new):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=0)
+    return hf, out[:, width:].tolist()
+
+
+def hf_logprobs(hf, prompt, completion):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = hf(input_ids=ids).logits.float().log_softmax(-1)[0]
+    return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(completion)]
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2moe", "opt"])
+def test_ragged_greedy_equals_transformers_and_logprobs_match(checkpoints, case):
+    model = load_model(checkpoints[case], dtype="float32")
+    got = generate_sequences(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=(),
+                                                            logprobs=0))
+    hf, want = hf_greedy(checkpoints[case], PROMPTS, NEW)
+    assert [c.completion_ids for c in got] == want
+    assert all(c.finish_reason == "length" and c.prompt_ids == p for c, p in zip(got, PROMPTS))
+    for c in got:
+        assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(hf_logprobs(hf, c.prompt_ids, c.completion_ids)),
+                              atol=1e-4, rtol=0)
+
+
+def test_stop_tokens_end_each_sequence_and_seeds_reproduce(checkpoints):
+    model = load_model(checkpoints["llama"], dtype="float32")
+    greedy = generate_sequences(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=()))
+    stop = greedy[1].completion_ids[2]  # the third token of the second prompt's greedy completion
+    stopped = generate_sequences(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=NEW,
+                                                                stop_token_ids=(stop,)))
+    for full, cut in zip(greedy, stopped):
+        if stop in full.completion_ids:
+            end = full.completion_ids.index(stop) + 1
+            assert cut.completion_ids == full.completion_ids[:end] and cut.finish_reason == "stop"
+        else:
+            assert cut.completion_ids == full.completion_ids and cut.finish_reason == "length"
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=NEW, seed=3, n=2, stop_token_ids=(),
+                            logprobs=2)
+    a, b = generate_sequences(model, PROMPTS, params), generate_sequences(model, PROMPTS, params)
+    assert len(a) == 6 and [c.completion_ids for c in a] == [c.completion_ids for c in b]
+    assert a[0].prompt_ids == a[1].prompt_ids == PROMPTS[0] and len(a[0].top_logprobs[0]) == 2
+    assert all(lp <= 0 for c in a for lp in c.logprobs)

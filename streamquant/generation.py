@@ -159,3 +159,25 @@ def generate_sequences(model: torch.nn.Module, prompts: Sequence[Sequence[int]] 
     return [Completion(rows[i], out[i], reason[i] or "length",
                        logps[i] if params.logprobs is not None else None,
                        tops[i] if params.logprobs else None) for i in range(batch)]
+
+
+@torch.inference_mode()
+def score(model: torch.nn.Module, sequences: Sequence[Sequence[int]] | torch.Tensor,
+          temperature: float = 1.0) -> list[list[float]]:
+    """Teacher-forced float32 logprobs of every token after the first of each sequence (what a
+    trainer recomputes): `log_softmax(logits / temperature)` at the position before it. Sequences of
+    different lengths run as one left-padded batch; entry i has `len(sequences[i]) - 1` values."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = [list(map(int, s)) for s in (sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences)]
+    ids, mask = left_pad(rows)
+    check_request(model.config, ids, 0)
+    device = _model_device(model)
+    ids, mask = ids.to(device), mask.to(device)
+    cache = model.new_kv_cache(*ids.shape)
+    cache.mask_keys(mask)
+    positions = (mask.long().cumsum(1) - 1).clamp_(min=0)
+    logp = (model(ids, positions=positions, kv_cache=cache, start_pos=0).float() / temperature).log_softmax(-1)
+    chosen = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    width = ids.shape[1]
+    return [chosen[i, width - len(r):].tolist() for i, r in enumerate(rows)]

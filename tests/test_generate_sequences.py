@@ -71,3 +71,42 @@ def test_stop_tokens_end_each_sequence_and_seeds_reproduce(checkpoints):
     assert len(a) == 6 and [c.completion_ids for c in a] == [c.completion_ids for c in b]
     assert a[0].prompt_ids == a[1].prompt_ids == PROMPTS[0] and len(a[0].top_logprobs[0]) == 2
     assert all(lp <= 0 for c in a for lp in c.logprobs)
+
+
+def test_score_is_teacher_forced_logprobs_of_ragged_sequences(checkpoints):
+    from streamquant.generation import score
+
+    model = load_model(checkpoints["qwen2moe"], dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["qwen2moe"], dtype=torch.float32)
+    sequences = [[5, 9, 13, 2, 40, 7, 8], [3, 8], [11, 12, 60, 1, 4]]
+    got = score(model, sequences)
+    for seq, values in zip(sequences, got):
+        want = hf_logprobs(hf, seq[:1], seq[1:])
+        assert len(values) == len(seq) - 1
+        assert torch.allclose(torch.tensor(values), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+SLIDING = [  # (name, config class, model class, window settings): windows shorter than the sequences
+    ("mistral-window", "MistralConfig", "MistralForCausalLM", dict(sliding_window=4, num_key_value_heads=1)),
+    ("qwen2-window", "Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=3,
+                                                               max_window_layers=1)),
+    ("qwen3-window", "Qwen3Config", "Qwen3ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
+                                                               max_window_layers=0, head_dim=16)),
+]
+
+
+@pytest.mark.parametrize("name,config_cls,model_cls,window", SLIDING, ids=[s[0] for s in SLIDING])
+def test_sliding_window_matches_transformers_beyond_the_window(tmp_path, name, config_cls, model_cls, window):
+    from hf_cases import _case
+
+    case = _case(name, config_cls, model_cls, **window)
+    path = make_checkpoint(case, tmp_path)
+    model = load_model(path, dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert any(layer.self_attn.attn.sliding_window for layer in model.model.layers)
+    ids = torch.tensor([[5, 9, 13, 2, 40, 7, 8, 21, 30, 3, 17, 6]])
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits.float()
+    assert torch.allclose(model(ids), want, atol=1e-4, rtol=0)
+    got = generate_sequences(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=()))
+    assert [c.completion_ids for c in got] == hf_greedy(path, PROMPTS, 8)[1]

@@ -17,7 +17,10 @@ Invariants:
   query attends to itself only (never to nothing: an all-masked SDPA row is NaN, and a NaN value
   would reach real queries through a zero weight). Every row still shares the cache's slot indices.
 
-Limitations: no paged cache; no sliding window, no attention sinks, no logit soft-capping.
+- Sliding window (`sliding_window=W`, per layer): a query sees the W most recent slots, itself
+  included, as transformers does; the cache still holds every position.
+
+Limitations: no paged cache; no attention sinks, no logit soft-capping.
 """
 
 from __future__ import annotations
@@ -106,20 +109,35 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.
     return ones.tril(diagonal=num_keys - num_queries)
 
 
-def padded_causal_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Boolean [B, 1, T, S]: causal, real keys only, and each query always its own position."""
-    num_keys = key_mask.shape[1]
-    causal = causal_mask(num_queries, num_keys, key_mask.device)
-    own = (torch.arange(num_keys, device=key_mask.device)[None, :]
-           == (num_keys - num_queries + torch.arange(num_queries, device=key_mask.device))[:, None])
-    return (causal & key_mask[:, None, :] | own).unsqueeze(1)
+def attention_mask(num_queries: int, num_keys: int, device: torch.device, key_mask: torch.Tensor | None = None,
+                   window: int | None = None) -> torch.Tensor | None:
+    """Boolean mask [T, S] or [B, 1, T, S] (True: may attend), or None where plain causal SDPA is right.
+
+    Query i sits at cache slot S - T + i. Causal; with `window`, only the `window` most recent slots
+    (key slot > query slot - window, as transformers' sliding window); with `key_mask` [B, S], real
+    keys only, and each query always its own slot (see the module docstring)."""
+    windowed = window is not None and num_keys > window
+    if key_mask is None and not windowed:
+        return None if num_queries in (1, num_keys) else causal_mask(num_queries, num_keys, device)
+    q_slot = num_keys - num_queries + torch.arange(num_queries, device=device)[:, None]
+    k_slot = torch.arange(num_keys, device=device)[None, :]
+    allowed = k_slot <= q_slot
+    if windowed:
+        allowed &= k_slot > q_slot - window
+    if key_mask is None:
+        return allowed
+    return (allowed[None] & key_mask[:, None, :] | (k_slot == q_slot)[None]).unsqueeze(1)
 
 
 class Attention(nn.Module):
     """Causal SDPA over per-rank heads: q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H * D]."""
 
-    def __init__(self, num_heads: int, head_size: int, num_kv_heads: int, scale: float):
+    def __init__(self, num_heads: int, head_size: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None):
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of positions, got {sliding_window}")
+        self.sliding_window = sliding_window
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"{num_heads} query heads cannot be grouped over {num_kv_heads} kv heads")
         self.num_heads = num_heads
@@ -142,22 +160,20 @@ class Attention(nn.Module):
             raise ValueError(f"start_pos={start_pos} needs a kv_cache holding the earlier positions")
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, heads, T, D]
         num_keys = k.shape[2]
-        padded = kv_cache is not None and kv_cache.key_mask is not None
-        if padded:
-            mask = padded_causal_mask(kv_cache.key_mask[:, :num_keys], num_tokens)
-        else:
-            # is_causal aligns the mask top-left, which is only right when queries and keys coincide.
-            mask = None if num_tokens in (1, num_keys) else causal_mask(num_tokens, num_keys, q.device)
+        key_mask = kv_cache.key_mask[:, :num_keys] if kv_cache is not None and kv_cache.key_mask is not None else None
+        mask = attention_mask(num_tokens, num_keys, q.device, key_mask, self.sliding_window)
+        # is_causal aligns the mask top-left, which is only right when queries and keys coincide.
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
-            is_causal=not padded and num_tokens == num_keys and num_tokens > 1,
+            is_causal=mask is None and num_tokens == num_keys and num_tokens > 1,
             scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return out.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_size)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_size={self.head_size}, scale={self.scale}"
+        window = f", sliding_window={self.sliding_window}" if self.sliding_window else ""
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_size={self.head_size}, scale={self.scale}{window}"

@@ -2,8 +2,8 @@
 
 One decoder definition serves all four; the differences are a frozen `DecoderSpec` read from the
 HF config. MoE families reuse `LlamaAttention` and `LlamaDecoderLayer` with another MLP.
-Known limitation: sliding-window attention (Mistral / Qwen2 `sliding_window`) is not applied, so
-sequences longer than the window differ from transformers.
+Sliding-window attention follows the config (`layer_sliding_window`): Mistral's `sliding_window` on
+every layer, Qwen's on the layers its `layer_types` names.
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ class Build:
         return dict(tp=self.tp, quant_config=self.quant_config, prefix=prefix, params_dtype=self.params_dtype)
 
 
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The layer's attention window: `sliding_window` (None or 0: none) for the layers `layer_types` calls
+    "sliding_attention", or for every layer when the config has no `layer_types` (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return int(window) if types[layer_idx] == "sliding_attention" else None
+    return None if getattr(config, "use_sliding_window", True) is False else int(window)
+
+
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -69,7 +81,7 @@ class LlamaMLP(torch.nn.Module):
 class LlamaAttention(torch.nn.Module):
     """Fused qkv projection, optional per-head q/k RMSNorm, rotary, causal attention, o_proj."""
 
-    def __init__(self, config, spec: DecoderSpec, *, build: Build, prefix: str):
+    def __init__(self, config, spec: DecoderSpec, *, build: Build, prefix: str, layer_idx: int = 0):
         super().__init__()
         head_dim = head_dim_of(config)
         num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -85,7 +97,8 @@ class LlamaAttention(torch.nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, params_dtype=build.params_dtype)
         self.qk_norm = spec.qk_norm
         self.rotary_emb = get_rope(head_dim, config, dtype=build.params_dtype)
-        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale=head_dim**-0.5)
+        self.attn = Attention(self.num_heads, head_dim, self.num_kv_heads, scale=head_dim**-0.5,
+                              sliding_window=layer_sliding_window(config, layer_idx))
 
     def forward(self, positions, x, kv_cache: LayerKVCache | None, start_pos: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -103,9 +116,10 @@ class LlamaAttention(torch.nn.Module):
 class LlamaDecoderLayer(torch.nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, config, spec: DecoderSpec, mlp: torch.nn.Module, *, build: Build, prefix: str):
+    def __init__(self, config, spec: DecoderSpec, mlp: torch.nn.Module, *, build: Build, prefix: str,
+                 layer_idx: int = 0):
         super().__init__()
-        self.self_attn = LlamaAttention(config, spec, build=build, prefix=f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(config, spec, build=build, prefix=f"{prefix}.self_attn", layer_idx=layer_idx)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=build.params_dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=build.params_dtype)
@@ -124,7 +138,8 @@ class LlamaModel(torch.nn.Module):
             config.vocab_size, config.hidden_size, tp=build.tp, quant_config=build.quant_config,
             params_dtype=build.params_dtype, prefix="model.embed_tokens")
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(config, spec, make_mlp(i, f"model.layers.{i}.mlp"), build=build, prefix=f"model.layers.{i}")
+            LlamaDecoderLayer(config, spec, make_mlp(i, f"model.layers.{i}.mlp"), build=build, prefix=f"model.layers.{i}",
+                              layer_idx=i)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=build.params_dtype)
@@ -174,7 +189,7 @@ class LlamaForCausalLM(CausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral: Llama without biases (sliding window not applied; see module docstring)."""
+    """Mistral: Llama without biases, sliding-window attention on every layer."""
 
     @staticmethod
     def decoder_spec(config) -> DecoderSpec:

@@ -55,7 +55,8 @@ from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
 # Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
 SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in Fp8Scheme))
 # Options `load_model` accepts with an fp8 scheme (see `make_quant_config`).
-FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "compile", "formula", "measure_error")
+FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "compile", "formula",
+               "tp_invariant_activations", "measure_error")
 
 # Read-only: accepted dtype spellings (CLI and API alike).
 DTYPE_NAMES = MappingProxyType(
@@ -107,8 +108,10 @@ def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Fp8C
     default, "none" for weight-only), `ignore` (regexes over module names), `block_size`
     (fp8-block, default (128, 128)), `compile` (inductor-compiled CPU quantization kernel, bitwise
     the same codes; streamquant formula only), `formula` ("streamquant" default, "compressed-tensors",
-    "transformers": whose arithmetic, see `quant/fp8_formula.py`), `measure_error` (record per-weight
-    SQNR). Every option is validated here.
+    "transformers": whose arithmetic, see `quant/fp8_formula.py`), `tp_invariant_activations` (all-reduce
+    the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
+    scales: one small collective per row-parallel matmul, see `quant/fp8_linear.py`), `measure_error`
+    (record per-weight SQNR). Every option is validated here.
     """
     if quantization not in SUPPORTED_QUANTIZATION:
         supported = ", ".join(repr(q) for q in SUPPORTED_QUANTIZATION)

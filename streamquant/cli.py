@@ -79,6 +79,9 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
              "with), or compressed-tensors' / transformers' bit for bit")
     add("--ignore", action="append", default=[], metavar="REGEX",
         help="keep layers whose module name matches REGEX (re.search) unquantized; repeatable")
+    add("--tp-invariant-activations", action="store_true", default=None,
+        help="with --tp and dynamic fp8 activations: all-reduce each token's activation amax in row-parallel "
+             "layers, so the outputs are TP=1's (one small collective per such matmul)")
     add("--offload-before-quant", action="store_true",
         help="stage the high-precision weights in host memory (pinned for CUDA) until each layer is quantized, "
              "so the device only receives fp8 weights (needs --quantization; no effect on a CPU target)")
@@ -122,7 +125,8 @@ def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load with peak-memory sampling; the model and the load measurements."""
     given = dict(fp8_dtype=options.get("fp8_dtype"), activation_scheme=options.get("activation_scheme"),
                  ignore=options.get("ignore") or None, formula=options.get("formula"),
-                 measure_error=options.get("measure_error") or None)
+                 measure_error=options.get("measure_error") or None,
+                 tp_invariant_activations=options.get("tp_invariant_activations"))
     fp8 = {k: v for k, v in given.items() if v is not None}  # fp8 options; load_model says when one needs a scheme
     with PeakMemorySampler(options["device"]) as sampler:
         model = load_model(

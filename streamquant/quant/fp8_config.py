@@ -82,6 +82,7 @@ class Fp8Config:
     block_size: tuple[int, int] = (128, 128)
     compile: bool = False
     formula: Formula = Formula.STREAMQUANT
+    tp_invariant_activations: bool = False
     error_log: QuantErrorLog | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,12 +120,12 @@ class Fp8Config:
     def get_linear_method(self, prefix: str) -> LinearMethod:
         if self.is_ignored(prefix):
             return UnquantizedLinearMethod()
-        return Fp8LinearMethod(self.weight_spec, self.activation, self.error_log)
+        return Fp8LinearMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations)
 
     def get_moe_method(self, prefix: str) -> MoEMethod:
         if self.is_ignored(prefix):
             return UnquantizedFusedMoEMethod()
-        return Fp8MoEMethod(self.weight_spec, self.activation, self.error_log)
+        return Fp8MoEMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations)
 
     def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
         return UnquantizedEmbeddingMethod()

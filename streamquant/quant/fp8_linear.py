@@ -13,6 +13,14 @@
       operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
   The bias is added after the product, in `x.dtype`.
 
+Activation tiles live on the GLOBAL input columns of the layer (the weight window's columns), as
+weight tiles do: a 1x128 group of a row-parallel layer is a group of the full hidden vector. With
+`reduce_over` (the layer's TP context; `tp_invariant_activations=True`) the ranks all-reduce each
+token's (group's) amax with MAX before quantizing, so every rank uses the TP=1 activation scales and
+the layer's output equals TP=1's up to the order of the final sum. Without it (the default) each
+rank scales by its own shard's amax: one collective less per row-parallel matmul, outputs that move
+with the TP size by about the activation quantization error.
+
 Tolerance: the result is within the activation quantization error of `F.linear(x, dequant(W))`
 computed in float32; the tests state the bound.
 """
@@ -20,10 +28,19 @@ computed in float32; the tests state the bound.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_math import dequantize, quantize
+from streamquant.quant.fp8_math import (
+    Fp8Format,
+    dequantize_window,
+    local_scales,
+    quantize_window_,
+    scale_from_amax,
+    window_amax,
+)
 from streamquant.quant.fp8_weights import (
     Fp8WeightSpec,
     ShardLayout,
@@ -34,7 +51,7 @@ from streamquant.quant.fp8_weights import (
     row_scales,
     shard_layouts,
 )
-from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
+from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
 from streamquant.quant.unquantized import linear_weight
 
 
@@ -51,6 +68,21 @@ def rowwise_scaled_mm_supported(device: torch.device, out_dtype: torch.dtype, k:
     return False
 
 
+def quantize_activation(x2: torch.Tensor, activation: Granularity, fmt: Fp8Format, columns: Window,
+                        reduce_over: TPContext | None) -> tuple[torch.Tensor, torch.Tensor, Window, tuple[int, int]]:
+    """(codes, local scales, window, tile) of activations x2 [N, k] whose columns are `columns`' of the
+    global input; with `reduce_over` the amax grid is all-reduced (MAX) first (see the module doc)."""
+    window = Window(0, columns.col0, x2.shape[0], columns.global_cols, cols=columns.cols)
+    tile = tile_shape(activation, window.global_shape)
+    amax = window_amax(x2, window, tile)
+    if reduce_over is not None and reduce_over.size > 1 and columns.cols != columns.global_cols:
+        all_reduce(amax, reduce_over, dist.ReduceOp.MAX)
+    scales = local_scales(scale_from_amax(amax, fmt), window, tile)
+    codes = torch.empty(x2.shape, dtype=fmt.dtype, device=x2.device)
+    quantize_window_(codes, x2, scales, window, tile, scales_cover_amax=True)
+    return codes, scales, window, tile
+
+
 def fp8_matmul(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -59,6 +91,7 @@ def fp8_matmul(
     spec: Fp8WeightSpec,
     activation: Granularity | None,
     bias: torch.Tensor | None = None,
+    reduce_over: TPContext | None = None,
 ) -> torch.Tensor:
     """`x @ dequant(codes, scales).T (+ bias)` for x [..., in] and codes [out, in]; see the module doc."""
     if activation is None:
@@ -66,13 +99,12 @@ def fp8_matmul(
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     one_col = isinstance(spec.granularity, (PerTensor, PerRow))
+    xq, sx, window, tile = quantize_activation(x2, activation, spec.fmt, layouts[0].window, reduce_over)
     if one_col and isinstance(activation, PerRow) and rowwise_scaled_mm_supported(x.device, x.dtype, k, codes.shape[0], codes.dtype):
-        xq, sx = quantize(x2, PerRow(), spec.fmt)
         sw = row_scales(scales, layouts).unsqueeze(0)
         y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=sw, out_dtype=x.dtype)
     else:
-        xq, sx = quantize(x2, activation, spec.fmt)
-        xd = dequantize(xq, sx, activation, torch.float32)
+        xd = dequantize_window(xq, sx, window, tile, torch.float32)
         y = F.linear(xd, dequantize_weight(codes, scales, layouts, torch.float32)).to(x.dtype)
     if bias is not None:
         y = y + bias
@@ -85,10 +117,12 @@ class Fp8LinearMethod:
     One instance per layer (`create_weights` records the layer's TP context and shard layouts).
     """
 
-    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None):
+    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
+                 tp_invariant: bool = False):
         self.spec = spec
         self.activation = activation
         self.error_log = error_log
+        self.tp_invariant = tp_invariant  # all-reduce activation amaxes of row-parallel layers (module doc)
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, tp, weight_loader) -> None:
@@ -103,7 +137,8 @@ class Fp8LinearMethod:
 
     def apply(self, layer, x, bias=None):
         require_quantized(layer, "weight")
-        return fp8_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias)
+        return fp8_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias,
+                          self.tp if self.tp_invariant else None)
 
 
 def default_activation(granularity: Granularity) -> Granularity:

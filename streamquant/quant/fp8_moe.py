@@ -26,10 +26,12 @@ WEIGHTS = ("w13_weight", "w2_weight")
 class Fp8MoEMethod:
     """Online fp8 for fused experts; one instance per layer."""
 
-    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None):
+    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
+                 tp_invariant: bool = False):
         self.spec = spec
         self.activation = activation
         self.error_log = error_log
+        self.tp_invariant = tp_invariant  # see fp8_linear: w2's activations are row-parallel
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp,
                        weight_loader) -> None:
@@ -45,7 +47,9 @@ class Fp8MoEMethod:
 
     def _expert_linear(self, layer, name: str):
         codes, scales, layouts = getattr(layer, name), getattr(layer, f"{name}_scale"), self.layouts[name]
-        return lambda rows, e: fp8_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation)
+        reduce_over = self.tp if self.tp_invariant else None
+        return lambda rows, e: fp8_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation, None,
+                                          reduce_over)
 
     def apply(self, layer, x, topk_weights, topk_ids):
         for name in WEIGHTS:

@@ -24,6 +24,7 @@ from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resol
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.cli_input import check_device, check_json_path, count, positive_seconds, prompt_ids
 from streamquant.cli_output import print_summary
+from streamquant.cli_rollout import add_sampling_flags, prompts_as_batch, read_prompts, run_sequences, sampling_params
 from streamquant.cli_quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
 from streamquant.generation import check_request, generate_with_logits
 from streamquant.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
@@ -56,7 +57,11 @@ def _check_request(options: dict[str, Any]) -> None:
     if options["command"] == "load":
         return
     config = load_hf_config(resolve_checkpoint(options["path"]))
-    prompt = torch.tensor([options["prompt_ids"]], dtype=torch.long)
+    if options.get("prompts") is not None:
+        sampling_params(options)  # bad sampling values are named before the load
+        prompt = prompts_as_batch(options["prompts"])
+    else:
+        prompt = torch.tensor([options["prompt_ids"]], dtype=torch.long)
     check_request(config, prompt, options["max_new_tokens"])
 
 
@@ -105,13 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--measure-error", action="store_true",
                       help="with --quantization: also measure each quantized weight's SQNR (two more passes over "
                            "the weights; their seconds are reported apart, not in load seconds)")
-    gen = commands.add_parser("generate", help="load a checkpoint and generate tokens greedily")
+    gen = commands.add_parser("generate", help="load a checkpoint and generate: greedy from --prompt-ids, or sampled "
+                                                "rollouts of every prompt in --prompts FILE.jsonl")
     gen.add_argument("path", help="checkpoint directory or Hugging Face hub id")
-    gen.add_argument("--prompt-ids", type=prompt_ids, required=True, metavar="IDS",
+    gen.add_argument("--prompt-ids", type=prompt_ids, default=None, metavar="IDS",
                      help="prompt token ids, comma-separated (e.g. 1,2,3)")
     gen.add_argument("--max-new-tokens", type=count, required=True, metavar="N",
                      help="number of tokens to generate (prompt + N must fit the model's max_position_embeddings)")
     _add_loading_flags(gen)
+    add_sampling_flags(gen)
     demo = commands.add_parser("demo", help="write a small synthetic checkpoint (no network), load it, generate")
     demo.add_argument("--cache-dir", type=Path, default=None,
                       help="where the synthetic checkpoint is kept (default: streamquant's cache directory)")
@@ -190,7 +197,9 @@ def run_command(options: dict[str, Any]) -> dict[str, Any]:
         result["naive"] = {k: naive_result[k] for k in ("load_seconds", "peak_memory_bytes", "model_bytes")}
         result["naive_equals_streaming"] = models_equal(naive, model)
         del naive
-    if options["command"] != "load":
+    if options.get("prompts") is not None:
+        result["sequences"] = run_sequences(model, options)
+    elif options["command"] != "load":
         prompt = torch.tensor([options["prompt_ids"]], dtype=torch.long)
         out = generate_with_logits(model, prompt, options["max_new_tokens"])
         result["prompt_ids"] = list(options["prompt_ids"])
@@ -207,6 +216,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["path"] = str(ensure_synthetic_checkpoint(args.cache_dir or default_cache_dir(), DEMO_SPEC))
         options["prompt_ids"] = list(DEMO_PROMPT)
         options["max_new_tokens"] = DEMO_NEW_TOKENS
+    if args.command == "generate":
+        if (args.prompt_ids is None) == (args.prompts is None):
+            raise ValueError("generate needs exactly one of --prompt-ids and --prompts")
+        options["prompts"] = read_prompts(args.prompts) if args.prompts is not None else None
     return options
 
 

@@ -26,6 +26,10 @@ def print_summary(result: dict[str, Any]) -> None:
         lines.append(("weight SQNR dB", f"min {error['sqnr_db_min']:.1f}, median {error['sqnr_db_median']:.1f} "
                                         f"over {error['weights']} weights ({error['measure_seconds']:.3f} s, "
                                         "not in load seconds)"))
+    if "sequences" in result:
+        reasons = [seq["finish_reason"] for seq in result["sequences"]]
+        lines.append(("sequences", f"{len(reasons)} ({reasons.count('stop')} stopped, {reasons.count('length')} at "
+                                   "max-new-tokens); all of them in --json"))
     if "tokens" in result:
         lines += [("prompt ids", result["prompt_ids"]), ("generated ids", result["tokens"])]
     for key, value in lines:

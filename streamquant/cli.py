@@ -1,4 +1,5 @@
-"""The `streamquant` command line: `load`, `generate`, `demo` and `quantize` (`cli_quantize.py`).
+"""The `streamquant` command line: `load`, `generate`, `demo`, `quantize` (`cli_quantize.py`) and
+`mismatch` (`cli_rollout.py`).
 
 Every command is a function of a plain, picklable options dict that returns a JSON-able result
 dict (`run_command`), so the same code runs in this process, on the ranks `launch()` spawns for
@@ -23,8 +24,17 @@ from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuan
 from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.cli_input import check_device, check_json_path, count, positive_seconds, prompt_ids
-from streamquant.cli_output import print_summary
-from streamquant.cli_rollout import add_sampling_flags, prompts_as_batch, read_prompts, run_sequences, sampling_params
+from streamquant.cli_output import print_summary, thin_timeline
+from streamquant.cli_rollout import (
+    add_mismatch_command,
+    add_sampling_flags,
+    print_mismatch,
+    prompts_as_batch,
+    read_prompts,
+    run_mismatch,
+    run_sequences,
+    sampling_params,
+)
 from streamquant.cli_quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
 from streamquant.generation import check_request, generate_with_logits
 from streamquant.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
@@ -125,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading_flags(demo)
     demo.set_defaults(quantization="fp8")
     add_quantize_command(commands)
+    add_mismatch_command(commands)
     return parser
 
 
@@ -168,17 +179,6 @@ def models_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
         and torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8))
         for k in sa
     )
-
-
-def thin_timeline(timeline, points: int) -> list[list[float]]:
-    """At most about `points` (seconds, bytes) samples, evenly spaced, always keeping the highest."""
-    step = max(1, -(-len(timeline) // points))
-    kept = list(timeline[::step])
-    if timeline:
-        top = max(timeline, key=lambda sample: sample[1])
-        if top not in kept:
-            kept = sorted([*kept, top])
-    return [[round(t, 4), b] for t, b in kept]
 
 
 def run_command(options: dict[str, Any]) -> dict[str, Any]:
@@ -244,14 +244,15 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def _quantize_main(args: argparse.Namespace) -> int:
+def _single_process_main(args: argparse.Namespace, run, show) -> int:
+    """`quantize` and `mismatch`: one process, no --tp."""
     try:
         check_json_path(args.json)
-        result = run_quantize(args)
+        result = run(args)
     except (*USER_ERRORS, FileExistsError) as exc:
         print(f"streamquant: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print_quantize_summary(result)
+    show(result)
     write_json(args.json, result)
     return 0
 
@@ -259,7 +260,9 @@ def _quantize_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "quantize":
-        return _quantize_main(args)
+        return _single_process_main(args, run_quantize, print_quantize_summary)
+    if args.command == "mismatch":
+        return _single_process_main(args, run_mismatch, print_mismatch)
     if args.tp is not None and args.tp < 1:
         print(f"streamquant: error: --tp must be >= 1, got {args.tp}", file=sys.stderr)
         return EXIT_BAD_INPUT

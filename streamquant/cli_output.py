@@ -1,4 +1,5 @@
-"""What the `load`, `generate` and `demo` commands print: a summary and the naive-vs-streaming table."""
+"""What the `load`, `generate` and `demo` commands print (a summary, the naive-vs-streaming table) and
+the memory timeline they write to --json."""
 
 from __future__ import annotations
 
@@ -47,3 +48,14 @@ def _print_comparison(result: dict[str, Any]) -> None:
         print(f"{label:<34}{peak / 2**20:>10.1f}{peak / final:>13.2f}x{row['load_seconds']:>9.2f}")
     print(f"final fp8 model {final / 2**20:.1f} MiB; naive and streaming models bitwise equal: "
           f"{result['naive_equals_streaming']}")
+
+
+def thin_timeline(timeline, points: int) -> list[list[float]]:
+    """At most about `points` (seconds, bytes) samples, evenly spaced, always keeping the highest."""
+    step = max(1, -(-len(timeline) // points))
+    kept = list(timeline[::step])
+    if timeline:
+        top = max(timeline, key=lambda sample: sample[1])
+        if top not in kept:
+            kept = sorted([*kept, top])
+    return [[round(t, 4), b] for t, b in kept]

@@ -119,22 +119,29 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, mask
 
 
+def ragged_prefill(model: torch.nn.Module, rows: list[list[int]], extra: int = 0):
+    """Left-pad `rows` into one batch and prefill a KV cache of `extra` more positions (the pads hidden
+    by its `key_mask`, each row at its own positions): (ids [B, W], logits [B, W, V], cache, positions)."""
+    ids, mask = left_pad(rows)
+    check_request(model.config, ids, extra)
+    device = _model_device(model)
+    ids, mask = ids.to(device), mask.to(device)
+    cache = model.new_kv_cache(ids.shape[0], ids.shape[1] + extra)
+    cache.mask_keys(mask)
+    positions = (mask.long().cumsum(1) - 1).clamp_(min=0)
+    return ids, model(ids, positions=positions, kv_cache=cache, start_pos=0), cache, positions
+
+
 @torch.inference_mode()
 def generate_sequences(model: torch.nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor,
                        params: SamplingParams) -> list[Completion]:
     """Sample `params.n` completions of every prompt (see the module docstring)."""
     rows = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)
             for _ in range(params.n)]
-    ids, mask = left_pad(rows)
-    check_request(model.config, ids, params.max_new_tokens)
-    device = _model_device(model)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, logits, cache, positions = ragged_prefill(model, rows, params.max_new_tokens)
+    logits = logits[:, -1]
     batch, width = ids.shape
-    cache = model.new_kv_cache(batch, width + params.max_new_tokens)
-    cache.mask_keys(mask)
-    positions = (mask.long().cumsum(1) - 1).clamp_(min=0)
-    logits = model(ids, positions=positions, kv_cache=cache, start_pos=0)[:, -1]
-    generators = sequence_generators(params.seed, batch, device)
+    generators = sequence_generators(params.seed, batch, ids.device)
     stops, next_pos = stop_ids(model.config, params), positions[:, -1:] + 1
     out: list[list[int]] = [[] for _ in range(batch)]
     logps: list[list[float]] = [[] for _ in range(batch)]
@@ -162,22 +169,25 @@ def generate_sequences(model: torch.nn.Module, prompts: Sequence[Sequence[int]] 
 
 
 @torch.inference_mode()
+def teacher_forced_logprobs(model: torch.nn.Module, sequences: Sequence[Sequence[int]] | torch.Tensor,
+                            temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per sequence, float32 `log_softmax(logits / temperature)` [len - 1, V] predicting each token after
+    the first (the full distributions); sequences of different lengths run as one ragged batch."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = [list(map(int, s)) for s in (sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences)]
+    ids, logits, _, _ = ragged_prefill(model, rows)
+    logp = (logits.float() / temperature).log_softmax(-1)
+    width = ids.shape[1]
+    return [logp[i, width - len(r) : width - 1] for i, r in enumerate(rows)]
+
+
 def score(model: torch.nn.Module, sequences: Sequence[Sequence[int]] | torch.Tensor,
           temperature: float = 1.0) -> list[list[float]]:
     """Teacher-forced float32 logprobs of every token after the first of each sequence (what a
     trainer recomputes): `log_softmax(logits / temperature)` at the position before it. Sequences of
     different lengths run as one left-padded batch; entry i has `len(sequences[i]) - 1` values."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     rows = [list(map(int, s)) for s in (sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences)]
-    ids, mask = left_pad(rows)
-    check_request(model.config, ids, 0)
-    device = _model_device(model)
-    ids, mask = ids.to(device), mask.to(device)
-    cache = model.new_kv_cache(*ids.shape)
-    cache.mask_keys(mask)
-    positions = (mask.long().cumsum(1) - 1).clamp_(min=0)
-    logp = (model(ids, positions=positions, kv_cache=cache, start_pos=0).float() / temperature).log_softmax(-1)
-    chosen = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    width = ids.shape[1]
-    return [chosen[i, width - len(r):].tolist() for i, r in enumerate(rows)]
+    logps = teacher_forced_logprobs(model, rows, temperature)
+    return [logp.gather(-1, torch.tensor(r[1:], device=logp.device)[:, None]).squeeze(-1).tolist()
+            for logp, r in zip(logps, rows)]

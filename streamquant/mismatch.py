@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from streamquant.api import load_model
-from streamquant.generation import generate_sequences, left_pad
+from streamquant.generation import generate_sequences, teacher_forced_logprobs
 from streamquant.sampling import SamplingParams
 
 DEFAULT_PROMPTS = 8
@@ -33,19 +33,12 @@ def default_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(0, vocab_size, (DEFAULT_PROMPTS, DEFAULT_PROMPT_LENGTH), generator=g).tolist()
 
 
-@torch.inference_mode()
 def completion_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                         temperature: float) -> list[torch.Tensor]:
     """Per sequence, float32 log-softmax(logits / temperature) [len(completion), V] at each completion token."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    ids, mask = left_pad(rows)
-    device = next(model.parameters()).device
-    cache = model.new_kv_cache(*ids.shape)
-    cache.mask_keys(mask.to(device))
-    positions = (mask.long().cumsum(1) - 1).clamp_(min=0).to(device)
-    logp = (model(ids.to(device), positions=positions, kv_cache=cache, start_pos=0).float() / temperature).log_softmax(-1)
-    width = ids.shape[1]
-    return [logp[i, width - len(c) - 1 : width - 1].cpu() for i, c in enumerate(completions)]
+    logps = teacher_forced_logprobs(model, rows, temperature)
+    return [logp[len(logp) - len(c):].cpu() for logp, c in zip(logps, completions)]
 
 
 def _quantile(x: torch.Tensor, q: float) -> float:

@@ -1,0 +1,157 @@
+"""One refit-rollout loop, end to end: a trainer refits two tensor-parallel fp8 inference ranks and
+learns from their rollouts.
+
+    python examples/rl_loop.py                      # the demo checkpoint, 3 steps, TP=2 fp8-block
+    python examples/rl_loop.py --checkpoint DIR --steps 5 --quantization fp8 --json out.json
+
+Process 0 is the trainer: a transformers model (float32 master weights) taking REINFORCE steps on a
+synthetic reward (the share of even token ids in a completion). Processes 1..TP hold the fp8 model,
+one tensor-parallel group. Every step:
+  1. the trainer sends its weights (cast to bf16) with `WeightSender`; the inference ranks reload in
+     place (`WeightReceiver.reload(atomic=True)`): the refit seconds;
+  2. check: the trainer also saved those bf16 weights; the inference ranks cold-load them with the same
+     scheme and compare every fp8 code and scale bit for bit with the refitted model;
+  3. the inference ranks sample rollouts with logprobs (`generate_sequences`; every rank computes the
+     same samples, TP rank 0 sends them to the trainer): rollout tokens/s;
+  4. the trainer scores the rollouts with its own model (`logp_train`) and reports the mismatch
+     mean(logp_rollout - logp_train) over sampled tokens (an estimate of KL(fp8 || trainer)), then
+     takes its optimizer step on the reward.
+Prints a table per step and writes `--json`. Runs on CPU (gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from streamquant import load_model
+from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
+from streamquant.generation import generate_sequences
+from streamquant.launch import launch
+from streamquant.parallel import TPContext
+from streamquant.reload import inference_tensors
+from streamquant.sampling import SamplingParams
+from streamquant.sync import WeightReceiver, WeightSender
+
+
+def reward(completion: list[int]) -> float:
+    return sum(t % 2 == 0 for t in completion) / max(1, len(completion))
+
+
+def prompts(vocab: int, count: int, length: int, step: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (count, length), generator=g).tolist()
+
+
+def save_bf16(model, source: Path, target: Path) -> None:
+    """The weights exactly as they were sent (bf16), as a checkpoint the inference ranks cold-load."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        if (source / name).exists():
+            (target / name).write_bytes((source / name).read_bytes())
+    state = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.named_parameters()}
+    safetensors.torch.save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+
+
+def trainer(args, world_tp_group) -> list[dict]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    sender, rows = WeightSender(src=0, dtype=torch.bfloat16), []
+    for step in range(args.steps):
+        save_bf16(model, Path(args.checkpoint), Path(args.scratch) / f"step{step}")
+        dist.barrier()
+        stats = sender.send(model.named_parameters())
+        report = [None] * dist.get_world_size()
+        dist.gather_object(None, report, dst=0)
+        result = report[1]
+        model.zero_grad(set_to_none=True)
+        loss, gaps, rewards = 0.0, [], []
+        for seq in result["sequences"]:
+            ids = torch.tensor([seq["prompt_ids"] + seq["completion_ids"]])
+            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            n = len(seq["completion_ids"])
+            taken = logp[-n:].gather(-1, torch.tensor(seq["completion_ids"])[:, None]).squeeze(-1)
+            gaps += (torch.tensor(seq["logprobs"]) - taken.detach()).tolist()
+            rewards.append(reward(seq["completion_ids"]))
+            loss = loss - (rewards[-1] - 0.5) * taken.sum() / len(result["sequences"])
+        loss.backward()
+        optimizer.step()
+        rows.append({"step": step, "refit_seconds": result["refit_seconds"], "sent_mib": stats.bytes / 2**20,
+                     "equals_cold_load": result["equals_cold_load"], "rollout_tokens_per_s": result["tokens_per_s"],
+                     "mismatch": sum(gaps) / len(gaps), "reward": sum(rewards) / len(rewards)})
+    return rows
+
+
+def inference(args, tp_group) -> None:
+    rank = dist.get_rank()
+    tp = TPContext(rank=rank - 1, size=args.tp, group=tp_group)
+    model = load_model(args.checkpoint, quantization=args.quantization, tp=tp)
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=(), logprobs=0)
+    receiver = WeightReceiver(src=0)
+    for step in range(args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        receiver.reload(model, atomic=True)
+        refit = time.perf_counter() - start
+        cold = load_model(Path(args.scratch) / f"step{step}", quantization=args.quantization, tp=tp)
+        live, want = inference_tensors(model), inference_tensors(cold)
+        equal = live.keys() == want.keys() and all(
+            torch.equal(live[n].view(torch.uint8), want[n].view(torch.uint8)) if live[n].dtype.itemsize == 1
+            else torch.equal(live[n], want[n]) for n in live)
+        del cold
+        start = time.perf_counter()
+        batch = prompts(model.config.vocab_size, args.prompts, args.prompt_length, step)
+        sequences = generate_sequences(model, batch, dataclasses.replace(params, seed=step))
+        seconds = time.perf_counter() - start
+        result = {"refit_seconds": refit, "equals_cold_load": equal,
+                  "tokens_per_s": sum(len(s.completion_ids) for s in sequences) / seconds,
+                  "sequences": [dataclasses.asdict(s) for s in sequences]} if tp.rank == 0 else None
+        dist.gather_object(result, None, dst=0)
+
+
+def _rank(args) -> list[dict] | None:
+    tp_group = dist.new_group(list(range(1, args.tp + 1)))  # every rank takes part in creating it
+    if dist.get_rank() == 0:
+        return trainer(args, tp_group)
+    inference(args, tp_group)
+    return None
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="a Llama-family checkpoint (default: the demo one)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--quantization", default="fp8-block")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.checkpoint = str(args.checkpoint or ensure_synthetic_checkpoint(default_cache_dir(), DEMO_SPEC))
+    with tempfile.TemporaryDirectory(prefix="rl-loop-") as scratch:
+        args.scratch = scratch
+        rows = launch(_rank, args.tp + 1, args, timeout_s=600)
+    print(f"{'step':>4}{'refit s':>9}{'sent MiB':>10}{'equal cold':>11}{'tok/s':>8}{'mismatch':>10}{'reward':>8}")
+    for r in rows:
+        print(f"{r['step']:>4}{r['refit_seconds']:>9.3f}{r['sent_mib']:>10.1f}{str(r['equals_cold_load']):>11}"
+              f"{r['rollout_tokens_per_s']:>8.1f}{r['mismatch']:>10.4f}{r['reward']:>8.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if all(r["equals_cold_load"] for r in main()) else 1)

@@ -11,9 +11,11 @@ sequence stays in the batch until all are done (its further tokens are computed 
 Requests are checked before any work: token ids inside the vocabulary, prompt plus new tokens
 within `max_position_embeddings` (`check_request`).
 
-Limitations: greedy only, every row of the batch has the same prompt length (no padding or
-attention mask), no stop tokens. Ties in the argmax pick the lowest token id, as `torch.argmax`
-does (and as Hugging Face does).
+`score` / `teacher_forced_logprobs` give the teacher-forced logprobs of given sequences (ragged).
+
+Limitations: `generate` takes one prompt length per batch and never stops early (use
+`generate_sequences` for ragged prompts and stop tokens). Ties in the argmax pick the lowest token
+id, as `torch.argmax` does (and as Hugging Face does).
 """
 
 from __future__ import annotations

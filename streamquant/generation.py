@@ -6,7 +6,7 @@ Owns the decode loops: prefill the whole prompt once, then feed one token per st
 padded into one batch; the KV cache's `key_mask` hides the pads, each row gets its own positions),
 samples with `sampling.py`, stops each sequence at its own stop token or budget, and returns one
 `Completion` per sequence (the `n` completions of a prompt together, prompts in order). A finished
-sequence stays in the batch until all are done (its further tokens are computed and discarded).
+sequence leaves the batch and the KV cache (a copy of the cache's live rows, each time one stops).
 
 Requests are checked before any work: token ids inside the vocabulary, prompt plus new tokens
 within `max_position_embeddings` (`check_request`).
@@ -136,8 +136,12 @@ def ragged_prefill(model: torch.nn.Module, rows: list[list[int]], extra: int = 0
 
 @torch.inference_mode()
 def generate_sequences(model: torch.nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor,
-                       params: SamplingParams) -> list[Completion]:
-    """Sample `params.n` completions of every prompt (see the module docstring)."""
+                       params: SamplingParams, *, drop_finished: bool = True) -> list[Completion]:
+    """Sample `params.n` completions of every prompt (see the module docstring).
+
+    `drop_finished=True` removes a sequence from the batch (and its rows from the KV cache) once it
+    stops, so later steps compute only the live ones; False keeps it and discards its tokens. The
+    samples are the same either way (each sequence draws from its own generator)."""
     rows = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)
             for _ in range(params.n)]
     ids, logits, cache, positions = ragged_prefill(model, rows, params.max_new_tokens)
@@ -149,21 +153,28 @@ def generate_sequences(model: torch.nn.Module, prompts: Sequence[Sequence[int]] 
     logps: list[list[float]] = [[] for _ in range(batch)]
     tops: list[list[dict[int, float]]] = [[] for _ in range(batch)]
     reason: list[str | None] = [None] * batch
+    live = list(range(batch))  # the request row of each batch row
     for step in range(params.max_new_tokens):
         tokens = sample(logits, params, generators)
         lp = step_logprobs(logits, tokens, params) if params.logprobs is not None else None
-        for row in range(batch):
+        for b, row in enumerate(live):
             if reason[row] is not None:
                 continue
-            out[row].append(int(tokens[row]))
+            out[row].append(int(tokens[b]))
             if lp is not None:
-                logps[row].append(float(lp.chosen[row]))
+                logps[row].append(float(lp.chosen[b]))
                 if lp.top_ids is not None:
-                    tops[row].append(dict(zip(lp.top_ids[row].tolist(), lp.top_values[row].tolist())))
-            if int(tokens[row]) in stops:
+                    tops[row].append(dict(zip(lp.top_ids[b].tolist(), lp.top_values[b].tolist())))
+            if int(tokens[b]) in stops:
                 reason[row] = "stop"
         if all(r is not None for r in reason) or step + 1 == params.max_new_tokens:
             break
+        keep = [b for b, row in enumerate(live) if reason[row] is None]
+        if drop_finished and len(keep) < len(live):
+            index = torch.tensor(keep, device=tokens.device)
+            cache.k, cache.v, cache.key_mask = cache.k[:, index], cache.v[:, index], cache.key_mask[index]
+            tokens, next_pos = tokens[index], next_pos[index]
+            generators, live = [generators[b] for b in keep], [live[b] for b in keep]
         logits = model(tokens.view(-1, 1), positions=next_pos + step, kv_cache=cache, start_pos=width + step)[:, -1]
     return [Completion(rows[i], out[i], reason[i] or "length",
                        logps[i] if params.logprobs is not None else None,

@@ -133,3 +133,18 @@ def test_cli_generate_prompts_jsonl(checkpoints, tmp_path):
     assert all(len(s["logprobs"]) == 4 and s["finish_reason"] == "length" for s in sequences)
     prompts.write_text("[5, 9]\n[1.5]\n")
     assert main(args) == 2
+
+
+def test_dropping_finished_sequences_changes_no_sample(checkpoints):
+    """Stop on the even ids: sequences end at different steps and leave the batch; every sample, logprob
+    and finish reason is what the batch that keeps them computes."""
+    model = load_model(checkpoints["qwen3"], dtype="float32")
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=11, n=3, logprobs=0,
+                            stop_token_ids=tuple(range(0, 97, 2)))
+    dropped = generate_sequences(model, PROMPTS, params)
+    kept = generate_sequences(model, PROMPTS, params, drop_finished=False)
+    assert len({len(c.completion_ids) for c in dropped}) > 2  # they did stop at different steps
+    assert [c.completion_ids for c in dropped] == [c.completion_ids for c in kept]
+    assert [c.finish_reason for c in dropped] == [c.finish_reason for c in kept]
+    for a, b in zip(dropped, kept):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)

@@ -13,7 +13,6 @@ its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -288,6 +287,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         print("streamquant demo: a synthetic Llama checkpoint with random weights (its ids carry no meaning)")
     print_summary(result)
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0

@@ -100,6 +100,11 @@ class Completion:
     top_logprobs: list[dict[int, float]] | None = None
 
 
+def token_rows(sequences: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
+    """Token-id lists from lists of ids or a [B, T] tensor."""
+    return [list(map(int, s)) for s in (sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences)]
+
+
 def stop_ids(config, params: SamplingParams) -> set[int]:
     """`params.stop_token_ids`, or the config's `eos_token_id` (an int or a list) when None."""
     if params.stop_token_ids is not None:
@@ -142,8 +147,7 @@ def generate_sequences(model: torch.nn.Module, prompts: Sequence[Sequence[int]] 
     `drop_finished=True` removes a sequence from the batch (and its rows from the KV cache) once it
     stops, so later steps compute only the live ones; False keeps it and discards its tokens. The
     samples are the same either way (each sequence draws from its own generator)."""
-    rows = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)
-            for _ in range(params.n)]
+    rows = [row for row in token_rows(prompts) for _ in range(params.n)]
     ids, logits, cache, positions = ragged_prefill(model, rows, params.max_new_tokens)
     logits = logits[:, -1]
     batch, width = ids.shape
@@ -188,7 +192,7 @@ def teacher_forced_logprobs(model: torch.nn.Module, sequences: Sequence[Sequence
     the first (the full distributions); sequences of different lengths run as one ragged batch."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = [list(map(int, s)) for s in (sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences)]
+    rows = token_rows(sequences)
     ids, logits, _, _ = ragged_prefill(model, rows)
     logp = (logits.float() / temperature).log_softmax(-1)
     width = ids.shape[1]
@@ -200,7 +204,7 @@ def score(model: torch.nn.Module, sequences: Sequence[Sequence[int]] | torch.Ten
     """Teacher-forced float32 logprobs of every token after the first of each sequence (what a
     trainer recomputes): `log_softmax(logits / temperature)` at the position before it. Sequences of
     different lengths run as one left-padded batch; entry i has `len(sequences[i]) - 1` values."""
-    rows = [list(map(int, s)) for s in (sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences)]
+    rows = token_rows(sequences)
     logps = teacher_forced_logprobs(model, rows, temperature)
     return [logp.gather(-1, torch.tensor(r[1:], device=logp.device)[:, None]).squeeze(-1).tolist()
             for logp, r in zip(logps, rows)]

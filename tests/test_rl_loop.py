@@ -20,6 +20,6 @@ def test_two_steps_of_the_loop(tmp_path):
                          "--lr", "1e-2", "--json", str(tmp_path / "loop.json")])
     assert [r["step"] for r in rows] == [0, 1]
     assert all(r["equals_cold_load"] for r in rows)
-    assert all(r["refit_seconds"] > 0 and r["rollout_tokens_per_s"] > 0 and math.isfinite(r["mismatch"])
-               and 0 <= r["reward"] <= 1 for r in rows)
+    assert all(math.isfinite(r["mismatch"]) and 0 <= r["reward"] <= 1 for r in rows)
+    assert all(r["sent_mib"] > 0 for r in rows)  # the refit moved the weights
     assert (tmp_path / "loop.json").exists()

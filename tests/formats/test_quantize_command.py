@@ -108,7 +108,7 @@ def test_cli_writes_the_report_and_names_bad_input(source, tmp_path, capsys):
     result = json.loads(report.read_text())
     assert result["quantized_tensors"] == 14 and result["format"] == "hf-fp8" and result["shards"] >= 2
     assert result["quantization_error"]["weights"] == 14 and result["quantization_error"]["sqnr_db_min"] > 25
-    assert result["peak_anon_bytes"] >= 0 and result["bytes_out"] < result["bytes_in"]
+    assert result["bytes_out"] < result["bytes_in"]
     capsys.readouterr()
     assert main(["quantize", str(source), str(tmp_path / "q"), "--quantization", "fp8"]) == 2
     err = capsys.readouterr().err

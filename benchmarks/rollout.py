@@ -6,7 +6,9 @@ sizes `--batches` (default 1,8,32):
   streamquant:<q>        `generate_sequences` on the model loaded with quantization q (none = bf16);
   transformers           `AutoModelForCausalLM.generate(do_sample=True)`, bf16, the same prompts;
   tp2:<q> / tp2-invariant:<q>  streamquant at TP=2 (two processes over gloo on this machine), without
-                         and with `tp_invariant_activations` (the cost of the extra collective).
+                         and with `tp_invariant_activations` (the cost of the extra collective);
+  tp2-fp32sum:<q>        TP=2 with float32 partial sums (`TPContext(reduce_dtype=torch.float32)`),
+                         bf16 and fp8-block (the latter with tp_invariant_activations too).
 Every repeat of every row runs in a fresh child, repeats round-robin; rows report the median new
 tokens/s over `--repeats` and the ratio to transformers at the same batch. Writes a table and `--json`.
 On CPU, fp8 is a storage format (FORMATS.md: `_scaled_mm` is slower than bf16 here): the fp8 rows
@@ -38,14 +40,18 @@ def _prompts(vocab: int, batch: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, PROMPT_LENGTH), generator=torch.Generator().manual_seed(batch)).tolist()
 
 
-def _tp_rank(path: str, scheme: str, invariant: bool, batch: int, new: int) -> float:
+def _tp_rank(path: str, scheme: str, kind: str, batch: int, new: int) -> float:
     from streamquant import load_model
     from streamquant.generation import generate_sequences
     from streamquant.parallel import TPContext
     from streamquant.sampling import SamplingParams
 
-    options = {"tp_invariant_activations": True} if invariant else {}
-    model = load_model(path, quantization=scheme, tp=TPContext.from_process_group(), **options)
+    import torch
+
+    wide = kind == "tp2-fp32sum"
+    options = {"tp_invariant_activations": True} if kind == "tp2-invariant" or (wide and scheme) else {}
+    tp = TPContext.from_process_group(reduce_dtype=torch.float32 if wide else None)
+    model = load_model(path, quantization=scheme, tp=tp, **options)
     params = SamplingParams(temperature=1.0, max_new_tokens=new, seed=0, stop_token_ids=())
     start = time.perf_counter()
     generate_sequences(model, _prompts(model.config.vocab_size, batch), params)
@@ -63,8 +69,7 @@ def run_one(name: str, spec: str, new: int) -> dict:
     if kind.startswith("tp2"):
         from streamquant.launch import launch
 
-        return {"name": name, "tokens_per_s": launch(_tp_rank, 2, str(path), scheme, kind == "tp2-invariant", batch,
-                                                     new)}
+        return {"name": name, "tokens_per_s": launch(_tp_rank, 2, str(path), scheme, kind, batch, new)}
     if kind == "transformers":
         import transformers
 
@@ -105,7 +110,8 @@ def main() -> None:
     schemes = [s for s in args.schemes.split(",") if s]
     names = [f"transformers:none:{b}" for b in batches] + [f"streamquant:{s}:{b}" for s in schemes for b in batches]
     if args.tp_batch:
-        names += [f"{k}:fp8-block:{args.tp_batch}" for k in ("tp2", "tp2-invariant")]
+        names += [f"{k}:none:{args.tp_batch}" for k in ("tp2", "tp2-fp32sum")]
+        names += [f"{k}:fp8-block:{args.tp_batch}" for k in ("tp2", "tp2-invariant", "tp2-fp32sum")]
     machine = machine_info()
     print(banner(machine, f"rollout throughput on --spec {args.spec}", args.repeats), flush=True)
     script = str(Path(__file__).resolve())

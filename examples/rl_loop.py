@@ -16,7 +16,8 @@ one tensor-parallel group. Every step:
   4. the trainer scores the rollouts with its own model (`logp_train`) and reports the mismatch
      mean(logp_rollout - logp_train) over sampled tokens (an estimate of KL(fp8 || trainer)), then
      takes its optimizer step on the reward.
-Prints a table per step and writes `--json`. Runs on CPU (gloo).
+Prints a table per step, writes `--json` and a PNG plot of refit seconds, rollout tokens/s and mismatch
+per step (`--plot`, default rl_loop.png; matplotlib, the `examples` extra). Runs on CPU (gloo).
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=Path("rl_loop.png"),
+                        help="PNG of refit seconds, rollout tokens/s and mismatch per step (needs matplotlib)")
     args = parser.parse_args(argv)
     args.checkpoint = str(args.checkpoint or ensure_synthetic_checkpoint(default_cache_dir(), DEMO_SPEC))
     with tempfile.TemporaryDirectory(prefix="rl-loop-") as scratch:
@@ -150,7 +153,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['rollout_tokens_per_s']:>8.1f}{r['mismatch']:>10.4f}{r['reward']:>8.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, args.plot)
     return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Write the per-step refit seconds, rollout tokens/s and mismatch as one PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install 'streamquant[examples]'") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    panels = [("refit_seconds", "refit s"), ("rollout_tokens_per_s", "rollout tokens/s"), ("mismatch", "mismatch")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), constrained_layout=True)
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(steps, [r[key] for r in rows], marker="o")
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.set_xticks(steps)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Public API (see README.md):
     quantize_checkpoint(src, dst, quantization, *, format="compressed-tensors", workers=1, **fp8_options)
     (and `streamquant.offline`: QuantizePlan / quantize_weights, trainer-side quantization)
     (and `streamquant.sync`: WeightSender / WeightReceiver, trainer -> inference over torch.distributed)
-    generate(model, input_ids, max_new_tokens)
+    generate(model, prompts, SamplingParams(...))  -> list[Completion] (rollouts; ragged prompts)
+    generate(model, input_ids, max_new_tokens)     -> [B, T + max_new_tokens] ids (greedy)
     PeakMemorySampler(device)
     (and `streamquant.launch.launch(fn, tp_size, *args, device="cpu")`: the module of that name
     shadows any package attribute `launch`, so it is not re-exported)
@@ -29,6 +30,8 @@ _EXPORTS = MappingProxyType(
         "LoadReport": "streamquant.api",
         "generate": "streamquant.generation",
         "generate_with_logits": "streamquant.generation",
+        "Completion": "streamquant.generation",
+        "SamplingParams": "streamquant.sampling",
         "LaunchError": "streamquant.launch",
         "PeakMemorySampler": "streamquant.memory",
         "MemoryPeak": "streamquant.memory",

@@ -41,7 +41,7 @@ from streamquant.loading.loader import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError
-from streamquant.parallel import is_peer_failure
+from streamquant.parallel import TPContext, is_peer_failure
 from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
 from streamquant.quant.fp8_formula import Formula
 
@@ -96,6 +96,9 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
     add("--tp-invariant-activations", action="store_true", default=None,
         help="with --tp and dynamic fp8 activations: all-reduce each token's activation amax in row-parallel "
              "layers, so the outputs are TP=1's (one small collective per such matmul)")
+    add("--fp32-all-reduce", action="store_true",
+        help="with --tp and a bf16/fp16 model: compute and all-reduce row-parallel partial sums in float32, "
+             "rounding once after the sum as TP=1 does (costs float32 matmuls in those layers)")
     add("--offload-before-quant", action="store_true",
         help="stage the high-precision weights in host memory (pinned for CUDA) until each layer is quantized, "
              "so the device only receives fp8 weights (needs --quantization; no effect on a CPU target)")
@@ -150,6 +153,7 @@ def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
             options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"],
             streaming=options.get("streaming", True), offload_before_quant=options["offload_before_quant"],
             quantize_on=options["quantize_on"], **fp8,
+            tp=TPContext.from_process_group(reduce_dtype=torch.float32 if options.get("fp32_all_reduce") else None),
         )
     report, peak = model.load_report, sampler.result
     result = {

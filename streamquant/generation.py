@@ -1,7 +1,9 @@
 """Decoding with the model's KV cache: greedy `generate`, and `generate_sequences` for rollouts.
 
 Owns the decode loops: prefill the whole prompt once, then feed one token per step at `start_pos`.
-`generate` matches Hugging Face `generate(do_sample=False)`: prompt followed by the new tokens.
+`generate(model, prompts, SamplingParams(...))` is `generate_sequences`; `generate(model, input_ids,
+max_new_tokens)` is greedy and matches Hugging Face `generate(do_sample=False)`: prompt followed by
+the new tokens.
 `generate_sequences(model, prompts, SamplingParams(...))` takes prompts of different lengths (left-
 padded into one batch; the KV cache's `key_mask` hides the pads, each row gets its own positions),
 samples with `sampling.py`, stops each sequence at its own stop token or budget, and returns one
@@ -13,8 +15,8 @@ within `max_position_embeddings` (`check_request`).
 
 `score` / `teacher_forced_logprobs` give the teacher-forced logprobs of given sequences (ragged).
 
-Limitations: `generate` takes one prompt length per batch and never stops early (use
-`generate_sequences` for ragged prompts and stop tokens). Ties in the argmax pick the lowest token
+Limitations: greedy `generate(model, input_ids, max_new_tokens)` takes one prompt length per batch
+and never stops early (the `SamplingParams` form has ragged prompts and stop tokens). Ties in the argmax pick the lowest token
 id, as `torch.argmax` does (and as Hugging Face does).
 """
 
@@ -83,9 +85,20 @@ def generate_with_logits(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
     return Generation(tokens=tokens, last_prompt_logits=last_prompt_logits.to(input_ids.device))
 
 
-def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding: `input_ids` ([B, T]) followed by `max_new_tokens` new ids ([B, T + max_new_tokens])."""
-    return generate_with_logits(model, input_ids, max_new_tokens).tokens
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor,
+             sampling: "SamplingParams | int", *, drop_finished: bool = True) -> "list[Completion] | torch.Tensor":
+    """Generate after `prompts`, in one of two forms chosen by `sampling`:
+
+    - `generate(model, prompts, SamplingParams(...))`: rollouts. `prompts` are token-id lists of any
+      lengths (or a [B, T] tensor); one `Completion` per sequence (`generate_sequences`).
+    - `generate(model, input_ids, max_new_tokens)`: greedy, one prompt length per batch; the [B, T +
+      max_new_tokens] ids (prompt, then new tokens), as Hugging Face's `generate(do_sample=False)`.
+    """
+    if isinstance(sampling, SamplingParams):
+        return generate_sequences(model, prompts, sampling, drop_finished=drop_finished)
+    if isinstance(sampling, bool) or not isinstance(sampling, int):
+        raise TypeError(f"generate() takes SamplingParams or an int max_new_tokens, got {type(sampling).__name__}")
+    return generate_with_logits(model, prompts, sampling).tokens
 
 
 @dataclass(frozen=True)

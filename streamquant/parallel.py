@@ -21,6 +21,9 @@ class TPContext:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    # dtype row-parallel partial sums are computed and all-reduced in (None: the activations' dtype,
+    # as vLLM does; torch.float32: one rounding after the sum, as at TP=1; see quant/matmul.py)
+    reduce_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -29,11 +32,19 @@ class TPContext:
             raise ValueError(f"tensor-parallel rank {self.rank} is outside [0, {self.size})")
 
     @classmethod
-    def from_process_group(cls, group: dist.ProcessGroup | None = None) -> "TPContext":
+    def from_process_group(cls, group: dist.ProcessGroup | None = None,
+                           reduce_dtype: torch.dtype | None = None) -> "TPContext":
         """The context of this process in an initialized `torch.distributed` group."""
         if not dist.is_available() or not dist.is_initialized():
-            return cls()
-        return cls(rank=dist.get_rank(group), size=dist.get_world_size(group), group=group)
+            return cls(reduce_dtype=reduce_dtype)
+        return cls(rank=dist.get_rank(group), size=dist.get_world_size(group), group=group, reduce_dtype=reduce_dtype)
+
+    def partial_sum_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype a row-parallel layer computing in `dtype` should give its partial sums, or None
+        when they stay in `dtype` (a single rank, no `reduce_dtype`, or the same dtype)."""
+        if self.size == 1 or self.reduce_dtype is None or self.reduce_dtype == dtype:
+            return None
+        return self.reduce_dtype
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:

@@ -1,4 +1,4 @@
-"""generate_sequences: ragged prompts (left-padded, key mask) greedy-equal to transformers' own
+"""generate(model, prompts, SamplingParams) / generate_sequences: ragged prompts (left-padded, key mask) greedy-equal to transformers' own
 left-padded `generate`; returned logprobs equal transformers' teacher-forced ones (fp32, 1e-4);
 stop tokens end each sequence on its own; `n` completions per prompt with a fixed seed reproducible."""
 
@@ -9,7 +9,7 @@ import torch
 import transformers
 from hf_cases import CASES, make_checkpoint
 
-from streamquant import load_model
+from streamquant import generate, load_model
 from streamquant.generation import generate_sequences
 from streamquant.sampling import SamplingParams
 
@@ -43,8 +43,7 @@ def hf_logprobs(hf, prompt, completion):
 @pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2moe", "opt"])
 def test_ragged_greedy_equals_transformers_and_logprobs_match(checkpoints, case):
     model = load_model(checkpoints[case], dtype="float32")
-    got = generate_sequences(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=(),
-                                                            logprobs=0))
+    got = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=(), logprobs=0))
     hf, want = hf_greedy(checkpoints[case], PROMPTS, NEW)
     assert [c.completion_ids for c in got] == want
     assert all(c.finish_reason == "length" and c.prompt_ids == p for c, p in zip(got, PROMPTS))

@@ -226,7 +226,8 @@ class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs all-reduced.
 
     The bias is added once, inside rank 0's matmul (as vLLM does), so TP=1 rounds exactly like
-    `F.linear(x, w, b)`.
+    `F.linear(x, w, b)`. With `tp.reduce_dtype` (e.g. float32) the partial sums are computed and
+    all-reduced in that dtype and rounded to `x.dtype` once, after the sum (`quant/matmul.py`).
     """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, reduce_results: bool = True,
@@ -244,5 +245,9 @@ class RowParallelLinear(LinearBase):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quant_method.apply(self, x, self.bias if self.tp.rank == 0 else None)
-        return all_reduce(y, self.tp) if self.reduce_results else y
+        wide = self.tp.partial_sum_dtype(x.dtype) if self.reduce_results else None
+        if wide is None:
+            y = self.quant_method.apply(self, x, self.bias if self.tp.rank == 0 else None)
+            return all_reduce(y, self.tp) if self.reduce_results else y
+        y = self.quant_method.apply(self, x, self.bias if self.tp.rank == 0 else None, out_dtype=wide)
+        return all_reduce(y, self.tp).to(x.dtype)

@@ -32,6 +32,7 @@ from streamquant.loading.mapping import MappingRule
 from streamquant.loading.parameters import WeightShapeError, write_region
 from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_reduce, divide
+from streamquant.quant.matmul import PartialSums
 from streamquant.quant.base import MoEMethod, QuantConfig
 from streamquant.quant.granularity import LogicalShard, Window
 from streamquant.quant.moe import UnquantizedFusedMoEMethod
@@ -175,6 +176,10 @@ class FusedMoE(torch.nn.Module):
         shape = hidden.shape
         hidden = hidden.reshape(-1, self.hidden_size)
         topk_weights, topk_ids = select_experts(router_logits.reshape(-1, self.num_experts), self.top_k, self.renormalize)
+        wide = self.tp.partial_sum_dtype(hidden.dtype) if self.reduce_results else None
+        if wide is not None:  # the experts' outputs reduced in `tp.reduce_dtype` inside (quant/matmul.py)
+            sums = PartialSums(wide, lambda t: all_reduce(t, self.tp))
+            return self.quant_method.apply(self, hidden, topk_weights, topk_ids, sums).reshape(shape)
         out = self.quant_method.apply(self, hidden, topk_weights, topk_ids)
         if self.reduce_results:
             out = all_reduce(out, self.tp)

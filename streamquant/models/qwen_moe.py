@@ -3,7 +3,8 @@
 Qwen2-MoE adds a shared expert whose output is scaled by `sigmoid(shared_expert_gate(x))`.
 Routing is softmax top-k, renormalized when `norm_topk_prob`. The router (`mlp.gate`) and the
 shared-expert gate stay in the model dtype whatever the quantization. Partial expert and shared
-expert outputs are summed before a single all-reduce.
+expert outputs are summed before a single all-reduce (with `tp.reduce_dtype`, each is reduced on
+its own, see `quant/matmul.py`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ class SparseMoeBlock(torch.nn.Module):
     def __init__(self, config, *, build: Build, prefix: str, shared_expert_size: int = 0):
         super().__init__()
         self.tp = build.tp
+        # float32 partial sums (tp.reduce_dtype): experts and shared expert each reduce their own, so
+        # their sum is taken in the model dtype as at TP=1 (two collectives instead of one)
+        self.parts_reduce = build.tp.partial_sum_dtype(build.params_dtype) is not None
         self.gate = ReplicatedLinear(
             config.hidden_size, config.num_experts, bias=False, quant_config=None, prefix=f"{prefix}.gate",
             params_dtype=build.params_dtype)
         self.experts = FusedMoE(
             config.num_experts, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size,
             renormalize=bool(config.norm_topk_prob), tp=build.tp, quant_config=build.quant_config,
-            params_dtype=build.params_dtype, prefix=f"{prefix}.experts", reduce_results=False)
+            params_dtype=build.params_dtype, prefix=f"{prefix}.experts", reduce_results=self.parts_reduce)
         self.has_shared = shared_expert_size > 0
         if self.has_shared:
             self.shared_expert = LlamaMLP(
                 config.hidden_size, shared_expert_size, bias=False, build=build, prefix=f"{prefix}.shared_expert",
-                reduce_results=False)
+                reduce_results=self.parts_reduce)
             self.shared_expert_gate = ReplicatedLinear(
                 config.hidden_size, 1, bias=False, quant_config=None, prefix=f"{prefix}.shared_expert_gate",
                 params_dtype=build.params_dtype)
@@ -45,7 +49,7 @@ class SparseMoeBlock(torch.nn.Module):
         out = self.experts(flat, self.gate(flat))
         if self.has_shared:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        return all_reduce(out, self.tp).view(shape)
+        return (out if self.parts_reduce else all_reduce(out, self.tp)).view(shape)
 
 
 def is_sparse_layer(config, layer_idx: int) -> bool:

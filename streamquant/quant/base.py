@@ -16,6 +16,7 @@ import torch
 
 from streamquant.loading.parameters import WeightLoader
 from streamquant.parallel import TPContext
+from streamquant.quant.matmul import PartialSums
 
 
 @runtime_checkable
@@ -36,7 +37,11 @@ class LinearMethod(Protocol):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None: ...
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`x @ W.T (+ bias)`, in `out_dtype` when given (a row-parallel layer's wider partial sums,
+        see `quant/matmul.py`), else in `x.dtype`."""
+        ...
 
 
 class QuantConfig(Protocol):
@@ -67,8 +72,12 @@ class MoEMethod(Protocol):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None: ...
 
     def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-    ) -> torch.Tensor: ...
+        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        partial_sums: "PartialSums | None" = None,
+    ) -> torch.Tensor:
+        """The routed experts' sum for each token; with `partial_sums` the experts' outputs are
+        reduced across the ranks inside, in its dtype (`quant/matmul.py`), so nothing is left to reduce."""
+        ...
 
 
 @runtime_checkable

@@ -2,6 +2,8 @@
 
 `fp8_matmul(x, codes, scales, layouts, spec, activation)` computes `x @ dequant(W).T`:
   - `activation=None` (weight only): W dequantized to `x.dtype`, then `F.linear`.
+  With `out_dtype` (a row-parallel layer's float32 partial sums, `quant/matmul.py`) the product is
+  computed and returned in that dtype instead of `x.dtype`.
   - dynamic activations: `x` is quantized at call time with the same formula as the weights
     (`fp8_math`), per token (`PerRow()`) or per 1x128 group (`PerBlock((1, 128))`); groups are
     over this rank's columns of `x`.
@@ -11,7 +13,8 @@
       and v keep their own scales in a single matmul.
     * otherwise (128x128 blocks everywhere, older GPUs, float16/float32 output on CUDA): both
       operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
-  The bias is added after the product, in `x.dtype`.
+  The bias is added to the product before its one rounding to the output dtype, as `F.linear` and
+  `_scaled_mm(bias=)` do (so a row-parallel layer's float32 partial sums round as TP=1 does).
 
 Activation tiles live on the GLOBAL input columns of the layer (the weight window's columns), as
 weight tiles do: a 1x128 group of a row-parallel layer is a group of the full hidden vector. With
@@ -52,6 +55,7 @@ from streamquant.quant.fp8_weights import (
     shard_layouts,
 )
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
+from streamquant.quant.matmul import linear
 from streamquant.quant.unquantized import linear_weight
 
 
@@ -92,22 +96,25 @@ def fp8_matmul(
     activation: Granularity | None,
     bias: torch.Tensor | None = None,
     reduce_over: TPContext | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """`x @ dequant(codes, scales).T (+ bias)` for x [..., in] and codes [out, in]; see the module doc."""
+    """`x @ dequant(codes, scales).T (+ bias)` for x [..., in] and codes [out, in], in `out_dtype`
+    (default `x.dtype`); see the module doc."""
+    out_dtype = out_dtype or x.dtype
     if activation is None:
-        return F.linear(x, dequantize_weight(codes, scales, layouts, x.dtype), bias)
+        return linear(x, dequantize_weight(codes, scales, layouts, out_dtype), bias, out_dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     one_col = isinstance(spec.granularity, (PerTensor, PerRow))
     xq, sx, window, tile = quantize_activation(x2, activation, spec.fmt, layouts[0].window, reduce_over)
-    if one_col and isinstance(activation, PerRow) and rowwise_scaled_mm_supported(x.device, x.dtype, k, codes.shape[0], codes.dtype):
+    if one_col and isinstance(activation, PerRow) and rowwise_scaled_mm_supported(x.device, out_dtype, k, codes.shape[0], codes.dtype):
         sw = row_scales(scales, layouts).unsqueeze(0)
-        y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=sw, out_dtype=x.dtype)
+        bias = None if bias is None else bias.to(out_dtype)
+        y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=out_dtype)
     else:
         xd = dequantize_window(xq, sx, window, tile, torch.float32)
-        y = F.linear(xd, dequantize_weight(codes, scales, layouts, torch.float32)).to(x.dtype)
-    if bias is not None:
-        y = y + bias
+        bias = None if bias is None else bias.float()
+        y = F.linear(xd, dequantize_weight(codes, scales, layouts, torch.float32), bias).to(out_dtype)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -135,10 +142,10 @@ class Fp8LinearMethod:
     def process_weights_after_loading(self, layer) -> None:
         quantize_layer_weight_(layer, "weight", self.spec, self.tp, self.error_log)
 
-    def apply(self, layer, x, bias=None):
+    def apply(self, layer, x, bias=None, out_dtype=None):
         require_quantized(layer, "weight")
         return fp8_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias,
-                          self.tp if self.tp_invariant else None)
+                          self.tp if self.tp_invariant else None, out_dtype)
 
 
 def default_activation(granularity: Granularity) -> Granularity:

@@ -45,14 +45,15 @@ class Fp8MoEMethod:
         for name in WEIGHTS:
             quantize_layer_weight_(layer, name, self.spec, self.tp, self.error_log)
 
-    def _expert_linear(self, layer, name: str):
+    def _expert_linear(self, layer, name: str, out_dtype: torch.dtype | None = None):
         codes, scales, layouts = getattr(layer, name), getattr(layer, f"{name}_scale"), self.layouts[name]
         reduce_over = self.tp if self.tp_invariant else None
         return lambda rows, e: fp8_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation, None,
-                                          reduce_over)
+                                          reduce_over, out_dtype)
 
-    def apply(self, layer, x, topk_weights, topk_ids):
+    def apply(self, layer, x, topk_weights, topk_ids, partial_sums=None):
         for name in WEIGHTS:
             require_quantized(layer, name)
+        down = self._expert_linear(layer, "w2_weight", partial_sums.dtype if partial_sums else None)
         return fused_experts(x, topk_weights, topk_ids, layer.w13_weight.shape[0],
-                             self._expert_linear(layer, "w13_weight"), self._expert_linear(layer, "w2_weight"))
+                             self._expert_linear(layer, "w13_weight"), down, partial_sums)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from streamquant.loading.parameters import ModelWeightParameter, WeightLoader
+from streamquant.quant.matmul import PartialSums, linear
 from streamquant.parallel import TPContext
 
 
@@ -36,6 +37,7 @@ def fused_experts(
     num_experts: int,
     gate_up: ExpertLinear,
     down: ExpertLinear,
+    partial_sums: PartialSums | None = None,
 ) -> torch.Tensor:
     """Sum over each token's top-k experts of `weight * down(silu(gate(x)) * up(x))`.
 
@@ -43,24 +45,44 @@ def fused_experts(
     returns [rows, 2I] (gate columns first), `down(rows, e)` returns [rows, H]: the quant method
     decides how an expert's weights are multiplied. `topk_weights` may be in any float dtype; the
     product is cast to `x.dtype` before accumulation, as transformers does.
+
+    With `partial_sums` (TP > 1, `tp.reduce_dtype`; see `quant/matmul.py`) `down` returns
+    `partial_sums.dtype`; every expert's down output is reduced across the ranks in one collective and
+    rounded to `x.dtype` before the routing weights are applied, so the accumulation is TP=1's.
     """
     out = torch.zeros_like(x)
     with torch.no_grad():
         # [E, K, N]: for each expert, which (slot, token) pairs chose it.
         expert_mask = F.one_hot(topk_ids, num_classes=num_experts).permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    routed = []
     for expert in expert_hit.flatten().tolist():
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         gate, up = gate_up(x[token_idx], expert).chunk(2, dim=-1)
-        h = down(F.silu(gate) * up, expert)
-        h = h * topk_weights[token_idx, top_k_pos, None]
-        out.index_add_(0, token_idx, h.to(out.dtype))
+        routed.append((top_k_pos, token_idx, down(F.silu(gate) * up, expert)))
+        if partial_sums is None:  # combine at once: no per-expert outputs kept
+            _combine_(out, *routed.pop(), topk_weights)
+    if partial_sums is not None:
+        parts = [h for *_, h in routed]
+        flat = torch.cat(parts) if parts else x.new_zeros(0, x.shape[-1], dtype=partial_sums.dtype)
+        summed = partial_sums.reduce(flat).to(x.dtype).split([len(h) for h in parts])
+        for (top_k_pos, token_idx, _), h in zip(routed, summed):
+            _combine_(out, top_k_pos, token_idx, h, topk_weights)
     return out
 
 
-def dense_expert_linears(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, ExpertLinear, ExpertLinear]:
-    """(number of experts, gate_up, down) for plain weight tensors w13 [E, 2I, H] and w2 [E, H, I]."""
-    return w13.shape[0], lambda rows, e: F.linear(rows, w13[e]), lambda rows, e: F.linear(rows, w2[e])
+def _combine_(out: torch.Tensor, top_k_pos: torch.Tensor, token_idx: torch.Tensor, h: torch.Tensor,
+              topk_weights: torch.Tensor) -> None:
+    """out[token] += routing weight * h, in `out.dtype` (transformers' order of roundings)."""
+    h = h * topk_weights[token_idx, top_k_pos, None]
+    out.index_add_(0, token_idx, h.to(out.dtype))
+
+
+def dense_expert_linears(w13: torch.Tensor, w2: torch.Tensor,
+                         out_dtype: torch.dtype | None = None) -> tuple[int, ExpertLinear, ExpertLinear]:
+    """(number of experts, gate_up, down) for plain weight tensors w13 [E, 2I, H] and w2 [E, H, I];
+    `down` returns `out_dtype` when given."""
+    return w13.shape[0], lambda rows, e: F.linear(rows, w13[e]), lambda rows, e: linear(rows, w2[e], None, out_dtype)
 
 
 def expert_weights(num_experts: int, hidden_size: int, intermediate_size_per_partition: int, params_dtype: torch.dtype,
@@ -105,6 +127,9 @@ class UnquantizedFusedMoEMethod:
         return None
 
     def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        partial_sums: PartialSums | None = None,
     ) -> torch.Tensor:
-        return fused_experts(x, topk_weights, topk_ids, *dense_expert_linears(layer.w13_weight, layer.w2_weight))
+        out_dtype = partial_sums.dtype if partial_sums else None
+        return fused_experts(x, topk_weights, topk_ids, *dense_expert_linears(layer.w13_weight, layer.w2_weight, out_dtype),
+                             partial_sums)

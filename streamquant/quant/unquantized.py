@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from streamquant.loading.parameters import ColumnParameter, ModelWeightParameter
 from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
+from streamquant.quant.matmul import linear
 from streamquant.quant.moe import UnquantizedFusedMoEMethod
 
 
@@ -41,8 +42,8 @@ class UnquantizedLinearMethod:
     def process_weights_after_loading(self, layer) -> None:
         return None
 
-    def apply(self, layer, x, bias=None):
-        return F.linear(x, layer.weight, bias)
+    def apply(self, layer, x, bias=None, out_dtype=None):
+        return linear(x, layer.weight, bias, out_dtype)
 
 
 class UnquantizedEmbeddingMethod:

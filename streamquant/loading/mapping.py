@@ -9,6 +9,7 @@ integer and passes it on as `expert_id`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +47,23 @@ class MappingRule:
     def make(cls, checkpoint: str, param: str, **kwargs: Any) -> "MappingRule":
         return cls(checkpoint, param, tuple(sorted(kwargs.items())))
 
+    @functools.cached_property
+    def _pattern(self) -> tuple[str, ...]:
+        return _segments(self.checkpoint)
+
+    @functools.cached_property
+    def _literals(self) -> frozenset[str]:
+        """The rule's fixed segments: a name lacking one cannot match (the cheap test most names fail)."""
+        return frozenset(p for p in self._pattern if p != EXPERT)
+
     def apply(self, name: str) -> tuple[str, dict[str, Any]] | None:
-        segs = _segments(name)
-        pattern = _segments(self.checkpoint)
+        return self.apply_segments(_segments(name))
+
+    def apply_segments(self, segs: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
+        """`apply` for a name already split into its segments."""
+        pattern = self._pattern
+        if not self._literals.issubset(segs):
+            return None
         found = _find(segs, pattern)
         if found is None:
             return None
@@ -88,8 +103,9 @@ class WeightMapping:
 
     def map(self, name: str) -> tuple[str, dict[str, Any]]:
         name = self.rename(name)
+        segs = _segments(name)
         for rule in self.rules:
-            hit = rule.apply(name)
+            hit = rule.apply_segments(segs)
             if hit is not None:
                 return hit
         return name, {}

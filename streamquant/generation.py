@@ -16,8 +16,8 @@ within `max_position_embeddings` (`check_request`).
 `score` / `teacher_forced_logprobs` give the teacher-forced logprobs of given sequences (ragged).
 
 Limitations: greedy `generate(model, input_ids, max_new_tokens)` takes one prompt length per batch
-and never stops early (the `SamplingParams` form has ragged prompts and stop tokens). Ties in the argmax pick the lowest token
-id, as `torch.argmax` does (and as Hugging Face does).
+and never stops early (the `SamplingParams` form has ragged prompts and stop tokens). Ties in the
+argmax pick the lowest token id, as `torch.argmax` does (and as Hugging Face does).
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ from streamquant.loading.mapping import MappingRule
 from streamquant.loading.parameters import WeightShapeError, write_region
 from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_reduce, divide
-from streamquant.quant.matmul import PartialSums
 from streamquant.quant.base import MoEMethod, QuantConfig
 from streamquant.quant.granularity import LogicalShard, Window
+from streamquant.quant.matmul import PartialSums
 from streamquant.quant.moe import UnquantizedFusedMoEMethod
 
 # Which half of w13's rows a gate / up shard fills.

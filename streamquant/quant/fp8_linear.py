@@ -2,8 +2,6 @@
 
 `fp8_matmul(x, codes, scales, layouts, spec, activation)` computes `x @ dequant(W).T`:
   - `activation=None` (weight only): W dequantized to `x.dtype`, then `F.linear`.
-  With `out_dtype` (a row-parallel layer's float32 partial sums, `quant/matmul.py`) the product is
-  computed and returned in that dtype instead of `x.dtype`.
   - dynamic activations: `x` is quantized at call time with the same formula as the weights
     (`fp8_math`), per token (`PerRow()`) or per 1x128 group (`PerBlock((1, 128))`); groups are
     over this rank's columns of `x`.
@@ -15,6 +13,8 @@
       operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
   The bias is added to the product before its one rounding to the output dtype, as `F.linear` and
   `_scaled_mm(bias=)` do (so a row-parallel layer's float32 partial sums round as TP=1 does).
+  With `out_dtype` (a row-parallel layer's float32 partial sums, `quant/matmul.py`) the product is
+  computed and returned in that dtype instead of `x.dtype`.
 
 Activation tiles live on the GLOBAL input columns of the layer (the weight window's columns), as
 weight tiles do: a 1x128 group of a row-parallel layer is a group of the full hidden vector. With

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from streamquant.loading.parameters import ModelWeightParameter, WeightLoader
-from streamquant.quant.matmul import PartialSums, linear
 from streamquant.parallel import TPContext
+from streamquant.quant.matmul import PartialSums, linear
 
 
 # (rows of x, expert index) -> those rows times the expert's weight transposed, like F.linear.

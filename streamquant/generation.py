@@ -86,19 +86,26 @@ def generate_with_logits(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
 
 
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]] | torch.Tensor,
-             sampling: "SamplingParams | int", *, drop_finished: bool = True) -> "list[Completion] | torch.Tensor":
-    """Generate after `prompts`, in one of two forms chosen by `sampling`:
+             sampling: "SamplingParams | int | None" = None, *, max_new_tokens: int | None = None,
+             drop_finished: bool = True) -> "list[Completion] | torch.Tensor":
+    """Generate after `prompts`, in one of two forms chosen by the third argument:
 
     - `generate(model, prompts, SamplingParams(...))`: rollouts. `prompts` are token-id lists of any
       lengths (or a [B, T] tensor); one `Completion` per sequence (`generate_sequences`).
-    - `generate(model, input_ids, max_new_tokens)`: greedy, one prompt length per batch; the [B, T +
-      max_new_tokens] ids (prompt, then new tokens), as Hugging Face's `generate(do_sample=False)`.
+    - `generate(model, input_ids, max_new_tokens)` (or `max_new_tokens=`): greedy, one prompt length
+      per batch; the [B, T + max_new_tokens] ids (prompt, then new tokens), as Hugging Face's
+      `generate(do_sample=False)`.
     """
     if isinstance(sampling, SamplingParams):
+        if max_new_tokens is not None:
+            raise TypeError("generate() with SamplingParams takes max_new_tokens inside them, not as a keyword")
         return generate_sequences(model, prompts, sampling, drop_finished=drop_finished)
-    if isinstance(sampling, bool) or not isinstance(sampling, int):
-        raise TypeError(f"generate() takes SamplingParams or an int max_new_tokens, got {type(sampling).__name__}")
-    return generate_with_logits(model, prompts, sampling).tokens
+    if sampling is not None and max_new_tokens is not None:
+        raise TypeError("generate() got max_new_tokens twice (positionally and as a keyword)")
+    budget = max_new_tokens if sampling is None else sampling
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"generate() takes SamplingParams or an int max_new_tokens, got {type(budget).__name__}")
+    return generate_with_logits(model, prompts, budget).tokens
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,17 @@ def test_dropping_finished_sequences_changes_no_sample(checkpoints):
     assert [c.finish_reason for c in dropped] == [c.finish_reason for c in kept]
     for a, b in zip(dropped, kept):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_generate_forms(checkpoints):
+    """The greedy form answers positionally and by keyword alike; a mixed or wrong call is a TypeError."""
+    model = load_model(checkpoints["llama"], dtype="float32")
+    ids = torch.tensor([PROMPTS[0]])
+    greedy = generate(model, ids, max_new_tokens=3)
+    assert torch.equal(generate(model, ids, 3), greedy) and greedy.shape == (1, len(PROMPTS[0]) + 3)
+    sampled = generate(model, [PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=3, stop_token_ids=()))
+    assert sampled[0].completion_ids == greedy[0, len(PROMPTS[0]):].tolist()
+    for bad in (dict(sampling=3, max_new_tokens=3), dict(sampling="3"),
+                dict(sampling=SamplingParams(max_new_tokens=3), max_new_tokens=3)):
+        with pytest.raises(TypeError):
+            generate(model, ids, **bad)

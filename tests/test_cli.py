@@ -174,3 +174,18 @@ def test_bad_input_is_one_line_and_exit_2(kind, extra, message, checkpoint, refe
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("streamquant: error:") and message in lines[0]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("flag,expected", [((), None), (("--fp32-all-reduce",), torch.float32)])
+def test_fp32_all_reduce_flag_reaches_the_tp_context(checkpoint, monkeypatch, flag, expected):
+    """The flag becomes `TPContext.reduce_dtype` of the load (what it does: tests/models/test_tp_reduce_dtype.py)."""
+    seen = []
+    real = cli.load_model
+
+    def recording(*args, tp=None, **kwargs):
+        seen.append(tp)
+        return real(*args, tp=tp, **kwargs)
+
+    monkeypatch.setattr(cli, "load_model", recording)
+    assert cli.main(["load", str(checkpoint), *flag]) == 0
+    assert [tp.reduce_dtype for tp in seen] == [expected]

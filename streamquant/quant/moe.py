@@ -59,9 +59,11 @@ def fused_experts(
     for expert in expert_hit.flatten().tolist():
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         gate, up = gate_up(x[token_idx], expert).chunk(2, dim=-1)
-        routed.append((top_k_pos, token_idx, down(F.silu(gate) * up, expert)))
+        h = down(F.silu(gate) * up, expert)
         if partial_sums is None:  # combine at once: no per-expert outputs kept
-            _combine_(out, *routed.pop(), topk_weights)
+            _combine_(out, top_k_pos, token_idx, h, topk_weights)
+        else:
+            routed.append((top_k_pos, token_idx, h))
     if partial_sums is not None:
         parts = [h for *_, h in routed]
         flat = torch.cat(parts) if parts else x.new_zeros(0, x.shape[-1], dtype=partial_sums.dtype)

@@ -16,7 +16,7 @@ scheme (`prequantized.py`), and the session loads its fp8 codes and scales strai
 layers (`quantized_source=True`): nothing is quantized and no high-precision weight exists.
 
 Quantization: `make_quant_config` is the single place that turns a scheme name ("fp8",
-"fp8-channel", "fp8-block") and its options into a quant config; the fp8 methods quantize each
+"fp8-channel", "fp8-block", "int8", "mxfp8") and its options into a quant config; the fp8 methods quantize each
 layer inside the streaming session the moment its last element arrives, so high-precision weights
 exist only for the layers in flight.
 """
@@ -104,11 +104,11 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Fp8Config | None:
     """The quant config for scheme `quantization` with its `options` (None: unquantized).
 
-    fp8 options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"), `activation_scheme` ("dynamic"
+    Options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"; not for int8 / mxfp8), `activation_scheme` ("dynamic"
     default, "none" for weight-only), `ignore` (regexes over module names), `block_size`
     (fp8-block, default (128, 128)), `compile` (inductor-compiled CPU quantization kernel, bitwise
     the same codes; streamquant formula only), `formula` ("streamquant" default, "compressed-tensors",
-    "transformers": whose arithmetic, see `quant/fp8_formula.py`), `tp_invariant_activations` (all-reduce
+    "transformers": whose fp8 arithmetic, see `quant/fp8_formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
     the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
     scales: one small collective per row-parallel matmul, see `quant/fp8_linear.py`), `measure_error`
     (record per-weight SQNR). Every option is validated here.
@@ -146,9 +146,9 @@ def check_ignore_patterns(model: torch.nn.Module, config: Fp8Config | None) -> N
 
 
 def fp8_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of fp8 parameters (distinct tensors) on this rank."""
-    fp8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
-    return sum(p.numel() for p in model.parameters() if p.dtype in fp8 and not p.is_meta)
+    """Bytes of 8-bit code parameters (fp8 or int8; distinct tensors) on this rank."""
+    codes = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.int8)
+    return sum(p.numel() for p in model.parameters() if p.dtype in codes and not p.is_meta)
 
 
 def make_offload_plan(offload_before_quant: bool, quantize_on: str | None, *, quantization: str | None,
@@ -230,8 +230,8 @@ def load_model(
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
 
-    `quantization`: None, "fp8", "fp8-channel" or "fp8-block"; `options` are the fp8 options of
-    `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
+    `quantization`: None, "fp8", "fp8-channel", "fp8-block", "int8" or "mxfp8" (`quant/fp8_config.py`);
+    `options` are the options of `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
     is loaded as it is: `quantization` may be None or must agree, `activation_scheme` and `formula`
     may be given (the formula a later bf16 reload quantizes with), and `model.prequantized` holds
     what its config said (None for high-precision checkpoints). `tp` defaults to the initialized process group (or a single rank).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamquant.api import check_ignore_patterns, make_quant_config
+from streamquant.api import UnsupportedQuantizationError, check_ignore_patterns, make_quant_config
 from streamquant.checkpoint.writer import TensorSpec
 from streamquant.formats import CheckpointFormat
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -31,6 +31,10 @@ from streamquant.parallel import TPContext
 from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
 from streamquant.quant.fp8_weights import Fp8WeightSpec
 from streamquant.quant.granularity import grid_shape, tile_shape
+
+
+# The schemes the on-disk formats (compressed-tensors, hf-fp8) store.
+OFFLINE_SCHEMES = (Fp8Scheme.FP8, Fp8Scheme.FP8_CHANNEL, Fp8Scheme.FP8_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ class QuantizePlan:
 
     def __init__(self, hf_config, quantization: str, fmt: CheckpointFormat, dtype: torch.dtype, **options):
         self.config: Fp8Config = make_quant_config(quantization, options)
+        if self.config.scheme not in OFFLINE_SCHEMES:
+            raise UnsupportedQuantizationError(
+                f"quantization={quantization!r} is online only (load_model, reload_weights): the on-disk formats and "
+                f"trainer-side quantization write fp8 codes; choose one of {', '.join(s.value for s in OFFLINE_SCHEMES)}")
         self.fmt = fmt
         self.dtype = dtype
         with torch.device("meta"):

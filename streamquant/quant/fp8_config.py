@@ -1,9 +1,14 @@
-"""The fp8 schemes and their options: which layers get fp8 methods, and with what settings.
+"""The 8-bit schemes and their options: which layers get quantized methods, and with what settings.
 
 Schemes (the public names): "fp8" per-tensor weight scales, "fp8-channel" one scale per output
-channel, "fp8-block" 128x128 weight blocks (ceil-division grid for other shapes). Activations are
-quantized dynamically at matmul time: per token for the first two, per 1x128 group for blocks;
-`activation_scheme="none"` keeps them in the model dtype (weight-only fp8).
+channel, "fp8-block" 128x128 weight blocks (ceil-division grid for other shapes); "int8" symmetric
+int8 codes with one scale per output channel (W8A8 with `torch._int_mm`); "mxfp8" OCP MXFP8:
+e4m3 codes in 1x32 blocks along the input dimension with power-of-two (E8M0) scales
+(`code_format.py` states both formulas). Activations are quantized dynamically at matmul time, in the
+weights' code format: per token for fp8, fp8-channel and int8, per 1x128 group for blocks, per 1x32
+block for mxfp8; `activation_scheme="none"` keeps them in the model dtype (weight-only: W8A16).
+All five share one machinery (`fp8_weights`, `fp8_math`): streaming, tensor parallelism on the
+global tile grid, reload in place, MoE experts, the error log.
 
 Linear layers and MoE experts are quantized; embeddings, the LM head, norms and the MoE router gate
 (built without a quant config) stay in the model dtype. `ignore` regexes (`re.search` over the
@@ -28,7 +33,7 @@ from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_formula import Formula, formula_of
 from streamquant.quant.fp8_linear import Fp8LinearMethod, default_activation
-from streamquant.quant.fp8_math import Fp8Format
+from streamquant.quant.code_format import INT8, MXFP8, CodeFormat
 from streamquant.quant.fp8_moe import Fp8MoEMethod
 from streamquant.quant.fp8_weights import Fp8WeightSpec
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
@@ -40,6 +45,8 @@ class Fp8Scheme(str, Enum):
     FP8 = "fp8"
     FP8_CHANNEL = "fp8-channel"
     FP8_BLOCK = "fp8-block"
+    INT8 = "int8"
+    MXFP8 = "mxfp8"
 
 
 class ActivationScheme(str, Enum):
@@ -52,6 +59,9 @@ FP8_DTYPES = MappingProxyType({"e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": t
                                "e4m3fnuz": torch.float8_e4m3fnuz, "float8_e4m3fnuz": torch.float8_e4m3fnuz})
 
 
+MX_BLOCK = (1, 32)  # OCP MX: 32 consecutive elements along the input (reduction) dimension
+
+
 def _choice(enum: type[Enum], value, what: str):
     try:
         return enum(value)
@@ -60,7 +70,17 @@ def _choice(enum: type[Enum], value, what: str):
         raise ValueError(f"{what} must be one of {names}, got {value!r}") from None
 
 
-def _fp8_dtype(value: torch.dtype | str) -> torch.dtype:
+def _fp8_dtype(value: torch.dtype | str | None, scheme: Fp8Scheme) -> torch.dtype | None:
+    """The fp8 code dtype of a scheme: int8 takes none, mxfp8 only e4m3fn, the fp8 schemes either."""
+    if scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8):
+        fixed = {Fp8Scheme.INT8: None, Fp8Scheme.MXFP8: torch.float8_e4m3fn}[scheme]
+        given = FP8_DTYPES.get(value.lower(), value) if isinstance(value, str) else value
+        if given is not None and given != fixed:
+            raise ValueError(f"fp8_dtype={value!r} does not apply to quantization={scheme.value!r}"
+                             + (" (its codes are int8)" if fixed is None else " (OCP MXFP8 elements are e4m3fn)"))
+        return fixed
+    if value is None:
+        return torch.float8_e4m3fn
     if isinstance(value, torch.dtype) and value in FP8_DTYPES.values():
         return value
     if isinstance(value, str) and value.lower() in FP8_DTYPES:
@@ -70,13 +90,13 @@ def _fp8_dtype(value: torch.dtype | str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Fp8Config:
-    """A validated fp8 quantization config; `get_*_method(prefix)` picks each layer's method.
+    """A validated quantization config of one 8-bit scheme; `get_*_method(prefix)` picks each layer's method.
 
     `error_log`, when given, receives the quantization error of every weight (costs two passes).
     """
 
     scheme: Fp8Scheme
-    fp8_dtype: torch.dtype = torch.float8_e4m3fn
+    fp8_dtype: torch.dtype | None = None  # default e4m3fn; None for int8
     activation_scheme: ActivationScheme = ActivationScheme.DYNAMIC
     ignore: tuple[str, ...] = ()
     block_size: tuple[int, int] = (128, 128)
@@ -87,7 +107,7 @@ class Fp8Config:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", _choice(Fp8Scheme, self.scheme, "scheme"))
-        object.__setattr__(self, "fp8_dtype", _fp8_dtype(self.fp8_dtype))
+        object.__setattr__(self, "fp8_dtype", _fp8_dtype(self.fp8_dtype, self.scheme))
         object.__setattr__(self, "activation_scheme",
                            _choice(ActivationScheme, self.activation_scheme, "activation_scheme"))
         if isinstance(self.ignore, str):
@@ -100,15 +120,22 @@ class Fp8Config:
                 raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {e}") from None
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
         object.__setattr__(self, "formula", formula_of(self.formula))
+        if self.formula is not Formula.STREAMQUANT and self.scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8):
+            raise ValueError(f"formula={self.formula.value!r} reproduces another library's fp8 arithmetic; "
+                             f"quantization={self.scheme.value!r} has the streamquant formula only")
 
     @property
     def granularity(self) -> Granularity:
-        return {Fp8Scheme.FP8: PerTensor(), Fp8Scheme.FP8_CHANNEL: PerRow(),
-                Fp8Scheme.FP8_BLOCK: PerBlock(self.block_size)}[self.scheme]
+        return {Fp8Scheme.FP8: PerTensor(), Fp8Scheme.FP8_CHANNEL: PerRow(), Fp8Scheme.INT8: PerRow(),
+                Fp8Scheme.FP8_BLOCK: PerBlock(self.block_size), Fp8Scheme.MXFP8: PerBlock(MX_BLOCK)}[self.scheme]
+
+    @property
+    def code_format(self) -> CodeFormat:
+        return {Fp8Scheme.INT8: INT8, Fp8Scheme.MXFP8: MXFP8}.get(self.scheme) or CodeFormat(self.fp8_dtype)
 
     @property
     def weight_spec(self) -> Fp8WeightSpec:
-        return Fp8WeightSpec(self.granularity, Fp8Format(self.fp8_dtype), self.compile, self.formula)
+        return Fp8WeightSpec(self.granularity, self.code_format, self.compile, self.formula)
 
     @property
     def activation(self) -> Granularity | None:

@@ -90,6 +90,12 @@ def _abs_max(view: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return magnitude.amax(dim=(-3, -1)).view(view.dtype).float()
 
 
+def _store(values: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst <- values: the fp8 cast (round to nearest even), or for integer codes `round` (half to
+    even) in place, then the exact cast (a float -> int cast alone would truncate toward zero)."""
+    dst.copy_(values if dst.dtype.is_floating_point else values.round_())
+
+
 def _quantize_piece_unclamped(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
                               scratch: torch.Tensor) -> None:
     """dst <- (src / scale) cast to fp8: division in float32 (in `scratch`), then the cast.
@@ -97,12 +103,12 @@ def _quantize_piece_unclamped(src: torch.Tensor, scale: torch.Tensor, dst: torch
     Bitwise `_quantize_piece` when every |src| / scale <= fmax * (1 + 2^-23), which holds when the
     scales come from `scale_from_amax` of an amax at least the tile's: scale = fl(amax / fmax)
     is at most one rounding below amax / fmax, and values up to halfway to the next fp8 step
-    (464 for e4m3fn, 248 for e4m3fnuz) round to fmax on the cast exactly as the clamped value does.
-    Saves the clamp pass.
+    (464 for e4m3fn, 248 for e4m3fnuz, 127.5 for int8) round to fmax exactly as the clamped value
+    does. Saves the clamp pass. Not for MX scales (`CodeFormat.scales_cover_amax` is false there).
     """
     values = _like(scratch, src, torch.float32)
     values.copy_(src).div_(scale)
-    dst.copy_(values)
+    _store(values, dst)
 
 
 def _quantize_piece_eager(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
@@ -110,7 +116,7 @@ def _quantize_piece_eager(src: torch.Tensor, scale: torch.Tensor, dst: torch.Ten
     """`_quantize_piece` with its float32 temporary in `scratch`."""
     values = _like(scratch, src, torch.float32)
     values.copy_(src).div_(scale).clamp_(-fmax, fmax)
-    dst.copy_(values)
+    _store(values, dst)
 
 
 def _quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float) -> None:
@@ -122,7 +128,8 @@ def _quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, f
     cheap: dynamo caches the compiled code on the function's code object. The amax pass is never
     compiled: the eager bit trick in `_abs_max` is faster than inductor's reduction.
     """
-    dst.copy_(torch.div(src, scale).clamp_(-fmax, fmax))
+    values = torch.div(src, scale).clamp_(-fmax, fmax)
+    dst.copy_(values if dst.dtype.is_floating_point else values.round_())
 
 
 def _quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,

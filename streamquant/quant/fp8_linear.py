@@ -1,4 +1,4 @@
-"""fp8 linear layers: `Fp8LinearMethod` and the fp8 matmul it shares with the MoE method.
+"""Quantized linear layers (fp8, int8, MXFP8 codes): `Fp8LinearMethod` and the matmul it shares with the MoE method.
 
 `fp8_matmul(x, codes, scales, layouts, spec, activation)` computes `x @ dequant(W).T`:
   - `activation=None` (weight only): W dequantized to `x.dtype`, then `F.linear`.
@@ -9,7 +9,10 @@
       sm90+ with bf16 output): `_scaled_mm(x_q, W_q.T, scale_a=[N, 1], scale_b=[1, out])`. A
       fused layer's per-shard per-tensor scales are expanded to one scale per output row, so q, k
       and v keep their own scales in a single matmul.
-    * otherwise (128x128 blocks everywhere, older GPUs, float16/float32 output on CUDA): both
+    * int8 codes (per-row weights, per-token activations) where `torch._int_mm` runs (CPU; CUDA with
+      more than 16 rows): the exact int32 product, then `acc.float() * scale_x[N, 1] * scale_w[1, out]`
+      (+ bias) in float32, rounded once to the output dtype.
+    * otherwise (128x128 blocks or MX 1x32 blocks everywhere, older GPUs, float16/float32 output on CUDA): both
       operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
   The bias is added to the product before its one rounding to the output dtype, as `F.linear` and
   `_scaled_mm(bias=)` do (so a row-parallel layer's float32 partial sums round as TP=1 does).
@@ -36,8 +39,8 @@ import torch.nn.functional as F
 
 from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.code_format import CodeFormat
 from streamquant.quant.fp8_math import (
-    Fp8Format,
     dequantize_window,
     local_scales,
     quantize_window_,
@@ -72,7 +75,15 @@ def rowwise_scaled_mm_supported(device: torch.device, out_dtype: torch.dtype, k:
     return False
 
 
-def quantize_activation(x2: torch.Tensor, activation: Granularity, fmt: Fp8Format, columns: Window,
+def int_mm_supported(device: torch.device, rows: int, k: int, n: int) -> bool:
+    """Whether `torch._int_mm` multiplies int8 [rows, k] by [k, n] on `device` (CPU: any shape;
+    CUDA: more than 16 rows, k and n multiples of 8)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and rows > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def quantize_activation(x2: torch.Tensor, activation: Granularity, fmt: CodeFormat, columns: Window,
                         reduce_over: TPContext | None) -> tuple[torch.Tensor, torch.Tensor, Window, tuple[int, int]]:
     """(codes, local scales, window, tile) of activations x2 [N, k] whose columns are `columns`' of the
     global input; with `reduce_over` the amax grid is all-reduced (MAX) first (see the module doc)."""
@@ -83,7 +94,7 @@ def quantize_activation(x2: torch.Tensor, activation: Granularity, fmt: Fp8Forma
         all_reduce(amax, reduce_over, dist.ReduceOp.MAX)
     scales = local_scales(scale_from_amax(amax, fmt), window, tile)
     codes = torch.empty(x2.shape, dtype=fmt.dtype, device=x2.device)
-    quantize_window_(codes, x2, scales, window, tile, scales_cover_amax=True)
+    quantize_window_(codes, x2, scales, window, tile, scales_cover_amax=fmt.scales_cover_amax)
     return codes, scales, window, tile
 
 
@@ -105,9 +116,13 @@ def fp8_matmul(
         return linear(x, dequantize_weight(codes, scales, layouts, out_dtype), bias, out_dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    one_col = isinstance(spec.granularity, (PerTensor, PerRow))
+    rowwise = isinstance(spec.granularity, (PerTensor, PerRow)) and isinstance(activation, PerRow)
     xq, sx, window, tile = quantize_activation(x2, activation, spec.fmt, layouts[0].window, reduce_over)
-    if one_col and isinstance(activation, PerRow) and rowwise_scaled_mm_supported(x.device, out_dtype, k, codes.shape[0], codes.dtype):
+    if rowwise and spec.fmt.integer and int_mm_supported(x.device, x2.shape[0], k, codes.shape[0]):
+        y = torch._int_mm(xq, codes.t()).float().mul_(sx).mul_(row_scales(scales, layouts).unsqueeze(0))
+        y = (y if bias is None else y.add_(bias.float())).to(out_dtype)
+    elif rowwise and not spec.fmt.integer and rowwise_scaled_mm_supported(x.device, out_dtype, k, codes.shape[0],
+                                                                           codes.dtype):
         sw = row_scales(scales, layouts).unsqueeze(0)
         bias = None if bias is None else bias.to(out_dtype)
         y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=out_dtype)

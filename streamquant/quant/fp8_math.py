@@ -1,4 +1,4 @@
-"""Pure fp8 quantization math: amax, scales, quantize into a given output, dequantize.
+"""Pure quantization math of the 8-bit schemes: amax, scales, quantize into a given output, dequantize.
 
 The one formula, for every granularity (vLLM's online fp8 formula, with its floor applied to all):
 
@@ -20,6 +20,10 @@ no floor, so a zero row gives 0/0 = NaN codes (0.57% / 1.58% / 2.03%); compresse
 keeps a bf16 scale and divides in bf16, a double rounding (4.11% / 2.98% / 3.19%); transformers'
 FineGrainedFP8 multiplies by `448 / amax` (0.00% / 0.12% / 0.07%).
 
+The same code serves int8 codes (`code_format.INT8`: max 127, and `round` half to even before the
+cast) and MXFP8 (`code_format.MXFP8`: 1x32 tiles, power-of-two scales, the clamp always applied):
+`code_format.py` states both.
+
 Tensor parallelism: tiles live on the GLOBAL weight (see `granularity.py`). A rank computes
 `window_amax` (its elements' amax on the global grid, 0 elsewhere), the ranks all-reduce it with
 MAX, `scale_from_amax` turns it into scales, `local_scales` cuts out the tiles the rank touches,
@@ -32,11 +36,10 @@ Limitations: NaN / Inf weights propagate into NaN scales; call `check_finite` to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from streamquant.loading.validate import is_finite
+from streamquant.quant.code_format import E4M3FN, CodeFormat, mx_scales
 from streamquant.quant import fp8_kernels
 from streamquant.quant.fp8_convert import fp8_to_float32
 from streamquant.quant.fp8_kernels import (
@@ -63,31 +66,6 @@ from streamquant.quant.granularity import (
     tile_shape,
     window_pieces,
 )
-
-
-@dataclass(frozen=True)
-class Fp8Format:
-    """An fp8 storage dtype and its constants."""
-
-    dtype: torch.dtype
-
-    def __post_init__(self) -> None:
-        if not (self.dtype.is_floating_point and self.dtype.itemsize == 1):
-            raise ValueError(f"{self.dtype} is not an fp8 dtype")
-
-    @property
-    def max(self) -> float:
-        """Largest finite value: 448 for float8_e4m3fn, 240 for float8_e4m3fnuz."""
-        return float(torch.finfo(self.dtype).max)
-
-    @property
-    def min_scale(self) -> float:
-        """The scale floor `1 / (max * 512)`; used as a float32."""
-        return 1.0 / (self.max * 512.0)
-
-
-E4M3FN = Fp8Format(torch.float8_e4m3fn)
-E4M3FNUZ = Fp8Format(torch.float8_e4m3fnuz)
 
 
 def check_finite(w: torch.Tensor, name: str) -> None:
@@ -122,13 +100,20 @@ def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) ->
     return grid
 
 
-def scale_from_amax(amax: torch.Tensor, fmt: Fp8Format = E4M3FN) -> torch.Tensor:
-    """float32 `max(amax / fmt.max, fmt.min_scale)`, elementwise, a new tensor."""
-    return tile_scales(amax, fmt.max, fmt.min_scale, Formula.STREAMQUANT, torch.float32).scales
+def scale_from_amax(amax: torch.Tensor, fmt: CodeFormat = E4M3FN) -> torch.Tensor:
+    """float32 scales of `fmt`'s rule from tile amaxes, elementwise, a new tensor: `max(amax / fmt.max,
+    fmt.min_scale)`, or for an MX format the power of two of `code_format.mx_scales`."""
+    return formula_scales(amax, fmt, Formula.STREAMQUANT, torch.float32).scales
 
 
-def formula_scales(amax: torch.Tensor, fmt: Fp8Format, formula: Formula, weight_dtype: torch.dtype) -> TileScales:
-    """(dequantization scales, kernel factors) of `formula` (`fp8_formula.py`) from float32 tile amaxes."""
+def formula_scales(amax: torch.Tensor, fmt: CodeFormat, formula: Formula, weight_dtype: torch.dtype) -> TileScales:
+    """(dequantization scales, kernel factors) of `formula` (`fp8_formula.py`) from float32 tile amaxes;
+    an MX format has one rule of its own (the streamquant formula only)."""
+    if fmt.mx:
+        if formula_of(formula) is not Formula.STREAMQUANT:
+            raise ValueError(f"MX scales have one formula (OCP E8M0), not {formula!r}")
+        scales = mx_scales(amax)
+        return TileScales(scales, scales)
     return tile_scales(amax, fmt.max, fmt.min_scale, formula, weight_dtype)
 
 
@@ -163,6 +148,7 @@ def quantize_window_(
     local_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write `clamp(w / scale, +-max).to(fp8)` into `out_fp8` in place (its storage is kept); returns it.
+    An int8 `out_fp8` gets `round(clamp(w / scale, +-127))` (half to even), then the exact cast.
 
     `formula` other than STREAMQUANT runs that library's arithmetic (`fp8_formula.py`) with
     `local_factors` (default: the scales) as the kernel's divisor or multiplier, always eager and clamped.
@@ -178,7 +164,7 @@ def quantize_window_(
     if out_fp8.shape != w_local.shape:
         raise ValueError(f"output shape {tuple(out_fp8.shape)} != weight shape {tuple(w_local.shape)}")
     _check_local_grid(local_scale_grid, w_local, window, tile)
-    fmax = Fp8Format(out_fp8.dtype).max
+    fmax = CodeFormat(out_fp8.dtype).max
     if torch.promote_types(w_local.dtype, torch.float32) != torch.float32:
         w_local = w_local.float()  # the formula divides in float32, never in float64
     base = (window.row0 // tile[0], window.col0 // tile[1])
@@ -188,6 +174,8 @@ def quantize_window_(
                          f"scales {tuple(local_scale_grid.shape)}")
     formula = formula_of(formula)
     streamquant = formula is Formula.STREAMQUANT
+    if not streamquant and not out_fp8.dtype.is_floating_point:
+        raise ValueError(f"formula {formula.value!r} writes fp8 codes; {out_fp8.dtype} codes take the streamquant formula")
     compiled = (compiled and streamquant and w_local.device.type == "cpu"
                 and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS)
     step = _chunk_rows(w_local, window, compiled)
@@ -209,7 +197,7 @@ def quantize_window_(
 def dequantize_window(
     q: torch.Tensor, local_scale_grid: torch.Tensor, window: Window, tile: tuple[int, int], dtype: torch.dtype
 ) -> torch.Tensor:
-    """`q.float() * scale` per tile, cast to `dtype` (a new tensor shaped like `q`)."""
+    """`q.float() * scale` per tile (fp8 or int8 codes), cast to `dtype` (a new tensor shaped like `q`)."""
     _check(q, window, tile, "codes")
     _check_local_grid(local_scale_grid, q, window, tile)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
@@ -230,7 +218,7 @@ def _whole(w: torch.Tensor, granularity: Granularity) -> tuple[Window, tuple[int
     return Window(0, 0, rows, cols), tile_shape(granularity, (rows, cols))
 
 
-def compute_scales(w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN,
+def compute_scales(w: torch.Tensor, granularity: Granularity, fmt: CodeFormat = E4M3FN,
                    formula: Formula = Formula.STREAMQUANT) -> torch.Tensor:
     """The float32 scale grid [..., grid_rows, grid_cols] of a whole (unsharded) weight."""
     window, tile = _whole(w, granularity)
@@ -238,14 +226,14 @@ def compute_scales(w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E
 
 
 def quantize(
-    w: torch.Tensor, granularity: Granularity, fmt: Fp8Format = E4M3FN, compiled: bool = False,
+    w: torch.Tensor, granularity: Granularity, fmt: CodeFormat = E4M3FN, compiled: bool = False,
     formula: Formula = Formula.STREAMQUANT, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 codes shaped like `w`, float32 scale grid) of a whole weight; codes into `out` when given."""
+    """(codes shaped like `w`, float32 scale grid) of a whole weight; codes into `out` when given."""
     window, tile = _whole(w, granularity)
     scales, factors = formula_scales(window_amax(w, window, tile), fmt, formula, w.dtype)
     q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device) if out is None else out
-    quantize_window_(q, w, scales, window, tile, compiled, scales_cover_amax=True, formula=formula,
+    quantize_window_(q, w, scales, window, tile, compiled, scales_cover_amax=fmt.scales_cover_amax, formula=formula,
                      local_factors=factors)
     return q, scales
 

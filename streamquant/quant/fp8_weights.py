@@ -49,8 +49,8 @@ from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_formula import Formula
+from streamquant.quant.code_format import CodeFormat
 from streamquant.quant.fp8_math import (
-    Fp8Format,
     dequantize_window,
     formula_scales,
     local_scales,
@@ -65,10 +65,10 @@ MOE_SHARD_LABELS = {"w1": "gate", "w3": "up", "w2": "down"}
 
 @dataclass(frozen=True)
 class Fp8WeightSpec:
-    """How weights are quantized: scale granularity, fp8 format, compiled CPU kernel or not, formula."""
+    """How weights are quantized: scale granularity, code format (fp8, int8, MXFP8), compiled CPU kernel or not, formula."""
 
     granularity: Granularity
-    fmt: Fp8Format
+    fmt: CodeFormat
     compiled: bool = False
     formula: Formula = Formula.STREAMQUANT
 
@@ -223,7 +223,7 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
         tile_scales, factors = formula_scales(amax, spec.fmt, spec.formula, w.dtype)
         local.copy_(local_scales(tile_scales, lay.window, lay.tile))
         quantize_window_(codes[..., lay.rows, :], w[..., lay.rows, :], local, lay.window, lay.tile, spec.compiled,
-                         scales_cover_amax=True, formula=spec.formula,
+                         scales_cover_amax=spec.fmt.scales_cover_amax, formula=spec.formula,
                          local_factors=local_scales(factors, lay.window, lay.tile))
     if error_log is not None:
         _record_error(layer, name, slot, layouts, tp, error_log)

@@ -17,7 +17,8 @@ from streamquant import load_model
 from streamquant.launch import launch
 from streamquant.offline import quantize_checkpoint
 from streamquant.parallel import TPContext
-from streamquant.quant.fp8_math import E4M3FN, dequantize, quantize
+from streamquant.quant.code_format import E4M3FN
+from streamquant.quant.fp8_math import dequantize, quantize
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
 from streamquant.reload import inference_tensors, reload_weights
 

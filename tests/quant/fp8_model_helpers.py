@@ -19,14 +19,27 @@ from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
 
 from .fp8_reference import ref_dequantize, ref_quantize, to_f32
 
-SCHEMES = ("fp8", "fp8-channel", "fp8-block")
-GRANULARITY = {"fp8": PerTensor(), "fp8-channel": PerRow(), "fp8-block": PerBlock((128, 128))}
+FP8_SCHEMES = ("fp8", "fp8-channel", "fp8-block")  # the ones with a choice of fp8 dtype and formula
+SCHEMES = FP8_SCHEMES + ("int8", "mxfp8")
+GRANULARITY = {"fp8": PerTensor(), "fp8-channel": PerRow(), "fp8-block": PerBlock((128, 128)), "int8": PerRow(),
+               "mxfp8": PerBlock((1, 32))}
 # shard ids of the mapping rules -> the label of the logical shard they fill
 LABELS = {"q": "q", "k": "k", "v": "v", 0: "gate", 1: "up", "w1": "gate", "w3": "up", "w2": "down"}
 
 
 def ref_tile(scheme: str, shape) -> tuple[int, int]:
-    return {"fp8": tuple(shape), "fp8-channel": (1, shape[1]), "fp8-block": (128, 128)}[scheme]
+    return {"fp8": tuple(shape), "fp8-channel": (1, shape[1]), "fp8-block": (128, 128), "int8": (1, shape[1]),
+            "mxfp8": (1, 32)}[scheme]
+
+
+def code_dtype(scheme: str, fp8: torch.dtype) -> torch.dtype:
+    """The dtype a scheme's codes have (`fp8` is the fp8 schemes' choice)."""
+    return torch.int8 if scheme == "int8" else fp8
+
+
+def ref_scheme_quantize(w: np.ndarray, scheme: str, fp8: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The reference (codes, scales) of one logical weight under `scheme`."""
+    return ref_quantize(w, ref_tile(scheme, w.shape), code_dtype(scheme, fp8), mx=scheme == "mxfp8")
 
 
 def quantized_modules(model) -> dict[str, torch.nn.Module]:
@@ -68,7 +81,7 @@ def check_against_reference(model, path: Path, scheme: str, fp8: torch.dtype) ->
         if e is not None:
             codes, scales = codes[e], scales[e]
         w = w.to(model.params_dtype)  # the load converts the checkpoint to the model dtype first
-        ref_codes, ref_scales = ref_quantize(to_f32(w), ref_tile(scheme, w.shape), fp8)
+        ref_codes, ref_scales = ref_scheme_quantize(to_f32(w), scheme, fp8)
         ours = codes[layout.rows].contiguous().view(torch.uint8).numpy()
         np.testing.assert_array_equal(ours, ref_codes, err_msg=f"{name} ({label}, expert {e})")
         np.testing.assert_array_equal(scales[layout.scale_rows].numpy(), ref_scales, err_msg=f"{name} scales")
@@ -88,8 +101,9 @@ def write_dequantized_checkpoint(model, path: Path, scheme: str, fp8: torch.dtyp
     tensors = {name: t.float().clone() for name, t in iterate_weights(path)}
     for name, _, _, label, e, w in checkpoint_pieces(model, path):
         tile = ref_tile(scheme, w.shape)
-        codes, scales = ref_quantize(to_f32(w), tile, fp8)
-        deq = torch.from_numpy(ref_dequantize(codes, scales, tile, fp8, torch.float32).view(np.float32).copy())
+        codes, scales = ref_scheme_quantize(to_f32(w), scheme, fp8)
+        deq = torch.from_numpy(ref_dequantize(codes, scales, tile, code_dtype(scheme, fp8), torch.float32)
+                               .view(np.float32).copy())
         target = tensors[name] if e is None or tensors[name].dim() == 2 else tensors[name][e]
         if label in ("gate", "up") and target.shape[0] == 2 * w.shape[0]:
             half = w.shape[0]

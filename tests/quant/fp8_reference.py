@@ -1,10 +1,15 @@
-"""An independent fp8 reference: numpy float32 arithmetic and ml_dtypes' fp8 / bf16 casts.
+"""An independent reference for the 8-bit schemes: numpy float32 arithmetic and ml_dtypes' casts.
 
-Implements the formula of `streamquant.quant.fp8_math` the plain way: pad the global weight with
-zeros to whole tiles (zeros never raise an amax), reshape to [grid_rows, tile_rows, grid_cols,
-tile_cols], take max |w|, `scale = max(amax / fp8_max, 1 / (fp8_max * 512))` in float32, divide,
-clip, cast with ml_dtypes (round to nearest even), crop. No torch arithmetic is used: tensors come
-in and go out through their raw bits.
+Implements the formulas of `streamquant.quant.fp8_math` / `code_format` the plain way: pad the global
+weight with zeros to whole tiles (zeros never raise an amax), reshape to [grid_rows, tile_rows,
+grid_cols, tile_cols], take max |w|, then
+  - fp8: `scale = max(amax / fp8_max, 1 / (fp8_max * 512))` in float32, divide, clip, cast with
+    ml_dtypes (round to nearest even);
+  - int8: the same with max 127, then `np.rint` (half to even) and the integer cast;
+  - MX (`mx=True`): `scale = 2 ** clip(e - 1 - 8, -127, 127)` from `np.frexp(amax) = (m, e)`
+    (2^-127 for a zero block), checked to survive ml_dtypes' float8_e8m0fnu unchanged; divide, clip
+    to +-448, cast to e4m3fn;
+and crop. No torch arithmetic is used: tensors come in and go out through their raw bits.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import ml_dtypes
 import numpy as np
 import torch
 
-NUMPY_FP8 = {torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e4m3fnuz: ml_dtypes.float8_e4m3fnuz}
+NUMPY_FP8 = {torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e4m3fnuz: ml_dtypes.float8_e4m3fnuz,
+             torch.int8: np.int8}
 
 
 def to_f32(w: torch.Tensor) -> np.ndarray:
@@ -36,8 +42,8 @@ def bits(t: torch.Tensor) -> np.ndarray:
 
 
 def constants(fp8: torch.dtype) -> tuple[np.float32, np.float32]:
-    """(fp8_max, min_scale) as float32, from ml_dtypes' own finfo."""
-    fmax = float(ml_dtypes.finfo(NUMPY_FP8[fp8]).max)
+    """(code max, min_scale) as float32, from ml_dtypes' (numpy's for int8) own finfo / iinfo."""
+    fmax = float(np.iinfo(np.int8).max if fp8 == torch.int8 else ml_dtypes.finfo(NUMPY_FP8[fp8]).max)
     return np.float32(fmax), np.float32(1.0 / (fmax * 512.0))
 
 
@@ -54,22 +60,31 @@ def _expand(grid: np.ndarray, tile: tuple[int, int], shape: tuple[int, int]) -> 
     return full[: shape[0], : shape[1]]
 
 
-def ref_scales(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype) -> np.ndarray:
+def ref_scales(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, mx: bool = False) -> np.ndarray:
     fmax, min_scale = constants(fp8)
     amax = np.abs(_tiled(w, tile)).max(axis=(1, 3)).astype(np.float32)
+    if mx:
+        _, e = np.frexp(amax)
+        shared = np.where(amax > 0, np.clip(e - 1 - 8, -127, 127), -127)
+        scales = np.ldexp(np.float32(1), shared).astype(np.float32)
+        assert np.array_equal(scales.astype(ml_dtypes.float8_e8m0fnu).astype(np.float32), scales)
+        return scales
     return np.maximum(amax / fmax, min_scale).astype(np.float32)
 
 
 def ref_codes(w: np.ndarray, scales: np.ndarray, tile: tuple[int, int], fp8: torch.dtype) -> np.ndarray:
-    """uint8 codes of `clip(w / scale, +-max)` cast to fp8 by ml_dtypes."""
+    """uint8 bytes of `clip(w / scale, +-max)` cast to fp8 by ml_dtypes (int8: `np.rint`, then the cast)."""
     fmax, _ = constants(fp8)
     q = np.clip(w / _expand(scales, tile, w.shape), -fmax, fmax).astype(np.float32)
+    if fp8 == torch.int8:
+        return np.rint(q).astype(np.int8).view(np.uint8)
     return q.astype(NUMPY_FP8[fp8]).view(np.uint8)
 
 
-def ref_quantize(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 codes, float32 scale grid) of a global float32 weight."""
-    scales = ref_scales(w, tile, fp8)
+def ref_quantize(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, mx: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 code bytes, float32 scale grid) of a global float32 weight."""
+    scales = ref_scales(w, tile, fp8, mx)
     return ref_codes(w, scales, tile, fp8), scales
 
 

@@ -13,15 +13,8 @@ import torch
 
 import streamquant.quant.fp8_kernels as fp8_kernels
 import streamquant.quant.fp8_math as fp8_math
-from streamquant.quant.fp8_math import (
-    E4M3FN,
-    E4M3FNUZ,
-    local_scales,
-    quantize,
-    quantize_window_,
-    scale_from_amax,
-    window_amax,
-)
+from streamquant.quant.code_format import E4M3FN, E4M3FNUZ
+from streamquant.quant.fp8_math import local_scales, quantize, quantize_window_, scale_from_amax, window_amax
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
 
 from .fp8_reference import bits, ref_quantize, to_f32

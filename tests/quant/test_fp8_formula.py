@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from streamquant.quant.fp8_formula import Formula, formula_of
-from streamquant.quant.fp8_math import E4M3FN, quantize
+from streamquant.quant.code_format import E4M3FN
+from streamquant.quant.fp8_math import quantize
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
 
 

@@ -15,9 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamquant.quant.code_format import E4M3FN, E4M3FNUZ
 from streamquant.quant.fp8_math import (
-    E4M3FN,
-    E4M3FNUZ,
     dequantize,
     dequantize_window,
     local_scales,

@@ -18,7 +18,14 @@ from streamquant.api import load_model
 
 from hf_cases import CASE_IDS, CASES, hf_logits, make_checkpoint
 
-from .fp8_model_helpers import SCHEMES, check_against_reference, quantized_modules, write_dequantized_checkpoint
+from .fp8_model_helpers import (
+    FP8_SCHEMES,
+    SCHEMES,
+    check_against_reference,
+    code_dtype,
+    quantized_modules,
+    write_dequantized_checkpoint,
+)
 
 FP32_ATOL = 1e-4
 # Dynamic activations: ||ours - reference|| / ||reference|| over all logits. Each fp8 matmul adds
@@ -48,12 +55,12 @@ def test_codes_and_scales_equal_independent_reference(checkpoints, name, scheme)
     for module in quantized_modules(model).values():
         for pname, slot in module.checkpoint_params.items():
             assert slot.is_meta  # the high-precision copy was released
-            assert getattr(module, pname).dtype == torch.float8_e4m3fn
+            assert getattr(module, pname).dtype == code_dtype(scheme, torch.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3moe"])
 def test_e4m3fnuz_equals_reference(checkpoints, name):
-    for scheme in SCHEMES:
+    for scheme in FP8_SCHEMES:
         model = load_model(checkpoints[name], quantization=scheme, dtype=torch.bfloat16, fp8_dtype="e4m3fnuz")
         check_against_reference(model, checkpoints[name], scheme, torch.float8_e4m3fnuz)
         logits = model(input_ids(model.config.vocab_size))

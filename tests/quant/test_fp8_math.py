@@ -1,4 +1,5 @@
-"""fp8 math against the numpy + ml_dtypes reference, bit for bit, for a whole (single-rank) weight."""
+"""The 8-bit code math (fp8 e4m3fn / e4m3fnuz, int8, MXFP8) against the numpy + ml_dtypes reference, bit for
+bit, for a whole (single-rank) weight."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8, CodeFormat
 from streamquant.quant.fp8_math import (
-    E4M3FN,
-    E4M3FNUZ,
-    Fp8Format,
     check_finite,
     compute_scales,
     dequantize,
@@ -24,6 +23,12 @@ from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
 from .fp8_reference import NUMPY_FP8, bits, constants, ref_dequantize, ref_quantize, to_f32
 
 FORMATS = [E4M3FN, E4M3FNUZ]
+# Every code format the bitwise reference covers (int8 rounds, MX has power-of-two scales).
+ALL_FORMATS = FORMATS + [INT8, MXFP8]
+
+
+def fmt_id(fmt):
+    return str(fmt.dtype) + ("-mx" if fmt.mx else "")
 GRANULARITIES = [PerTensor(), PerRow(), PerBlock((128, 128)), PerBlock((32, 16))]
 
 
@@ -51,7 +56,7 @@ def weight(shape, dtype=torch.bfloat16, seed=0):
 def assert_matches_reference(w, granularity, fmt, dtype=torch.bfloat16):
     tile = ref_tile(granularity, w.shape)
     q, scales = quantize(w, granularity, fmt)
-    codes, ref_s = ref_quantize(to_f32(w), tile, fmt.dtype)
+    codes, ref_s = ref_quantize(to_f32(w), tile, fmt.dtype, mx=fmt.mx)
     assert q.dtype == fmt.dtype and q.shape == w.shape
     assert scales.dtype == torch.float32
     np.testing.assert_array_equal(bits(scales), ref_s.view(np.uint32))
@@ -66,7 +71,10 @@ def test_format_constants():
     assert E4M3FN.min_scale == 1.0 / (448.0 * 512.0)
     assert float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fnuz).max) == E4M3FNUZ.max
     with pytest.raises(ValueError):
-        Fp8Format(torch.bfloat16)
+        CodeFormat(torch.bfloat16)
+    with pytest.raises(ValueError, match="e4m3fn"):
+        CodeFormat(torch.int8, mx=True)
+    assert INT8.max == 127.0 and INT8.integer and not E4M3FN.integer
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
@@ -80,18 +88,19 @@ def test_torch_cast_rounds_like_ml_dtypes(fp8):
     np.testing.assert_array_equal(bits(x.to(fp8)), x.numpy().astype(NUMPY_FP8[fp8]).view(np.uint8))
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: str(f.dtype))
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=repr)
 @pytest.mark.parametrize("shape", [(256, 384), (300, 200), (129, 257), (1, 1), (7, 1000)])
 def test_quantize_bitwise_equals_reference(shape, granularity, fmt):
     assert_matches_reference(weight(shape), granularity, fmt)
 
 
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=fmt_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=repr)
-def test_other_weight_dtypes(dtype, granularity):
+def test_other_weight_dtypes(dtype, granularity, fmt):
     w = (torch.randn(200, 300, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
-    assert_matches_reference(w, granularity, E4M3FN, dtype=dtype)
+    assert_matches_reference(w, granularity, fmt, dtype=dtype)
 
 
 def test_float64_weight_is_rounded_to_float32_first():
@@ -111,7 +120,7 @@ def test_clamp_before_cast_saturates(fmt):
     assert not torch.isnan(q.float()).any()
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: str(f.dtype))
+@pytest.mark.parametrize("fmt", FORMATS + [INT8], ids=fmt_id)
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=repr)
 def test_zero_tensor_gets_min_scale_and_zero_codes(granularity, fmt):
     w = torch.zeros(130, 260, dtype=torch.bfloat16)
@@ -190,7 +199,7 @@ def test_mismatched_arguments_are_rejected():
         quantize(torch.ones(4, 4, dtype=torch.int32), PerRow())
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: str(f.dtype))
+@pytest.mark.parametrize("fmt", FORMATS + [INT8], ids=fmt_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_unclamped_fast_path_equals_clamped_when_scales_cover_amax(fmt, dtype):
     """`scales_cover_amax=True` drops the clamp; with amax-derived scales that is bitwise the same.

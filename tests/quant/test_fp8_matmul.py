@@ -10,7 +10,8 @@ import torch
 
 import streamquant.quant.fp8_linear as fp8_linear
 from streamquant.quant.fp8_linear import default_activation, fp8_matmul
-from streamquant.quant.fp8_math import E4M3FN, E4M3FNUZ, quantize_window_, scale_from_amax, window_amax
+from streamquant.quant.code_format import E4M3FN, E4M3FNUZ
+from streamquant.quant.fp8_math import quantize_window_, scale_from_amax, window_amax
 from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
 

@@ -28,6 +28,7 @@ from hf_cases import CASE_IDS, CASES, make_checkpoint
 from .fp8_model_helpers import GRANULARITY, SCHEMES, fp8_state, quantized_modules
 
 NAN = float("nan")
+INT8_SENTINEL = -128
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +52,25 @@ def meta_fp8_model(path, scheme, dtype=torch.float32):
         return get_model_class(config)(config, tp=TPContext(), quant_config=Fp8Config(scheme), params_dtype=dtype)
 
 
+def code_sentinel(dtype):
+    """What fresh code memory is filled with: NaN for fp8, -128 for int8 (symmetric int8 never writes it)."""
+    return INT8_SENTINEL if dtype == torch.int8 else NAN
+
+
+def unwritten_codes(codes):
+    """Where code bytes still hold the sentinel."""
+    if codes.dtype == torch.int8:
+        return codes == INT8_SENTINEL
+    return torch.isnan(codes.float())
+
+
 def nan_filled_stream(path, scheme, order):
-    """Stream into a meta model whose fp8 codes and scales were first given NaN-filled memory."""
+    """Stream into a meta model whose codes and scales were first given sentinel-filled memory."""
     model = meta_fp8_model(path, scheme)
     for module in quantized_modules(model).values():
         for pname in module.checkpoint_params:
-            materialize_(getattr(module, pname), "cpu", fill=NAN)
+            codes = getattr(module, pname)
+            materialize_(codes, "cpu", fill=code_sentinel(codes.dtype))
             materialize_(getattr(module, f"{pname}_scale"), "cpu", fill=NAN)
     stream_weights(model, order, model.weight_mapping, device="cpu", fill=NAN)
     return model
@@ -76,7 +90,8 @@ def test_any_order_gives_the_same_bits_and_writes_every_element(checkpoints, nam
             if key.endswith("_scale"):
                 assert not torch.isnan(value).any(), (label, key)
             else:
-                assert not torch.isnan(value.view(torch.float8_e4m3fn).float()).any(), (label, key)
+                live = dict(model.named_parameters())[key]
+                assert not unwritten_codes(live.detach()).any(), (label, key)
             assert torch.equal(value, reference[key]), (label, key)
         for module in quantized_modules(model).values():
             assert all(p.is_meta for p in module.checkpoint_params.values()), label
@@ -170,7 +185,7 @@ def _all_ranks(path, scheme):
     ("model.layers.0.mlp.down_proj.weight", (2, 90)),  # row parallel: column 90 of 96 is rank 1's half
     ("model.layers.0.self_attn.q_proj.weight", (40, 3)),  # column parallel: row 40 of 64 is rank 1's half
 ])
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-block", "int8", "mxfp8"])  # fp8-channel's tiles are int8's
 def test_non_finite_weight_fails_on_every_rank_without_hanging(checkpoints, tmp_path, scheme, tensor, index):
     """NaN in rank 1's half: both ranks raise (rank 0 learns it from the amax all-reduce, which runs
     at TP > 1 even where no scale tile straddles ranks), so neither waits in a later collective."""
@@ -194,13 +209,17 @@ def test_zero_rows_and_zero_tensors_get_floored_scales(checkpoints, tmp_path, sc
     model = load_model(path, quantization=scheme, dtype=torch.float32)
     modules = dict(model.named_modules())
     o_proj = modules["model.layers.1.self_attn.o_proj"]
-    min_scale = torch.tensor(1 / (448 * 512), dtype=torch.float32)
+    # the scale floor: 1 / (max * 512), and for MX the smallest E8M0 power of two
+    floor = {"int8": 1 / (127 * 512), "mxfp8": 2.0 ** -127}.get(scheme, 1 / (448 * 512))
+    min_scale = torch.tensor(floor, dtype=torch.float32)
     assert torch.equal(o_proj.weight_scale, min_scale.expand_as(o_proj.weight_scale))
     assert (o_proj.weight.view(torch.uint8) == 0).all()
     down = modules["model.layers.0.mlp.down_proj"]
     assert (down.weight[7].float() == 0).all() and torch.isfinite(down.weight_scale).all()
-    if scheme == "fp8-channel":
+    if scheme in ("fp8-channel", "int8"):
         assert down.weight_scale[7, 0] == min_scale
+    if scheme == "mxfp8":
+        assert (down.weight_scale[7] == min_scale).all()
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 

@@ -1,0 +1,82 @@
+"""The 8-bit code formats the online schemes store, and the scale rule of each.
+
+A `CodeFormat` is a storage dtype and its constants:
+  - float8_e4m3fn (max 448) / float8_e4m3fnuz (max 240): the fp8 schemes; codes are the float
+    cast (round to nearest even) of the clamped `w / scale`.
+  - int8 (max 127, symmetric: -128 is never written): codes are `round(clamp(w / scale, +-127))`,
+    round half to even (torch.round), then the exact cast to int8.
+Scales are float32 dequantization multipliers. Their rule:
+  - `mx=False`: `scale = max(amax / max, min_scale)` with `min_scale = 1 / (max * 512)`
+    (`fp8_formula.tile_scales`, the streamquant formula).
+  - `mx=True` (OCP Microscaling v1.0, section 6.3, the E8M0 shared scale of MXFP8): the power of two
+    `scale = 2 ** clamp(floor(log2(amax)) - emax, -127, 127)` with `emax = 8`, the exponent of
+    e4m3's largest power of two (256). `w / scale` can reach 511.9: values past 448 saturate (the
+    clamp is never skipped). A zero block gets 2^-127 (the E8M0 code 0). A power-of-two scale is
+    exact in float32 and converts to `torch.float8_e8m0fnu` without rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+CODE_DTYPES = FP8_DTYPES + (torch.int8,)
+MX_EMAX = 8  # floor(log2(448)): e4m3's largest power of two is 2^8
+E8M0_EXP_RANGE = (-127, 127)
+
+
+@dataclass(frozen=True)
+class CodeFormat:
+    """A code dtype (e4m3fn, e4m3fnuz or int8) and its constants; `mx`: power-of-two (E8M0) scales."""
+
+    dtype: torch.dtype
+    mx: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in CODE_DTYPES:
+            raise ValueError(f"{self.dtype} is not a code dtype; expected one of {', '.join(map(str, CODE_DTYPES))}")
+        if self.mx and self.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"MX (E8M0) scales are defined for float8_e4m3fn elements only, not {self.dtype}")
+
+    @property
+    def integer(self) -> bool:
+        """Codes are integers: quantization rounds before the cast (which would truncate)."""
+        return not self.dtype.is_floating_point
+
+    @property
+    def max(self) -> float:
+        """Largest code magnitude: 448 (e4m3fn), 240 (e4m3fnuz), 127 (int8)."""
+        if self.integer:
+            return float(torch.iinfo(self.dtype).max)
+        return float(torch.finfo(self.dtype).max)
+
+    @property
+    def min_scale(self) -> float:
+        """The scale floor `1 / (max * 512)` (not used by MX scales); used as a float32."""
+        return 1.0 / (self.max * 512.0)
+
+    @property
+    def scales_cover_amax(self) -> bool:
+        """Whether `scale >= amax / max` always holds, so quantizing needs no clamp (see
+        `fp8_kernels._quantize_piece_unclamped`); false for MX, whose floor-rounded scale saturates."""
+        return not self.mx
+
+
+E4M3FN = CodeFormat(torch.float8_e4m3fn)
+E4M3FNUZ = CodeFormat(torch.float8_e4m3fnuz)
+INT8 = CodeFormat(torch.int8)
+MXFP8 = CodeFormat(torch.float8_e4m3fn, mx=True)
+
+
+def mx_scales(amax: torch.Tensor) -> torch.Tensor:
+    """float32 `2 ** clamp(floor(log2(amax)) - 8, -127, 127)` per element of `amax` (float32, >= 0).
+
+    `torch.frexp` gives amax = m * 2^e with m in [0.5, 1), so floor(log2(amax)) = e - 1 exactly (no
+    float log). A zero amax has e = 0 and lands on the -127 floor, as every subnormal-small one does.
+    """
+    _, exponent = torch.frexp(amax.to(torch.float32))
+    shared = (exponent - 1 - MX_EMAX).clamp_(*E8M0_EXP_RANGE)
+    shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_EXP_RANGE[0]))
+    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), shared)

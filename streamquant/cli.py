@@ -81,13 +81,14 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
     add("--tp", type=int, default=None, metavar="N",
         help="tensor-parallel ranks, one process each (default: 1; under torchrun: its world size)")
     add("--quantization", choices=[q for q in SUPPORTED_QUANTIZATION if q] + ["none"], default=None,
-        help="quantize to fp8 while loading: per-tensor, per-output-channel or 128x128-block weight scales; "
-             "none: keep the checkpoint dtype (default: none; demo: fp8)")
+        help="quantize while loading: fp8 with per-tensor, per-output-channel or 128x128-block weight scales; "
+             "int8 with per-output-channel scales (W8A8 via torch._int_mm); mxfp8 (OCP MX: 1x32 blocks, "
+             "power-of-two scales); none: keep the checkpoint dtype (default: none; demo: fp8)")
     add("--fp8-dtype", default=None, choices=[k for k in FP8_DTYPES if not k.startswith("float8")],
-        help="fp8 format (default: e4m3fn, max 448; e4m3fnuz has max 240)")
+        help="fp8 format of the fp8 schemes (default: e4m3fn, max 448; e4m3fnuz has max 240)")
     add("--activation-scheme", default=None, choices=[a.value for a in ActivationScheme],
         help="dynamic: quantize activations at each matmul (default; a pre-quantized checkpoint: what it says); "
-             "none: fp8 weights only")
+             "none: quantized weights only (W8A16)")
     add("--formula", default=None, choices=[f.value for f in Formula],
         help="whose fp8 arithmetic: streamquant's (default; a pre-quantized checkpoint: the one it was written "
              "with), or compressed-tensors' / transformers' bit for bit")

@@ -13,7 +13,7 @@ import torch
 
 import streamquant.quant.fp8_kernels as fp8_kernels
 import streamquant.quant.fp8_math as fp8_math
-from streamquant.quant.code_format import E4M3FN, E4M3FNUZ
+from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
 from streamquant.quant.fp8_math import local_scales, quantize, quantize_window_, scale_from_amax, window_amax
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
 
@@ -39,8 +39,9 @@ def hard_weight(shape, seed=0):
 
 @pytest.mark.parametrize(
     "granularity, fmt",
-    [(PerTensor(), E4M3FN), (PerRow(), E4M3FNUZ), (PerBlock((128, 128)), E4M3FN)],
-    ids=["tensor-e4m3fn", "row-e4m3fnuz", "block-e4m3fn"],
+    [(PerTensor(), E4M3FN), (PerRow(), E4M3FNUZ), (PerBlock((128, 128)), E4M3FN), (PerRow(), INT8),
+     (PerBlock((1, 32)), MXFP8)],
+    ids=["tensor-e4m3fn", "row-e4m3fnuz", "block-e4m3fn", "row-int8", "mx-block-mxfp8"],
 )
 def test_compiled_quantize_is_bitwise_eager(granularity, fmt):
     w = hard_weight((2, 300, 260))
@@ -48,8 +49,8 @@ def test_compiled_quantize_is_bitwise_eager(granularity, fmt):
     q_comp, s_comp = quantize(w, granularity, fmt, compiled=True)
     assert torch.equal(s_comp, s_eager)
     assert torch.equal(q_comp.view(torch.uint8), q_eager.view(torch.uint8))
-    tile = {PerTensor: (300, 260), PerRow: (1, 260)}.get(type(granularity), (128, 128))
-    codes, _ = ref_quantize(to_f32(w[1]), tile, fmt.dtype)
+    tile = {PerTensor: (300, 260), PerRow: (1, 260)}.get(type(granularity), getattr(granularity, "block_size", None))
+    codes, _ = ref_quantize(to_f32(w[1]), tile, fmt.dtype, mx=fmt.mx)
     np.testing.assert_array_equal(bits(q_comp[1]), codes)
 
 

@@ -1,6 +1,7 @@
-"""fp8 matmul against an independent numpy reference: x and W quantized by `fp8_reference`
-(ml_dtypes), dequantized, multiplied in float64. Both code paths (`torch._scaled_mm` row-wise and
-dequantize-then-matmul) and fused layers whose logical shards have their own scales."""
+"""The quantized matmul against an independent numpy reference: x and W quantized by `fp8_reference`
+(ml_dtypes), dequantized, multiplied in float64. Every code path (`torch._scaled_mm` row-wise, int8
+`torch._int_mm`, dequantize-then-matmul), every code format (fp8, int8, MXFP8), and fused layers
+whose logical shards have their own scales."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 import streamquant.quant.fp8_linear as fp8_linear
 from streamquant.quant.fp8_linear import default_activation, fp8_matmul
-from streamquant.quant.code_format import E4M3FN, E4M3FNUZ
+from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
 from streamquant.quant.fp8_math import quantize_window_, scale_from_amax, window_amax
 from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
@@ -36,23 +37,28 @@ def fused_weight(granularity, fmt, k):
         scales[lay.scale_rows] = scale_from_amax(amax, fmt)
         quantize_window_(codes[lay.rows], w, scales[lay.scale_rows], lay.window, lay.tile)
         tile = ref_tile(granularity, w.shape)
-        c, s = ref_quantize(to_f32(w), tile, fmt.dtype)
+        c, s = ref_quantize(to_f32(w), tile, fmt.dtype, mx=fmt.mx)
         ref.append(ref_dequantize(c, s, tile, fmt.dtype, torch.float32).view(np.float32).astype(np.float64))
     return codes, scales, layouts, np.concatenate(ref)
 
 
 def ref_activation(x, activation, fmt):
     tile = ref_tile(activation, x.shape)
-    c, s = ref_quantize(to_f32(x), tile, fmt.dtype)
+    c, s = ref_quantize(to_f32(x), tile, fmt.dtype, mx=fmt.mx)
     return ref_dequantize(c, s, tile, fmt.dtype, torch.float32).view(np.float32).astype(np.float64)
 
 
-@pytest.mark.parametrize("scaled_mm", [True, False], ids=["scaled_mm", "dequantize"])
-@pytest.mark.parametrize("fmt", [E4M3FN, E4M3FNUZ], ids=["e4m3fn", "e4m3fnuz"])
-@pytest.mark.parametrize("granularity", [PerTensor(), PerRow(), PerBlock((128, 128))], ids=repr)
-def test_matmul_equals_reference(granularity, fmt, scaled_mm, monkeypatch):
-    if not scaled_mm:
+CASES = [(g, f) for g in (PerTensor(), PerRow(), PerBlock((128, 128))) for f in (E4M3FN, E4M3FNUZ)]
+CASES += [(PerRow(), INT8), (PerBlock((1, 32)), MXFP8)]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["scaled_or_int_mm", "dequantize"])
+@pytest.mark.parametrize(("granularity", "fmt"), CASES,
+                         ids=lambda v: repr(v) if not hasattr(v, "dtype") else str(v.dtype) + ("-mx" if v.mx else ""))
+def test_matmul_equals_reference(granularity, fmt, fast, monkeypatch):
+    if not fast:
         monkeypatch.setattr(fp8_linear, "rowwise_scaled_mm_supported", lambda *args: False)
+        monkeypatch.setattr(fp8_linear, "int_mm_supported", lambda *args: False)
     k = 200
     codes, scales, layouts, w_ref = fused_weight(granularity, fmt, k)
     x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(1))
@@ -65,10 +71,11 @@ def test_matmul_equals_reference(granularity, fmt, scaled_mm, monkeypatch):
     np.testing.assert_allclose(y.double().numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("granularity", [PerTensor(), PerRow(), PerBlock((128, 128))], ids=repr)
-def test_weight_only_is_linear_on_dequantized_weight(granularity):
-    codes, scales, layouts, w_ref = fused_weight(granularity, E4M3FN, 64)
+@pytest.mark.parametrize(("granularity", "fmt"), [(PerTensor(), E4M3FN), (PerRow(), E4M3FN), (PerBlock((128, 128)), E4M3FN),
+                                                  (PerRow(), INT8), (PerBlock((1, 32)), MXFP8)], ids=str)
+def test_weight_only_is_linear_on_dequantized_weight(granularity, fmt):
+    codes, scales, layouts, w_ref = fused_weight(granularity, fmt, 64)
     x = torch.randn(4, 64, dtype=torch.float32)
-    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(granularity, E4M3FN), None)
+    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(granularity, fmt), None)
     expected = torch.nn.functional.linear(x, torch.from_numpy(w_ref).float())
     assert torch.equal(y, expected)

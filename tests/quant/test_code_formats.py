@@ -1,0 +1,121 @@
+"""What int8 and MXFP8 add to the fp8 machinery, checked at their edges against independent arithmetic:
+int8 rounds half to even and never writes -128; MX scales are E8M0 powers of two (every positive bf16
+amax against numpy's frexp and ml_dtypes' float8_e8m0fnu), saturate past 448, and give a zero block
+2^-127; the int8 `_int_mm` product is bitwise the int64 numpy product scaled in the same order; the
+options that do not apply to a scheme are refused by name."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from streamquant.api import UnsupportedQuantizationError, load_model
+from streamquant.offline import quantize_checkpoint
+from streamquant.quant.code_format import INT8, MXFP8, mx_scales
+from streamquant.quant.fp8_config import Fp8Config
+from streamquant.quant.fp8_linear import fp8_matmul
+from streamquant.quant.fp8_math import dequantize, quantize, quantize_window_
+from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
+from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
+
+from hf_cases import CASES, make_checkpoint
+
+from .fp8_reference import ref_quantize, to_f32
+
+
+def test_int8_rounds_half_to_even_and_is_symmetric():
+    # amax 127 -> scale exactly 1, so w / scale is w itself
+    w = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -127.0, 3.49, -3.51]])
+    q, s = quantize(w, PerRow(), INT8)
+    assert s.item() == 1.0
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, 126, -127, 3, -4]]
+    # a foreign (too small) scale saturates at +-127: -128 is never written
+    out = torch.empty(1, 4, dtype=torch.int8)
+    quantize_window_(out, torch.tensor([[1e4, -1e4, -127.6, 0.4]]), torch.ones(1, 1), Window(0, 0, 1, 4), (1, 4))
+    assert out.tolist() == [[127, -127, -127, 0]]
+
+
+def test_int8_round_trip_error_is_half_a_step():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    q, s = quantize(w, PerRow(), INT8)
+    err = (dequantize(q, s, PerRow(), torch.float32) - w).abs()
+    assert bool((err <= s * (0.5 + 1e-6)).all())
+    assert int(q.min()) >= -127
+
+
+def test_mx_scales_of_every_positive_bf16_amax_are_e8m0_powers_of_two():
+    """All 32640 finite positive bf16 values (and zero) as block amaxes, against numpy's frexp."""
+    amax = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    ours = mx_scales(amax)
+    _, e = np.frexp(amax.numpy())
+    exponent = np.where(amax.numpy() > 0, np.clip(e - 1 - 8, -127, 127), -127)
+    np.testing.assert_array_equal(ours.numpy(), np.ldexp(np.float32(1), exponent).astype(np.float32))
+    # storable as E8M0 without rounding, in torch's and in ml_dtypes' own format
+    assert torch.equal(ours.to(torch.float8_e8m0fnu).float(), ours)
+    np.testing.assert_array_equal(ours.numpy().astype(ml_dtypes.float8_e8m0fnu).astype(np.float32), ours.numpy())
+    # every non-zero block lands in [256, 512) before saturation: the OCP "largest power of two" rule
+    nonzero = amax > 2.0 ** -118
+    ratio = amax[nonzero] / ours[nonzero]
+    assert bool(((ratio >= 256) & (ratio < 512)).all())
+
+
+def test_mx_saturates_past_448_and_zero_blocks_get_the_smallest_scale():
+    w = torch.zeros(2, 64)
+    w[0, :5] = torch.tensor([511.0, 480.0, 464.0, 448.0, -500.0])  # amax 511: scale 2^(8 - 8) = 1
+    q, s = quantize(w, PerBlock((1, 32)), MXFP8)
+    assert s.tolist() == [[1.0, 2.0 ** -127], [2.0 ** -127, 2.0 ** -127]]
+    assert q[0, :5].float().tolist() == [448.0, 448.0, 448.0, 448.0, -448.0]
+    assert not torch.isnan(q.float()).any() and (q[1].view(torch.uint8) == 0).all()
+    assert s.to(torch.float8_e8m0fnu).view(torch.uint8)[1].tolist() == [0, 0]  # E8M0 code 0 is 2^-127
+
+
+def test_int8_int_mm_product_is_bitwise_the_integer_product_scaled():
+    """W8A8: int32 accumulation (exact; numpy int64 here) then `* scale_x * scale_w` in float32."""
+    gen = torch.Generator().manual_seed(3)
+    rows, k = 48, 200
+    w, x, bias = torch.randn(rows, k, generator=gen), torch.randn(7, k, generator=gen), torch.randn(rows, generator=gen)
+    layouts = shard_layouts((LogicalShard("", Window(0, 0, rows, k)),), PerRow())
+    codes, scales = quantize(w, PerRow(), INT8)
+    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(PerRow(), INT8), PerRow(), bias)
+    xc, xs = ref_quantize(to_f32(x), (1, k), torch.int8)
+    wc, ws = ref_quantize(to_f32(w), (1, k), torch.int8)
+    np.testing.assert_array_equal(codes.view(torch.uint8).numpy(), wc)
+    acc = xc.view(np.int8).astype(np.int64) @ wc.view(np.int8).astype(np.int64).T
+    assert np.abs(acc).max() < 2 ** 31
+    expected = (acc.astype(np.float32) * xs) * ws.reshape(1, -1) + bias.numpy()
+    np.testing.assert_array_equal(y.numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize(("scheme", "options", "match"), [
+    ("int8", {"fp8_dtype": "e4m3fnuz"}, r"fp8_dtype='e4m3fnuz' does not apply to quantization='int8'"),
+    ("mxfp8", {"fp8_dtype": "e4m3fnuz"}, r"MXFP8 elements are e4m3fn"),
+    ("mxfp8", {"formula": "transformers"}, r"quantization='mxfp8' has the streamquant formula only"),
+    ("int8", {"formula": "compressed-tensors"}, r"quantization='int8' has the streamquant formula only"),
+])
+def test_options_that_do_not_apply_are_refused(scheme, options, match):
+    with pytest.raises(ValueError, match=match):
+        Fp8Config(scheme, **options)
+
+
+def test_mxfp8_accepts_its_own_fp8_dtype_and_int8_has_none():
+    assert Fp8Config("mxfp8", fp8_dtype="e4m3fn").fp8_dtype == torch.float8_e4m3fn
+    assert Fp8Config("int8").fp8_dtype is None and Fp8Config("int8").weight_spec.fmt == INT8
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_checkpoint(next(c for c in CASES if c.name == "llama"), tmp_path_factory.mktemp("code_formats"))
+
+
+def test_block_size_is_for_fp8_block_only(llama):
+    with pytest.raises(ValueError, match="block_size applies to quantization='fp8-block' only, not 'mxfp8'"):
+        load_model(llama, quantization="mxfp8", block_size=(1, 64))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "mxfp8"])
+def test_on_disk_formats_refuse_the_online_only_schemes(llama, tmp_path, scheme):
+    with pytest.raises(UnsupportedQuantizationError, match=rf"quantization='{scheme}' is online only"):
+        quantize_checkpoint(llama, tmp_path / "out", scheme)
+    assert not (tmp_path / "out").exists()

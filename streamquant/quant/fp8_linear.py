@@ -9,9 +9,9 @@
       sm90+ with bf16 output): `_scaled_mm(x_q, W_q.T, scale_a=[N, 1], scale_b=[1, out])`. A
       fused layer's per-shard per-tensor scales are expanded to one scale per output row, so q, k
       and v keep their own scales in a single matmul.
-    * int8 codes (per-row weights, per-token activations) where `torch._int_mm` runs (CPU; CUDA with
-      more than 16 rows): the exact int32 product, then `acc.float() * scale_x[N, 1] * scale_w[1, out]`
-      (+ bias) in float32, rounded once to the output dtype.
+    * int8 codes (per-row weights, per-token activations): the exact int32 product (`matmul.int8_mm`:
+      `torch._int_mm` or an exact float32 route, the same bits), then
+      `acc.float() * scale_x[N, 1] * scale_w[1, out]` (+ bias) in float32, rounded once to the output dtype.
     * otherwise (128x128 blocks or MX 1x32 blocks everywhere, older GPUs, float16/float32 output on CUDA): both
       operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
   The bias is added to the product before its one rounding to the output dtype, as `F.linear` and
@@ -58,7 +58,7 @@ from streamquant.quant.fp8_weights import (
     shard_layouts,
 )
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
-from streamquant.quant.matmul import linear
+from streamquant.quant.matmul import int8_mm, linear
 from streamquant.quant.unquantized import linear_weight
 
 
@@ -73,14 +73,6 @@ def rowwise_scaled_mm_supported(device: torch.device, out_dtype: torch.dtype, k:
         return (major_minor >= (9, 0) and out_dtype == torch.bfloat16 and fp8_dtype == torch.float8_e4m3fn
                 and k % 16 == 0 and n % 16 == 0)
     return False
-
-
-def int_mm_supported(device: torch.device, rows: int, k: int, n: int) -> bool:
-    """Whether `torch._int_mm` multiplies int8 [rows, k] by [k, n] on `device` (CPU: any shape;
-    CUDA: more than 16 rows, k and n multiples of 8)."""
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and rows > 16 and k % 8 == 0 and n % 8 == 0
 
 
 def quantize_activation(x2: torch.Tensor, activation: Granularity, fmt: CodeFormat, columns: Window,
@@ -118,8 +110,8 @@ def fp8_matmul(
     x2 = x.reshape(-1, k)
     rowwise = isinstance(spec.granularity, (PerTensor, PerRow)) and isinstance(activation, PerRow)
     xq, sx, window, tile = quantize_activation(x2, activation, spec.fmt, layouts[0].window, reduce_over)
-    if rowwise and spec.fmt.integer and int_mm_supported(x.device, x2.shape[0], k, codes.shape[0]):
-        y = torch._int_mm(xq, codes.t()).float().mul_(sx).mul_(row_scales(scales, layouts).unsqueeze(0))
+    if rowwise and spec.fmt.integer:
+        y = int8_mm(xq, codes.t()).float().mul_(sx).mul_(row_scales(scales, layouts).unsqueeze(0))
         y = (y if bias is None else y.add_(bias.float())).to(out_dtype)
     elif rowwise and not spec.fmt.integer and rowwise_scaled_mm_supported(x.device, out_dtype, k, codes.shape[0],
                                                                            codes.dtype):

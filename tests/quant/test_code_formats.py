@@ -19,6 +19,7 @@ from streamquant.quant.fp8_linear import fp8_matmul
 from streamquant.quant.fp8_math import dequantize, quantize, quantize_window_
 from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
+from streamquant.quant.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS, int8_mm
 
 from hf_cases import CASES, make_checkpoint
 
@@ -71,7 +72,7 @@ def test_mx_saturates_past_448_and_zero_blocks_get_the_smallest_scale():
     assert s.to(torch.float8_e8m0fnu).view(torch.uint8)[1].tolist() == [0, 0]  # E8M0 code 0 is 2^-127
 
 
-def test_int8_int_mm_product_is_bitwise_the_integer_product_scaled():
+def test_int8_w8a8_matmul_is_bitwise_the_integer_product_scaled():
     """W8A8: int32 accumulation (exact; numpy int64 here) then `* scale_x * scale_w` in float32."""
     gen = torch.Generator().manual_seed(3)
     rows, k = 48, 200
@@ -86,6 +87,20 @@ def test_int8_int_mm_product_is_bitwise_the_integer_product_scaled():
     assert np.abs(acc).max() < 2 ** 31
     expected = (acc.astype(np.float32) * xs) * ws.reshape(1, -1) + bias.numpy()
     np.testing.assert_array_equal(y.numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("rows", [1, INT_MM_CPU_MAX_ROWS, INT_MM_CPU_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("depth", [7, INT8_EXACT_DEPTH, 2 * INT8_EXACT_DEPTH + 5])
+def test_int8_mm_is_the_exact_integer_product_on_every_route(rows, depth):
+    """`torch._int_mm` (few rows) and the float32 route (more rows) both give numpy's int64 product,
+    at the extremes too (every code +-127: the largest partial sums a slice can reach)."""
+    gen = torch.Generator().manual_seed(depth)
+    a = torch.randint(-127, 128, (rows, depth), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (depth, 33), generator=gen, dtype=torch.int8)
+    a[0], b[:, 0], b[:, 1] = 127, 127, -127
+    out = int8_mm(a, b)
+    assert out.dtype == torch.int32
+    np.testing.assert_array_equal(out.numpy(), a.numpy().astype(np.int64) @ b.numpy().astype(np.int64))
 
 
 @pytest.mark.parametrize(("scheme", "options", "match"), [

@@ -58,7 +58,6 @@ CASES += [(PerRow(), INT8), (PerBlock((1, 32)), MXFP8)]
 def test_matmul_equals_reference(granularity, fmt, fast, monkeypatch):
     if not fast:
         monkeypatch.setattr(fp8_linear, "rowwise_scaled_mm_supported", lambda *args: False)
-        monkeypatch.setattr(fp8_linear, "int_mm_supported", lambda *args: False)
     k = 200
     codes, scales, layouts, w_ref = fused_weight(granularity, fmt, k)
     x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(1))

@@ -51,12 +51,15 @@ from streamquant.parallel import TPContext
 from streamquant.prequantized import prequantized_plan, prequantized_tensors
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
+from streamquant.quant.torchao_config import TORCHAO_PRESETS, TorchaoConfig, inner_tensors, is_torchao_scheme, resolve
 
 # Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
-SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in Fp8Scheme))
+SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in Fp8Scheme), *TORCHAO_PRESETS)
 # Options `load_model` accepts with an fp8 scheme (see `make_quant_config`).
 FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "compile", "formula",
                "tp_invariant_activations", "measure_error")
+# Options `load_model` accepts with a torchao scheme.
+TORCHAO_OPTIONS = ("ignore", "measure_error")
 
 # Read-only: accepted dtype spellings (CLI and API alike).
 DTYPE_NAMES = MappingProxyType(
@@ -101,7 +104,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(DTYPE_NAMES)}")
 
 
-def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Fp8Config | None:
+def make_quant_config(quantization: Any, options: dict[str, Any]) -> Fp8Config | TorchaoConfig | None:
     """The quant config for scheme `quantization` with its `options` (None: unquantized).
 
     Options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"; not for int8 / mxfp8), `activation_scheme` ("dynamic"
@@ -112,7 +115,18 @@ def make_quant_config(quantization: str | None, options: dict[str, Any]) -> Fp8C
     the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
     scales: one small collective per row-parallel matmul, see `quant/fp8_linear.py`), `measure_error`
     (record per-weight SQNR). Every option is validated here.
+
+    torchao (`quant/torchao_config.py`): `quantization` a preset name ("torchao:int8-weight-only", ...)
+    or a torchao `AOBaseConfig` object; options `ignore` and `measure_error`.
     """
+    if is_torchao_scheme(quantization):
+        unknown = sorted(set(options) - set(TORCHAO_OPTIONS))
+        if unknown:
+            raise QuantizationOptionError(f"load_model() got unknown option(s) for a torchao scheme: {', '.join(unknown)}; "
+                                          f"accepted: {', '.join(TORCHAO_OPTIONS)}")
+        config, name = resolve(quantization)
+        error_log = QuantErrorLog() if options.get("measure_error") else None
+        return TorchaoConfig(config, name, ignore=options.get("ignore", ()), error_log=error_log)
     if quantization not in SUPPORTED_QUANTIZATION:
         supported = ", ".join(repr(q) for q in SUPPORTED_QUANTIZATION)
         raise UnsupportedQuantizationError(f"unsupported quantization {quantization!r}; supported values: {supported}")
@@ -146,9 +160,10 @@ def check_ignore_patterns(model: torch.nn.Module, config: Fp8Config | None) -> N
 
 
 def fp8_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of 8-bit code parameters (fp8 or int8; distinct tensors) on this rank."""
+    """Bytes of 8-bit code tensors (fp8 or int8, torchao weights' inner codes included) on this rank."""
     codes = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.int8)
-    return sum(p.numel() for p in model.parameters() if p.dtype in codes and not p.is_meta)
+    inner = [t for p in model.parameters() for t in inner_tensors(p).values()]
+    return sum(t.numel() for t in inner if t.dtype in codes and not t.is_meta)
 
 
 def make_offload_plan(offload_before_quant: bool, quantize_on: str | None, *, quantization: str | None,
@@ -186,7 +201,8 @@ def model_storage_bytes(model: torch.nn.Module) -> int:
     """
     seen: set[tuple[str, int]] = set()
     total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
+    tensors = [*model.parameters(), *model.buffers()]
+    for tensor in [plain for t in tensors for plain in inner_tensors(t).values()]:  # tensor subclasses: their insides
         storage = tensor.untyped_storage()
         key = (str(tensor.device), storage.data_ptr())
         if tensor.is_meta:  # never written (strict=False): no memory
@@ -230,8 +246,9 @@ def load_model(
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
 
-    `quantization`: None, "fp8", "fp8-channel", "fp8-block", "int8" or "mxfp8" (`quant/fp8_config.py`);
-    `options` are the options of `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
+    `quantization`: None, "fp8", "fp8-channel", "fp8-block", "int8" or "mxfp8" (`quant/fp8_config.py`), or
+    a torchao scheme: a preset name ("torchao:int8-weight-only", ...) or any torchao `AOBaseConfig`
+    that applies to `nn.Linear` (`quant/torchao_config.py`); `options` are the options of `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
     is loaded as it is: `quantization` may be None or must agree, `activation_scheme` and `formula`
     may be given (the formula a later bf16 reload quantizes with), and `model.prequantized` holds
     what its config said (None for high-precision checkpoints). `tp` defaults to the initialized process group (or a single rank).
@@ -295,7 +312,7 @@ def load_model(
         checkpoint_bytes=checkpoint_bytes(checkpoint),
         model_bytes=model_storage_bytes(model),
         load_seconds=time.perf_counter() - start - (error_log.seconds if error_log else 0.0),
-        quantization=quantization,
+        quantization=quant_config.name if isinstance(quant_config, TorchaoConfig) else quantization,
         fp8_weight_bytes=fp8_weight_bytes(model),
         quantization_error=error_log.summary() if error_log else None,
     )

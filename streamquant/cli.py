@@ -147,7 +147,7 @@ def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     given = dict(fp8_dtype=options.get("fp8_dtype"), activation_scheme=options.get("activation_scheme"),
                  ignore=options.get("ignore") or None, formula=options.get("formula"),
                  measure_error=options.get("measure_error") or None,
-                 tp_invariant_activations=options.get("tp_invariant_activations"))
+                 tp_invariant_activations=options.get("tp_invariant_activations") or None)
     fp8 = {k: v for k, v in given.items() if v is not None}  # fp8 options; load_model says when one needs a scheme
     with PeakMemorySampler(options["device"]) as sampler:
         model = load_model(

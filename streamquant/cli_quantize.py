@@ -11,10 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
-from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION
+from streamquant.api import DTYPE_NAMES
 from streamquant.cli_input import byte_size, count
 from streamquant.formats import DEFAULT_FORMAT, FORMATS
 from streamquant.offline import quantize_checkpoint
+from streamquant.offline.plan import OFFLINE_SCHEMES
 from streamquant.offline.quantize import DEFAULT_MAX_SHARD_BYTES
 from streamquant.quant.fp8_config import ActivationScheme
 from streamquant.quant.fp8_formula import Formula
@@ -26,7 +27,7 @@ def add_quantize_command(commands) -> None:
     add = q.add_argument
     add("src", help="high-precision checkpoint directory or Hugging Face hub id")
     add("dst", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
-    add("--quantization", required=True, choices=[s for s in SUPPORTED_QUANTIZATION if s],
+    add("--quantization", required=True, choices=[s.value for s in OFFLINE_SCHEMES],
         help="per-tensor, per-output-channel or 128x128-block weight scales")
     add("--format", default=DEFAULT_FORMAT, choices=list(FORMATS),
         help=f"on-disk format (default: {DEFAULT_FORMAT}; hf-fp8 stores block scales only)")

@@ -76,12 +76,14 @@ def _tracked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> It
 
 
 def inference_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor a reload writes, by name: loadable parameters with storage, and fp8 codes and scales."""
+    """Every tensor a reload writes, by name: loadable parameters with storage, and the tensors quant
+    methods derive from checkpoint-format weights (`derived_tensors`: fp8 / int8 codes and scales, a
+    torchao weight's inner tensors)."""
     out = {n: p for n, p in loadable_parameters(model).items() if not p.is_meta}
     for mod_name, module in model.named_modules():
-        for name in getattr(module, "checkpoint_params", None) or {}:
-            for derived in (name, f"{name}_scale"):
-                out[f"{mod_name}.{derived}"] = getattr(module, derived)
+        if getattr(module, "checkpoint_params", None):
+            for name, tensor in module.quant_method.derived_tensors(module).items():
+                out[f"{mod_name}.{name}"] = tensor
     return out
 
 

@@ -72,7 +72,7 @@ def test_load_writes_json(checkpoint, tmp_path, capsys):
     assert "peak memory" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "fp8-block", "int8", "mxfp8"])
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "fp8-block", "int8", "mxfp8", "torchao:int8-weight-only"])
 def test_load_fp8_reports_quantization(checkpoint, tmp_path, capsys, scheme):
     out = tmp_path / "load.json"
     assert cli.main(["load", str(checkpoint), "--quantization", scheme, "--measure-error", "--json", str(out)]) == 0

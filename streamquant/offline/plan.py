@@ -66,7 +66,7 @@ class QuantizePlan:
 
     def __init__(self, hf_config, quantization: str, fmt: CheckpointFormat, dtype: torch.dtype, **options):
         self.config: Fp8Config = make_quant_config(quantization, options)
-        if self.config.scheme not in OFFLINE_SCHEMES:
+        if not isinstance(self.config, Fp8Config) or self.config.scheme not in OFFLINE_SCHEMES:
             raise UnsupportedQuantizationError(
                 f"quantization={quantization!r} is online only (load_model, reload_weights): the on-disk formats and "
                 f"trainer-side quantization write fp8 codes; choose one of {', '.join(s.value for s in OFFLINE_SCHEMES)}")

@@ -5,11 +5,16 @@ loader fills them through each parameter's `weight_loader`, the load calls
 `process_weights_after_loading` once a layer is complete, and `forward` calls `apply`.
 A `QuantConfig` picks the method for each layer by the layer's kind and prefix (its module name).
 
-The unquantized methods live in `unquantized.py`; fp8 methods implement the same protocols.
+The unquantized methods live in `unquantized.py`; the 8-bit (`fp8_config.py`) and torchao
+(`torchao_config.py`) methods implement the same protocols. A method that keeps checkpoint-format
+weights in `layer.checkpoint_params` and derives what it computes with from them also defines
+`derived_tensors(layer) -> {name: tensor}`: the derived tensors a reload writes in place (and an
+atomic reload snapshots), by name under the layer.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -99,3 +104,15 @@ class EmbeddingMethod(Protocol):
     def embedding(self, layer: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor: ...
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def check_ignore(ignore) -> tuple[str, ...]:
+    """A config's `ignore` as a tuple of valid regexes (matched with `re.search` against layer prefixes)."""
+    if isinstance(ignore, str):
+        raise TypeError("ignore must be a sequence of regexes, not one string")
+    for pattern in ignore:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {e}") from None
+    return tuple(ignore)

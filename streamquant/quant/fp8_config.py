@@ -29,7 +29,7 @@ from types import MappingProxyType
 
 import torch
 
-from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
+from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod, check_ignore
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_formula import Formula, formula_of
 from streamquant.quant.fp8_linear import Fp8LinearMethod, default_activation
@@ -110,14 +110,7 @@ class Fp8Config:
         object.__setattr__(self, "fp8_dtype", _fp8_dtype(self.fp8_dtype, self.scheme))
         object.__setattr__(self, "activation_scheme",
                            _choice(ActivationScheme, self.activation_scheme, "activation_scheme"))
-        if isinstance(self.ignore, str):
-            raise TypeError("ignore must be a sequence of regexes, not one string")
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {e}") from None
+        object.__setattr__(self, "ignore", check_ignore(self.ignore))
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
         object.__setattr__(self, "formula", formula_of(self.formula))
         if self.formula is not Formula.STREAMQUANT and self.scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8):

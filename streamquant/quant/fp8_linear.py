@@ -48,6 +48,7 @@ from streamquant.quant.fp8_math import (
     window_amax,
 )
 from streamquant.quant.fp8_weights import (
+    derived_tensors,
     Fp8WeightSpec,
     ShardLayout,
     create_fp8_weight,
@@ -145,6 +146,9 @@ class Fp8LinearMethod:
         create_fp8_weight(layer, "weight", checkpoint_weight, self.spec)
         self.tp = tp  # the context the weight is split over (a replicated layer gets a single rank)
         self.layouts = shard_layouts(layer.logical_shards["weight"], self.spec.granularity)
+
+    def derived_tensors(self, layer) -> dict[str, torch.Tensor]:
+        return derived_tensors(layer)
 
     def process_weights_after_loading(self, layer) -> None:
         quantize_layer_weight_(layer, "weight", self.spec, self.tp, self.error_log)

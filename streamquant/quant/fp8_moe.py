@@ -8,9 +8,12 @@ scales (per expert, and per logical shard: gate and up get separate scales, as s
 
 from __future__ import annotations
 
+import torch
+
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_linear import fp8_matmul
 from streamquant.quant.fp8_weights import (
+    derived_tensors,
     Fp8WeightSpec,
     create_fp8_weight,
     quantize_layer_weight_,
@@ -40,6 +43,9 @@ class Fp8MoEMethod:
             create_fp8_weight(layer, name, checkpoint_weight, self.spec)
         self.tp = tp
         self.layouts = {name: shard_layouts(layer.logical_shards[name], self.spec.granularity) for name in WEIGHTS}
+
+    def derived_tensors(self, layer) -> dict[str, torch.Tensor]:
+        return derived_tensors(layer)
 
     def process_weights_after_loading(self, layer) -> None:
         for name in WEIGHTS:

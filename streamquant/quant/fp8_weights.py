@@ -230,6 +230,11 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
     return True
 
 
+def derived_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The codes and scales of every quantized parameter of `layer`, by name (what a reload writes)."""
+    return {derived: getattr(layer, derived) for name in layer.checkpoint_params for derived in (name, f"{name}_scale")}
+
+
 def require_quantized(layer: torch.nn.Module, name: str) -> None:
     """Raise if `layer.<name>` never received fp8 codes (its load was incomplete, e.g. strict=False)."""
     if getattr(layer, name).is_meta:

@@ -3,7 +3,7 @@
 On the synthetic checkpoint of `--spec` (default `demo`: 12 Llama layers of hidden 1024, ~400 MB in
 bf16), one row per scheme (`--rows`, default all): bf16 (none), fp8, fp8-channel, fp8-block, int8
 (W8A8: per-token int8 activations, `torch._int_mm`), int8-wo (int8 weights, bf16 activations),
-mxfp8, mxfp8-wo, and the torchao presets that run on CPU (`quant/torchao_config.py`, needs torchao):
+mxfp8, mxfp8-wo, int4 (W4A16, groups of 128, packed), and the torchao presets that run on CPU (`quant/torchao_config.py`, needs torchao):
 ao-int8-wo, ao-int8-dyn, ao-fp8-wo, ao-int4-wo (int4 weights, groups of 32), ao-int8-int4 (int8 dynamic
 activations, int4 weights). Each repeat of each row runs in a fresh child (round-robin over rows) that measures:
   model MiB       bytes of the loaded model's storages (`load_report.model_bytes`)
@@ -40,7 +40,7 @@ MARKER = "SCHEMES_BENCH "
 WEIGHT_ONLY = {"activation_scheme": "none"}
 ROWS = {"bf16": (None, {}), "fp8": ("fp8", {}), "fp8-channel": ("fp8-channel", {}), "fp8-block": ("fp8-block", {}),
         "int8": ("int8", {}), "int8-wo": ("int8", WEIGHT_ONLY), "mxfp8": ("mxfp8", {}),
-        "mxfp8-wo": ("mxfp8", WEIGHT_ONLY), "ao-int8-wo": ("torchao:int8-weight-only", {}),
+        "mxfp8-wo": ("mxfp8", WEIGHT_ONLY), "int4": ("int4", {}), "ao-int8-wo": ("torchao:int8-weight-only", {}),
         "ao-int8-dyn": ("torchao:int8-dynamic", {}), "ao-fp8-wo": ("torchao:float8-weight-only", {}),
         "ao-int4-wo": ("torchao:int4-weight-only", {}), "ao-int8-int4": ("torchao:int8-dynamic-int4", {})}
 PROMPT, PREFILL, ACCURACY = (16, None), (4, 128), (2, 64)  # (batch, tokens); decode batch from --batches

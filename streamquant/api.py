@@ -56,7 +56,7 @@ from streamquant.quant.torchao_config import TORCHAO_PRESETS, TorchaoConfig, inn
 # Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
 SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in Fp8Scheme), *TORCHAO_PRESETS)
 # Options `load_model` accepts with an fp8 scheme (see `make_quant_config`).
-FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "compile", "formula",
+FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "compile", "formula",
                "tp_invariant_activations", "measure_error")
 # Options `load_model` accepts with a torchao scheme.
 TORCHAO_OPTIONS = ("ignore", "measure_error")
@@ -141,6 +141,8 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> Fp8Config |
     options = dict(options)
     if "block_size" in options and quantization != Fp8Scheme.FP8_BLOCK.value:
         raise ValueError(f"block_size applies to quantization='fp8-block' only, not {quantization!r}")
+    if "group_size" in options and quantization != Fp8Scheme.INT4.value:
+        raise ValueError(f"group_size applies to quantization='int4' only, not {quantization!r}")
     error_log = QuantErrorLog() if options.pop("measure_error", False) else None
     return Fp8Config(Fp8Scheme(quantization), error_log=error_log, **options)
 
@@ -160,10 +162,11 @@ def check_ignore_patterns(model: torch.nn.Module, config: Fp8Config | None) -> N
 
 
 def fp8_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of 8-bit code tensors (fp8 or int8, torchao weights' inner codes included) on this rank."""
-    codes = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.int8)
+    """Bytes of code tensors (fp8, int8, packed int4; torchao weights' inner codes included) on this rank."""
+    codes = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.int8,
+             torch.int32)  # int32: packed int4 codes (no other parameter is int32)
     inner = [t for p in model.parameters() for t in inner_tensors(p).values()]
-    return sum(t.numel() for t in inner if t.dtype in codes and not t.is_meta)
+    return sum(t.numel() * t.element_size() for t in inner if t.dtype in codes and not t.is_meta)
 
 
 def make_offload_plan(offload_before_quant: bool, quantize_on: str | None, *, quantization: str | None,

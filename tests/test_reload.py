@@ -28,7 +28,7 @@ from streamquant.reload import inference_tensors, reload_weights
 
 from hf_cases import CASES, make_checkpoint
 
-SCHEMES = (None, "fp8", "fp8-channel", "fp8-block", "int8", "mxfp8")
+SCHEMES = (None, "fp8", "fp8-channel", "fp8-block", "int8", "mxfp8", "int4")
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 
 
@@ -104,7 +104,7 @@ def _tp_reload(a, b, scheme):
     return same, addresses(model) == before, torch.equal(model(IDS), cold(IDS))
 
 
-@pytest.mark.parametrize("scheme", [None, "fp8", "fp8-block", "int8", "mxfp8"])
+@pytest.mark.parametrize("scheme", [None, "fp8", "fp8-block", "int8", "mxfp8", "int4"])
 def test_reload_equals_cold_load_at_tp2(pairs, scheme):
     a, b = pairs["qwen2moe"]
     assert launch(_tp_reload, 2, a, b, scheme) == (True, True, True)

@@ -75,8 +75,11 @@ class StagingPool:
 def swap_storage(param: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """Give `param` the storage of `data` (same object, class and attributes); returns a tensor
     holding the previous storage."""
-    replacement = type(param).__new__(type(param), data)
-    replacement.requires_grad_(param.requires_grad)
+    if isinstance(param, torch.nn.Parameter):
+        replacement = type(param).__new__(type(param), data, requires_grad=param.requires_grad)
+    else:
+        replacement = type(param).__new__(type(param), data)
+        replacement.requires_grad_(param.requires_grad)
     replacement.__dict__.update(param.__dict__)
     torch.utils.swap_tensors(param, replacement)
     return replacement

@@ -5,6 +5,8 @@ A `CodeFormat` is a storage dtype and its constants:
     cast (round to nearest even) of the clamped `w / scale`.
   - int8 (max 127, symmetric: -128 is never written): codes are `round(clamp(w / scale, +-127))`,
     round half to even (torch.round), then the exact cast to int8.
+  - int4 (`bits=4`: max 7, symmetric, -8 never written): the int8 rule with max 7; the codes are
+    computed as int8 and stored packed, eight per int32 (`int4_pack.py`).
 Scales are float32 dequantization multipliers. Their rule:
   - `mx=False`: `scale = max(amax / max, min_scale)` with `min_scale = 1 / (max * 512)`
     (`fp8_formula.tile_scales`, the streamquant formula).
@@ -29,12 +31,16 @@ E8M0_EXP_RANGE = (-127, 127)
 
 @dataclass(frozen=True)
 class CodeFormat:
-    """A code dtype (e4m3fn, e4m3fnuz or int8) and its constants; `mx`: power-of-two (E8M0) scales."""
+    """A code dtype (e4m3fn, e4m3fnuz or int8) and its constants; `mx`: power-of-two (E8M0) scales;
+    `bits=4`: int4 codes computed in int8 and stored packed."""
 
     dtype: torch.dtype
     mx: bool = False
+    bits: int = 8
 
     def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or (self.bits == 4 and self.dtype != torch.int8):
+            raise ValueError(f"bits={self.bits}: 8-bit codes, or 4-bit integer codes computed as int8")
         if self.dtype not in CODE_DTYPES:
             raise ValueError(f"{self.dtype} is not a code dtype; expected one of {', '.join(map(str, CODE_DTYPES))}")
         if self.mx and self.dtype != torch.float8_e4m3fn:
@@ -47,10 +53,15 @@ class CodeFormat:
 
     @property
     def max(self) -> float:
-        """Largest code magnitude: 448 (e4m3fn), 240 (e4m3fnuz), 127 (int8)."""
+        """Largest code magnitude: 448 (e4m3fn), 240 (e4m3fnuz), 127 (int8), 7 (int4)."""
         if self.integer:
-            return float(torch.iinfo(self.dtype).max)
+            return float(2 ** (self.bits - 1) - 1)
         return float(torch.finfo(self.dtype).max)
+
+    @property
+    def packed(self) -> bool:
+        """Codes are stored packed (int4: eight per int32 along the input, `int4_pack.py`)."""
+        return self.bits < 8
 
     @property
     def min_scale(self) -> float:
@@ -67,6 +78,7 @@ class CodeFormat:
 E4M3FN = CodeFormat(torch.float8_e4m3fn)
 E4M3FNUZ = CodeFormat(torch.float8_e4m3fnuz)
 INT8 = CodeFormat(torch.int8)
+INT4 = CodeFormat(torch.int8, bits=4)
 MXFP8 = CodeFormat(torch.float8_e4m3fn, mx=True)
 
 

@@ -7,7 +7,9 @@ e4m3 codes in 1x32 blocks along the input dimension with power-of-two (E8M0) sca
 (`code_format.py` states both formulas). Activations are quantized dynamically at matmul time, in the
 weights' code format: per token for fp8, fp8-channel and int8, per 1x128 group for blocks, per 1x32
 block for mxfp8; `activation_scheme="none"` keeps them in the model dtype (weight-only: W8A16).
-All five share one machinery (`fp8_weights`, `fp8_math`): streaming, tensor parallelism on the
+"int4" is W4A16 (weight-only always): symmetric int4 codes (-7..7) with one scale per 1 x `group_size`
+group along the input (default 128), stored eight per int32 (`int4_pack.py`), dequantized at matmul.
+All six share one machinery (`fp8_weights`, `fp8_math`): streaming, tensor parallelism on the
 global tile grid, reload in place, MoE experts, the error log.
 
 Linear layers and MoE experts are quantized; embeddings, the LM head, norms and the MoE router gate
@@ -33,7 +35,7 @@ from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod, che
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_formula import Formula, formula_of
 from streamquant.quant.fp8_linear import Fp8LinearMethod, default_activation
-from streamquant.quant.code_format import INT8, MXFP8, CodeFormat
+from streamquant.quant.code_format import INT4, INT8, MXFP8, CodeFormat
 from streamquant.quant.fp8_moe import Fp8MoEMethod
 from streamquant.quant.fp8_weights import Fp8WeightSpec
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
@@ -47,6 +49,7 @@ class Fp8Scheme(str, Enum):
     FP8_BLOCK = "fp8-block"
     INT8 = "int8"
     MXFP8 = "mxfp8"
+    INT4 = "int4"
 
 
 class ActivationScheme(str, Enum):
@@ -72,12 +75,12 @@ def _choice(enum: type[Enum], value, what: str):
 
 def _fp8_dtype(value: torch.dtype | str | None, scheme: Fp8Scheme) -> torch.dtype | None:
     """The fp8 code dtype of a scheme: int8 takes none, mxfp8 only e4m3fn, the fp8 schemes either."""
-    if scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8):
-        fixed = {Fp8Scheme.INT8: None, Fp8Scheme.MXFP8: torch.float8_e4m3fn}[scheme]
+    if scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8, Fp8Scheme.INT4):
+        fixed = {Fp8Scheme.MXFP8: torch.float8_e4m3fn}.get(scheme)
         given = FP8_DTYPES.get(value.lower(), value) if isinstance(value, str) else value
         if given is not None and given != fixed:
             raise ValueError(f"fp8_dtype={value!r} does not apply to quantization={scheme.value!r}"
-                             + (" (its codes are int8)" if fixed is None else " (OCP MXFP8 elements are e4m3fn)"))
+                             + (" (its codes are integers)" if fixed is None else " (OCP MXFP8 elements are e4m3fn)"))
         return fixed
     if value is None:
         return torch.float8_e4m3fn
@@ -97,9 +100,10 @@ class Fp8Config:
 
     scheme: Fp8Scheme
     fp8_dtype: torch.dtype | None = None  # default e4m3fn; None for int8
-    activation_scheme: ActivationScheme = ActivationScheme.DYNAMIC
+    activation_scheme: ActivationScheme | None = None  # default: dynamic; int4: none (its only choice)
     ignore: tuple[str, ...] = ()
     block_size: tuple[int, int] = (128, 128)
+    group_size: int = 128  # int4 only
     compile: bool = False
     formula: Formula = Formula.STREAMQUANT
     tp_invariant_activations: bool = False
@@ -108,23 +112,30 @@ class Fp8Config:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", _choice(Fp8Scheme, self.scheme, "scheme"))
         object.__setattr__(self, "fp8_dtype", _fp8_dtype(self.fp8_dtype, self.scheme))
-        object.__setattr__(self, "activation_scheme",
-                           _choice(ActivationScheme, self.activation_scheme, "activation_scheme"))
+        int4 = self.scheme is Fp8Scheme.INT4
+        default = ActivationScheme.NONE if int4 else ActivationScheme.DYNAMIC
+        activation = _choice(ActivationScheme, self.activation_scheme or default, "activation_scheme")
+        if int4 and activation is not ActivationScheme.NONE:
+            raise ValueError("quantization='int4' is weight-only (W4A16): activation_scheme must be 'none'")
+        object.__setattr__(self, "activation_scheme", activation)
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         object.__setattr__(self, "ignore", check_ignore(self.ignore))
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
         object.__setattr__(self, "formula", formula_of(self.formula))
-        if self.formula is not Formula.STREAMQUANT and self.scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8):
+        if self.formula is not Formula.STREAMQUANT and self.scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8, Fp8Scheme.INT4):
             raise ValueError(f"formula={self.formula.value!r} reproduces another library's fp8 arithmetic; "
                              f"quantization={self.scheme.value!r} has the streamquant formula only")
 
     @property
     def granularity(self) -> Granularity:
         return {Fp8Scheme.FP8: PerTensor(), Fp8Scheme.FP8_CHANNEL: PerRow(), Fp8Scheme.INT8: PerRow(),
-                Fp8Scheme.FP8_BLOCK: PerBlock(self.block_size), Fp8Scheme.MXFP8: PerBlock(MX_BLOCK)}[self.scheme]
+                Fp8Scheme.FP8_BLOCK: PerBlock(self.block_size), Fp8Scheme.MXFP8: PerBlock(MX_BLOCK),
+                Fp8Scheme.INT4: PerBlock((1, self.group_size))}[self.scheme]
 
     @property
     def code_format(self) -> CodeFormat:
-        return {Fp8Scheme.INT8: INT8, Fp8Scheme.MXFP8: MXFP8}.get(self.scheme) or CodeFormat(self.fp8_dtype)
+        return {Fp8Scheme.INT8: INT8, Fp8Scheme.MXFP8: MXFP8, Fp8Scheme.INT4: INT4}.get(self.scheme) or CodeFormat(self.fp8_dtype)
 
     @property
     def weight_spec(self) -> Fp8WeightSpec:

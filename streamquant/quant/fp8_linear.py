@@ -87,7 +87,7 @@ def quantize_activation(x2: torch.Tensor, activation: Granularity, fmt: CodeForm
         all_reduce(amax, reduce_over, dist.ReduceOp.MAX)
     scales = local_scales(scale_from_amax(amax, fmt), window, tile)
     codes = torch.empty(x2.shape, dtype=fmt.dtype, device=x2.device)
-    quantize_window_(codes, x2, scales, window, tile, scales_cover_amax=fmt.scales_cover_amax)
+    quantize_window_(codes, x2, scales, window, tile, scales_cover_amax=fmt.scales_cover_amax, fmt=fmt)
     return codes, scales, window, tile
 
 

@@ -146,9 +146,11 @@ def quantize_window_(
     scales_cover_amax: bool = False,
     formula: Formula = Formula.STREAMQUANT,
     local_factors: torch.Tensor | None = None,
+    fmt: CodeFormat | None = None,
 ) -> torch.Tensor:
     """Write `clamp(w / scale, +-max).to(fp8)` into `out_fp8` in place (its storage is kept); returns it.
-    An int8 `out_fp8` gets `round(clamp(w / scale, +-127))` (half to even), then the exact cast.
+    An int8 `out_fp8` gets `round(clamp(w / scale, +-max))` (half to even), then the exact cast; `max`
+    is `fmt.max` (default: the format of `out_fp8`'s dtype; int4 codes pass `code_format.INT4`).
 
     `formula` other than STREAMQUANT runs that library's arithmetic (`fp8_formula.py`) with
     `local_factors` (default: the scales) as the kernel's divisor or multiplier, always eager and clamped.
@@ -164,7 +166,7 @@ def quantize_window_(
     if out_fp8.shape != w_local.shape:
         raise ValueError(f"output shape {tuple(out_fp8.shape)} != weight shape {tuple(w_local.shape)}")
     _check_local_grid(local_scale_grid, w_local, window, tile)
-    fmax = CodeFormat(out_fp8.dtype).max
+    fmax = (fmt or CodeFormat(out_fp8.dtype)).max
     if torch.promote_types(w_local.dtype, torch.float32) != torch.float32:
         w_local = w_local.float()  # the formula divides in float32, never in float64
     base = (window.row0 // tile[0], window.col0 // tile[1])
@@ -234,7 +236,7 @@ def quantize(
     scales, factors = formula_scales(window_amax(w, window, tile), fmt, formula, w.dtype)
     q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device) if out is None else out
     quantize_window_(q, w, scales, window, tile, compiled, scales_cover_amax=fmt.scales_cover_amax, formula=formula,
-                     local_factors=factors)
+                     local_factors=factors, fmt=fmt)
     return q, scales
 
 

@@ -58,6 +58,7 @@ from streamquant.quant.fp8_math import (
     window_amax,
 )
 from streamquant.quant.granularity import Granularity, LogicalShard, Window, grid_shape, tile_shape
+from streamquant.quant.int4_pack import pack_int4, packed_size, unpack_int4
 
 # MoE shard ids (`layers.moe`) -> the logical shard labels of w13 / w2.
 MOE_SHARD_LABELS = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -111,10 +112,15 @@ def create_fp8_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch
                          f"{checkpoint_param.shape[-2]}")
     batch = tuple(checkpoint_param.shape[:-2])
     layer.checkpoint_params = {**(getattr(layer, "checkpoint_params", None) or {}), name: checkpoint_param}
-    codes = _like_param(checkpoint_param, torch.empty(checkpoint_param.shape, dtype=spec.fmt.dtype))
     scales = torch.empty(batch + (layouts[-1].scale_rows.stop, _grid_cols(layouts)), dtype=torch.float32)
-    layer.register_parameter(name, codes)
     layer.register_parameter(f"{name}_scale", torch.nn.Parameter(scales, requires_grad=False))
+    if spec.fmt.packed:  # int4: packed int32 codes; they load from high-precision weights only
+        words = packed_size(checkpoint_param.shape[-1], f"{name}'s input size on this rank")
+        packed = torch.empty(tuple(checkpoint_param.shape[:-1]) + (words,), dtype=torch.int32)
+        layer.register_parameter(name, torch.nn.Parameter(packed, requires_grad=False))
+        return
+    codes = _like_param(checkpoint_param, torch.empty(checkpoint_param.shape, dtype=spec.fmt.dtype))
+    layer.register_parameter(name, codes)
     layer.quantized_loaders = {**(getattr(layer, "quantized_loaders", None) or {}),
                                name: checkpoint_param.weight_loader,
                                f"{name}_scale": functools.partial(fp8_scale_loader, layouts=tuple(layouts))}
@@ -218,15 +224,18 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
     # Plain aliases: torch.compile keeps weak references to its inputs, which would pin the
     # parameter objects (swap_tensors refuses to move a tensor with a weak reference).
     w, codes, scales = slot.detach(), codes.detach(), scales.detach()
+    target = torch.empty(w.shape, dtype=torch.int8, device=w.device) if spec.fmt.packed else codes
     for lay, amax in zip(layouts, grids):
         local = scales[..., lay.scale_rows, :]
         tile_scales, factors = formula_scales(amax, spec.fmt, spec.formula, w.dtype)
         local.copy_(local_scales(tile_scales, lay.window, lay.tile))
-        quantize_window_(codes[..., lay.rows, :], w[..., lay.rows, :], local, lay.window, lay.tile, spec.compiled,
+        quantize_window_(target[..., lay.rows, :], w[..., lay.rows, :], local, lay.window, lay.tile, spec.compiled,
                          scales_cover_amax=spec.fmt.scales_cover_amax, formula=spec.formula,
-                         local_factors=local_scales(factors, lay.window, lay.tile))
+                         local_factors=local_scales(factors, lay.window, lay.tile), fmt=spec.fmt)
+    if spec.fmt.packed:
+        pack_int4(target, out=codes)
     if error_log is not None:
-        _record_error(layer, name, slot, layouts, tp, error_log)
+        _record_error(layer, name, slot, target, layouts, tp, error_log)
     return True
 
 
@@ -244,7 +253,10 @@ def require_quantized(layer: torch.nn.Module, name: str) -> None:
 
 def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[ShardLayout],
                       dtype: torch.dtype) -> torch.Tensor:
-    """`codes.float() * scale` for every logical shard, in `dtype` (a new tensor shaped like `codes`)."""
+    """`codes.float() * scale` for every logical shard, in `dtype` (a new tensor shaped like the
+    unpacked codes; packed int4 codes are unpacked first)."""
+    if codes.dtype == torch.int32:
+        codes = unpack_int4(codes)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     for lay in layouts:
         part = dequantize_window(codes[..., lay.rows, :], scales[..., lay.scale_rows, :], lay.window, lay.tile, dtype)
@@ -284,10 +296,11 @@ def _shard_energy(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, la
     return out
 
 
-def _record_error(layer, name, slot, layouts, tp: TPContext, error_log: QuantErrorLog) -> None:
-    """Signal and error energy per logical shard (summed over ranks and experts) into `error_log`."""
+def _record_error(layer, name, slot, codes, layouts, tp: TPContext, error_log: QuantErrorLog) -> None:
+    """Signal and error energy per logical shard (summed over ranks and experts) into `error_log`;
+    `codes` unpacked (int4: the int8 codes before packing)."""
     start = time.perf_counter()
-    codes, scales = getattr(layer, name), getattr(layer, f"{name}_scale")
+    scales = getattr(layer, f"{name}_scale")
     sums = torch.cat([_shard_energy(slot, codes, scales, lay) for lay in layouts])
     sums = all_reduce(sums, tp).cpu()
     prefix = getattr(layer, "prefix", "")

@@ -16,30 +16,38 @@ import torch
 from streamquant.checkpoint.reader import iterate_weights
 from streamquant.quant.fp8_weights import shard_layouts
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
+from streamquant.quant.int4_pack import unpack_int4
 
-from .fp8_reference import ref_dequantize, ref_quantize, to_f32
+from .fp8_reference import ref_dequantize, ref_pack_int4, ref_quantize, to_f32
 
 FP8_SCHEMES = ("fp8", "fp8-channel", "fp8-block")  # the ones with a choice of fp8 dtype and formula
-SCHEMES = FP8_SCHEMES + ("int8", "mxfp8")
+SCHEMES = FP8_SCHEMES + ("int8", "mxfp8", "int4")
 GRANULARITY = {"fp8": PerTensor(), "fp8-channel": PerRow(), "fp8-block": PerBlock((128, 128)), "int8": PerRow(),
-               "mxfp8": PerBlock((1, 32))}
+               "mxfp8": PerBlock((1, 32)), "int4": PerBlock((1, 128))}
 # shard ids of the mapping rules -> the label of the logical shard they fill
 LABELS = {"q": "q", "k": "k", "v": "v", 0: "gate", 1: "up", "w1": "gate", "w3": "up", "w2": "down"}
 
 
 def ref_tile(scheme: str, shape) -> tuple[int, int]:
     return {"fp8": tuple(shape), "fp8-channel": (1, shape[1]), "fp8-block": (128, 128), "int8": (1, shape[1]),
-            "mxfp8": (1, 32)}[scheme]
+            "mxfp8": (1, 32), "int4": (1, 128)}[scheme]
 
 
 def code_dtype(scheme: str, fp8: torch.dtype) -> torch.dtype:
-    """The dtype a scheme's codes have (`fp8` is the fp8 schemes' choice)."""
-    return torch.int8 if scheme == "int8" else fp8
+    """The dtype a scheme's codes are computed in (`fp8` is the fp8 schemes' choice; int4 codes are int8
+    values before packing)."""
+    return torch.int8 if scheme in ("int8", "int4") else fp8
+
+
+def stored_dtype(scheme: str, fp8: torch.dtype) -> torch.dtype:
+    """The dtype of the codes parameter: int4 is stored packed in int32."""
+    return torch.int32 if scheme == "int4" else code_dtype(scheme, fp8)
 
 
 def ref_scheme_quantize(w: np.ndarray, scheme: str, fp8: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
     """The reference (codes, scales) of one logical weight under `scheme`."""
-    return ref_quantize(w, ref_tile(scheme, w.shape), code_dtype(scheme, fp8), mx=scheme == "mxfp8")
+    return ref_quantize(w, ref_tile(scheme, w.shape), code_dtype(scheme, fp8), mx=scheme == "mxfp8",
+                        bits=4 if scheme == "int4" else 8)
 
 
 def quantized_modules(model) -> dict[str, torch.nn.Module]:
@@ -82,7 +90,10 @@ def check_against_reference(model, path: Path, scheme: str, fp8: torch.dtype) ->
             codes, scales = codes[e], scales[e]
         w = w.to(model.params_dtype)  # the load converts the checkpoint to the model dtype first
         ref_codes, ref_scales = ref_scheme_quantize(to_f32(w), scheme, fp8)
-        ours = codes[layout.rows].contiguous().view(torch.uint8).numpy()
+        if scheme == "int4":  # the packed words against the reference's own packing
+            ours, ref_codes = codes[layout.rows].contiguous().numpy(), ref_pack_int4(ref_codes)
+        else:
+            ours = codes[layout.rows].contiguous().view(torch.uint8).numpy()
         np.testing.assert_array_equal(ours, ref_codes, err_msg=f"{name} ({label}, expert {e})")
         np.testing.assert_array_equal(scales[layout.scale_rows].numpy(), ref_scales, err_msg=f"{name} scales")
         seen.add((mod_name, pname, label, e))
@@ -120,11 +131,14 @@ def write_dequantized_checkpoint(model, path: Path, scheme: str, fp8: torch.dtyp
 
 
 def fp8_state(model) -> dict[str, torch.Tensor]:
-    """Every fp8 code and scale tensor of the model, by name, as raw bytes (compare with torch.equal)."""
+    """Every code and scale tensor of the model, by name, codes as raw bytes (packed int4 codes unpacked
+    to one int8 byte each, so windows slice them like any code tensor); compare with torch.equal."""
     state = {}
     for mod_name, module in quantized_modules(model).items():
         for pname in module.checkpoint_params:
-            state[f"{mod_name}.{pname}"] = getattr(module, pname).detach().view(torch.uint8).clone()
+            codes = getattr(module, pname).detach()
+            codes = unpack_int4(codes) if codes.dtype == torch.int32 else codes
+            state[f"{mod_name}.{pname}"] = codes.view(torch.uint8).clone()
             state[f"{mod_name}.{pname}_scale"] = getattr(module, f"{pname}_scale").detach().clone()
     return state
 

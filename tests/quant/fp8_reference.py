@@ -5,7 +5,8 @@ weight with zeros to whole tiles (zeros never raise an amax), reshape to [grid_r
 grid_cols, tile_cols], take max |w|, then
   - fp8: `scale = max(amax / fp8_max, 1 / (fp8_max * 512))` in float32, divide, clip, cast with
     ml_dtypes (round to nearest even);
-  - int8: the same with max 127, then `np.rint` (half to even) and the integer cast;
+  - int8 / int4: the same with max 127 / 7 (ml_dtypes' int4), then `np.rint` (half to even) and the
+    integer cast; int4 words packed by `ref_pack_int4` with plain integer arithmetic;
   - MX (`mx=True`): `scale = 2 ** clip(e - 1 - 8, -127, 127)` from `np.frexp(amax) = (m, e)`
     (2^-127 for a zero block), checked to survive ml_dtypes' float8_e8m0fnu unchanged; divide, clip
     to +-448, cast to e4m3fn;
@@ -41,9 +42,13 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return t.view(view).numpy().view({1: np.uint8, 2: np.uint16, 4: np.uint32}[t.element_size()])
 
 
-def constants(fp8: torch.dtype) -> tuple[np.float32, np.float32]:
-    """(code max, min_scale) as float32, from ml_dtypes' (numpy's for int8) own finfo / iinfo."""
-    fmax = float(np.iinfo(np.int8).max if fp8 == torch.int8 else ml_dtypes.finfo(NUMPY_FP8[fp8]).max)
+def constants(fp8: torch.dtype, bits: int = 8) -> tuple[np.float32, np.float32]:
+    """(code max, min_scale) as float32, from ml_dtypes' (numpy's for int8) own finfo / iinfo; int4
+    (`bits=4`): ml_dtypes' int4 max."""
+    if bits == 4:
+        fmax = float(ml_dtypes.iinfo(ml_dtypes.int4).max)
+    else:
+        fmax = float(np.iinfo(np.int8).max if fp8 == torch.int8 else ml_dtypes.finfo(NUMPY_FP8[fp8]).max)
     return np.float32(fmax), np.float32(1.0 / (fmax * 512.0))
 
 
@@ -60,8 +65,8 @@ def _expand(grid: np.ndarray, tile: tuple[int, int], shape: tuple[int, int]) -> 
     return full[: shape[0], : shape[1]]
 
 
-def ref_scales(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, mx: bool = False) -> np.ndarray:
-    fmax, min_scale = constants(fp8)
+def ref_scales(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, mx: bool = False, bits: int = 8) -> np.ndarray:
+    fmax, min_scale = constants(fp8, bits)
     amax = np.abs(_tiled(w, tile)).max(axis=(1, 3)).astype(np.float32)
     if mx:
         _, e = np.frexp(amax)
@@ -72,20 +77,29 @@ def ref_scales(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, mx: bool 
     return np.maximum(amax / fmax, min_scale).astype(np.float32)
 
 
-def ref_codes(w: np.ndarray, scales: np.ndarray, tile: tuple[int, int], fp8: torch.dtype) -> np.ndarray:
-    """uint8 bytes of `clip(w / scale, +-max)` cast to fp8 by ml_dtypes (int8: `np.rint`, then the cast)."""
-    fmax, _ = constants(fp8)
+def ref_codes(w: np.ndarray, scales: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, bits: int = 8) -> np.ndarray:
+    """uint8 bytes of `clip(w / scale, +-max)` cast to fp8 by ml_dtypes (int8 / int4: `np.rint`, then the cast)."""
+    fmax, _ = constants(fp8, bits)
     q = np.clip(w / _expand(scales, tile, w.shape), -fmax, fmax).astype(np.float32)
     if fp8 == torch.int8:
         return np.rint(q).astype(np.int8).view(np.uint8)
     return q.astype(NUMPY_FP8[fp8]).view(np.uint8)
 
 
-def ref_quantize(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, mx: bool = False
+def ref_quantize(w: np.ndarray, tile: tuple[int, int], fp8: torch.dtype, mx: bool = False, bits: int = 8
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 code bytes, float32 scale grid) of a global float32 weight."""
-    scales = ref_scales(w, tile, fp8, mx)
-    return ref_codes(w, scales, tile, fp8), scales
+    """(uint8 code bytes, float32 scale grid) of a global float32 weight (int4: one int8 byte per code)."""
+    scales = ref_scales(w, tile, fp8, mx, bits)
+    return ref_codes(w, scales, tile, fp8, bits), scales
+
+
+def ref_pack_int4(codes: np.ndarray) -> np.ndarray:
+    """int32 words of signed int4 codes (uint8 bytes of int8 values), eight per word along the last axis:
+    code 8k + i as the nibble `code + 8` at bits [4i, 4i + 4), by Python integer arithmetic."""
+    values = codes.view(np.int8).astype(np.int64) + 8
+    rows = values.reshape(-1, values.shape[-1] // 8, 8)
+    words = sum(rows[..., i] << (4 * i) for i in range(8))
+    return words.astype(np.uint32).view(np.int32).reshape(*codes.shape[:-1], -1)
 
 
 def ref_dequantize(codes: np.ndarray, scales: np.ndarray, tile: tuple[int, int], fp8: torch.dtype,

@@ -1,8 +1,9 @@
-"""What int8 and MXFP8 add to the fp8 machinery, checked at their edges against independent arithmetic:
+"""What int8, int4 and MXFP8 add to the fp8 machinery, checked at their edges against independent arithmetic:
 int8 rounds half to even and never writes -128; MX scales are E8M0 powers of two (every positive bf16
 amax against numpy's frexp and ml_dtypes' float8_e8m0fnu), saturate past 448, and give a zero block
-2^-127; the int8 `_int_mm` product is bitwise the int64 numpy product scaled in the same order; the
-options that do not apply to a scheme are refused by name."""
+2^-127; the int8 product is bitwise the int64 numpy product scaled in the same order; int4 packs
+eight nibbles per int32 in the documented order; the options that do not apply to a scheme are
+refused by name."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from streamquant.quant.fp8_linear import fp8_matmul
 from streamquant.quant.fp8_math import dequantize, quantize, quantize_window_
 from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
+from streamquant.quant.int4_pack import pack_int4, unpack_int4
 from streamquant.quant.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS, int8_mm
 
 from hf_cases import CASES, make_checkpoint
 
-from .fp8_reference import ref_quantize, to_f32
+from .fp8_reference import ref_pack_int4, ref_quantize, to_f32
 
 
 def test_int8_rounds_half_to_even_and_is_symmetric():
@@ -134,3 +136,33 @@ def test_on_disk_formats_refuse_the_online_only_schemes(llama, tmp_path, scheme)
     with pytest.raises(UnsupportedQuantizationError, match=rf"quantization='{scheme}' is online only"):
         quantize_checkpoint(llama, tmp_path / "out", scheme)
     assert not (tmp_path / "out").exists()
+
+
+def test_int4_packing_is_the_documented_nibble_layout():
+    """Code 8k + i of a row is the nibble `code + 8` at bits [4i, 4i + 4) of word k; round trip exact."""
+    codes = torch.tensor([[-7, -1, 0, 1, 2, 3, 4, 7, 5, -5, 6, -6, 0, 0, 0, -7]], dtype=torch.int8)
+    words = pack_int4(codes)
+    expected = [sum((int(c) + 8) << (4 * i) for i, c in enumerate(codes[0, k * 8:(k + 1) * 8])) for k in range(2)]
+    assert words.view(torch.int32).tolist() == [[np.uint32(e).view(np.int32) for e in expected]]
+    assert torch.equal(unpack_int4(words), codes)
+    np.testing.assert_array_equal(words.numpy(), ref_pack_int4(codes.view(torch.uint8).numpy()))
+
+
+def test_int4_is_weight_only_with_a_group_size_option(llama):
+    with pytest.raises(ValueError, match="int4' is weight-only"):
+        Fp8Config("int4", activation_scheme="dynamic")
+    assert Fp8Config("int4").activation is None and Fp8Config("int4", group_size=32).granularity == PerBlock((1, 32))
+    with pytest.raises(ValueError, match="group_size applies to quantization='int4' only"):
+        load_model(llama, quantization="int8", group_size=64)
+    model = load_model(llama, quantization="int4", group_size=32)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.int32 and qkv.weight.shape[-1] == qkv.checkpoint_params["weight"].shape[-1] // 8
+    assert qkv.weight_scale.shape[-1] == 64 // 32
+    assert model.load_report.fp8_weight_bytes == sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.int32)
+
+
+def test_int4_needs_whole_words_per_rank():
+    from streamquant.quant.int4_pack import packed_size
+
+    with pytest.raises(ValueError, match="input size 44 is not a multiple of 8"):
+        packed_size(44)

@@ -22,8 +22,8 @@ from .fp8_model_helpers import (
     FP8_SCHEMES,
     SCHEMES,
     check_against_reference,
-    code_dtype,
     quantized_modules,
+    stored_dtype,
     write_dequantized_checkpoint,
 )
 
@@ -55,7 +55,7 @@ def test_codes_and_scales_equal_independent_reference(checkpoints, name, scheme)
     for module in quantized_modules(model).values():
         for pname, slot in module.checkpoint_params.items():
             assert slot.is_meta  # the high-precision copy was released
-            assert getattr(module, pname).dtype == code_dtype(scheme, torch.float8_e4m3fn)
+            assert getattr(module, pname).dtype == stored_dtype(scheme, torch.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3moe"])

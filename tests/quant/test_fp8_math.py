@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8, CodeFormat
+from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT4, INT8, MXFP8, CodeFormat
 from streamquant.quant.fp8_math import (
     check_finite,
     compute_scales,
@@ -24,11 +24,11 @@ from .fp8_reference import NUMPY_FP8, bits, constants, ref_dequantize, ref_quant
 
 FORMATS = [E4M3FN, E4M3FNUZ]
 # Every code format the bitwise reference covers (int8 rounds, MX has power-of-two scales).
-ALL_FORMATS = FORMATS + [INT8, MXFP8]
+ALL_FORMATS = FORMATS + [INT8, MXFP8, INT4]
 
 
 def fmt_id(fmt):
-    return str(fmt.dtype) + ("-mx" if fmt.mx else "")
+    return str(fmt.dtype) + ("-mx" if fmt.mx else "") + ("-int4" if fmt.bits == 4 else "")
 GRANULARITIES = [PerTensor(), PerRow(), PerBlock((128, 128)), PerBlock((32, 16))]
 
 
@@ -56,13 +56,15 @@ def weight(shape, dtype=torch.bfloat16, seed=0):
 def assert_matches_reference(w, granularity, fmt, dtype=torch.bfloat16):
     tile = ref_tile(granularity, w.shape)
     q, scales = quantize(w, granularity, fmt)
-    codes, ref_s = ref_quantize(to_f32(w), tile, fmt.dtype, mx=fmt.mx)
+    codes, ref_s = ref_quantize(to_f32(w), tile, fmt.dtype, mx=fmt.mx, bits=fmt.bits)
     assert q.dtype == fmt.dtype and q.shape == w.shape
     assert scales.dtype == torch.float32
     np.testing.assert_array_equal(bits(scales), ref_s.view(np.uint32))
     np.testing.assert_array_equal(bits(q), codes)
     deq = dequantize(q, scales, granularity, dtype)
     np.testing.assert_array_equal(bits(deq), ref_dequantize(codes, ref_s, tile, fmt.dtype, dtype))
+    if fmt.integer:  # symmetric: the most negative code (-128, -8) is never written
+        assert int(q.min()) >= -fmt.max
 
 
 def test_format_constants():
@@ -120,7 +122,7 @@ def test_clamp_before_cast_saturates(fmt):
     assert not torch.isnan(q.float()).any()
 
 
-@pytest.mark.parametrize("fmt", FORMATS + [INT8], ids=fmt_id)
+@pytest.mark.parametrize("fmt", FORMATS + [INT8, INT4], ids=fmt_id)
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=repr)
 def test_zero_tensor_gets_min_scale_and_zero_codes(granularity, fmt):
     w = torch.zeros(130, 260, dtype=torch.bfloat16)
@@ -199,7 +201,7 @@ def test_mismatched_arguments_are_rejected():
         quantize(torch.ones(4, 4, dtype=torch.int32), PerRow())
 
 
-@pytest.mark.parametrize("fmt", FORMATS + [INT8], ids=fmt_id)
+@pytest.mark.parametrize("fmt", FORMATS + [INT8, INT4], ids=fmt_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_unclamped_fast_path_equals_clamped_when_scales_cover_amax(fmt, dtype):
     """`scales_cover_amax=True` drops the clamp; with amax-derived scales that is bitwise the same.
@@ -219,7 +221,7 @@ def test_unclamped_fast_path_equals_clamped_when_scales_cover_amax(fmt, dtype):
         window, tile = Window(0, 0, *w.shape), ref_tile(granularity, w.shape)
         scales = scale_from_amax(window_amax(w, window, tile), fmt)
         fast, slow = (torch.empty(w.shape, dtype=fmt.dtype) for _ in range(2))
-        quantize_window_(fast, w, scales, window, tile, scales_cover_amax=True)
-        quantize_window_(slow, w, scales, window, tile)
+        quantize_window_(fast, w, scales, window, tile, scales_cover_amax=True, fmt=fmt)
+        quantize_window_(slow, w, scales, window, tile, fmt=fmt)
         assert torch.equal(bits_t(fast), bits_t(slow)), granularity
         assert not torch.isnan(fast.float()).any()

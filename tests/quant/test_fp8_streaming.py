@@ -22,6 +22,7 @@ from streamquant.models import get_model_class
 from streamquant.parallel import TPContext
 from streamquant.quant.fp8_config import Fp8Config
 from streamquant.quant.fp8_weights import shard_layouts
+from streamquant.quant.int4_pack import unpack_int4
 
 from hf_cases import CASE_IDS, CASES, make_checkpoint
 
@@ -53,14 +54,17 @@ def meta_fp8_model(path, scheme, dtype=torch.float32):
 
 
 def code_sentinel(dtype):
-    """What fresh code memory is filled with: NaN for fp8, -128 for int8 (symmetric int8 never writes it)."""
-    return INT8_SENTINEL if dtype == torch.int8 else NAN
+    """What fresh code memory is filled with: NaN for fp8, -128 for int8 (symmetric int8 never writes
+    it), 0 for packed int4 words (eight nibbles 0, i.e. code -8, which symmetric int4 never writes)."""
+    return {torch.int8: INT8_SENTINEL, torch.int32: 0}.get(dtype, NAN)
 
 
 def unwritten_codes(codes):
-    """Where code bytes still hold the sentinel."""
+    """Where codes still hold the sentinel (int4: any nibble 0)."""
     if codes.dtype == torch.int8:
         return codes == INT8_SENTINEL
+    if codes.dtype == torch.int32:
+        return unpack_int4(codes) == -8
     return torch.isnan(codes.float())
 
 
@@ -210,15 +214,17 @@ def test_zero_rows_and_zero_tensors_get_floored_scales(checkpoints, tmp_path, sc
     modules = dict(model.named_modules())
     o_proj = modules["model.layers.1.self_attn.o_proj"]
     # the scale floor: 1 / (max * 512), and for MX the smallest E8M0 power of two
-    floor = {"int8": 1 / (127 * 512), "mxfp8": 2.0 ** -127}.get(scheme, 1 / (448 * 512))
+    floor = {"int8": 1 / (127 * 512), "int4": 1 / (7 * 512), "mxfp8": 2.0 ** -127}.get(scheme, 1 / (448 * 512))
     min_scale = torch.tensor(floor, dtype=torch.float32)
     assert torch.equal(o_proj.weight_scale, min_scale.expand_as(o_proj.weight_scale))
-    assert (o_proj.weight.view(torch.uint8) == 0).all()
+    zero_codes = unpack_int4(o_proj.weight) if scheme == "int4" else o_proj.weight
+    assert (zero_codes.view(torch.uint8) == 0).all()
     down = modules["model.layers.0.mlp.down_proj"]
-    assert (down.weight[7].float() == 0).all() and torch.isfinite(down.weight_scale).all()
+    down_codes = unpack_int4(down.weight) if scheme == "int4" else down.weight
+    assert (down_codes[7].float() == 0).all() and torch.isfinite(down.weight_scale).all()
     if scheme in ("fp8-channel", "int8"):
         assert down.weight_scale[7, 0] == min_scale
-    if scheme == "mxfp8":
+    if scheme in ("mxfp8", "int4"):
         assert (down.weight_scale[7] == min_scale).all()
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, interleaved, machine_info, spawn  # noqa: E402
+from common import banner, interleaved, machine_info, spawn, write_results  # noqa: E402
 
 MARKER = "ROLLOUT_BENCH "
 PROMPT_LENGTH = 16
@@ -132,10 +132,7 @@ def main() -> None:
         r["x_transformers"] = r["tokens_per_s"] / base if base else None
         ratio = f"{r['x_transformers']:.2f}" if base else "-"
         print(f"{r['name']:<30}{r['tokens_per_s']:>11.1f}{ratio:>16}")
-    machine["loadavg_1m_at_end"] = os.getloadavg()[0]
-    args.json.write_text(json.dumps({"machine": machine, "spec": args.spec, "new_tokens": args.new_tokens,
-                                     "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, machine, spec=args.spec, new_tokens=args.new_tokens, rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ activations, int4 weights). Each repeat of each row runs in a fresh child (round
   reload/copy     `reload_weights` of the checkpoint's tensors already in memory (bf16), over an
                   in-place copy of the same tensors measured in the same child (the memcpy floor)
   decode b1, b8   new tokens/s of greedy `generate` (16-token prompts, `--new-tokens` new tokens)
-  prefill         prompt tokens/s of one forward over [4, 128] tokens
+  prefill         prompt tokens/s of one forward over [2, 64] tokens
   decode/bf16     decode tokens/s (batch 1) over the bf16 row's
   rel err, top-1, KL   logits of a fixed [2, 64] sequence against the bf16 model's (loaded in the
                   same child after the timings): ||l - l_bf16|| / ||l_bf16||, the share of positions
@@ -34,7 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, interleaved, machine_info, spawn  # noqa: E402
+from common import banner, interleaved, machine_info, spawn, write_results  # noqa: E402
 
 MARKER = "SCHEMES_BENCH "
 WEIGHT_ONLY = {"activation_scheme": "none"}
@@ -43,7 +43,7 @@ ROWS = {"bf16": (None, {}), "fp8": ("fp8", {}), "fp8-channel": ("fp8-channel", {
         "mxfp8-wo": ("mxfp8", WEIGHT_ONLY), "int4": ("int4", {}), "ao-int8-wo": ("torchao:int8-weight-only", {}),
         "ao-int8-dyn": ("torchao:int8-dynamic", {}), "ao-fp8-wo": ("torchao:float8-weight-only", {}),
         "ao-int4-wo": ("torchao:int4-weight-only", {}), "ao-int8-int4": ("torchao:int8-dynamic-int4", {})}
-PROMPT, PREFILL, ACCURACY = (16, None), (4, 128), (2, 64)  # (batch, tokens); decode batch from --batches
+PROMPT, PREFILL, ACCURACY = (16, None), (2, 64), (2, 64)  # (batch, tokens); decode batch from --batches
 
 
 def _ids(vocab: int, batch: int, tokens: int, seed: int):
@@ -167,10 +167,7 @@ def main() -> None:
     rows = summarize(results)
     print()
     print_table(rows, batches)
-    machine["loadavg_1m_at_end"] = os.getloadavg()[0]
-    args.json.write_text(json.dumps({"machine": machine, "spec": args.spec, "new_tokens": args.new_tokens,
-                                     "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, machine, spec=args.spec, new_tokens=args.new_tokens, rows=rows)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from streamquant.quant.torchao_config import TORCHAO_PRESETS, TorchaoConfig, inn
 # Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
 SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in Fp8Scheme), *TORCHAO_PRESETS)
 # Options `load_model` accepts with an fp8 scheme (see `make_quant_config`).
-FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "compile", "formula",
+FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "symmetric", "compile", "formula",
                "tp_invariant_activations", "measure_error")
 # Options `load_model` accepts with a torchao scheme.
 TORCHAO_OPTIONS = ("ignore", "measure_error")

@@ -6,7 +6,8 @@ A `CodeFormat` is a storage dtype and its constants:
   - int8 (max 127, symmetric: -128 is never written): codes are `round(clamp(w / scale, +-127))`,
     round half to even (torch.round), then the exact cast to int8.
   - int4 (`bits=4`: max 7, symmetric, -8 never written): the int8 rule with max 7; the codes are
-    computed as int8 and stored packed, eight per int32 (`int4_pack.py`).
+    computed as int8 and stored packed, eight per int32 (`int4_pack.py`). `zero_point=True`: the
+    asymmetric int4 formula of `int4_math.py` (codes -8..7 with a zero point per group).
 Scales are float32 dequantization multipliers. Their rule:
   - `mx=False`: `scale = max(amax / max, min_scale)` with `min_scale = 1 / (max * 512)`
     (`fp8_formula.tile_scales`, the streamquant formula).
@@ -37,10 +38,13 @@ class CodeFormat:
     dtype: torch.dtype
     mx: bool = False
     bits: int = 8
+    zero_point: bool = False  # asymmetric int4 (`int4_math.py`)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or (self.bits == 4 and self.dtype != torch.int8):
             raise ValueError(f"bits={self.bits}: 8-bit codes, or 4-bit integer codes computed as int8")
+        if self.zero_point and self.bits != 4:
+            raise ValueError("zero points are implemented for int4 only")
         if self.dtype not in CODE_DTYPES:
             raise ValueError(f"{self.dtype} is not a code dtype; expected one of {', '.join(map(str, CODE_DTYPES))}")
         if self.mx and self.dtype != torch.float8_e4m3fn:
@@ -79,6 +83,7 @@ E4M3FN = CodeFormat(torch.float8_e4m3fn)
 E4M3FNUZ = CodeFormat(torch.float8_e4m3fnuz)
 INT8 = CodeFormat(torch.int8)
 INT4 = CodeFormat(torch.int8, bits=4)
+INT4_ASYMMETRIC = CodeFormat(torch.int8, bits=4, zero_point=True)
 MXFP8 = CodeFormat(torch.float8_e4m3fn, mx=True)
 
 

@@ -8,7 +8,8 @@ e4m3 codes in 1x32 blocks along the input dimension with power-of-two (E8M0) sca
 weights' code format: per token for fp8, fp8-channel and int8, per 1x128 group for blocks, per 1x32
 block for mxfp8; `activation_scheme="none"` keeps them in the model dtype (weight-only: W8A16).
 "int4" is W4A16 (weight-only always): symmetric int4 codes (-7..7) with one scale per 1 x `group_size`
-group along the input (default 128), stored eight per int32 (`int4_pack.py`), dequantized at matmul.
+group along the input (default 128), or with `symmetric=False` codes -8..7 with a scale and an int8
+zero point per group (`int4_math.py`); stored eight per int32 (`int4_pack.py`), dequantized at matmul.
 All six share one machinery (`fp8_weights`, `fp8_math`): streaming, tensor parallelism on the
 global tile grid, reload in place, MoE experts, the error log.
 
@@ -35,7 +36,7 @@ from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod, che
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_formula import Formula, formula_of
 from streamquant.quant.fp8_linear import Fp8LinearMethod, default_activation
-from streamquant.quant.code_format import INT4, INT8, MXFP8, CodeFormat
+from streamquant.quant.code_format import INT4, INT4_ASYMMETRIC, INT8, MXFP8, CodeFormat
 from streamquant.quant.fp8_moe import Fp8MoEMethod
 from streamquant.quant.fp8_weights import Fp8WeightSpec
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
@@ -104,6 +105,7 @@ class Fp8Config:
     ignore: tuple[str, ...] = ()
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128  # int4 only
+    symmetric: bool = True  # int4 only: False adds a zero point per group (`int4_math.py`)
     compile: bool = False
     formula: Formula = Formula.STREAMQUANT
     tp_invariant_activations: bool = False
@@ -120,6 +122,8 @@ class Fp8Config:
         object.__setattr__(self, "activation_scheme", activation)
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if not self.symmetric and not int4:
+            raise ValueError(f"symmetric=False (zero points) applies to quantization='int4' only, not {self.scheme.value!r}")
         object.__setattr__(self, "ignore", check_ignore(self.ignore))
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
         object.__setattr__(self, "formula", formula_of(self.formula))
@@ -135,7 +139,8 @@ class Fp8Config:
 
     @property
     def code_format(self) -> CodeFormat:
-        return {Fp8Scheme.INT8: INT8, Fp8Scheme.MXFP8: MXFP8, Fp8Scheme.INT4: INT4}.get(self.scheme) or CodeFormat(self.fp8_dtype)
+        int4 = INT4 if self.symmetric else INT4_ASYMMETRIC
+        return {Fp8Scheme.INT8: INT8, Fp8Scheme.MXFP8: MXFP8, Fp8Scheme.INT4: int4}.get(self.scheme) or CodeFormat(self.fp8_dtype)
 
     @property
     def weight_spec(self) -> Fp8WeightSpec:

@@ -48,16 +48,15 @@ from streamquant.quant.fp8_math import (
     window_amax,
 )
 from streamquant.quant.fp8_weights import (
-    derived_tensors,
     Fp8WeightSpec,
     ShardLayout,
     create_fp8_weight,
-    dequantize_weight,
+    derived_tensors,
     quantize_layer_weight_,
     require_quantized,
-    row_scales,
     shard_layouts,
 )
+from streamquant.quant.readback import dequantize_weight, row_scales
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
 from streamquant.quant.matmul import int8_mm, linear
 from streamquant.quant.unquantized import linear_weight
@@ -101,12 +100,13 @@ def fp8_matmul(
     bias: torch.Tensor | None = None,
     reduce_over: TPContext | None = None,
     out_dtype: torch.dtype | None = None,
+    zero_points: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ dequant(codes, scales).T (+ bias)` for x [..., in] and codes [out, in], in `out_dtype`
-    (default `x.dtype`); see the module doc."""
+    (default `x.dtype`); see the module doc. `zero_points`: asymmetric int4 (weight-only)."""
     out_dtype = out_dtype or x.dtype
     if activation is None:
-        return linear(x, dequantize_weight(codes, scales, layouts, out_dtype), bias, out_dtype)
+        return linear(x, dequantize_weight(codes, scales, layouts, out_dtype, zero_points), bias, out_dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     rowwise = isinstance(spec.granularity, (PerTensor, PerRow)) and isinstance(activation, PerRow)
@@ -156,7 +156,7 @@ class Fp8LinearMethod:
     def apply(self, layer, x, bias=None, out_dtype=None):
         require_quantized(layer, "weight")
         return fp8_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias,
-                          self.tp if self.tp_invariant else None, out_dtype)
+                          self.tp if self.tp_invariant else None, out_dtype, getattr(layer, "weight_zero_point", None))
 
 
 def default_activation(granularity: Granularity) -> Granularity:

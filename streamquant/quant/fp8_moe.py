@@ -13,8 +13,8 @@ import torch
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_linear import fp8_matmul
 from streamquant.quant.fp8_weights import (
-    derived_tensors,
     Fp8WeightSpec,
+    derived_tensors,
     create_fp8_weight,
     quantize_layer_weight_,
     require_quantized,
@@ -53,9 +53,10 @@ class Fp8MoEMethod:
 
     def _expert_linear(self, layer, name: str, out_dtype: torch.dtype | None = None):
         codes, scales, layouts = getattr(layer, name), getattr(layer, f"{name}_scale"), self.layouts[name]
+        zeros = getattr(layer, f"{name}_zero_point", None)
         reduce_over = self.tp if self.tp_invariant else None
         return lambda rows, e: fp8_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation, None,
-                                          reduce_over, out_dtype)
+                                          reduce_over, out_dtype, None if zeros is None else zeros[e])
 
     def apply(self, layer, x, topk_weights, topk_ids, partial_sums=None):
         for name in WEIGHTS:

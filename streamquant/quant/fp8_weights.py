@@ -58,7 +58,9 @@ from streamquant.quant.fp8_math import (
     window_amax,
 )
 from streamquant.quant.granularity import Granularity, LogicalShard, Window, grid_shape, tile_shape
-from streamquant.quant.int4_pack import pack_int4, packed_size, unpack_int4
+from streamquant.quant.int4_math import quantize_window_asymmetric_, range_scales, window_range
+from streamquant.quant.int4_pack import pack_int4, packed_size
+from streamquant.quant.readback import record_error
 
 # MoE shard ids (`layers.moe`) -> the logical shard labels of w13 / w2.
 MOE_SHARD_LABELS = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -118,6 +120,9 @@ def create_fp8_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch
         words = packed_size(checkpoint_param.shape[-1], f"{name}'s input size on this rank")
         packed = torch.empty(tuple(checkpoint_param.shape[:-1]) + (words,), dtype=torch.int32)
         layer.register_parameter(name, torch.nn.Parameter(packed, requires_grad=False))
+        if spec.fmt.zero_point:
+            zero = torch.empty(scales.shape, dtype=torch.int8)
+            layer.register_parameter(f"{name}_zero_point", torch.nn.Parameter(zero, requires_grad=False))
         return
     codes = _like_param(checkpoint_param, torch.empty(checkpoint_param.shape, dtype=spec.fmt.dtype))
     layer.register_parameter(name, codes)
@@ -185,9 +190,11 @@ def _first_non_finite(w: torch.Tensor, row_offset: int) -> tuple[int, ...]:
     return tuple(index)
 
 
-def _amax_grids(layer, name: str, slot: torch.Tensor, layouts: list[ShardLayout], tp: TPContext) -> list[torch.Tensor]:
-    """Per-shard global amax grids, reduced over ranks where needed; raises on NaN / Inf."""
-    grids = [window_amax(slot[..., lay.rows, :], lay.window, lay.tile) for lay in layouts]
+def _amax_grids(layer, name: str, slot: torch.Tensor, layouts: list[ShardLayout], tp: TPContext,
+                measure=window_amax) -> list[torch.Tensor]:
+    """Per-shard global amax grids (or what `measure` takes per tile: `int4_math.window_range`),
+    reduced over ranks with MAX; raises on NaN / Inf."""
+    grids = [measure(slot[..., lay.rows, :], lay.window, lay.tile) for lay in layouts]
     local_bad = None
     for lay, grid in zip(layouts, grids):
         bad = ~torch.isfinite(grid)
@@ -218,6 +225,8 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
         return False
     codes, scales = getattr(layer, name), getattr(layer, f"{name}_scale")
     layouts = shard_layouts(layer.logical_shards[name], spec.granularity)
+    if spec.fmt.zero_point:
+        return _quantize_asymmetric_(layer, name, spec, tp, error_log, slot, layouts)
     grids = _amax_grids(layer, name, slot, layouts, tp)
     materialize_(codes, slot.device)
     materialize_(scales, slot.device)
@@ -235,13 +244,37 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
     if spec.fmt.packed:
         pack_int4(target, out=codes)
     if error_log is not None:
-        _record_error(layer, name, slot, target, layouts, tp, error_log)
+        record_error(layer, name, slot, target, layouts, tp, error_log)
+    return True
+
+
+def _quantize_asymmetric_(layer, name, spec: Fp8WeightSpec, tp: TPContext, error_log, slot, layouts) -> bool:
+    """`quantize_layer_weight_` for asymmetric int4 (`int4_math.py`): range grids, scales and zero
+    points per tile, int8 codes in a scratch buffer, packed into the int32 codes."""
+    codes, scales, zeros = (getattr(layer, f"{name}{suffix}") for suffix in ("", "_scale", "_zero_point"))
+    grids = _amax_grids(layer, name, slot, layouts, tp, measure=window_range)
+    for param in (codes, scales, zeros):
+        materialize_(param, slot.device)
+    w, codes, scales, zeros = slot.detach(), codes.detach(), scales.detach(), zeros.detach()
+    target = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for lay, grid in zip(layouts, grids):
+        tile_scales, tile_zeros = range_scales(grid)
+        local, local_zeros = scales[..., lay.scale_rows, :], zeros[..., lay.scale_rows, :]
+        local.copy_(local_scales(tile_scales, lay.window, lay.tile))
+        local_zeros.copy_(local_scales(tile_zeros, lay.window, lay.tile))
+        quantize_window_asymmetric_(target[..., lay.rows, :], w[..., lay.rows, :], local, local_zeros, lay.window,
+                                    lay.tile)
+    pack_int4(target, out=codes)
+    if error_log is not None:
+        record_error(layer, name, slot, target, layouts, tp, error_log)
     return True
 
 
 def derived_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The codes and scales of every quantized parameter of `layer`, by name (what a reload writes)."""
-    return {derived: getattr(layer, derived) for name in layer.checkpoint_params for derived in (name, f"{name}_scale")}
+    """The codes, scales (and int4 zero points) of every quantized parameter of `layer`, by name
+    (what a reload writes)."""
+    return {derived: getattr(layer, derived) for name in layer.checkpoint_params
+            for derived in (name, f"{name}_scale", f"{name}_zero_point") if hasattr(layer, derived)}
 
 
 def require_quantized(layer: torch.nn.Module, name: str) -> None:
@@ -249,62 +282,3 @@ def require_quantized(layer: torch.nn.Module, name: str) -> None:
     if getattr(layer, name).is_meta:
         raise RuntimeError(f"layer {getattr(layer, 'prefix', '')!r} has no fp8 {name!r}: its checkpoint weights were "
                            "never completely loaded (a strict=False load that missed some of them?)")
-
-
-def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[ShardLayout],
-                      dtype: torch.dtype) -> torch.Tensor:
-    """`codes.float() * scale` for every logical shard, in `dtype` (a new tensor shaped like the
-    unpacked codes; packed int4 codes are unpacked first)."""
-    if codes.dtype == torch.int32:
-        codes = unpack_int4(codes)
-    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    for lay in layouts:
-        part = dequantize_window(codes[..., lay.rows, :], scales[..., lay.scale_rows, :], lay.window, lay.tile, dtype)
-        out[..., lay.rows, :] = part
-    return out
-
-
-def row_scales(scales: torch.Tensor, layouts: list[ShardLayout]) -> torch.Tensor:
-    """Per-output-row float32 multipliers [..., rows] for granularities with one tile column
-    (per tensor, per row): a per-tensor shard's scale repeated over its rows."""
-    parts = []
-    for lay in layouts:
-        grid = scales[..., lay.scale_rows, 0]
-        first = lay.window.row0 // lay.tile[0]
-        tile_of_row = torch.arange(lay.window.row0, lay.window.row0 + lay.window.rows, device=scales.device)
-        parts.append(grid[..., tile_of_row // lay.tile[0] - first])
-    return torch.cat(parts, dim=-1)
-
-
-ERROR_CHUNK_ELEMENTS = 1 << 20  # float32 temporaries of the error measurement: a few MB at a time
-
-
-def _shard_energy(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, lay: ShardLayout) -> torch.Tensor:
-    """[sum w^2, sum (w - dequant)^2] of one logical shard in float64, over row chunks."""
-    out = torch.zeros(2, dtype=torch.float64, device=w.device)
-    step = max(1, ERROR_CHUNK_ELEMENTS // max(1, w[..., :1, :].numel()))
-    base = lay.window.local_grid(lay.tile)[0].start
-    for start in range(0, lay.window.rows, step):
-        sub = lay.window.sub(start, min(start + step, lay.window.rows))
-        grid = sub.local_grid(lay.tile)[0]
-        rows = slice(lay.rows.start + start, lay.rows.start + start + sub.rows)
-        part_scales = scales[..., lay.scale_rows.start + grid.start - base : lay.scale_rows.start + grid.stop - base, :]
-        deq = dequantize_window(codes[..., rows, :], part_scales, sub, lay.tile, torch.float32)
-        chunk = w[..., rows, :].float()
-        out[1] += deq.sub_(chunk).square_().sum(dtype=torch.float64)
-        out[0] += chunk.square_().sum(dtype=torch.float64)  # in place: one float32 temporary less
-    return out
-
-
-def _record_error(layer, name, slot, codes, layouts, tp: TPContext, error_log: QuantErrorLog) -> None:
-    """Signal and error energy per logical shard (summed over ranks and experts) into `error_log`;
-    `codes` unpacked (int4: the int8 codes before packing)."""
-    start = time.perf_counter()
-    scales = getattr(layer, f"{name}_scale")
-    sums = torch.cat([_shard_energy(slot, codes, scales, lay) for lay in layouts])
-    sums = all_reduce(sums, tp).cpu()
-    prefix = getattr(layer, "prefix", "")
-    for i, lay in enumerate(layouts):
-        label = f"{prefix}.{name}" + (f"[{lay.label}]" if lay.label else "")
-        error_log.record(label, float(sums[2 * i]), float(sums[2 * i + 1]))
-    error_log.seconds += time.perf_counter() - start

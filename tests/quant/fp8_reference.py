@@ -113,3 +113,19 @@ def ref_dequantize(codes: np.ndarray, scales: np.ndarray, tile: tuple[int, int],
         return values.astype(np.float16).view(np.uint16)
     return values.view(np.uint32)
 
+
+
+def ref_quantize_asymmetric(w: np.ndarray, tile: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 bytes of int8 codes, float32 scales, int8 zero points) of asymmetric int4 (ml_dtypes' int4
+    range -8..7): hi = max(max w, 0), lo = max(-min w, 0), scale = max((hi + lo) / 15, 1 / (15 * 512)),
+    zero = clip(rint(-8 + lo / scale), -8, 7), codes = clip(rint(w / scale) + zero, -8, 7)."""
+    q_min, q_max = int(ml_dtypes.iinfo(ml_dtypes.int4).min), int(ml_dtypes.iinfo(ml_dtypes.int4).max)
+    tiles = _tiled(w, tile)
+    hi = np.maximum(tiles.max(axis=(1, 3)), 0).astype(np.float32)
+    lo = np.maximum(-tiles.min(axis=(1, 3)), 0).astype(np.float32)
+    levels = np.float32(q_max - q_min)
+    scales = np.maximum((hi + lo) / levels, np.float32(1.0 / (15 * 512.0))).astype(np.float32)
+    zeros = np.clip(np.rint((lo / scales).astype(np.float32) + np.float32(q_min)), q_min, q_max).astype(np.float32)
+    codes = np.rint((w / _expand(scales, tile, w.shape)).astype(np.float32)) + _expand(zeros, tile, w.shape)
+    codes = np.clip(codes, q_min, q_max).astype(np.int8)
+    return codes.view(np.uint8), scales, zeros.astype(np.int8)

@@ -19,13 +19,17 @@ from streamquant.quant.fp8_config import Fp8Config
 from streamquant.quant.fp8_linear import fp8_matmul
 from streamquant.quant.fp8_math import dequantize, quantize, quantize_window_
 from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
+from streamquant.launch import launch
+from streamquant.parallel import TPContext
+from streamquant.reload import inference_tensors
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
 from streamquant.quant.int4_pack import pack_int4, unpack_int4
 from streamquant.quant.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS, int8_mm
 
 from hf_cases import CASES, make_checkpoint
 
-from .fp8_reference import ref_pack_int4, ref_quantize, to_f32
+from .fp8_model_helpers import checkpoint_pieces
+from .fp8_reference import ref_pack_int4, ref_quantize, ref_quantize_asymmetric, to_f32
 
 
 def test_int8_rounds_half_to_even_and_is_symmetric():
@@ -166,3 +170,69 @@ def test_int4_needs_whole_words_per_rank():
 
     with pytest.raises(ValueError, match="input size 44 is not a multiple of 8"):
         packed_size(44)
+
+
+@pytest.mark.parametrize("tile", [(1, 32), (1, 128), (1, 7)])
+def test_asymmetric_int4_equals_the_numpy_reference(tile):
+    from streamquant.quant.int4_math import dequantize_window_asymmetric, quantize_window_asymmetric_, range_scales, window_range
+
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(40, 200, generator=gen) * torch.exp(torch.randn(40, 1, generator=gen) * 3)).to(torch.bfloat16)
+    w[3] = 0  # a zero row: the floor scale, zero point -8, codes -8, dequantized exactly 0
+    w[4] = w[4].abs()  # all positive: zero point -8 (lo = 0)
+    w[5] = -w[5].abs()  # all negative: zero point 7
+    window = Window(0, 0, *w.shape)
+    scales, zeros = range_scales(window_range(w, window, tile))
+    codes = quantize_window_asymmetric_(torch.empty(w.shape, dtype=torch.int8), w, scales, zeros, window, tile)
+    ref_codes, ref_scales, ref_zeros = ref_quantize_asymmetric(to_f32(w), tile)
+    np.testing.assert_array_equal(scales.numpy(), ref_scales)
+    np.testing.assert_array_equal(zeros.numpy(), ref_zeros)
+    np.testing.assert_array_equal(codes.view(torch.uint8).numpy(), ref_codes)
+    deq = dequantize_window_asymmetric(codes, scales, zeros, window, tile, torch.float32)
+    assert (deq[3] == 0).all() and (zeros[4] == -8).all() and (zeros[5] == 7).all()
+    err = (deq - w.float()).abs()
+    expanded = scales.repeat_interleave(tile[1], dim=1)[:, : w.shape[1]]
+    assert bool((err <= expanded * 0.5 * (1 + 1e-5) + 1e-30).all())  # half a step (range covers every value)
+
+
+def _asymmetric_state(path):
+    model = load_model(path, quantization="int4", symmetric=False, dtype=torch.float32,
+                       tp=TPContext.from_process_group() if torch.distributed.is_initialized() else None)
+    return {n: t.clone() for n, t in inference_tensors(model).items() if "weight" in n and "norm" not in n}
+
+
+def _asymmetric_all(path):
+    mine = _asymmetric_state(path)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3moe"])
+def test_asymmetric_int4_model_equals_the_reference_and_tp2(tmp_path_factory, name):
+    """Every logical weight (q, k, v, gate, up, experts) against the numpy reference; TP=2 zero points
+    and scales are TP=1's (groups of 128 straddle down_proj's 48 + 48 split: the range is all-reduced)."""
+    path = make_checkpoint(next(c for c in CASES if c.name == name), tmp_path_factory.mktemp("asym"))
+    model = load_model(path, quantization="int4", symmetric=False, dtype=torch.float32)
+    modules = dict(model.named_modules())
+    compared = 0
+    for _, mod_name, pname, label, e, w in checkpoint_pieces(model, path):
+        module = modules[mod_name]
+        lay = {x.label: x for x in shard_layouts(module.logical_shards[pname], PerBlock((1, 128)))}[label]
+        codes, scales, zeros = (getattr(module, f"{pname}{s}") for s in ("", "_scale", "_zero_point"))
+        if e is not None:
+            codes, scales, zeros = codes[e], scales[e], zeros[e]
+        ref_codes, ref_scales, ref_zeros = ref_quantize_asymmetric(to_f32(w.float()), (1, 128))
+        np.testing.assert_array_equal(codes[lay.rows].numpy(), ref_pack_int4(ref_codes))
+        np.testing.assert_array_equal(scales[lay.scale_rows].numpy(), ref_scales)
+        np.testing.assert_array_equal(zeros[lay.scale_rows].numpy(), ref_zeros)
+        compared += 1
+    assert compared >= 8
+    whole = _asymmetric_state(path)
+    ranks = launch(_asymmetric_all, 2, path)
+    checked = 0
+    for key, value in whole.items():  # row-parallel layers: every rank holds all rows of scales and zero points
+        if key.endswith(("_zero_point", "_scale")) and all(r[key].shape == value.shape for r in ranks):
+            assert all(torch.equal(r[key], value) for r in ranks), key
+            checked += 1
+    assert checked >= 4

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import streamquant.quant.fp8_weights as fp8_weights
+import streamquant.quant.readback as readback
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.fp8_math import dequantize_window, local_scales, quantize_window_, scale_from_amax, window_amax
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
@@ -18,7 +19,7 @@ from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTen
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
 @pytest.mark.parametrize("granularity", [PerTensor(), PerRow(), PerBlock((128, 128))], ids=repr)
 def test_shard_energy_equals_float64_reference(granularity, chunk, monkeypatch):
-    monkeypatch.setattr(fp8_weights, "ERROR_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(readback, "ERROR_CHUNK_ELEMENTS", chunk)
     w = torch.randn(2, 700, 300, generator=torch.Generator().manual_seed(0)).bfloat16()
     shards = (LogicalShard("a", Window(0, 0, 300, 300)), LogicalShard("b", Window(100, 0, 600, 300, rows=400)))
     layouts = fp8_weights.shard_layouts(shards, granularity)
@@ -35,7 +36,7 @@ def test_shard_energy_equals_float64_reference(granularity, chunk, monkeypatch):
                                 torch.float64)
         exact = w[..., lay.rows, :].double()
         expected = torch.stack([exact.square().sum(), (exact - deq).square().sum()])
-        torch.testing.assert_close(fp8_weights._shard_energy(w, codes, scales, lay), expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(readback._shard_energy(w, codes, scales, lay), expected, rtol=1e-6, atol=0)
 
 
 def test_summary_is_json_safe_and_ranks_worst_first():

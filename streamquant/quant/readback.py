@@ -1,0 +1,89 @@
+"""Reading quantized weights back: dequantization, per-row multipliers, the quantization error.
+
+Shared by the matmuls (`fp8_linear`) and the load's error log (`fp8_weights`); works on every code
+format of `code_format.py` (packed int4 codes are unpacked first, asymmetric ones use their zero points).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from streamquant.parallel import TPContext, all_reduce
+from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.fp8_math import dequantize_window
+from streamquant.quant.int4_math import dequantize_window_asymmetric
+from streamquant.quant.int4_pack import unpack_int4
+
+if TYPE_CHECKING:
+    from streamquant.quant.fp8_weights import ShardLayout
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[ShardLayout],
+                      dtype: torch.dtype, zero_points: torch.Tensor | None = None) -> torch.Tensor:
+    """`codes.float() * scale` (`(codes - zero) * scale` with zero points) for every logical shard, in
+    `dtype` (a new tensor shaped like the unpacked codes; packed int4 codes are unpacked first)."""
+    if codes.dtype == torch.int32:
+        codes = unpack_int4(codes)
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    for lay in layouts:
+        out[..., lay.rows, :] = _dequantize_shard(codes[..., lay.rows, :], scales[..., lay.scale_rows, :],
+                                                  None if zero_points is None else zero_points[..., lay.scale_rows, :],
+                                                  lay.window, lay.tile, dtype)
+    return out
+
+
+def _dequantize_shard(codes, scales, zero_points, window, tile, dtype) -> torch.Tensor:
+    if zero_points is None:
+        return dequantize_window(codes, scales, window, tile, dtype)
+    return dequantize_window_asymmetric(codes, scales, zero_points, window, tile, dtype)
+
+
+def row_scales(scales: torch.Tensor, layouts: list[ShardLayout]) -> torch.Tensor:
+    """Per-output-row float32 multipliers [..., rows] for granularities with one tile column
+    (per tensor, per row): a per-tensor shard's scale repeated over its rows."""
+    parts = []
+    for lay in layouts:
+        grid = scales[..., lay.scale_rows, 0]
+        first = lay.window.row0 // lay.tile[0]
+        tile_of_row = torch.arange(lay.window.row0, lay.window.row0 + lay.window.rows, device=scales.device)
+        parts.append(grid[..., tile_of_row // lay.tile[0] - first])
+    return torch.cat(parts, dim=-1)
+
+
+ERROR_CHUNK_ELEMENTS = 1 << 20  # float32 temporaries of the error measurement: a few MB at a time
+
+
+def _shard_energy(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, lay: ShardLayout,
+                  zero_points: torch.Tensor | None = None) -> torch.Tensor:
+    """[sum w^2, sum (w - dequant)^2] of one logical shard in float64, over row chunks."""
+    out = torch.zeros(2, dtype=torch.float64, device=w.device)
+    step = max(1, ERROR_CHUNK_ELEMENTS // max(1, w[..., :1, :].numel()))
+    base = lay.window.local_grid(lay.tile)[0].start
+    for start in range(0, lay.window.rows, step):
+        sub = lay.window.sub(start, min(start + step, lay.window.rows))
+        grid = sub.local_grid(lay.tile)[0]
+        rows = slice(lay.rows.start + start, lay.rows.start + start + sub.rows)
+        grid_rows = slice(lay.scale_rows.start + grid.start - base, lay.scale_rows.start + grid.stop - base)
+        part_zeros = None if zero_points is None else zero_points[..., grid_rows, :]
+        deq = _dequantize_shard(codes[..., rows, :], scales[..., grid_rows, :], part_zeros, sub, lay.tile, torch.float32)
+        chunk = w[..., rows, :].float()
+        out[1] += deq.sub_(chunk).square_().sum(dtype=torch.float64)
+        out[0] += chunk.square_().sum(dtype=torch.float64)  # in place: one float32 temporary less
+    return out
+
+
+def record_error(layer, name, slot, codes, layouts, tp: TPContext, error_log: QuantErrorLog) -> None:
+    """Signal and error energy per logical shard (summed over ranks and experts) into `error_log`;
+    `codes` unpacked (int4: the int8 codes before packing)."""
+    start = time.perf_counter()
+    scales, zeros = getattr(layer, f"{name}_scale"), getattr(layer, f"{name}_zero_point", None)
+    sums = torch.cat([_shard_energy(slot, codes, scales, lay, zeros) for lay in layouts])
+    sums = all_reduce(sums, tp).cpu()
+    prefix = getattr(layer, "prefix", "")
+    for i, lay in enumerate(layouts):
+        label = f"{prefix}.{name}" + (f"[{lay.label}]" if lay.label else "")
+        error_log.record(label, float(sums[2 * i]), float(sums[2 * i + 1]))
+    error_log.seconds += time.perf_counter() - start

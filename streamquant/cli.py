@@ -92,6 +92,8 @@ def _add_loading_flags(parser: argparse.ArgumentParser) -> None:
     add("--formula", default=None, choices=[f.value for f in Formula],
         help="whose fp8 arithmetic: streamquant's (default; a pre-quantized checkpoint: the one it was written "
              "with), or compressed-tensors' / transformers' bit for bit")
+    add("--group-size", type=int, default=None, metavar="N", help="int4: input elements per scale (default 128)")
+    add("--zero-points", action="store_true", default=None, help="int4: asymmetric, a zero point per group")
     add("--ignore", action="append", default=[], metavar="REGEX",
         help="keep layers whose module name matches REGEX (re.search) unquantized; repeatable")
     add("--tp-invariant-activations", action="store_true", default=None,
@@ -147,7 +149,8 @@ def _load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     given = dict(fp8_dtype=options.get("fp8_dtype"), activation_scheme=options.get("activation_scheme"),
                  ignore=options.get("ignore") or None, formula=options.get("formula"),
                  measure_error=options.get("measure_error") or None,
-                 tp_invariant_activations=options.get("tp_invariant_activations") or None)
+                 tp_invariant_activations=options.get("tp_invariant_activations") or None,
+                 group_size=options.get("group_size"), symmetric=False if options.get("zero_points") else None)
     fp8 = {k: v for k, v in given.items() if v is not None}  # fp8 options; load_model says when one needs a scheme
     with PeakMemorySampler(options["device"]) as sampler:
         model = load_model(

@@ -88,6 +88,16 @@ def test_load_fp8_reports_quantization(checkpoint, tmp_path, capsys, scheme):
     assert "weight SQNR dB" in text and "fp8 weight bytes" in text
 
 
+def test_load_int4_options_reach_the_config(checkpoint, tmp_path):
+    out = tmp_path / "load.json"
+    argv = ["load", str(checkpoint), "--quantization", "int4", "--group-size", "32", "--measure-error", "--json", str(out)]
+    assert cli.main(argv) == 0
+    symmetric = json.loads(out.read_text())["quantization_error"]["sqnr_db_median"]
+    assert cli.main(argv + ["--zero-points"]) == 0
+    asymmetric = json.loads(out.read_text())["quantization_error"]["sqnr_db_median"]
+    assert 15 < symmetric < asymmetric  # the zero points add a 16th level per group
+
+
 def test_load_measures_error_only_when_asked(checkpoint, tmp_path, capsys):
     out = tmp_path / "load.json"
     assert cli.main(["load", str(checkpoint), "--quantization", "fp8", "--measure-error", "--json", str(out)]) == 0

@@ -104,7 +104,7 @@ def _tp_reload(a, b, scheme):
     return same, addresses(model) == before, torch.equal(model(IDS), cold(IDS))
 
 
-@pytest.mark.parametrize("scheme", [None, "fp8", "fp8-block", "int8", "mxfp8", "int4"])
+@pytest.mark.parametrize("scheme", [None, "fp8-block", "int8", "int4"])  # fp8 / mxfp8: the same tile machinery
 def test_reload_equals_cold_load_at_tp2(pairs, scheme):
     a, b = pairs["qwen2moe"]
     assert launch(_tp_reload, 2, a, b, scheme) == (True, True, True)

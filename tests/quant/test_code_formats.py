@@ -21,14 +21,14 @@ from streamquant.quant.fp8_math import dequantize, quantize, quantize_window_
 from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
 from streamquant.launch import launch
 from streamquant.parallel import TPContext
-from streamquant.reload import inference_tensors
+from streamquant.reload import inference_tensors, reload_weights
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
 from streamquant.quant.int4_pack import pack_int4, unpack_int4
 from streamquant.quant.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS, int8_mm
 
 from hf_cases import CASES, make_checkpoint
 
-from .fp8_model_helpers import checkpoint_pieces
+from .fp8_model_helpers import checkpoint_pieces, noisy_copy
 from .fp8_reference import ref_pack_int4, ref_quantize, ref_quantize_asymmetric, to_f32
 
 
@@ -236,3 +236,16 @@ def test_asymmetric_int4_model_equals_the_reference_and_tp2(tmp_path_factory, na
             assert all(torch.equal(r[key], value) for r in ranks), key
             checked += 1
     assert checked >= 4
+
+
+def test_asymmetric_int4_reloads_in_place_bitwise_a_cold_load(llama, tmp_path):
+    b = noisy_copy(llama, tmp_path / "b")
+    model = load_model(llama, quantization="int4", symmetric=False, group_size=32)
+    before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
+    reload_weights(model, b)
+    cold = load_model(b, quantization="int4", symmetric=False, group_size=32)
+    live, want = inference_tensors(model), inference_tensors(cold)
+    assert any(n.endswith("_zero_point") for n in live)
+    assert all(torch.equal(live[n], want[n]) for n in want) and {n: t.data_ptr() for n, t in live.items()} == before
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(model(ids), cold(ids))

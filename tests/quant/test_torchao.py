@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-import safetensors.torch
 import torch
 
 from streamquant.api import load_model
@@ -23,6 +22,7 @@ from streamquant.reload import inference_tensors, reload_weights
 
 from hf_cases import CASES, make_checkpoint
 
+from .fp8_model_helpers import noisy_copy
 from .test_fp8_streaming import corrupted_checkpoint
 
 torchao = pytest.importorskip("torchao")  # in the `test` extra: a CI run without it is a broken install
@@ -83,17 +83,6 @@ def test_logits_stay_near_bf16_and_experts_stay_unquantized(checkpoints, name):
     for module in model.modules():
         if hasattr(module, "w13_weight"):
             assert module.w13_weight.dtype == torch.bfloat16 and not is_subclass(module.w13_weight)
-
-
-def noisy_copy(src, out):
-    out.mkdir(parents=True, exist_ok=True)
-    for extra in src.iterdir():
-        if extra.suffix == ".json" and not extra.name.endswith(".index.json"):
-            (out / extra.name).write_text(extra.read_text())
-    gen = torch.Generator().manual_seed(5)
-    tensors = {n: (t + 0.01 * t.std() * torch.randn(t.shape, generator=gen)).to(t.dtype) for n, t in iterate_weights(src)}
-    safetensors.torch.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 @pytest.mark.parametrize("preset", ["torchao:int8-dynamic", "torchao:float8-weight-only", "torchao:int4-weight-only"])

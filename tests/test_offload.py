@@ -107,7 +107,7 @@ def test_offload_tp2_is_bitwise_the_load_without_it(checkpoints, quantize_on):
 def test_reload_of_an_offloaded_model_uses_the_same_path(checkpoints, tmp_path, placements, quantize_on):
     """Reload B into a model loaded from A with offload: bitwise a cold B, same addresses, offload path
     taken for every quantized layer; a failing atomic reload restores bitwise; Reloader too."""
-    from test_reload import write_variant
+    from hf_cases import write_variant
 
     a = checkpoints["qwen2moe"]
     b = write_variant(a, tmp_path / "B")

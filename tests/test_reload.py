@@ -13,7 +13,6 @@ import random
 import weakref
 
 import pytest
-import safetensors.torch
 import torch
 
 from streamquant.api import load_model
@@ -26,24 +25,10 @@ from streamquant.parallel import TPContext
 from streamquant.loading.validate import is_finite as _finite
 from streamquant.reload import inference_tensors, reload_weights
 
-from hf_cases import CASES, make_checkpoint
+from hf_cases import CASES, make_checkpoint, write_variant
 
 SCHEMES = (None, "fp8", "fp8-channel", "fp8-block", "int8", "mxfp8", "int4")
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-
-
-def write_variant(src, out, edit=None, seed=1):
-    """A copy of checkpoint `src` with every float tensor moved by 1% noise (an optimizer step), then `edit`."""
-    out.mkdir(parents=True, exist_ok=True)
-    for extra in src.iterdir():
-        if extra.suffix == ".json" and not extra.name.endswith(".index.json"):
-            (out / extra.name).write_text(extra.read_text())
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {n: (t + 0.01 * t.std() * torch.randn(t.shape, generator=gen)).to(t.dtype) for n, t in iterate_weights(src)}
-    if edit is not None:
-        edit(tensors)
-    safetensors.torch.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import transformers
+
+from streamquant.checkpoint.reader import iterate_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,3 +86,17 @@ def hf_logits(path: Path, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.
     model.eval()
     with torch.no_grad():
         return model(input_ids).logits.float()
+
+
+def write_variant(src, out, edit=None, seed=1):
+    """A copy of checkpoint `src` with every float tensor moved by 1% noise (an optimizer step), then `edit`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for extra in src.iterdir():
+        if extra.suffix == ".json" and not extra.name.endswith(".index.json"):
+            (out / extra.name).write_text(extra.read_text())
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {n: (t + 0.01 * t.std() * torch.randn(t.shape, generator=gen)).to(t.dtype) for n, t in iterate_weights(src)}
+    if edit is not None:
+        edit(tensors)
+    safetensors.torch.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -141,16 +141,3 @@ def fp8_state(model) -> dict[str, torch.Tensor]:
             state[f"{mod_name}.{pname}"] = codes.view(torch.uint8).clone()
             state[f"{mod_name}.{pname}_scale"] = getattr(module, f"{pname}_scale").detach().clone()
     return state
-
-
-
-def noisy_copy(src: Path, out: Path, seed: int = 5) -> Path:
-    """A copy of checkpoint `src` whose every tensor moved by 1% noise (an optimizer step's worth)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for extra in src.iterdir():
-        if extra.suffix == ".json" and not extra.name.endswith(".index.json"):
-            (out / extra.name).write_text(extra.read_text())
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {n: (t + 0.01 * t.std() * torch.randn(t.shape, generator=gen)).to(t.dtype) for n, t in iterate_weights(src)}
-    safetensors.torch.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out

@@ -26,9 +26,9 @@ from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
 from streamquant.quant.int4_pack import pack_int4, unpack_int4
 from streamquant.quant.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS, int8_mm
 
-from hf_cases import CASES, make_checkpoint
+from hf_cases import CASES, make_checkpoint, write_variant
 
-from .fp8_model_helpers import checkpoint_pieces, noisy_copy
+from .fp8_model_helpers import checkpoint_pieces
 from .fp8_reference import ref_pack_int4, ref_quantize, ref_quantize_asymmetric, to_f32
 
 
@@ -239,7 +239,7 @@ def test_asymmetric_int4_model_equals_the_reference_and_tp2(tmp_path_factory, na
 
 
 def test_asymmetric_int4_reloads_in_place_bitwise_a_cold_load(llama, tmp_path):
-    b = noisy_copy(llama, tmp_path / "b")
+    b = write_variant(llama, tmp_path / "b")
     model = load_model(llama, quantization="int4", symmetric=False, group_size=32)
     before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
     reload_weights(model, b)

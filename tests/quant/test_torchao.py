@@ -20,9 +20,8 @@ from streamquant.parallel import TPContext
 from streamquant.quant.torchao_config import TORCHAO_PRESETS, inner_tensors, quantized_weight
 from streamquant.reload import inference_tensors, reload_weights
 
-from hf_cases import CASES, make_checkpoint
+from hf_cases import CASES, make_checkpoint, write_variant
 
-from .fp8_model_helpers import noisy_copy
 from .test_fp8_streaming import corrupted_checkpoint
 
 torchao = pytest.importorskip("torchao")  # in the `test` extra: a CI run without it is a broken install
@@ -88,7 +87,7 @@ def test_logits_stay_near_bf16_and_experts_stay_unquantized(checkpoints, name):
 @pytest.mark.parametrize("preset", ["torchao:int8-dynamic", "torchao:float8-weight-only", "torchao:int4-weight-only"])
 @pytest.mark.parametrize("name", ["llama", "qwen3moe"])
 def test_reload_writes_inner_tensors_in_place_bitwise_a_cold_load(checkpoints, tmp_path, name, preset):
-    a, b = checkpoints[name], noisy_copy(checkpoints[name], tmp_path / "b")
+    a, b = checkpoints[name], write_variant(checkpoints[name], tmp_path / "b")
     model = load_model(a, quantization=preset)
     before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
     weights = {n: m.weight for n, m in model.named_modules() if hasattr(m, "checkpoint_params")}
@@ -120,12 +119,34 @@ def _tp_state(path, preset):
     return {n: inner_tensors(m.weight) for n, m in model.named_modules() if hasattr(m, "checkpoint_params")}
 
 
-def test_tp2_column_parallel_shards_are_the_tp1_rows(checkpoints):
+def _tp_error(path, preset):
+    try:
+        load_model(path, quantization=preset, tp=TPContext.from_process_group())
+    except ValueError as e:
+        return str(e)
+    return "loaded"
+
+
+def _tp_cases(path):
+    """Rank 0 gets every rank's int8-weight-only state, and its own error for int4 groups of 32."""
+    import torch.distributed as dist
+
+    mine = _tp_state(path, "torchao:int8-weight-only")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered, _tp_error(path, "torchao:int4-weight-only")
+
+
+@pytest.fixture(scope="module")
+def tp2(checkpoints):
+    return launch(_tp_cases, 2, checkpoints["llama"])  # one launch for both TP=2 tests
+
+
+def test_tp2_column_parallel_shards_are_the_tp1_rows(checkpoints, tp2):
     """int8 per-row: column-parallel (qkv, gate_up) rank shards are TP=1's rows bitwise; row-parallel
     (o_proj, down_proj) scales cover a rank's half-row, so they differ from TP=1 (module doc)."""
-    path = checkpoints["llama"]
-    whole = _tp_state(path, "torchao:int8-weight-only")
-    ranks = launch(_tp_all, 2, path, "torchao:int8-weight-only")
+    whole = _tp_state(checkpoints["llama"], "torchao:int8-weight-only")
+    ranks, _ = tp2
     for name in ("model.layers.0.mlp.gate_up_proj", "model.layers.1.mlp.gate_up_proj"):
         halves = [r[name]["qdata"] for r in ranks]  # gate and up each split in halves, stacked per rank
         rows = whole[name]["qdata"].shape[0] // 4
@@ -136,26 +157,9 @@ def test_tp2_column_parallel_shards_are_the_tp1_rows(checkpoints):
     assert not torch.equal(ranks[0][o_proj]["scale"], whole[o_proj]["scale"])
 
 
-def _tp_all(path, preset):
-    import torch.distributed as dist
-
-    mine = _tp_state(path, preset)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return gathered
-
-
-def _tp_error(path, preset):
-    try:
-        load_model(path, quantization=preset, tp=TPContext.from_process_group())
-    except ValueError as e:
-        return str(e)
-    return "loaded"
-
-
-def test_a_group_straddling_the_row_parallel_split_is_a_clear_error(checkpoints):
+def test_a_group_straddling_the_row_parallel_split_is_a_clear_error(tp2):
     """int4 groups of 32 along the input: down_proj's 96 inputs split into 48 per rank, not whole groups."""
-    message = launch(_tp_error, 2, checkpoints["llama"], "torchao:int4-weight-only")
+    _, message = tp2
     assert "model.layers.0.mlp.down_proj" in message and "[64, 48]" in message and "divisible" in message
 
 

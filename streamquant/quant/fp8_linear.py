@@ -1,7 +1,9 @@
 """Quantized linear layers (fp8, int8, MXFP8 codes): `Fp8LinearMethod` and the matmul it shares with the MoE method.
 
 `fp8_matmul(x, codes, scales, layouts, spec, activation)` computes `x @ dequant(W).T`:
-  - `activation=None` (weight only): W dequantized to `x.dtype`, then `F.linear`.
+  - `activation=None` (weight only): W dequantized to `x.dtype`, then `F.linear`; int8 codes with bf16 /
+    fp16 activations on CPU and no bias take torch's int8 weight-only kernel instead
+    (`matmul.int8_weight_only_linear`: no dequantized weight, faster than a bf16 `F.linear` there).
   - dynamic activations: `x` is quantized at call time with the same formula as the weights
     (`fp8_math`), per token (`PerRow()`) or per 1x128 group (`PerBlock((1, 128))`); groups are
     over this rank's columns of `x`.
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 
 from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.code_format import CodeFormat
+from streamquant.quant.code_format import INT8, CodeFormat
 from streamquant.quant.fp8_math import (
     dequantize_window,
     local_scales,
@@ -58,7 +60,7 @@ from streamquant.quant.fp8_weights import (
 )
 from streamquant.quant.readback import dequantize_weight, row_scales
 from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
-from streamquant.quant.matmul import int8_mm, linear
+from streamquant.quant.matmul import int8_mm, int8_weight_only_applies, int8_weight_only_linear, linear
 from streamquant.quant.unquantized import linear_weight
 
 
@@ -106,6 +108,8 @@ def fp8_matmul(
     (default `x.dtype`); see the module doc. `zero_points`: asymmetric int4 (weight-only)."""
     out_dtype = out_dtype or x.dtype
     if activation is None:
+        if spec.fmt == INT8 and int8_weight_only_applies(x, bias, out_dtype):
+            return int8_weight_only_linear(x, codes, row_scales(scales, layouts))
         return linear(x, dequantize_weight(codes, scales, layouts, out_dtype, zero_points), bias, out_dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)

@@ -23,6 +23,12 @@ shape; every route gives the same bits, so the choice never changes a result (ba
     result converted to int32 and summed in int32. Exact: every product is at most 127 * 127 and a
     slice's partial sums stay below 127 * 127 * 1024 < 2^24, so float32 holds every intermediate of
     any summation order exactly (4096x4096 at 128 rows: 102 ms; 8 rows: 36 vs 70 ms).
+
+`int8_weight_only_linear(x, codes, scales)` is int8 weight-only (W8A16) by torch's CPU kernel
+`torch._weight_int8pack_mm` (bf16 / fp16 activations, scales in the activation dtype): it never
+materializes a dequantized weight, and on the AVX2 test machine it beats even a plain bf16 `F.linear`
+(1024x2816: 0.82 vs 1.22 ms at 1 row, 3.2 vs 9.0 ms at 8; dequantize-then-linear: 4.3 / 12.1 ms).
+Its error against a float64 reference equals dequantize-then-linear's (the bf16 output rounding dominates).
 """
 
 from __future__ import annotations
@@ -71,3 +77,16 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         part = torch.mm(a[:, start:stop].float(), b[start:stop].float()).to(torch.int32)
         out = part if out is None else out.add_(part)
     return out if out is not None else torch.zeros(rows, cols, dtype=torch.int32, device=a.device)
+
+
+def int8_weight_only_applies(x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+    """Whether `int8_weight_only_linear` serves this call: CPU, bf16 / fp16 activations, output in their
+    dtype (no wider partial sums), no bias (the kernel has none: adding it after would round twice)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and out_dtype == x.dtype and bias is None
+
+
+def int8_weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`x @ (codes * scales[:, None]).T` for int8 `codes` [out, in] and per-row `scales` [out] (see the
+    module doc); the scales are used in `x`'s dtype, as the kernel requires."""
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), codes.contiguous(), scales.to(x.dtype))
+    return y.reshape(*x.shape[:-1], y.shape[-1])

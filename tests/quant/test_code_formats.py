@@ -249,3 +249,25 @@ def test_asymmetric_int4_reloads_in_place_bitwise_a_cold_load(llama, tmp_path):
     assert all(torch.equal(live[n], want[n]) for n in want) and {n: t.data_ptr() for n, t in live.items()} == before
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     assert torch.equal(model(ids), cold(ids))
+
+
+def test_int8_weight_only_bf16_takes_the_int8_kernel_within_bf16_rounding():
+    """W8A16 on CPU in bf16: bitwise torch._weight_int8pack_mm on the layer's codes and bf16 row scales, and
+    as close to a float64 reference as dequantize-then-linear is (the output rounding dominates)."""
+    gen = torch.Generator().manual_seed(4)
+    rows, k = 96, 256
+    w, x = torch.randn(rows, k, generator=gen), torch.randn(5, 3, k, generator=gen).to(torch.bfloat16)
+    layouts = shard_layouts((LogicalShard("", Window(0, 0, rows, k)),), PerRow())
+    codes, scales = quantize(w, PerRow(), INT8)
+    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(PerRow(), INT8), None)
+    assert y.shape == (5, 3, rows) and y.dtype == torch.bfloat16
+    direct = torch._weight_int8pack_mm(x.reshape(-1, k), codes, scales[:, 0].to(torch.bfloat16)).reshape(5, 3, rows)
+    assert torch.equal(y, direct)
+    reference = x.double() @ (codes.double() * scales.double()).T
+    dequantized = torch.nn.functional.linear(x, (codes.float() * scales).to(torch.bfloat16)).double()
+    ours_err = ((y.double() - reference).norm() / reference.norm()).item()
+    assert ours_err <= 1.5 * ((dequantized - reference).norm() / reference.norm()).item()
+    # with a bias, or wider partial sums, the dequantize-then-linear path keeps its single rounding
+    bias = torch.randn(rows, generator=gen).to(torch.bfloat16)
+    with_bias = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(PerRow(), INT8), None, bias)
+    assert torch.equal(with_bias, torch.nn.functional.linear(x, (codes.float() * scales).to(torch.bfloat16), bias))

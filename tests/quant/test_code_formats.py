@@ -208,11 +208,24 @@ def _asymmetric_all(path):
     return gathered
 
 
+@pytest.fixture(scope="module")
+def asymmetric_cases(tmp_path_factory):
+    """{case: (checkpoint, TP=1 state, every TP=2 rank's state)}, both TP=2 cases in one launch."""
+    root = tmp_path_factory.mktemp("asym")
+    paths = {name: make_checkpoint(next(c for c in CASES if c.name == name), root) for name in ("llama", "qwen3moe")}
+    ranks = launch(_asymmetric_each, 2, paths)
+    return {name: (path, _asymmetric_state(path), ranks[name]) for name, path in paths.items()}
+
+
+def _asymmetric_each(paths):
+    return {name: _asymmetric_all(path) for name, path in paths.items()}
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3moe"])
-def test_asymmetric_int4_model_equals_the_reference_and_tp2(tmp_path_factory, name):
+def test_asymmetric_int4_model_equals_the_reference_and_tp2(asymmetric_cases, name):
     """Every logical weight (q, k, v, gate, up, experts) against the numpy reference; TP=2 zero points
     and scales are TP=1's (groups of 128 straddle down_proj's 48 + 48 split: the range is all-reduced)."""
-    path = make_checkpoint(next(c for c in CASES if c.name == name), tmp_path_factory.mktemp("asym"))
+    path, whole, ranks = asymmetric_cases[name]
     model = load_model(path, quantization="int4", symmetric=False, dtype=torch.float32)
     modules = dict(model.named_modules())
     compared = 0
@@ -228,8 +241,6 @@ def test_asymmetric_int4_model_equals_the_reference_and_tp2(tmp_path_factory, na
         np.testing.assert_array_equal(zeros[lay.scale_rows].numpy(), ref_zeros)
         compared += 1
     assert compared >= 8
-    whole = _asymmetric_state(path)
-    ranks = launch(_asymmetric_all, 2, path)
     checked = 0
     for key, value in whole.items():  # row-parallel layers: every rank holds all rows of scales and zero points
         if key.endswith(("_zero_point", "_scale")) and all(r[key].shape == value.shape for r in ranks):

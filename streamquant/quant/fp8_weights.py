@@ -35,7 +35,6 @@ collective. The reduction runs even where no tile straddles ranks, for exactly t
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,15 +47,9 @@ from streamquant.loading.parameters import WeightShapeError, write_region
 from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_formula import Formula
 from streamquant.quant.code_format import CodeFormat
-from streamquant.quant.fp8_math import (
-    dequantize_window,
-    formula_scales,
-    local_scales,
-    quantize_window_,
-    window_amax,
-)
+from streamquant.quant.fp8_formula import Formula
+from streamquant.quant.fp8_math import formula_scales, local_scales, quantize_window_, window_amax
 from streamquant.quant.granularity import Granularity, LogicalShard, Window, grid_shape, tile_shape
 from streamquant.quant.int4_math import quantize_window_asymmetric_, range_scales, window_range
 from streamquant.quant.int4_pack import pack_int4, packed_size

@@ -77,15 +77,39 @@ class MappingRule:
 
 @dataclass(frozen=True)
 class WeightMapping:
-    """Ordered rules (first match wins) and skip patterns; names that match nothing map to themselves."""
+    """Ordered rules (first match wins) and skip patterns; names that match nothing map to themselves.
+
+    Each name is resolved once per mapping (a model holds one): a refit maps the same names every
+    step, tens of thousands for an MoE model, and resolving one costs ~40 us of segment matching
+    against every rule, a dict lookup after that.
+    """
 
     rules: tuple[MappingRule, ...] = ()
     skip: tuple[str, ...] = ()
     prefix_renames: tuple[tuple[str, str], ...] = field(default=())
+    # checkpoint name -> (skipped, parameter name, loader kwargs): what `_resolve` found for it
+    _resolved: dict[str, tuple[bool, str, tuple[tuple[str, Any], ...]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def should_skip(self, name: str) -> bool:
+        return self._lookup(name)[0]
+
+    def _lookup(self, name: str) -> tuple[bool, str, tuple[tuple[str, Any], ...]]:
+        hit = self._resolved.get(name)
+        if hit is None:
+            hit = self._resolved[name] = self._resolve(name)
+        return hit
+
+    def _resolve(self, name: str) -> tuple[bool, str, tuple[tuple[str, Any], ...]]:
         segs = _segments(name)
-        return any(_find(segs, _segments(p)) is not None for p in self.skip)
+        skipped = any(_find(segs, _segments(p)) is not None for p in self.skip)
+        name = self.rename(name)
+        segs = _segments(name)
+        for rule in self.rules:
+            hit = rule.apply_segments(segs)
+            if hit is not None:
+                return skipped, hit[0], tuple(hit[1].items())
+        return skipped, name, ()
 
     def rename(self, name: str) -> str:
         """`name` with the first matching prefix rename applied (model-side prefix)."""
@@ -102,13 +126,9 @@ class WeightMapping:
         return name
 
     def map(self, name: str) -> tuple[str, dict[str, Any]]:
-        name = self.rename(name)
-        segs = _segments(name)
-        for rule in self.rules:
-            hit = rule.apply_segments(segs)
-            if hit is not None:
-                return hit
-        return name, {}
+        """(parameter name, keyword arguments of its weight loader) for checkpoint name `name`."""
+        _, param, kwargs = self._lookup(name)
+        return param, dict(kwargs)
 
     def checkpoint_names_for(self, param_name: str, num_experts: int | None = None, *, undo_renames: bool = True) -> list[str]:
         """The checkpoint names that feed `param_name` (for error messages about missing tensors).

@@ -95,3 +95,15 @@ def test_rule_matches_like_a_dot_delimited_search(name, pattern, target):
     mapping = WeightMapping(rules=(rule,), skip=(pattern,))
     assert mapping.map(name) == (expected, {"shard_id": 1} if at >= 0 else {})
     assert mapping.should_skip(name) == (at >= 0)
+
+
+def test_a_name_resolves_once_and_answers_the_same_after():
+    mapping = WeightMapping(rules=QKV.rules, skip=QKV.skip)
+    name = "model.layers.2.mlp.experts.5.down_proj.weight"
+    first = mapping.map(name)
+    first[1]["expert_id"] = 99  # the caller's dict is its own: the remembered answer does not change
+    assert mapping.map(name) == ("model.layers.2.mlp.experts.w2.weight", {"shard_id": "w2", "expert_id": 5})
+    assert mapping.should_skip(f"{ATTN}.rotary_emb.inv_freq") and mapping.should_skip(f"{ATTN}.rotary_emb.inv_freq")
+    assert not mapping.should_skip(name)
+    fresh = WeightMapping(rules=QKV.rules, skip=QKV.skip)
+    assert fresh == mapping and hash(fresh) == hash(mapping)  # what was resolved is not part of its value

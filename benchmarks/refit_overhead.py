@@ -8,9 +8,13 @@ of `--experts` (default 32,128), one fresh child per row and repeat, median of `
   floor:E            a Python loop of `dst.copy_(src)`, one call per checkpoint tensor into same-shaped
                      preallocated tensors: the least any per-tensor refit can cost;
   reload:q:E         `reload_weights(model, tensors)` into a model loaded with quantization q (none: bf16),
-                     best of 3 calls after one warm-up.
-Rows report microseconds per tensor and the ratio to the floor at the same expert count; a per-tensor
-cost that grows with E is a cost quadratic in the experts. Writes a table and `--json`.
+                     best of 3 calls after one warm-up;
+  stacked:q:E        the same weights as a transformers 5 trainer holds them: each layer's experts in two
+                     stacks (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]),
+                     one checkpoint tensor per stack instead of one per expert projection.
+Rows report microseconds per tensor, the ratio to the floor at the same expert count (a per-tensor cost
+that grows with E is a cost quadratic in the experts), and milliseconds per refit (stacked rows: also
+the ratio to the per-expert reload of the same scheme). Writes a table and `--json`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,28 @@ def checkpoint(root: Path, experts: int, layers: int) -> Path:
     return out
 
 
+def stacked(tensors: list[tuple[str, "torch.Tensor"]]) -> list[tuple[str, "torch.Tensor"]]:
+    """`tensors` with every layer's per-expert projections replaced by transformers 5's two expert stacks."""
+    import re
+
+    import torch
+
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    out = []
+    for name, t in tensors:
+        hit = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", name)
+        if hit is None:
+            out.append((name, t))
+        else:
+            experts.setdefault(hit[1], {})[int(hit[2]), hit[3]] = t
+    for prefix, parts in experts.items():
+        count = 1 + max(e for e, _ in parts)
+        out.append((f"{prefix}.gate_up_proj", torch.stack(
+            [torch.cat([parts[e, "gate"], parts[e, "up"]]) for e in range(count)])))
+        out.append((f"{prefix}.down_proj", torch.stack([parts[e, "down"] for e in range(count)])))
+    return out
+
+
 def run_one(name: str, root: Path, layers: int) -> dict:
     import torch
 
@@ -55,6 +81,8 @@ def run_one(name: str, root: Path, layers: int) -> dict:
     experts = int(rest[-1])
     path = checkpoint(root, experts, layers)
     tensors = [(n, t.clone()) for n, t in iterate_weights(path)]
+    if kind == "stacked":
+        tensors = stacked(tensors)
     if kind == "floor":
         targets = [torch.empty_like(t) for _, t in tensors]
 
@@ -73,7 +101,7 @@ def run_one(name: str, root: Path, layers: int) -> dict:
         start = time.perf_counter()
         call()
         best = min(best, time.perf_counter() - start)
-    return {"name": name, "tensors": len(tensors), "us_per_tensor": best / len(tensors) * 1e6}
+    return {"name": name, "tensors": len(tensors), "us_per_tensor": best / len(tensors) * 1e6, "ms_per_refit": best * 1e3}
 
 
 def main() -> None:
@@ -91,7 +119,8 @@ def main() -> None:
         print(MARKER + json.dumps(run_one(args.one, args.root, args.layers)), flush=True)
         return
     experts = [int(e) for e in args.experts.split(",")]
-    names = [f"floor:{e}" for e in experts] + [f"reload:{q}:{e}" for q in args.schemes.split(",") for e in experts]
+    names = [f"floor:{e}" for e in experts] + [f"{kind}:{q}:{e}" for q in args.schemes.split(",")
+                                               for kind in ("reload", "stacked") for e in experts]
     machine = machine_info()
     print(banner(machine, f"refit overhead, Qwen3-MoE hidden 64, {args.layers} layers", args.repeats), flush=True)
     script = str(Path(__file__).resolve())
@@ -101,16 +130,22 @@ def main() -> None:
     for name in names:
         ok = [r for r in results[name] if "error" not in r]
         rows.append({"name": name, "tensors": ok[0]["tensors"], "us_per_tensor": statistics.median(
-            r["us_per_tensor"] for r in ok)} if ok else {"name": name, "error": results[name][-1]["error"]})
+            r["us_per_tensor"] for r in ok), "ms_per_refit": statistics.median(r["ms_per_refit"] for r in ok)}
+                    if ok else {"name": name, "error": results[name][-1]["error"]})
     floors = {r["name"].split(":")[-1]: r["us_per_tensor"] for r in rows if r["name"].startswith("floor") and "error" not in r}
-    print(f"\n{'row':<22}{'tensors':>9}{'us/tensor':>11}{'x floor':>9}")
+    per_expert = {r["name"].partition(":")[2]: r["ms_per_refit"] for r in rows
+                  if r["name"].startswith("reload:") and "error" not in r}
+    print(f"\n{'row':<22}{'tensors':>9}{'us/tensor':>11}{'x floor':>9}{'ms/refit':>10}{'x reload':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:<22}  error: {r['error'][:90]}")
             continue
         floor = floors.get(r["name"].split(":")[-1])
         r["x_floor"] = r["us_per_tensor"] / floor if floor else None
-        print(f"{r['name']:<22}{r['tensors']:>9}{r['us_per_tensor']:>11.1f}{r['x_floor'] or 0:>9.1f}")
+        reload_ms = per_expert.get(r["name"].partition(":")[2]) if r["name"].startswith("stacked:") else None
+        r["x_per_expert_reload"] = r["ms_per_refit"] / reload_ms if reload_ms else None
+        print(f"{r['name']:<22}{r['tensors']:>9}{r['us_per_tensor']:>11.1f}{r['x_floor'] or 0:>9.1f}"
+              f"{r['ms_per_refit']:>10.1f}{r['x_per_expert_reload'] or 0:>10.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "layers": args.layers, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")

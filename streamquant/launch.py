@@ -6,6 +6,8 @@ over `tcp://127.0.0.1:<free port>` (on CPU each rank gets cpu_count // N threads
 OMP_NUM_THREADS is set), runs `fn(*args)`, always destroys the group, and sends back
 either its pickled result (only rank 0's is kept) or its traceback. The first failure terminates
 the other ranks (they would otherwise wait in a collective) and raises `LaunchError` in the parent.
+`RankPool(tp_size)` keeps such ranks for many calls (`pool.run(fn, *args)`); `launch` is one call of
+a fresh pool.
 Collectives time out after `timeout_s` (default 5 minutes, not gloo's 30): a rank that stops
 answering makes its peers fail within that time.
 
@@ -83,8 +85,9 @@ def _run_rank(rank: int, fn: Callable, args: tuple) -> tuple:
         return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
 
 
-def _worker(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, results,
-            timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def _serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout_s: float) -> None:
+    """A rank's process: join the group once, then run each job from `jobs` (pickled `(fn, args)`;
+    None ends the loop) and report it on `results`."""
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -97,13 +100,18 @@ def _worker(rank: int, size: int, port: int, backend: str, fn: Callable, args: t
         results.put((rank, "error", (traceback.format_exc(), _picklable_exception(exc))))
         return
     try:
-        results.put(_run_rank(rank, fn, args))
-        # Flushed before the group goes away: peers only notice a failed rank once its group is
-        # destroyed, so the failing rank's own report reaches the parent before theirs.
+        while (job := jobs.get()) is not None:
+            results.put(_run_rank(rank, lambda: _call(job), ()))
+        # Flushed before the group goes away, so every report reaches the parent.
         results.close()
         results.join_thread()
     finally:
         dist.destroy_process_group()
+
+
+def _call(job: bytes) -> Any:
+    fn, args = pickle.loads(job)
+    return fn(*args)
 
 
 def _collect(procs: list, results) -> Any:
@@ -130,35 +138,80 @@ def _collect(procs: list, results) -> Any:
     return value
 
 
+class RankPool:
+    """`tp_size` rank processes kept between calls: `pool.run(fn, *args)` is `launch(fn, tp_size,
+    *args)` without starting processes, importing torch and forming the group again (seconds each time
+    on CPU). Jobs run one at a time, every rank runs each; the group (and each rank's module state)
+    persists between jobs. The first failure of a job closes the pool (its ranks may be stuck in a
+    collective): `run` raises `LaunchError`, and later calls raise `RuntimeError`. `close()` (or
+    leaving a `with` block) ends the ranks. Rank processes see the environment of the moment the
+    pool was made, not of each call."""
+
+    def __init__(self, tp_size: int, *, device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        backend = backend_for(device)
+        if backend == "nccl" and torch.cuda.device_count() < tp_size:
+            raise ValueError(f"tensor-parallel size {tp_size} needs {tp_size} GPUs, found {torch.cuda.device_count()}")
+        self.tp_size = tp_size
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in range(tp_size)]
+        port = free_port()
+        self.procs = [ctx.Process(target=_serve, args=(r, tp_size, port, backend, self.jobs[r], self.results, timeout_s))
+                      for r in range(tp_size)]
+        self.closed = False
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable, *args: Any) -> Any:
+        """`fn(*args)` on every rank; rank 0's result. `fn` and `args` must pickle (module-level functions)."""
+        if self.closed:
+            raise RuntimeError("this RankPool is closed (close() was called, or a job failed); make a new one")
+        job = pickle.dumps((fn, args))  # here, so what cannot be pickled fails the call, not a feeder thread
+        try:
+            for jobs in self.jobs:
+                jobs.put(job)
+            return _collect(self.procs, self.results)
+        except BaseException:
+            self._end(stop=False)
+            raise
+
+    def close(self) -> None:
+        """End the rank processes (they finish the job in hand first)."""
+        if not self.closed:
+            self._end(stop=True)
+
+    def _end(self, stop: bool) -> None:
+        self.closed = True
+        for p, jobs in zip(self.procs, self.jobs):
+            if stop and p.is_alive():
+                jobs.put(None)
+            else:
+                p.terminate()  # after a failure the others may be blocked in a collective with the failed rank
+        for p in self.procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for q in (*self.jobs, self.results):
+            q.close()
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = "cpu",
            timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     """Run `fn(*args)` on `tp_size` ranks and return rank 0's result; a collective waits at most
-    `timeout_s` seconds for a peer."""
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    if tp_size < 1:
-        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
-    backend = backend_for(device)
-    if backend == "nccl" and torch.cuda.device_count() < tp_size:
-        raise ValueError(f"tensor-parallel size {tp_size} needs {tp_size} GPUs, found {torch.cuda.device_count()}")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, tp_size, port, backend, fn, args, results, timeout_s))
-             for r in range(tp_size)]
-    for p in procs:
-        p.start()
-    try:
-        return _collect(procs, results)
-    except BaseException:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()  # the others may be blocked in a collective with the failed rank
-        raise
-    finally:
-        for p in procs:
-            p.join()
-        results.close()
+    `timeout_s` seconds for a peer. One job of a fresh `RankPool`."""
+    with RankPool(tp_size, device=device, timeout_s=timeout_s) as pool:
+        return pool.run(fn, *args)
 
 
 def under_torchrun() -> bool:

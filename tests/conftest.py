@@ -32,3 +32,32 @@ def last_session(monkeypatch):
 
     monkeypatch.setattr(StreamingLoadSession, "__init__", spy)
     return seen
+
+
+class SharedRanks:
+    """One `RankPool` per tensor-parallel size for the whole test session, made on first use and
+    made again after a job failed (which closes a pool): a TP test pays for a job, not for starting
+    processes, importing torch and forming a group (~5-7 s per launch on a 2-core CI machine)."""
+
+    def __init__(self):
+        self.pools = {}
+
+    def run(self, fn, tp_size: int, *args):
+        from streamquant.launch import RankPool
+
+        pool = self.pools.get(tp_size)
+        if pool is None or pool.closed:
+            pool = self.pools[tp_size] = RankPool(tp_size)
+        return pool.run(fn, *args)
+
+    def close(self):
+        for pool in self.pools.values():
+            pool.close()
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """`ranks.run(fn, tp_size, *args)`: `launch(fn, tp_size, *args)` on ranks shared by the session's tests."""
+    shared = SharedRanks()
+    yield shared
+    shared.close()

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from streamquant.parallel import is_peer_failure
-from streamquant.launch import LaunchError, _run_rank, free_port, launch, under_torchrun
+from streamquant.launch import LaunchError, RankPool, _run_rank, free_port, launch, under_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,3 +96,39 @@ def test_a_silent_rank_fails_its_peers_within_the_timeout():
         launch(_one_rank_goes_silent, 2, timeout_s=2)
     assert info.value.rank == 0 and is_peer_failure(info.value.exception)
     assert info.value.unreported == (1,)  # the silent rank is named
+
+
+def _pid_and_sum(scale: float) -> tuple[int, float]:
+    x = torch.tensor([scale * (dist.get_rank() + 1)])
+    dist.all_reduce(x)
+    pids = [None] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid())
+    return tuple(pids), x.item()
+
+
+def test_a_pool_runs_many_jobs_on_the_same_ranks():
+    with RankPool(2) as pool:
+        pids, first = pool.run(_pid_and_sum, 1.0)
+        again, second = pool.run(_pid_and_sum, 2.0)
+        procs = list(pool.procs)
+    assert (first, second) == (3.0, 6.0)
+    assert pids == again and os.getpid() not in pids and len(set(pids)) == 2  # the same two processes
+    assert all(p.exitcode == 0 for p in procs)  # leaving the block ended them cleanly
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.run(_pid_and_sum, 1.0)
+
+
+def test_a_failed_job_closes_the_pool_and_an_unpicklable_one_does_not():
+    pool = RankPool(2)
+    try:
+        with pytest.raises(Exception, match="pickle"):
+            pool.run(lambda: None)  # refused in the parent: nothing was sent, the ranks stay usable
+        assert pool.run(_pid_and_sum, 1.0)[1] == 3.0
+        with pytest.raises(LaunchError) as info:
+            pool.run(fail_on_rank_one)
+        assert info.value.rank == 1 and isinstance(info.value.exception, KeyError)
+        assert pool.closed and not any(p.is_alive() for p in pool.procs)  # the waiting rank 0 was ended too
+        with pytest.raises(RuntimeError, match="closed"):
+            pool.run(_pid_and_sum, 1.0)
+    finally:
+        pool.close()

@@ -17,7 +17,6 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import launch
 from streamquant.loading import offload as offload_module
 from streamquant.loading import streaming
 from streamquant.loading.loader import NonFiniteWeightError
@@ -99,8 +98,8 @@ def _tp_offload(path, quantize_on):
 
 
 @pytest.mark.parametrize("quantize_on", ["device", "cpu"])
-def test_offload_tp2_is_bitwise_the_load_without_it(checkpoints, quantize_on):
-    assert launch(_tp_offload, 2, checkpoints["qwen2moe"], quantize_on) is True
+def test_offload_tp2_is_bitwise_the_load_without_it(ranks, checkpoints, quantize_on):
+    assert ranks.run(_tp_offload, 2, checkpoints["qwen2moe"], quantize_on) is True
 
 
 @pytest.mark.parametrize("quantize_on", ["device", "cpu"])

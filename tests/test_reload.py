@@ -17,7 +17,6 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import launch
 from streamquant.loading.loader import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
 from streamquant.models.base import ModelNotReadyError
 from streamquant.loading.streaming import largest_layer_staging_bytes
@@ -97,8 +96,8 @@ def _tp_reload_all(a, b):
 
 
 @pytest.fixture(scope="module")
-def tp2_reloads(pairs):
-    return launch(_tp_reload_all, 2, *pairs["qwen2moe"])  # one launch for every scheme
+def tp2_reloads(ranks, pairs):
+    return ranks.run(_tp_reload_all, 2, *pairs["qwen2moe"])  # one job for every scheme
 
 
 @pytest.mark.parametrize("scheme", TP2_SCHEMES)

@@ -53,8 +53,8 @@ def _one_rank_fails(path, scheme, atomic, how):
 @pytest.mark.parametrize("scheme, how", [(None, "nan"), (None, "raise-at-end"), ("fp8", "raise-at-end"),
                                          ("fp8-block", "nan")])
 @pytest.mark.parametrize("atomic", [True, False])
-def test_no_rank_commits_when_one_fails(checkpoint, scheme, how, atomic):
-    rank0, rank1 = launch(_one_rank_fails, 2, checkpoint, scheme, atomic, how)
+def test_no_rank_commits_when_one_fails(ranks, checkpoint, scheme, how, atomic):
+    rank0, rank1 = ranks.run(_one_rank_fails, 2, checkpoint, scheme, atomic, how)
     failing = "ConnectionError" if how == "raise-at-end" else "NonFiniteWeightError"
     assert rank1[0] == failing
     assert rank0[0] in ("WeightLoadError", failing)  # told that another rank failed (or failed the same way)

@@ -80,9 +80,9 @@ def _trainer_to_inference(root, case_names, scheme, tp_size):
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])
-def test_trainer_step_reaches_fp8_inference_bitwise(tmp_path, tp_size):
+def test_trainer_step_reaches_fp8_inference_bitwise(ranks, tmp_path, tp_size):
     names = ["llama-tied-mqa-llama3rope", "qwen2moe"]
-    out = launch(_trainer_to_inference, tp_size + 1, tmp_path, names, "fp8", tp_size)
+    out = ranks.run(_trainer_to_inference, tp_size + 1, tmp_path, names, "fp8", tp_size)
     for name in names:
         buckets, tensors, reports = out[name]
         assert buckets > 3 and tensors > 10, name
@@ -170,9 +170,9 @@ def _compare(received, want) -> list[str]:
     return out
 
 
-def test_protocol_round_trips_and_failures_keep_sender_and_receiver_in_step():
+def test_protocol_round_trips_and_failures_keep_sender_and_receiver_in_step(ranks):
     seed = 5
-    sent_events, (checks, reused, recv_events) = launch(_protocol, 2, seed)
+    sent_events, (checks, reused, recv_events) = ranks.run(_protocol, 2, seed)
     assert checks == [[n for n, _ in _mixed_tensors(0)]] * 3
     assert reused  # the buckets are allocated once, not per send
     kinds = dict(sent_events)
@@ -260,7 +260,7 @@ def _one_receiver_refuses(root, scheme):
 
 
 @pytest.mark.parametrize("scheme", [None, "fp8-block"])
-def test_a_refusal_on_one_inference_rank_is_a_refusal_on_all(tmp_path, scheme):
-    message = launch(_one_receiver_refuses, 3, tmp_path, scheme)
+def test_a_refusal_on_one_inference_rank_is_a_refusal_on_all(ranks, tmp_path, scheme):
+    message = ranks.run(_one_receiver_refuses, 3, tmp_path, scheme)
     assert message.startswith("receiver(s) refused the weights")
     assert "rank 2: NonFiniteWeightError" in message and "rank 1: WeightLoadError" in message

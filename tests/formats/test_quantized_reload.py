@@ -14,7 +14,6 @@ from hf_cases import CASES, make_checkpoint
 from streamquant import load_model
 from streamquant.checkpoint.reader import iterate_weights, load_hf_config
 from streamquant.formats import get_format
-from streamquant.launch import launch
 from streamquant.loading.loader import NonFiniteWeightError
 from streamquant.offline import QuantizePlan, quantize_checkpoint, quantize_weights
 from streamquant.parallel import TPContext
@@ -122,8 +121,8 @@ def _sync(root_a, root_b, scheme, tp_size):
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])
-def test_weight_sender_quantization_is_bitwise_receiver_side(pair, tp_size):
+def test_weight_sender_quantization_is_bitwise_receiver_side(ranks, pair, tp_size):
     """transformers 5 hands the trainer fused MoE experts; they travel per expert, quantized."""
     a, b = pair
-    quantized_bytes, plain_bytes = launch(_sync, tp_size + 1, a, b, "fp8-block", tp_size)
+    quantized_bytes, plain_bytes = ranks.run(_sync, tp_size + 1, a, b, "fp8-block", tp_size)
     assert quantized_bytes < 0.7 * plain_bytes

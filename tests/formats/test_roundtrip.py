@@ -14,7 +14,6 @@ import safetensors.torch
 from safetensors import safe_open
 
 from streamquant import load_model
-from streamquant.launch import launch
 from streamquant.offline import quantize_checkpoint
 from streamquant.parallel import TPContext
 from streamquant.quant.code_format import E4M3FN
@@ -68,15 +67,15 @@ def _tp_state(path, kwargs):
 
 @pytest.mark.parametrize("case", ["llama", "qwen3moe"])
 @pytest.mark.parametrize("scheme,fmt,formula", [VARIANTS[0], VARIANTS[3]])
-def test_pre_quantized_load_at_tp2_is_the_online_load(sources, tmp_path, case, scheme, fmt, formula):
+def test_pre_quantized_load_at_tp2_is_the_online_load(ranks, sources, tmp_path, case, scheme, fmt, formula):
     out = tmp_path / "q"
     quantize_checkpoint(sources[case], out, scheme, format=fmt, formula=formula)
-    got = launch(_tp_state, 2, out, {})
-    want = launch(_tp_state, 2, sources[case], {"quantization": scheme, "formula": formula})
+    got = ranks.run(_tp_state, 2, out, {})
+    want = ranks.run(_tp_state, 2, sources[case], {"quantization": scheme, "formula": formula})
     assert got.keys() == want.keys() and all(same(got[k], want[k]) for k in got)
 
 
-def test_block_grid_straddling_ranks_is_split_not_refused(tmp_path):
+def test_block_grid_straddling_ranks_is_split_not_refused(ranks, tmp_path):
     """hidden 64 over 2 ranks: every rank's rows are half of one 128-row block; both keep its scale."""
     from hf_cases import Case
 
@@ -85,8 +84,8 @@ def test_block_grid_straddling_ranks_is_split_not_refused(tmp_path):
         num_key_value_heads=2, max_position_embeddings=64).items())))
     src = make_checkpoint(case, tmp_path)
     quantize_checkpoint(src, tmp_path / "q", "fp8-block", format="hf-fp8")
-    got = launch(_tp_state, 2, tmp_path / "q", {})
-    want = launch(_tp_state, 2, src, {"quantization": "fp8-block"})
+    got = ranks.run(_tp_state, 2, tmp_path / "q", {})
+    want = ranks.run(_tp_state, 2, src, {"quantization": "fp8-block"})
     assert all(same(got[k], want[k]) for k in got)
 
 

@@ -5,12 +5,10 @@ results reassembled by hand (sum for the embedding, concatenation for the head),
 two-process gloo run through the layers' own collectives.
 """
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -139,31 +137,23 @@ def test_quant_config_supplies_the_embedding_method():
     assert layer.weight.dtype == torch.bfloat16 and layer.weight.output_dim == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _tp2_worker(vocab: int) -> int:
+    """Both ranks check their shards against the full computation; returns the group size."""
+    tp = TPContext.from_process_group()
+    assert (tp.rank, tp.size) == (dist.get_rank(), dist.get_world_size())
+    ckpt = checkpoint(vocab)
+    untied, tied = Toy(vocab, tp, bias=True), Toy(vocab, tp, tie=True)
+    load_weights(untied, ckpt.items(), WeightMapping())
+    load_weights(tied, [("embed_tokens.weight", ckpt["embed_tokens.weight"])], WeightMapping())
+    ids = torch.tensor([[0, vocab - 1, 50, 48], [49, 1, vocab - 2, 47]])
+    hidden = torch.randn(2, 3, DIM, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(untied.embed_tokens(ids), F.embedding(ids, ckpt["embed_tokens.weight"]))
+    expected = F.linear(hidden, ckpt["lm_head.weight"], ckpt["lm_head.bias"])
+    torch.testing.assert_close(untied.lm_head(hidden), expected, atol=1e-6, rtol=1e-6)
+    expected_tied = F.linear(hidden, ckpt["embed_tokens.weight"])
+    torch.testing.assert_close(tied.lm_head(hidden), expected_tied, atol=1e-6, rtol=1e-6)
+    return tp.size
 
 
-def _tp2_worker(rank: int, world: int, port: int, vocab: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        tp = TPContext.from_process_group()
-        assert (tp.rank, tp.size) == (rank, world)
-        ckpt = checkpoint(vocab)
-        untied, tied = Toy(vocab, tp, bias=True), Toy(vocab, tp, tie=True)
-        load_weights(untied, ckpt.items(), WeightMapping())
-        load_weights(tied, [("embed_tokens.weight", ckpt["embed_tokens.weight"])], WeightMapping())
-        ids = torch.tensor([[0, vocab - 1, 50, 48], [49, 1, vocab - 2, 47]])
-        hidden = torch.randn(2, 3, DIM, generator=torch.Generator().manual_seed(5))
-        assert torch.equal(untied.embed_tokens(ids), F.embedding(ids, ckpt["embed_tokens.weight"]))
-        expected = F.linear(hidden, ckpt["lm_head.weight"], ckpt["lm_head.bias"])
-        torch.testing.assert_close(untied.lm_head(hidden), expected, atol=1e-6, rtol=1e-6)
-        expected_tied = F.linear(hidden, ckpt["embed_tokens.weight"])
-        torch.testing.assert_close(tied.lm_head(hidden), expected_tied, atol=1e-6, rtol=1e-6)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_real_tp2_gloo_embedding_and_lm_head():
-    mp.spawn(_tp2_worker, args=(2, _free_port(), 97), nprocs=2, join=True)
+def test_real_tp2_gloo_embedding_and_lm_head(ranks):
+    assert ranks.run(_tp2_worker, 2, 97) == 2

@@ -16,7 +16,6 @@ import torch
 from transformers import AutoConfig
 
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import launch
 from streamquant.loading.loader import process_weights_after_loading
 from streamquant.models import get_model_class
 from streamquant.parallel import TPContext
@@ -83,8 +82,8 @@ def _all_cases_tp(paths: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tp2_logits(checkpoints):
-    return launch(_all_cases_tp, 2, dict(checkpoints))
+def tp2_logits(ranks, checkpoints):
+    return ranks.run(_all_cases_tp, 2, dict(checkpoints))
 
 
 @pytest.mark.parametrize("name", CASE_IDS)

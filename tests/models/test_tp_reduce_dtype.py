@@ -13,7 +13,6 @@ import torch
 from hf_cases import CASES, _case, make_checkpoint
 
 from streamquant import load_model
-from streamquant.launch import launch
 from streamquant.parallel import TPContext
 
 IDS = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -41,8 +40,8 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_fp32_partial_sums_give_tp1_logits(checkpoints, name):
-    tp1, tp2 = launch(_all_logits, 1, checkpoints[name]), launch(_all_logits, 2, checkpoints[name])
+def test_fp32_partial_sums_give_tp1_logits(ranks, checkpoints, name):
+    tp1, tp2 = ranks.run(_all_logits, 1, checkpoints[name]), ranks.run(_all_logits, 2, checkpoints[name])
     for quantization in (None, "fp8-block"):
         reference = tp1[quantization, False]
         assert torch.equal(tp1[quantization, True], reference)  # one rank: nothing to reduce, nothing changes

@@ -19,7 +19,6 @@ from streamquant.quant.fp8_config import Fp8Config
 from streamquant.quant.fp8_linear import fp8_matmul
 from streamquant.quant.fp8_math import dequantize, quantize, quantize_window_
 from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
-from streamquant.launch import launch
 from streamquant.parallel import TPContext
 from streamquant.reload import inference_tensors, reload_weights
 from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
@@ -209,12 +208,12 @@ def _asymmetric_all(path):
 
 
 @pytest.fixture(scope="module")
-def asymmetric_cases(tmp_path_factory):
-    """{case: (checkpoint, TP=1 state, every TP=2 rank's state)}, both TP=2 cases in one launch."""
+def asymmetric_cases(ranks, tmp_path_factory):
+    """{case: (checkpoint, TP=1 state, every TP=2 rank's state)}, both TP=2 cases in one job."""
     root = tmp_path_factory.mktemp("asym")
     paths = {name: make_checkpoint(next(c for c in CASES if c.name == name), root) for name in ("llama", "qwen3moe")}
-    ranks = launch(_asymmetric_each, 2, paths)
-    return {name: (path, _asymmetric_state(path), ranks[name]) for name, path in paths.items()}
+    states = ranks.run(_asymmetric_each, 2, paths)
+    return {name: (path, _asymmetric_state(path), states[name]) for name, path in paths.items()}
 
 
 def _asymmetric_each(paths):

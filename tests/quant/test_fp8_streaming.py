@@ -14,7 +14,6 @@ from transformers import AutoConfig
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import launch
 from streamquant.loading.loader import NonFiniteWeightError
 from streamquant.loading.materialize import materialize_
 from streamquant.loading.streaming import stream_weights
@@ -113,12 +112,12 @@ def _tp_states(paths: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tp2_states(checkpoints):
-    return launch(_rank_states, 2, dict(checkpoints))
+def tp2_states(ranks, checkpoints):
+    return ranks.run(_rank_states, 2, dict(checkpoints))
 
 
 def _rank_states(paths: dict) -> list:
-    """Every rank's states, gathered to rank 0 (launch returns rank 0's result)."""
+    """Every rank's states, gathered to rank 0 (a job returns rank 0's result)."""
     mine = _tp_states(paths)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
@@ -190,7 +189,7 @@ def _all_ranks(path, scheme):
     ("model.layers.0.self_attn.q_proj.weight", (40, 3)),  # column parallel: row 40 of 64 is rank 1's half
 ])
 @pytest.mark.parametrize("scheme", ["fp8-block", "int8"])  # per block and per row; every scheme shares the reduction
-def test_non_finite_weight_fails_on_every_rank_without_hanging(checkpoints, tmp_path, scheme, tensor, index):
+def test_non_finite_weight_fails_on_every_rank_without_hanging(ranks, checkpoints, tmp_path, scheme, tensor, index):
     """NaN in rank 1's half: both ranks raise (rank 0 learns it from the amax all-reduce, which runs
     at TP > 1 even where no scale tile straddles ranks), so neither waits in a later collective."""
 
@@ -198,7 +197,7 @@ def test_non_finite_weight_fails_on_every_rank_without_hanging(checkpoints, tmp_
         tensors[tensor][index] = NAN
 
     path = corrupted_checkpoint(checkpoints["llama"], tmp_path / "bad", poison)
-    messages = launch(_all_ranks, 2, path, scheme)
+    messages = ranks.run(_all_ranks, 2, path, scheme)
     assert "another tensor-parallel rank's shard holds NaN or Inf" in messages[0]
     assert f"'{tensor}' holds NaN or Inf" in messages[1]
 

@@ -14,7 +14,6 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import launch
 from streamquant.loading.loader import NonFiniteWeightError
 from streamquant.parallel import TPContext
 from streamquant.quant.torchao_config import TORCHAO_PRESETS, inner_tensors, quantized_weight
@@ -138,8 +137,8 @@ def _tp_cases(path):
 
 
 @pytest.fixture(scope="module")
-def tp2(checkpoints):
-    return launch(_tp_cases, 2, checkpoints["llama"])  # one launch for both TP=2 tests
+def tp2(ranks, checkpoints):
+    return ranks.run(_tp_cases, 2, checkpoints["llama"])  # one job for both TP=2 tests
 
 
 def test_tp2_column_parallel_shards_are_the_tp1_rows(checkpoints, tp2):

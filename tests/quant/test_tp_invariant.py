@@ -14,7 +14,6 @@ import torch
 from hf_cases import _case, make_checkpoint
 
 from streamquant import load_model
-from streamquant.launch import launch
 from streamquant.parallel import TPContext
 
 IDS = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -34,11 +33,11 @@ def wide(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scheme,bound", [("fp8", 0.01), ("fp8-channel", 0.005), ("fp8-block", 0.005)])
-def test_tp2_uses_tp1_activation_scales(wide, scheme, bound):
-    tp1 = launch(_logits, 1, wide, scheme, True)
-    tp2 = launch(_logits, 2, wide, scheme, True)
+def test_tp2_uses_tp1_activation_scales(ranks, wide, scheme, bound):
+    tp1 = ranks.run(_logits, 1, wide, scheme, True)
+    tp2 = ranks.run(_logits, 2, wide, scheme, True)
     invariant = (tp2 - tp1).abs()
-    plain = (launch(_logits, 2, wide, scheme, False) - tp1).abs()
+    plain = (ranks.run(_logits, 2, wide, scheme, False) - tp1).abs()
     assert float(invariant.mean()) <= bound
     assert float(invariant.mean()) * 5 <= float(plain.mean())  # the option is what removes the drift
     if scheme != "fp8":  # per-tensor: a code flip can move an argmax; the others agree everywhere here

@@ -41,7 +41,11 @@ after the call and one more malloc_trim(0): what the call leaves allocated (cold
 or the floor: should be ~0). An exception or a crashed child is recorded as the row's error. The
 machine may be shared: each child records the 1-minute load average at its start (`loadavg_1m_all`).
 
-Reading the ratios (no targets; the exit status never depends on them):
+Goal lines, after the table (the refit targets; the exit status never depends on them), per quantized
+scheme q: reload-memory:q at most 2x the floor, reloader:q at most 1.5x the floor, cold:q at most 1.2x
+cold:none (run with `--schemes fp8,none`); each says met, or by what factor it missed.
+
+Reading the ratios:
   time/cold   seconds / the cold load's seconds for the same scheme. A refit should beat a fresh load
               (< 1): a cold load also builds, allocates and page-faults the model; a reload only writes.
   time/floor  seconds / the floor's seconds. A reload also maps names, checks every incoming tensor for
@@ -269,6 +273,30 @@ def print_table(rows: list[dict]) -> None:
               f"{ratio(r['time_over_cold']):>11}{ratio(r['time_over_floor']):>12}{equal:>13}{moved}{sent}")
 
 
+# (row kind, reference row, most allowed seconds / reference seconds) for each quantized scheme
+REFIT_GOALS = (("reload-memory", "floor", 2.0), ("reloader", "floor", 1.5), ("cold", "cold:none", 1.2))
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The refit goals whose rows ran: ratio, limit, met, and by what factor a missed one missed."""
+    ok = {r["name"]: r["seconds"] for r in rows if "error" not in r}
+    out = []
+    for name in ok:
+        kind, _, scheme = name.partition(":")
+        for goal_kind, reference, limit in REFIT_GOALS:
+            if kind == goal_kind and scheme != "none" and reference in ok:
+                ratio = ok[name] / ok[reference]
+                out.append({"row": name, "reference": reference, "limit": limit, "ratio": ratio,
+                            "met": ratio <= limit, "missed_by": max(1.0, ratio / limit)})
+    return out
+
+
+def print_goals(results: list[dict]) -> None:
+    for g in results:
+        verdict = "met" if g["met"] else f"MISSED by {g['missed_by']:.1f}x"
+        print(f"goal {g['row']:<22} <= {g['limit']:.1f}x {g['reference']:<10} {g['ratio']:6.2f}x  {verdict}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -303,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     rows += [summarize(name, runs[name]) for name in selected]
     add_ratios(rows)
     print_table(rows)
-    result = {"spec": args.spec, "checkpoint_a": str(a), "checkpoint_b": str(b), "checkpoint_b_info": b_marker,
+    met = goals(rows)
+    print_goals(met)
+    result = {"goals": met, "spec": args.spec, "checkpoint_a": str(a), "checkpoint_b": str(b), "checkpoint_b_info": b_marker,
               "checkpoint_bytes": checkpoint_bytes(a), "machine": {**machine, "loadavg_1m_at_end": os.getloadavg()[0]},
               "repeats": args.repeats, "schemes": schemes, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import pickle
 import queue
 import socket
 import traceback
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -138,6 +139,23 @@ def _collect(procs: list, results) -> Any:
     return value
 
 
+def _end_ranks(procs: list, jobs: list, results, stop: bool) -> None:
+    """End a pool's ranks: `stop` asks each to finish (None job), else they are terminated (after a
+    failure the others may be blocked in a collective with the failed rank)."""
+    for p, queue_ in zip(procs, jobs):
+        if stop and p.is_alive():
+            queue_.put(None)
+        else:
+            p.terminate()
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    for q in (*jobs, results):
+        q.close()
+
+
 class RankPool:
     """`tp_size` rank processes kept between calls: `pool.run(fn, *args)` is `launch(fn, tp_size,
     *args)` without starting processes, importing torch and forming the group again (seconds each time
@@ -162,9 +180,14 @@ class RankPool:
         port = free_port()
         self.procs = [ctx.Process(target=_serve, args=(r, tp_size, port, backend, self.jobs[r], self.results, timeout_s))
                       for r in range(tp_size)]
-        self.closed = False
         for p in self.procs:
             p.start()
+        # a pool dropped or alive at interpreter exit without close(): its ranks are ended, not waited for
+        self._finalizer = weakref.finalize(self, _end_ranks, self.procs, self.jobs, self.results, False)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def run(self, fn: Callable, *args: Any) -> Any:
         """`fn(*args)` on every rank; rank 0's result. `fn` and `args` must pickle (module-level functions)."""
@@ -185,19 +208,8 @@ class RankPool:
             self._end(stop=True)
 
     def _end(self, stop: bool) -> None:
-        self.closed = True
-        for p, jobs in zip(self.procs, self.jobs):
-            if stop and p.is_alive():
-                jobs.put(None)
-            else:
-                p.terminate()  # after a failure the others may be blocked in a collective with the failed rank
-        for p in self.procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for q in (*self.jobs, self.results):
-            q.close()
+        if self._finalizer.detach() is not None:
+            _end_ranks(self.procs, self.jobs, self.results, stop)
 
     def __enter__(self) -> "RankPool":
         return self

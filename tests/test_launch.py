@@ -132,3 +132,14 @@ def test_a_failed_job_closes_the_pool_and_an_unpicklable_one_does_not():
             pool.run(_pid_and_sum, 1.0)
     finally:
         pool.close()
+
+
+def test_a_pool_dropped_without_close_ends_its_ranks():
+    import gc
+
+    pool = RankPool(2)
+    assert pool.run(_pid_and_sum, 1.0)[1] == 3.0
+    procs = list(pool.procs)
+    del pool
+    gc.collect()
+    assert not any(p.is_alive() for p in procs)  # nothing left for interpreter exit to wait on

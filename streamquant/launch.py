@@ -21,6 +21,7 @@ take it in between (the group would then fail to start, loudly).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import queue
@@ -39,6 +40,7 @@ from streamquant.parallel import TPContext
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 POLL_SECONDS = 0.2
+PARENT_CHECK_SECONDS = 1.0  # how often an idle pool rank checks that its parent still lives
 # Collectives wait at most this long for a peer (gloo's own default is 30 minutes): a rank that died
 # or stopped answering then fails the survivors with an error instead of a silent wait.
 DEFAULT_TIMEOUT_S = 300.0
@@ -101,13 +103,25 @@ def _serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout
         results.put((rank, "error", (traceback.format_exc(), _picklable_exception(exc))))
         return
     try:
-        while (job := jobs.get()) is not None:
+        while (job := _next_job(jobs)) is not None:
             results.put(_run_rank(rank, lambda: _call(job), ()))
         # Flushed before the group goes away, so every report reaches the parent.
         results.close()
         results.join_thread()
     finally:
         dist.destroy_process_group()
+
+
+def _next_job(jobs) -> bytes | None:
+    """The next job, or None when the pool ends it or the parent process is gone (a killed parent
+    never sends None: its ranks must not wait for it forever)."""
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            return jobs.get(timeout=PARENT_CHECK_SECONDS)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return None
 
 
 def _call(job: bytes) -> Any:

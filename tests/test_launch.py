@@ -143,3 +143,30 @@ def test_a_pool_dropped_without_close_ends_its_ranks():
     del pool
     gc.collect()
     assert not any(p.is_alive() for p in procs)  # nothing left for interpreter exit to wait on
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_ranks_of_a_killed_parent_end():
+    code = ("import os, signal\n"
+            "from streamquant.launch import RankPool\n"
+            "from test_launch import _pid_and_sum\n"
+            "pool = RankPool(2)\n"
+            "print(*pool.run(_pid_and_sum, 1.0)[0], flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")  # no close(), no finalizer, no atexit
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # the ranks hold the output pipe open: while they live, this waits (and fails at the timeout)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=150)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out.stderr
+    deadline = time.monotonic() + 60  # a liveness bound, not a speed check: ranks poll every second
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in pids)

@@ -81,6 +81,7 @@ def interleaved(names: list[str], repeats: int, run) -> dict[str, list[dict]]:
 
 def write_results(path: Path, machine: dict, **fields) -> None:
     """Write `{"machine": ..., **fields}` as JSON to `path` (the load average read again at the end)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     machine["loadavg_1m_at_end"] = os.getloadavg()[0]
     path.write_text(json.dumps({"machine": machine, **fields}, indent=2) + "\n")
     print(f"wrote {path}")

@@ -55,7 +55,7 @@ def measure(ratio: float, seed: int = 0) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/fused_scales.json"))
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results") / "fused_scales.json")
     args = parser.parse_args()
     results = {str(r): measure(r) for r in (1.0, 16.0, 256.0, 1024.0, 4096.0)}
     print(f"{'k,v smaller by':>14} {'shard':>6} {'per-shard dB':>13} {'shared dB':>10} {'loss dB':>8}")

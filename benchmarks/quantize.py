@@ -20,7 +20,7 @@ are separate processes), output bytes. Then, for each llm-compressor preset, a b
 of its output with streamquant's output of the matching scheme: the tensors both write (llm-compressor
 also quantizes embed_tokens, which streamquant keeps in bf16) and how many differ. With
 --formula compressed-tensors (the default here) they should all be equal.
-Writes a table and `--json` (default benchmarks/quantize.json).
+Writes a table and `--json` (default benchmarks/results/quantize.json).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, interleaved, machine_info, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import banner, interleaved, machine_info, spawn, write_results  # noqa: E402  (benchmarks/common.py, beside this script)
 
 MARKER = "QUANTIZE_BENCH "
 SCHEMES = ("fp8", "fp8-channel", "fp8-block")
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--formula", default="compressed-tensors")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llmcompressor-python", default=os.environ.get("STREAMQUANT_LLMCOMPRESSOR_PYTHON"))
-    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("quantize.json"))
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results") / "quantize.json")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where the outputs are written (default: the temp dir); /dev/shm takes the disk's "
                              "writeback, which is noisy on a shared VM, out of both tools' numbers")
@@ -188,11 +188,8 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     _print(rows, comparisons)
-    machine["loadavg_1m_at_end"] = os.getloadavg()[0]
-    args.json.write_text(json.dumps({"machine": machine, "spec": args.spec, "formula": args.formula,
-                                     "out_dir": str(args.out_dir or tempfile.gettempdir()), "rows": rows,
-                                     "bitwise": comparisons}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, machine, spec=args.spec, formula=args.formula,
+                  out_dir=str(args.out_dir or tempfile.gettempdir()), rows=rows, bitwise=comparisons)
 
 
 def _row(name: str, repeats: list[dict]) -> dict:

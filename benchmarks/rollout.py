@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tp-batch", type=int, default=8, help="batch of the tp2 rows (0: skip them)")
-    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("rollout.json"))
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results") / "rollout.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

@@ -18,7 +18,7 @@ activations, int4 weights). Each repeat of each row runs in a fresh child (round
                   same child after the timings): ||l - l_bf16|| / ||l_bf16||, the share of positions
                   whose argmax agrees, mean KL(p_bf16 || p) in nats
 Rows report medians over `--repeats`; the table answers "which scheme makes CPU decoding faster than
-bf16, and by how much" in its decode/bf16 column. Writes `--json` (default benchmarks/schemes.json).
+bf16, and by how much" in its decode/bf16 column. Writes `--json` (default benchmarks/results/schemes.json).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="decode batch sizes")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("schemes.json"))
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results") / "schemes.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]

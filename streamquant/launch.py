@@ -174,7 +174,8 @@ class RankPool:
     """`tp_size` rank processes kept between calls: `pool.run(fn, *args)` is `launch(fn, tp_size,
     *args)` without starting processes, importing torch and forming the group again (seconds each time
     on CPU). Jobs run one at a time, every rank runs each; the group (and each rank's module state)
-    persists between jobs. The first failure of a job closes the pool (its ranks may be stuck in a
+    persists between jobs, random states included (as in fresh processes, which torch seeds at random,
+    a job that needs reproducible draws seeds them itself). The first failure of a job closes the pool (its ranks may be stuck in a
     collective): `run` raises `LaunchError`, and later calls raise `RuntimeError`. `close()` (or
     leaving a `with` block) ends the ranks. Rank processes see the environment of the moment the
     pool was made, not of each call."""

@@ -173,12 +173,13 @@ def _end_ranks(procs: list, jobs: list, results, stop: bool) -> None:
 class RankPool:
     """`tp_size` rank processes kept between calls: `pool.run(fn, *args)` is `launch(fn, tp_size,
     *args)` without starting processes, importing torch and forming the group again (seconds each time
-    on CPU). Jobs run one at a time, every rank runs each; the group (and each rank's module state)
-    persists between jobs, random states included (as in fresh processes, which torch seeds at random,
-    a job that needs reproducible draws seeds them itself). The first failure of a job closes the pool (its ranks may be stuck in a
-    collective): `run` raises `LaunchError`, and later calls raise `RuntimeError`. `close()` (or
-    leaving a `with` block) ends the ranks. Rank processes see the environment of the moment the
-    pool was made, not of each call."""
+    on CPU). Jobs run one at a time, every rank runs each; the group and each rank's module state
+    persist between jobs, random states included (fresh processes get random seeds from torch anyway:
+    a job that needs reproducible draws seeds them itself). The first failure of a job closes the pool
+    (its ranks may be stuck in a collective): `run` raises `LaunchError`, and later calls raise
+    `RuntimeError`. `close()` (or leaving a `with` block) ends the ranks; so does dropping the pool,
+    or the parent process ending. Rank processes see the environment of the moment the pool was made,
+    not of each call."""
 
     def __init__(self, tp_size: int, *, device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
         if timeout_s <= 0:

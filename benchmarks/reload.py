@@ -26,6 +26,9 @@ default_cache_dir()/reload-bench-B-<spec>. Rows, per scheme q of `--schemes` (no
                      sends fp8 codes and scales, rank 1 installs them (no bf16 on the inference side);
                      both sync rows also give the bytes sent and the sender's seconds (quantization
                      included).
+`--device cuda`: the model on the GPU; the in-memory sources and the floor's sources on the GPU too (a
+trainer colocated with the engine), reload-disk reads from disk to the GPU; times wait for the queued
+kernels; peaks are the CUDA allocator's (the file column is 0); sync rows run NCCL on 2 GPUs.
 Correctness, outside the timed region: after each reload-memory, reload-budget, reloader-atomic and sync
 measurement the child cold-loads B
 with the same scheme and compares `model.state_dict()` bitwise: `equals_cold`. Reload children also
@@ -125,17 +128,21 @@ def ensure_checkpoint_b(a: Path, spec: str) -> tuple[Path, dict]:
     return target, marker
 
 
-def measured(fn) -> tuple[dict, object]:
-    """Run fn() in the sampler; returns (seconds, peaks, kept bytes) and fn's result (kept alive)."""
+def measured(fn, device: str = "cpu") -> tuple[dict, object]:
+    """Run fn() in the sampler of `device`; returns (seconds, peaks, kept bytes) and fn's result (kept
+    alive). On CUDA the time includes waiting for the queued kernels; peaks are the allocator's."""
     gc.collect()  # cycles of the setup must not be freed inside the measurement
-    with PeakMemorySampler("cpu") as sampler:
+    with PeakMemorySampler(device) as sampler:
         start = time.perf_counter()
         out = fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     peak = sampler.result
     trim_heap()
-    return {"seconds": seconds, "peak_bytes": peak.peak_bytes, "file_backed_peak_bytes": peak.file_backed_peak_bytes,
-            "kept_bytes": read_rss()[0] - peak.baseline_bytes}, out
+    now = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else read_rss()[0]
+    return {"seconds": seconds, "peak_bytes": peak.peak_bytes, "file_backed_peak_bytes": peak.file_backed_peak_bytes or 0,
+            "kept_bytes": now - peak.baseline_bytes}, out
 
 
 def compare(model: torch.nn.Module, reference: torch.nn.Module) -> dict:
@@ -147,7 +154,7 @@ def compare(model: torch.nn.Module, reference: torch.nn.Module) -> dict:
     return {"equals_cold": not bad, "mismatched_count": len(bad), "mismatched": bad[:10]}
 
 
-def _sync_ranks(a: Path, b: Path, q: str | None, quantized: bool = False) -> dict:
+def _sync_ranks(a: Path, b: Path, q: str | None, quantized: bool = False, device: str = "cpu") -> dict:
     """Rank 0 sends B, rank 1 receives into a model loaded from A (see the module doc); rank 1's row
     with the sender's bytes and seconds."""
     import torch.distributed as dist
@@ -167,41 +174,41 @@ def _sync_ranks(a: Path, b: Path, q: str | None, quantized: bool = False) -> dic
         row.update(bytes_sent=stats.bytes, sender_seconds=stats.seconds, buckets=stats.buckets)
     else:
         single = TPContext()  # the world holds the trainer too: the inference model is one rank of its own
-        model = load_model(a, quantization=q, tp=single)
+        model = load_model(a, quantization=q, tp=single, device=device)
         before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
         dist.barrier()
-        result, loaded = measured(lambda: WeightReceiver(src=0).reload(model))
+        result, loaded = measured(lambda: WeightReceiver(src=0).reload(model), device)
         row.update(result, model_bytes=model.load_report.model_bytes, tensors_loaded=len(loaded),
                    addresses_unchanged=before == {n: t.data_ptr() for n, t in inference_tensors(model).items()},
-                   **compare(model, load_model(b, quantization=q, tp=single)))
+                   **compare(model, load_model(b, quantization=q, tp=single, device=device)))
     rows = [None, None] if dist.get_rank() == 0 else None
     dist.gather_object(row, rows, dst=0)
     return {**rows[1], **rows[0]} if rows else {}
 
 
-def run_one(name: str, a: Path, b: Path) -> dict:
+def run_one(name: str, a: Path, b: Path, device: str = "cpu") -> dict:
     """One measured configuration in this process (the `--one` child); returns one result row."""
     kind, _, scheme = name.partition(":")
     q = None if scheme in ("", "none") else scheme
-    row: dict = {"name": name, "loadavg_1m": os.getloadavg()[0]}
+    row: dict = {"name": name, "loadavg_1m": os.getloadavg()[0], "device": device}
     try:
         if kind in ("sync", "sync-quantized"):
             os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))  # rank 1 gets every core, as the other rows
-            return {**row, **launch(_sync_ranks, 2, a, b, q, kind == "sync-quantized")}
+            return {**row, **launch(_sync_ranks, 2, a, b, q, kind == "sync-quantized", device, device=device)}
         if kind == "cold":
-            result, model = measured(lambda: load_model(a, quantization=q))
+            result, model = measured(lambda: load_model(a, quantization=q, device=device), device)
             return {**row, **result, "model_bytes": model.load_report.model_bytes}
-        model = load_model(a, quantization=q)
+        model = load_model(a, quantization=q, device=device)
         row["model_bytes"] = model.load_report.model_bytes
         if kind == "floor":
             params = [p for p in model.parameters() if not p.is_meta]
-            sources = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+            sources = [torch.randn(p.shape, dtype=p.dtype, device=device) for p in params]
             with torch.no_grad():
-                result, _ = measured(lambda: [p.copy_(s) for p, s in zip(params, sources)])
+                result, _ = measured(lambda: [p.copy_(s) for p, s in zip(params, sources)], device)
             return {**row, **result, "source_bytes": sum(s.nbytes for s in sources)}
         source = b
-        if kind != "reload-disk":
-            state_dict = {n: t.clone() for n, t in iterate_weights(b)}
+        if kind != "reload-disk":  # on CUDA the trainer's tensors are on the device too (a colocated trainer)
+            state_dict = {n: t.to(device, copy=True) for n, t in iterate_weights(b)}
             row["source_bytes"] = sum(t.nbytes for t in state_dict.values())
             source = state_dict.items()
             if kind in ("reload-shuffled", "reload-budget"):
@@ -216,15 +223,15 @@ def run_one(name: str, a: Path, b: Path) -> dict:
             reloader = Reloader(model, atomic=kind == "reloader-atomic")
             reloader(iterate_weights(a))  # warm-up: the buffers a loop keeps
             row["held_bytes"] = reloader.held_bytes
-            result, loaded = measured(lambda: reloader(source))
+            result, loaded = measured(lambda: reloader(source), device)
         else:
             result, loaded = measured(lambda: reload_weights(model, source, atomic=kind == "reload-atomic",
-                                                             staging_budget=budget))
+                                                             staging_budget=budget), device)
         after = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
         row.update(result, tensors_loaded=len(loaded), weights_version=model.weights_version,
                    addresses_unchanged=before == after)
         if kind in ("reload-memory", "reload-budget", "reloader-atomic"):  # (sync compares in _sync_ranks)
-            row.update(compare(model, load_model(b, quantization=q)))
+            row.update(compare(model, load_model(b, quantization=q, device=device)))
     except Exception as exc:  # recorded as the row's error; the run goes on
         row["error"] = f"{type(exc).__name__}: {exc}"
     return row
@@ -310,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated subset of {','.join(SCHEMES)} (none: unquantized bf16; default fp8)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "reload.json",
                         help="where to write the results (default benchmarks/results/reload.json)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model lives (default cpu); cuda: the in-memory sources on the GPU too, "
+                             "peaks from the CUDA allocator; the sync rows need 2 GPUs (NCCL)")
     parser.add_argument("--only", default=None, metavar="KINDS",
                         help="comma-separated row kinds to run (e.g. reload-memory,reloader); floor and cold always run")
     parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
@@ -318,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ensure_synthetic_checkpoint(default_cache_dir(), BENCH_SPECS[args.spec])
     b, b_marker = ensure_checkpoint_b(a, args.spec)
     if args.one:
-        print(MARKER + json.dumps(run_one(args.one, a, b)), flush=True)
+        print(MARKER + json.dumps(run_one(args.one, a, b, args.device)), flush=True)
         return
     schemes = parse_schemes(parser, args.schemes, SCHEMES, args.repeats)
     machine = machine_info()
@@ -327,13 +337,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     names = ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]
     selected = select_rows(names, args.only, always=("floor", "cold"))
-    runs = interleaved(selected, args.repeats, lambda name: spawn(__file__, MARKER, name, args.spec))
+    runs = interleaved(selected, args.repeats,
+                       lambda name: spawn(__file__, MARKER, name, args.spec, args=("--device", args.device)))
     rows += [summarize(name, runs[name]) for name in selected]
     add_ratios(rows)
     print_table(rows)
     met = goals(rows)
     print_goals(met)
-    result = {"goals": met, "spec": args.spec, "checkpoint_a": str(a), "checkpoint_b": str(b), "checkpoint_b_info": b_marker,
+    result = {"goals": met, "device": args.device, "spec": args.spec, "checkpoint_a": str(a), "checkpoint_b": str(b), "checkpoint_b_info": b_marker,
               "checkpoint_bytes": checkpoint_bytes(a), "machine": {**machine, "loadavg_1m_at_end": os.getloadavg()[0]},
               "repeats": args.repeats, "schemes": schemes, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)

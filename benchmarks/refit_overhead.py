@@ -140,12 +140,13 @@ def main() -> None:
         if "error" in r:
             print(f"{r['name']:<22}  error: {r['error'][:90]}")
             continue
-        floor = floors.get(r["name"].split(":")[-1])
-        r["x_floor"] = r["us_per_tensor"] / floor if floor else None
+        floor = floors.get(r["name"].split(":")[-1]) if not r["name"].startswith("stacked:") else None
+        r["x_floor"] = r["us_per_tensor"] / floor if floor else None  # stacked: a stack is not one expert tensor
         reload_ms = per_expert.get(r["name"].partition(":")[2]) if r["name"].startswith("stacked:") else None
         r["x_per_expert_reload"] = r["ms_per_refit"] / reload_ms if reload_ms else None
-        print(f"{r['name']:<22}{r['tensors']:>9}{r['us_per_tensor']:>11.1f}{r['x_floor'] or 0:>9.1f}"
-              f"{r['ms_per_refit']:>10.1f}{r['x_per_expert_reload'] or 0:>10.2f}")
+        ratio = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+        print(f"{r['name']:<22}{r['tensors']:>9}{r['us_per_tensor']:>11.1f}{ratio(r['x_floor'], '.1f'):>9}"
+              f"{r['ms_per_refit']:>10.1f}{ratio(r['x_per_expert_reload'], '.2f'):>10}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "layers": args.layers, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -3,18 +3,19 @@
 `launch(fn, tp_size, *args, device=...)` spawns `tp_size` processes (torch.multiprocessing, spawn
 context). Each joins a fresh process group (`gloo` for CPU, `nccl` for CUDA with rank r on GPU r)
 over `tcp://127.0.0.1:<free port>` (on CPU each rank gets cpu_count // N threads unless
-OMP_NUM_THREADS is set), runs `fn(*args)`, always destroys the group, and sends back
-either its pickled result (only rank 0's is kept) or its traceback. The first failure terminates
-the other ranks (they would otherwise wait in a collective) and raises `LaunchError` in the parent.
-`RankPool(tp_size)` keeps such ranks for many calls (`pool.run(fn, *args)`); `launch` is one call of
-a fresh pool.
+OMP_NUM_THREADS is set), runs `fn(*args)`, and sends back either its pickled result (only rank 0's
+is kept) or its traceback; a rank that finishes destroys its group. The first failure terminates the
+other ranks (they would otherwise wait in a collective, the failed rank's group still up) and raises
+`LaunchError` in the parent. `RankPool(tp_size)` keeps such ranks for many calls
+(`pool.run(fn, *args)`); `launch` is one call of a fresh pool.
 Collectives time out after `timeout_s` (default 5 minutes, not gloo's 30): a rank that stops
 answering makes its peers fail within that time.
 
 Under `torchrun` the processes already exist: `under_torchrun()` tells so from the environment and
 `init_from_env()` joins the group it describes.
 
-Limitations: single node; `fn` and `args` must be picklable (module-level functions); the free
+Limitations: single node; `fn` and `args` must pickle with plain `pickle` (module-level functions;
+no multiprocessing queues or locks; tensors are copied to each rank, not shared); the free
 port is found by binding port 0 and released before the group uses it, so another process could
 take it in between (the group would then fail to start, loudly).
 """
@@ -26,10 +27,11 @@ import os
 import pickle
 import queue
 import socket
+import threading
 import traceback
-import weakref
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.util import Finalize
 from typing import Any
 
 import torch
@@ -102,20 +104,44 @@ def _serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout
     except BaseException as exc:  # noqa: BLE001
         results.put((rank, "error", (traceback.format_exc(), _picklable_exception(exc))))
         return
+    parent = multiprocessing.parent_process()
     try:
-        while (job := _next_job(jobs)) is not None:
-            results.put(_run_rank(rank, lambda: _call(job), ()))
-        # Flushed before the group goes away, so every report reaches the parent.
-        results.close()
-        results.join_thread()
+        count = 0
+        while (job := _next_job(jobs, parent)) is not None:
+            count += 1
+            report = _run_rank(rank, lambda: _call(job), ())
+            if report[1] == "ok":
+                report = _in_step(rank, count, backend) or report
+            results.put(report)
+        if parent is None or parent.is_alive():
+            results.close()
+            results.join_thread()  # flushed before the group goes away, so every report reaches the parent
+        else:
+            results.cancel_join_thread()  # nobody reads them any more: a full pipe must not keep this rank
     finally:
         dist.destroy_process_group()
 
 
-def _next_job(jobs) -> bytes | None:
-    """The next job, or None when the pool ends it or the parent process is gone (a killed parent
+def _in_step(rank: int, count: int, backend: str) -> tuple | None:
+    """After a job that succeeded here: None when every rank finished job `count` in step, else this
+    rank's failure report. A job that left the ranks' collectives out of step (one more on some rank)
+    fails itself here, instead of the next job waiting on a collective nobody else makes."""
+    try:
+        device = "cuda" if backend == "nccl" else "cpu"
+        lo, hi = torch.tensor([count], device=device), torch.tensor([count], device=device)
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if int(lo) != count or int(hi) != count:
+            raise RuntimeError(f"after job {count} the ranks are out of step (jobs {int(lo)}..{int(hi)} in the "
+                               "closing check): the job left unmatched collectives")
+        return None
+    except BaseException as exc:  # noqa: BLE001 - reported as this job's failure
+        return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
+
+
+def _next_job(jobs, parent) -> bytes | None:
+    """The next job, or None when the pool ends it or the `parent` process is gone (a killed parent
     never sends None: its ranks must not wait for it forever)."""
-    parent = multiprocessing.parent_process()
     while True:
         try:
             return jobs.get(timeout=PARENT_CHECK_SECONDS)
@@ -156,12 +182,13 @@ def _collect(procs: list, results) -> Any:
 def _end_ranks(procs: list, jobs: list, results, stop: bool) -> None:
     """End a pool's ranks: `stop` asks each to finish (None job), else they are terminated (after a
     failure the others may be blocked in a collective with the failed rank)."""
-    for p, queue_ in zip(procs, jobs):
+    started = [(p, queue_) for p, queue_ in zip(procs, jobs) if p.pid is not None]
+    for p, queue_ in started:
         if stop and p.is_alive():
             queue_.put(None)
         else:
             p.terminate()
-    for p in procs:
+    for p, _ in started:
         p.join(timeout=60)
         if p.is_alive():
             p.kill()
@@ -177,8 +204,8 @@ class RankPool:
     persist between jobs, random states included (fresh processes get random seeds from torch anyway:
     a job that needs reproducible draws seeds them itself). The first failure of a job closes the pool
     (its ranks may be stuck in a collective): `run` raises `LaunchError`, and later calls raise
-    `RuntimeError`. `close()` (or leaving a `with` block) ends the ranks; so does dropping the pool,
-    or the parent process ending. Rank processes see the environment of the moment the pool was made,
+    `RuntimeError`. `close()` (or leaving a `with` block) ends the ranks; dropping the pool or the
+    interpreter's exit terminates them; an idle rank also ends once its parent process is gone. Rank processes see the environment of the moment the pool was made,
     not of each call."""
 
     def __init__(self, tp_size: int, *, device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
@@ -196,27 +223,32 @@ class RankPool:
         port = free_port()
         self.procs = [ctx.Process(target=_serve, args=(r, tp_size, port, backend, self.jobs[r], self.results, timeout_s))
                       for r in range(tp_size)]
+        self._lock = threading.Lock()  # one job at a time, whichever thread calls
+        # A pool dropped, or alive at interpreter exit, without close(): its ranks are terminated. An
+        # exit priority runs this before multiprocessing joins its (non-daemon) children at exit.
+        self._finalizer = Finalize(self, _end_ranks, args=(self.procs, self.jobs, self.results, False), exitpriority=10)
         for p in self.procs:
             p.start()
-        # a pool dropped or alive at interpreter exit without close(): its ranks are ended, not waited for
-        self._finalizer = weakref.finalize(self, _end_ranks, self.procs, self.jobs, self.results, False)
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        return not self._finalizer.still_active()
 
     def run(self, fn: Callable, *args: Any) -> Any:
         """`fn(*args)` on every rank; rank 0's result. `fn` and `args` must pickle (module-level functions)."""
-        if self.closed:
-            raise RuntimeError("this RankPool is closed (close() was called, or a job failed); make a new one")
-        job = pickle.dumps((fn, args))  # here, so what cannot be pickled fails the call, not a feeder thread
-        try:
-            for jobs in self.jobs:
-                jobs.put(job)
-            return _collect(self.procs, self.results)
-        except BaseException:
-            self._end(stop=False)
-            raise
+        return self._run(pickle.dumps((fn, args)))  # pickled here: what cannot be fails the call, not a feeder thread
+
+    def _run(self, job: bytes) -> Any:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this RankPool is closed (close() was called, or a job failed); make a new one")
+            try:
+                for jobs in self.jobs:
+                    jobs.put(job)
+                return _collect(self.procs, self.results)
+            except BaseException:
+                self._end(stop=False)
+                raise
 
     def close(self) -> None:
         """End the rank processes (they finish the job in hand first)."""
@@ -224,7 +256,8 @@ class RankPool:
             self._end(stop=True)
 
     def _end(self, stop: bool) -> None:
-        if self._finalizer.detach() is not None:
+        if self._finalizer.still_active():
+            self._finalizer.cancel()
             _end_ranks(self.procs, self.jobs, self.results, stop)
 
     def __enter__(self) -> "RankPool":
@@ -238,8 +271,9 @@ def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = 
            timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     """Run `fn(*args)` on `tp_size` ranks and return rank 0's result; a collective waits at most
     `timeout_s` seconds for a peer. One job of a fresh `RankPool`."""
+    job = pickle.dumps((fn, args))  # before any process starts
     with RankPool(tp_size, device=device, timeout_s=timeout_s) as pool:
-        return pool.run(fn, *args)
+        return pool._run(job)
 
 
 def under_torchrun() -> bool:

@@ -170,3 +170,28 @@ def test_the_ranks_of_a_killed_parent_end():
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(_alive(p) for p in pids)
+
+
+def test_an_unclosed_pool_does_not_hold_up_interpreter_exit():
+    code = ("import tempfile, weakref\n"
+            "weakref.finalize(tempfile, print)  # a finalizer made before multiprocessing's exit hook\n"
+            "from streamquant.launch import RankPool\n"
+            "from test_launch import _pid_and_sum\n"
+            "pool = RankPool(2)\n"
+            "print(pool.run(_pid_and_sum, 1.0)[1], flush=True)\n")  # exits without close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0 and out.stdout.split()[0] == "3.0", out.stderr
+
+
+def _leave_a_collective_pending() -> int:
+    if dist.get_rank() == 1:
+        dist.all_reduce(torch.ones(1), async_op=True)  # never waited for: rank 0 never makes it
+    return 0
+
+
+def test_a_job_that_leaves_the_ranks_out_of_step_fails_itself():
+    with RankPool(2, timeout_s=3) as pool:
+        with pytest.raises(LaunchError):
+            pool.run(_leave_a_collective_pending)  # not the next job, which did nothing wrong
+        assert pool.closed

@@ -97,7 +97,10 @@ def test_rule_matches_like_a_dot_delimited_search(name, pattern, target):
     assert mapping.should_skip(name) == (at >= 0)
 
 
-def test_a_name_resolves_once_and_answers_the_same_after():
+def test_a_name_resolves_once_and_answers_the_same_after(monkeypatch):
+    resolved = []
+    resolve = WeightMapping._resolve
+    monkeypatch.setattr(WeightMapping, "_resolve", lambda self, name: resolved.append(name) or resolve(self, name))
     mapping = WeightMapping(rules=QKV.rules, skip=QKV.skip)
     name = "model.layers.2.mlp.experts.5.down_proj.weight"
     first = mapping.map(name)
@@ -105,5 +108,6 @@ def test_a_name_resolves_once_and_answers_the_same_after():
     assert mapping.map(name) == ("model.layers.2.mlp.experts.w2.weight", {"shard_id": "w2", "expert_id": 5})
     assert mapping.should_skip(f"{ATTN}.rotary_emb.inv_freq") and mapping.should_skip(f"{ATTN}.rotary_emb.inv_freq")
     assert not mapping.should_skip(name)
+    assert resolved == [name, f"{ATTN}.rotary_emb.inv_freq"]  # each name matched against the rules once
     fresh = WeightMapping(rules=QKV.rules, skip=QKV.skip)
     assert fresh == mapping and hash(fresh) == hash(mapping)  # what was resolved is not part of its value

@@ -79,6 +79,11 @@ def _picklable_exception(exc: BaseException) -> bytes | None:
         return None
 
 
+def _failure(rank: int, exc: BaseException) -> tuple:
+    """The message a rank sends for the exception being handled: its traceback and, if it pickles, itself."""
+    return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
+
+
 def _run_rank(rank: int, fn: Callable, args: tuple) -> tuple:
     """The message a rank sends back: its pickled result (rank 0 only) or its failure."""
     try:
@@ -87,7 +92,7 @@ def _run_rank(rank: int, fn: Callable, args: tuple) -> tuple:
         value = fn(*args)
         return rank, "ok", pickle.dumps(value) if rank == 0 else None
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
-        return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
+        return _failure(rank, exc)
 
 
 def _serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout_s: float) -> None:
@@ -102,7 +107,7 @@ def _serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout_s))
     except BaseException as exc:  # noqa: BLE001
-        results.put((rank, "error", (traceback.format_exc(), _picklable_exception(exc))))
+        results.put(_failure(rank, exc))
         return
     parent = multiprocessing.parent_process()
     try:
@@ -136,7 +141,7 @@ def _in_step(rank: int, count: int, backend: str) -> tuple | None:
                                "closing check): the job left unmatched collectives")
         return None
     except BaseException as exc:  # noqa: BLE001 - reported as this job's failure
-        return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
+        return _failure(rank, exc)
 
 
 def _next_job(jobs, parent) -> bytes | None:

@@ -40,7 +40,7 @@ import torch
 
 from streamquant.loading.validate import is_finite
 from streamquant.quant.code_format import E4M3FN, CodeFormat, mx_scales
-from streamquant.quant import fp8_kernels
+from streamquant.quant import fp8_kernels, native
 from streamquant.quant.fp8_convert import fp8_to_float32
 from streamquant.quant.fp8_kernels import (
     FLOAT_BITS_AS_INT,
@@ -90,6 +90,9 @@ def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) ->
     _check(w_local, window, tile, "weight")
     batch = tuple(w_local.shape[:-2])
     grid = torch.zeros(batch + grid_shape(tile, window.global_shape), dtype=torch.float32, device=w_local.device)
+    rows, cols = window.local_grid(tile)
+    if native.amax_(grid[..., rows, cols], w_local, window, tile):
+        return grid
     step = _chunk_rows(w_local, window, False)
     scratch = _scratch(w_local[..., :step, :].numel(), w_local.element_size(), w_local.device)
     for offset, sub in _chunks(window, step):
@@ -178,6 +181,11 @@ def quantize_window_(
     streamquant = formula is Formula.STREAMQUANT
     if not streamquant and not out_fp8.dtype.is_floating_point:
         raise ValueError(f"formula {formula.value!r} writes fp8 codes; {out_fp8.dtype} codes take the streamquant formula")
+    op = {Formula.STREAMQUANT: native.DIVIDE, Formula.TRANSFORMERS: native.MULTIPLY}.get(formula, native.DIVIDE_ROUNDED)
+    if op == native.DIVIDE_ROUNDED and w_local.dtype in (torch.bfloat16, torch.float16):
+        factors = factors.to(w_local.dtype).float()  # the divisor in the weight's dtype, as `_quantize_piece_rounded`
+    if native.quantize_(out_fp8, w_local, factors, window, tile, fmax, op):
+        return out_fp8
     compiled = (compiled and streamquant and w_local.device.type == "cpu"
                 and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS)
     step = _chunk_rows(w_local, window, compiled)
@@ -203,6 +211,8 @@ def dequantize_window(
     _check(q, window, tile, "codes")
     _check_local_grid(local_scale_grid, q, window, tile)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if native.dequantize_(out, q, local_scale_grid, window, tile):
+        return out
     base = (window.row0 // tile[0], window.col0 // tile[1])
     for offset, sub in _chunks(window, _chunk_rows(q, window, False)):
         src = q[..., offset : offset + sub.rows, :]

@@ -30,7 +30,10 @@ from hf_cases import CASES, make_checkpoint, write_variant
 from .fp8_model_helpers import checkpoint_pieces
 from .fp8_reference import ref_pack_int4, ref_quantize, ref_quantize_asymmetric, to_f32
 
+both_kernels = pytest.mark.usefixtures("cpu_kernels")  # the test runs on the native and the pure-torch kernels
 
+
+@both_kernels
 def test_int8_rounds_half_to_even_and_is_symmetric():
     # amax 127 -> scale exactly 1, so w / scale is w itself
     w = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -127.0, 3.49, -3.51]])
@@ -43,6 +46,7 @@ def test_int8_rounds_half_to_even_and_is_symmetric():
     assert out.tolist() == [[127, -127, -127, 0]]
 
 
+@both_kernels
 def test_int8_round_trip_error_is_half_a_step():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     q, s = quantize(w, PerRow(), INT8)
@@ -67,6 +71,7 @@ def test_mx_scales_of_every_positive_bf16_amax_are_e8m0_powers_of_two():
     assert bool(((ratio >= 256) & (ratio < 512)).all())
 
 
+@both_kernels
 def test_mx_saturates_past_448_and_zero_blocks_get_the_smallest_scale():
     w = torch.zeros(2, 64)
     w[0, :5] = torch.tensor([511.0, 480.0, 464.0, 448.0, -500.0])  # amax 511: scale 2^(8 - 8) = 1
@@ -77,6 +82,7 @@ def test_mx_saturates_past_448_and_zero_blocks_get_the_smallest_scale():
     assert s.to(torch.float8_e8m0fnu).view(torch.uint8)[1].tolist() == [0, 0]  # E8M0 code 0 is 2^-127
 
 
+@both_kernels
 def test_int8_w8a8_matmul_is_bitwise_the_integer_product_scaled():
     """W8A8: int32 accumulation (exact; numpy int64 here) then `* scale_x * scale_w` in float32."""
     gen = torch.Generator().manual_seed(3)
@@ -171,6 +177,7 @@ def test_int4_needs_whole_words_per_rank():
         packed_size(44)
 
 
+@both_kernels
 @pytest.mark.parametrize("tile", [(1, 32), (1, 128), (1, 7)])
 def test_asymmetric_int4_equals_the_numpy_reference(tile):
     from streamquant.quant.int4_math import dequantize_window_asymmetric, quantize_window_asymmetric_, range_scales, window_range

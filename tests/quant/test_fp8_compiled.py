@@ -16,14 +16,17 @@ import streamquant.quant.fp8_math as fp8_math
 from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
 from streamquant.quant.fp8_math import local_scales, quantize, quantize_window_, scale_from_amax, window_amax
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
+from streamquant.quant.native import build
 
 from .fp8_reference import bits, ref_quantize, to_f32
 
 
 @pytest.fixture(autouse=True)
 def compile_every_window(monkeypatch):
-    """These weights are small: without this, the size threshold would send them to the eager kernel."""
+    """These weights are small: without this, the size threshold would send them to the eager kernel.
+    The compiled path is the fallback of the pure-torch kernels: the native ones are switched off."""
     monkeypatch.setattr(fp8_kernels, "COMPILED_MIN_ELEMENTS", 0)
+    monkeypatch.setenv(build.ENV, "torch")
 
 
 def hard_weight(shape, seed=0):

@@ -17,6 +17,8 @@ from streamquant.quant.code_format import E4M3FN
 from streamquant.quant.fp8_math import quantize
 from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # every test on both kernel implementations
+
 
 def weight(shape, dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -22,6 +22,8 @@ from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
 
 from .fp8_reference import NUMPY_FP8, bits, constants, ref_dequantize, ref_quantize, to_f32
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels")  # every test on both kernel implementations
+
 FORMATS = [E4M3FN, E4M3FNUZ]
 # Every code format the bitwise reference covers (int8 rounds, MX has power-of-two scales).
 ALL_FORMATS = FORMATS + [INT8, MXFP8, INT4]

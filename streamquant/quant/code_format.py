@@ -88,12 +88,14 @@ MXFP8 = CodeFormat(torch.float8_e4m3fn, mx=True)
 
 
 def mx_scales(amax: torch.Tensor) -> torch.Tensor:
-    """float32 `2 ** clamp(floor(log2(amax)) - 8, -127, 127)` per element of `amax` (float32, >= 0).
+    """float32 `2 ** clamp(floor(log2(amax)) - 8, -127, 127)` per element of `amax` (float32, finite, >= 0).
 
-    `torch.frexp` gives amax = m * 2^e with m in [0.5, 1), so floor(log2(amax)) = e - 1 exactly (no
-    float log). A zero amax has e = 0 and lands on the -127 floor, as every subnormal-small one does.
+    On the float32 bits, no float log: a normal amax has floor(log2(amax)) = its biased exponent - 127;
+    a subnormal one (exponent field 0) or zero lands on the -127 floor, as every exponent below -118
+    does. The power of two is built as bits: (e + 127) << 23 for e >= -126, 0x00400000 (the subnormal
+    2^-127) for e = -127. (frexp / ldexp gave the same values at several times the cost.)
     """
-    _, exponent = torch.frexp(amax.to(torch.float32))
-    shared = (exponent - 1 - MX_EMAX).clamp_(*E8M0_EXP_RANGE)
-    shared = torch.where(amax > 0, shared, torch.full_like(shared, E8M0_EXP_RANGE[0]))
-    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), shared)
+    biased = amax.to(torch.float32).contiguous().view(torch.int32) >> 23  # sign bit is 0: amax >= 0
+    shared = torch.where(biased > 0, biased - 127 - MX_EMAX, E8M0_EXP_RANGE[0]).clamp_(*E8M0_EXP_RANGE)
+    bits = torch.where(shared > E8M0_EXP_RANGE[0], (shared + 127) << 23, 0x00400000)
+    return bits.to(torch.int32).view(torch.float32)

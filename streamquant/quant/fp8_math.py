@@ -205,12 +205,17 @@ def quantize_window_(
 
 
 def dequantize_window(
-    q: torch.Tensor, local_scale_grid: torch.Tensor, window: Window, tile: tuple[int, int], dtype: torch.dtype
+    q: torch.Tensor, local_scale_grid: torch.Tensor, window: Window, tile: tuple[int, int], dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`q.float() * scale` per tile (fp8 or int8 codes), cast to `dtype` (a new tensor shaped like `q`)."""
+    """`q.float() * scale` per tile (fp8 or int8 codes), cast to `dtype`: a new tensor shaped like `q`, or
+    written into `out` (that dtype and shape) and returned."""
     _check(q, window, tile, "codes")
     _check_local_grid(local_scale_grid, q, window, tile)
-    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != dtype:
+        raise ValueError(f"out {out.dtype} {tuple(out.shape)} must be {dtype} shaped like the codes {tuple(q.shape)}")
     if native.dequantize_(out, q, local_scale_grid, window, tile):
         return out
     base = (window.row0 // tile[0], window.col0 // tile[1])

@@ -96,27 +96,50 @@ inline float magnitude_to_float(uint32_t m, int kind) {
 
 }  // namespace
 
+namespace {
+
+// max |x| bits of each tile segment of one row, max-ed into cell[0..segments).
+inline void row_amax(const char* row, int64_t item, const Layout& l, uint32_t* cell) {
+  for (size_t s = 0; s < l.segments.size(); ++s) {
+    const auto [start, stop] = l.segments[s];
+    uint32_t m = item == 4 ? max_magnitude(reinterpret_cast<const uint32_t*>(row) + start, stop - start, 0x7FFFFFFFu)
+                           : max_magnitude(reinterpret_cast<const uint16_t*>(row) + start, stop - start,
+                                           static_cast<uint16_t>(0x7FFF));
+    cell[s] = std::max(cell[s], m);
+  }
+}
+
+}  // namespace
+
 // grid[b, gr, gc] <- max |src| over the tile (NaN wins: the max is taken over sign-cleared bits).
+// With enough tile rows, each thread takes whole tile rows (bands) and writes their cells; with few
+// (per tensor, a handful of blocks) threads split the rows and keep partial maxima, merged at the end.
 void amax(const at::Tensor& src, at::Tensor& grid, int64_t r_off, int64_t c_off, int64_t tile_r, int64_t tile_c) {
   const Layout l = layout(src, grid, r_off, c_off, tile_r, tile_c);
   const int kind = dtype_kind(src.scalar_type(), "amax");
-  const int64_t gr = grid.size(1), gc = grid.size(2), cells = l.batch * gr * gc;
-  std::vector<uint32_t> partial(static_cast<size_t>(at::get_num_threads()) * cells, 0u);
+  const int64_t gr = grid.size(1), gc = grid.size(2), cells = l.batch * gr * gc, threads = at::get_num_threads();
   const char* base = static_cast<const char*>(src.data_ptr());
   const int64_t item = src.element_size(), sb = src.stride(0) * item, sr = src.stride(1) * item;
-  for_rows(l, [&](int64_t, int64_t b, int64_t i) {
-    const char* row = base + b * sb + i * sr;
-    uint32_t* cell = partial.data() + at::get_thread_num() * cells + (b * gr + (i + l.r_off) / l.tile_r) * gc;
-    for (size_t s = 0; s < l.segments.size(); ++s) {
-      const auto [start, stop] = l.segments[s];
-      uint32_t m = item == 4 ? max_magnitude(reinterpret_cast<const uint32_t*>(row) + start, stop - start, 0x7FFFFFFFu)
-                             : max_magnitude(reinterpret_cast<const uint16_t*>(row) + start, stop - start,
-                                             static_cast<uint16_t>(0x7FFF));
-      cell[s] = std::max(cell[s], m);
-    }
-  });
   auto acc = grid.accessor<float, 3>();
-  const int64_t threads = static_cast<int64_t>(partial.size()) / std::max<int64_t>(1, cells);
+  if (l.batch * gr >= 4 * threads) {
+    const int64_t band_elements = std::max<int64_t>(1, std::min(l.rows, tile_r) * l.cols);
+    at::parallel_for(0, l.batch * gr, std::max<int64_t>(1, kGrainElements / band_elements), [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> cell(gc);
+      for (int64_t band = begin; band < end; ++band) {
+        const int64_t b = band / gr, r = band % gr;
+        std::fill(cell.begin(), cell.end(), 0u);
+        const int64_t first = std::max<int64_t>(0, r * tile_r - r_off), last = std::min(l.rows, (r + 1) * tile_r - r_off);
+        for (int64_t i = first; i < last; ++i) row_amax(base + b * sb + i * sr, item, l, cell.data());
+        for (int64_t c = 0; c < gc; ++c) acc[b][r][c] = magnitude_to_float(cell[c], kind);
+      }
+    });
+    return;
+  }
+  std::vector<uint32_t> partial(static_cast<size_t>(threads * cells), 0u);
+  for_rows(l, [&](int64_t, int64_t b, int64_t i) {
+    uint32_t* cell = partial.data() + at::get_thread_num() * cells + (b * gr + (i + l.r_off) / l.tile_r) * gc;
+    row_amax(base + b * sb + i * sr, item, l, cell);
+  });
   for (int64_t b = 0; b < l.batch; ++b)
     for (int64_t r = 0; r < gr; ++r)
       for (int64_t c = 0; c < gc; ++c) {

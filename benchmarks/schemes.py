@@ -5,7 +5,9 @@ bf16), one row per scheme (`--rows`, default all): bf16 (none), fp8, fp8-channel
 (W8A8: per-token int8 activations, `torch._int_mm`), int8-wo (int8 weights, bf16 activations),
 mxfp8, mxfp8-wo, int4 (W4A16, groups of 128, packed), and the torchao presets that run on CPU (`quant/torchao_config.py`, needs torchao):
 ao-int8-wo, ao-int8-dyn, ao-fp8-wo, ao-int4-wo (int4 weights, groups of 32), ao-int8-int4 (int8 dynamic
-activations, int4 weights). Each repeat of each row runs in a fresh child (round-robin over rows) that measures:
+activations, int4 weights); fp8-wo and fp8-block-wo are fp8 weight-only (bf16 activations); any row
+name with `@torch` appended runs that row on the pure-torch CPU kernels (STREAMQUANT_CPU_KERNELS=torch)
+beside the native ones. Each repeat of each row runs in a fresh child (round-robin over rows) that measures:
   model MiB       bytes of the loaded model's storages (`load_report.model_bytes`)
   peak/model      load peak anon RSS over the final model bytes (the streaming promise: near 1)
   load/bf16       load seconds over the bf16 row's load seconds
@@ -38,7 +40,8 @@ from common import banner, interleaved, machine_info, spawn, write_results  # no
 
 MARKER = "SCHEMES_BENCH "
 WEIGHT_ONLY = {"activation_scheme": "none"}
-ROWS = {"bf16": (None, {}), "fp8": ("fp8", {}), "fp8-channel": ("fp8-channel", {}), "fp8-block": ("fp8-block", {}),
+ROWS = {"bf16": (None, {}), "fp8": ("fp8", {}), "fp8-wo": ("fp8", WEIGHT_ONLY), "fp8-channel": ("fp8-channel", {}),
+        "fp8-block": ("fp8-block", {}), "fp8-block-wo": ("fp8-block", WEIGHT_ONLY),
         "int8": ("int8", {}), "int8-wo": ("int8", WEIGHT_ONLY), "mxfp8": ("mxfp8", {}),
         "mxfp8-wo": ("mxfp8", WEIGHT_ONLY), "int4": ("int4", {}), "ao-int8-wo": ("torchao:int8-weight-only", {}),
         "ao-int8-dyn": ("torchao:int8-dynamic", {}), "ao-fp8-wo": ("torchao:float8-weight-only", {}),
@@ -69,7 +72,10 @@ def run_one(name: str, spec: str, new: int, batches: list[int]) -> dict:
     from streamquant.reload import reload_weights
 
     path = ensure_synthetic_checkpoint(Path(os.environ.get("STREAMQUANT_CACHE") or default_cache_dir()), BENCH_SPECS[spec])
-    scheme, options = ROWS[name]
+    base, _, kernels = name.partition("@")
+    if kernels:
+        os.environ["STREAMQUANT_CPU_KERNELS"] = kernels
+    scheme, options = ROWS[base]
     with PeakMemorySampler("cpu") as sampler:
         start = time.perf_counter()
         model = load_model(path, quantization=scheme, **options)
@@ -155,7 +161,7 @@ def main() -> None:
         print(MARKER + json.dumps(run_one(args.one, args.spec, args.new_tokens, batches)), flush=True)
         return
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    if not names or set(names) - set(ROWS) or args.repeats < 1 or not batches:
+    if not names or {n.removesuffix("@torch") for n in names} - set(ROWS) or args.repeats < 1 or not batches:
         parser.error(f"--rows must name some of {', '.join(ROWS)}; --repeats >= 1; --batches non-empty")
     if "bf16" not in names:
         names.insert(0, "bf16")  # the ratios' base

@@ -29,9 +29,13 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[S
         codes = unpack_int4(codes)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     for lay in layouts:
-        out[..., lay.rows, :] = _dequantize_shard(codes[..., lay.rows, :], scales[..., lay.scale_rows, :],
-                                                  None if zero_points is None else zero_points[..., lay.scale_rows, :],
-                                                  lay.window, lay.tile, dtype)
+        shard_codes, shard_scales = codes[..., lay.rows, :], scales[..., lay.scale_rows, :]
+        if zero_points is None:  # each shard straight into its rows of `out`
+            dequantize_window(shard_codes, shard_scales, lay.window, lay.tile, dtype, out=out[..., lay.rows, :])
+        else:
+            out[..., lay.rows, :] = dequantize_window_asymmetric(shard_codes, shard_scales,
+                                                                 zero_points[..., lay.scale_rows, :], lay.window,
+                                                                 lay.tile, dtype)
     return out
 
 

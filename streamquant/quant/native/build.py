@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -88,16 +89,31 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
-def _load() -> ModuleType:
-    from torch.utils import cpp_extension  # imports setuptools: paid only by a process that quantizes on CPU
+def _import(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    _ninja_on_path()
+
+def _load() -> ModuleType:
     tag = build_tag()
     name = f"streamquant_cpu_{tag}"
     directory = cache_dir() / "kernels" / tag
     directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob(f"{name}*.so")):
-        _say("compiling the native CPU quantization kernels (once per machine and torch version, about 30 s)")
+    built = directory / f"{name}.so"
+    # A finished build of this exact source, flags, torch and CPU (no build holds the directory's lock): import it.
+    if built.exists() and not (directory / "lock").exists():
+        try:
+            return _import(name, built)
+        except ImportError:  # a partial or broken file: let the builder make it again
+            pass
+    from torch.utils import cpp_extension  # imports setuptools (~0.1 s): only when a build is needed
+
+    _ninja_on_path()
+    _say("compiling the native CPU quantization kernels (once per machine and torch version, about 30 s)")
     return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
                               build_directory=str(directory), verbose=False)
 

@@ -316,8 +316,10 @@ void dequantize(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& o
   else dequantize_code<kF16>(codes, scales, out, l, code);
 }
 
+// The GIL is released while a kernel runs: other Python threads (a reload's reader, a sync receiver) go on.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("amax", &amax, "per-tile max |x| into a float32 grid");
-  m.def("quantize", &quantize, "per-tile codes of clamp(x / factor) (or x * factor)");
-  m.def("dequantize", &dequantize, "per-tile decode(codes) * scale");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("amax", &amax, "per-tile max |x| into a float32 grid", release());
+  m.def("quantize", &quantize, "per-tile codes of clamp(x / factor) (or x * factor)", release());
+  m.def("dequantize", &dequantize, "per-tile decode(codes) * scale", release());
 }

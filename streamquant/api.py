@@ -109,8 +109,9 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> Fp8Config |
 
     Options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"; not for int8 / mxfp8), `activation_scheme` ("dynamic"
     default, "none" for weight-only), `ignore` (regexes over module names), `block_size`
-    (fp8-block, default (128, 128)), `compile` (inductor-compiled CPU quantization kernel, bitwise
-    the same codes; streamquant formula only), `formula` ("streamquant" default, "compressed-tensors",
+    (fp8-block, default (128, 128)), `compile` (inductor-compiled CPU quantization kernel for the pure-torch
+    fallback, bitwise the same codes; streamquant formula only; the native CPU kernels, when built, run
+    instead), `formula` ("streamquant" default, "compressed-tensors",
     "transformers": whose fp8 arithmetic, see `quant/fp8_formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
     the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
     scales: one small collective per row-parallel matmul, see `quant/fp8_linear.py`), `measure_error`

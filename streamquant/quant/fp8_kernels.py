@@ -1,5 +1,10 @@
-"""How the fp8 formula (`fp8_math`) runs over a window: chunks of rows, tile-uniform pieces, scratch
-buffers, and the per-piece kernels. Pure torch, no state; `fp8_math` is the public face.
+"""How the fp8 formula (`fp8_math`) runs over a window in pure torch: chunks of rows, tile-uniform pieces,
+scratch buffers, and the per-piece kernels. No state; `fp8_math` is the public face.
+
+These are the reference and the fallback: on CPU, `fp8_math` runs the native kernels of
+`quant/native` when they are built (bitwise the same codes, several times faster: torch's fp8 cast
+runs one element at a time there), and these everywhere else (accelerators, float64 weights, a
+machine without a compiler, `STREAMQUANT_CPU_KERNELS=torch`).
 
 A window is processed in chunks of about CHUNK_ELEMENTS elements (rows at a time), each cut into the
 at most 9 rectangular pieces of `granularity.window_pieces`, each viewed as [row tiles, tile rows,

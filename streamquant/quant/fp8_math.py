@@ -30,6 +30,10 @@ MAX, `scale_from_amax` turns it into scales, `local_scales` cuts out the tiles t
 and `quantize_window_` writes the rank's codes in place. Concatenating the ranks' codes is bitwise
 the single-piece quantization of the global weight.
 
+Kernels: on CPU the native C++ kernels (`quant/native`: one vectorized pass for the amax, one for
+the codes, one for dequantization) when they are built, else the pure-torch ones (`fp8_kernels`);
+the two write the same bits (tests/quant/test_native_kernels.py), so callers never choose.
+
 Leading dimensions of a weight (experts) are batch dimensions: each batch element is its own weight.
 Limitations: NaN / Inf weights propagate into NaN scales; call `check_finite` to fail loudly.
 """
@@ -158,8 +162,9 @@ def quantize_window_(
     `formula` other than STREAMQUANT runs that library's arithmetic (`fp8_formula.py`) with
     `local_factors` (default: the scales) as the kernel's divisor or multiplier, always eager and clamped.
 
-    `compiled=True` runs inductor-compiled code on CPU windows of `fp8_kernels.COMPILED_MIN_ELEMENTS` or more
-    (bitwise the same codes, up to 2x faster after a first compile of seconds); smaller windows and
+    On CPU the native kernels run when built (module doc). Otherwise `compiled=True` runs
+    inductor-compiled code on CPU windows of `fp8_kernels.COMPILED_MIN_ELEMENTS` or more (bitwise the
+    same codes, up to 2x faster than eager torch after a first compile of seconds); smaller windows and
     other devices run eager code either way.
     `scales_cover_amax=True` is the caller's promise that the scales came from `scale_from_amax`
     of amaxes at least the tiles' (as in `quantize`): the clamp is then provably a no-op and the

@@ -59,7 +59,12 @@ def run_one(name: str, spec_name: str, out: Path, formula: str) -> dict:
     source = _source(spec_name)
     kind, _, rest = name.partition(":")
     if kind == "streamquant":  # imports before the sampler and the clock
+        from streamquant.checkpoint.reader import load_hf_config
         from streamquant.offline import quantize_checkpoint
+
+        # transformers imports its model registry lazily, on the first config read (~0.7 s here); the
+        # llm-compressor row's `import llmcompressor` has paid that before its clock starts: so do we
+        load_hf_config(source)
     elif kind == "floor":
         floor_bytes, chunk = _output_bytes(source), _chunk()
     else:

@@ -26,6 +26,8 @@ default_cache_dir()/reload-bench-B-<spec>. Rows, per scheme q of `--schemes` (no
                      sends fp8 codes and scales, rank 1 installs them (no bf16 on the inference side);
                      both sync rows also give the bytes sent and the sender's seconds (quantization
                      included).
+`--torch-kernels`: every quantized row again as NAME@torch, on the pure-torch CPU kernels
+(STREAMQUANT_CPU_KERNELS=torch), so the native kernels' share shows in the same run.
 `--device cuda`: the model on the GPU; the in-memory sources and the floor's sources on the GPU too (a
 trainer colocated with the engine), reload-disk reads from disk to the GPU; times wait for the queued
 kernels; peaks are the CUDA allocator's (the file column is 0); sync rows run NCCL on 2 GPUs.
@@ -88,6 +90,7 @@ from streamquant.checkpoint.synthetic import (  # noqa: E402
 from streamquant.launch import launch  # noqa: E402
 from streamquant.loading.streaming import largest_layer_staging_bytes  # noqa: E402
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
+from streamquant.quant.native import build  # noqa: E402
 from streamquant.reload import Reloader, inference_tensors, reload_weights  # noqa: E402
 
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
@@ -188,7 +191,10 @@ def _sync_ranks(a: Path, b: Path, q: str | None, quantized: bool = False, device
 
 def run_one(name: str, a: Path, b: Path, device: str = "cpu") -> dict:
     """One measured configuration in this process (the `--one` child); returns one result row."""
-    kind, _, scheme = name.partition(":")
+    base, _, kernels = name.partition("@")
+    if kernels:  # `NAME@torch`: this child runs the pure-torch CPU kernels (read per call)
+        os.environ[build.ENV] = kernels
+    kind, _, scheme = base.partition(":")
     q = None if scheme in ("", "none") else scheme
     row: dict = {"name": name, "loadavg_1m": os.getloadavg()[0], "device": device}
     try:
@@ -322,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                              "peaks from the CUDA allocator; the sync rows need 2 GPUs (NCCL)")
     parser.add_argument("--only", default=None, metavar="KINDS",
                         help="comma-separated row kinds to run (e.g. reload-memory,reloader); floor and cold always run")
+    parser.add_argument("--torch-kernels", action="store_true",
+                        help="also run every quantized row on the pure-torch CPU kernels (rows NAME@torch)")
     parser.add_argument("--one", metavar="NAME", help="internal: run one configuration in this process, print one "
                                                       "JSON line (NAME: floor, cold:fp8, reload-memory:none, ...)")
     args = parser.parse_args(argv)
@@ -337,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     names = ["floor", *(f"{kind}:{q}" for q in schemes for kind in KINDS)]
     selected = select_rows(names, args.only, always=("floor", "cold"))
+    if args.torch_kernels:  # the same rows on the pure-torch CPU kernels, in the same run
+        selected += [f"{n}@torch" for n in selected if n != "floor" and not n.endswith(":none")]
     runs = interleaved(selected, args.repeats,
                        lambda name: spawn(__file__, MARKER, name, args.spec, args=("--device", args.device)))
     rows += [summarize(name, runs[name]) for name in selected]

@@ -209,6 +209,27 @@ def quantize_window_(
     return out_fp8
 
 
+def quantize_local_tiles_(out: torch.Tensor, w_local: torch.Tensor, local_scales_out: torch.Tensor, window: Window,
+                          tile: tuple[int, int], fmt: CodeFormat) -> torch.Tensor | None:
+    """`window_amax`, `formula_scales` (streamquant formula) and `quantize_window_` in one read of the
+    weight, where every tile the window touches is wholly inside it (TP=1, or shards cut on tile
+    edges) and the native CPU kernels run. Writes the codes into `out` and the local scales into
+    `local_scales_out`; returns the GLOBAL amax grid (0 outside the window, as `window_amax`), or None
+    (nothing written) where it does not apply: then run the three steps."""
+    _check(w_local, window, tile, "weight")
+    _check_local_grid(local_scales_out, w_local, window, tile)
+    if out.shape != w_local.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} != weight shape {tuple(w_local.shape)}")
+    grid = torch.zeros(tuple(w_local.shape[:-2]) + grid_shape(tile, window.global_shape), dtype=torch.float32,
+                       device=w_local.device)
+    rows, cols = window.local_grid(tile)
+    min_scale = float(torch.tensor(fmt.min_scale, dtype=torch.float32))  # the floor as the float32 torch uses
+    if not native.quantize_tiles_(out, w_local, local_scales_out, grid[..., rows, cols], window, tile, fmt.max,
+                                  min_scale, fmt.mx):
+        return None
+    return grid
+
+
 def dequantize_window(
     q: torch.Tensor, local_scale_grid: torch.Tensor, window: Window, tile: tuple[int, int], dtype: torch.dtype,
     out: torch.Tensor | None = None,

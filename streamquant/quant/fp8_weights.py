@@ -48,8 +48,9 @@ from streamquant.loading.region import Region
 from streamquant.parallel import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.code_format import CodeFormat
-from streamquant.quant.fp8_formula import Formula
-from streamquant.quant.fp8_math import formula_scales, local_scales, quantize_window_, window_amax
+from streamquant.quant.fp8_formula import Formula, formula_of
+from streamquant.quant.fp8_math import (formula_scales, local_scales, quantize_local_tiles_, quantize_window_,
+                                         window_amax)
 from streamquant.quant.granularity import Granularity, LogicalShard, Window, grid_shape, tile_shape
 from streamquant.quant.int4_math import quantize_window_asymmetric_, range_scales, window_range
 from streamquant.quant.int4_pack import pack_int4, packed_size
@@ -184,10 +185,12 @@ def _first_non_finite(w: torch.Tensor, row_offset: int) -> tuple[int, ...]:
 
 
 def _amax_grids(layer, name: str, slot: torch.Tensor, layouts: list[ShardLayout], tp: TPContext,
-                measure=window_amax) -> list[torch.Tensor]:
-    """Per-shard global amax grids (or what `measure` takes per tile: `int4_math.window_range`),
-    reduced over ranks with MAX; raises on NaN / Inf."""
-    grids = [measure(slot[..., lay.rows, :], lay.window, lay.tile) for lay in layouts]
+                measure=window_amax, measured: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """Per-shard global amax grids (or what `measure` takes per tile: `int4_math.window_range`; a
+    shard's grid in `measured` is taken as it is), reduced over ranks with MAX; raises on NaN / Inf."""
+    measured = measured or [None] * len(layouts)
+    grids = [grid if grid is not None else measure(slot[..., lay.rows, :], lay.window, lay.tile)
+             for lay, grid in zip(layouts, measured)]
     local_bad = None
     for lay, grid in zip(layouts, grids):
         bad = ~torch.isfinite(grid)
@@ -220,14 +223,22 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
     layouts = shard_layouts(layer.logical_shards[name], spec.granularity)
     if spec.fmt.zero_point:
         return _quantize_asymmetric_(layer, name, spec, tp, error_log, slot, layouts)
-    grids = _amax_grids(layer, name, slot, layouts, tp)
     materialize_(codes, slot.device)
     materialize_(scales, slot.device)
     # Plain aliases: torch.compile keeps weak references to its inputs, which would pin the
     # parameter objects (swap_tensors refuses to move a tensor with a weak reference).
     w, codes, scales = slot.detach(), codes.detach(), scales.detach()
     target = torch.empty(w.shape, dtype=torch.int8, device=w.device) if spec.fmt.packed else codes
-    for lay, amax in zip(layouts, grids):
+    # Shards whose tiles are all their own take the one-read kernel (amax, scale, codes per tile); the
+    # amax grids of every shard still go through the NaN check and the ranks' MAX reduction, which
+    # leaves a local tile's amax unchanged (no other rank holds any of it).
+    fused = [quantize_local_tiles_(target[..., lay.rows, :], w[..., lay.rows, :], scales[..., lay.scale_rows, :],
+                                   lay.window, lay.tile, spec.fmt) if formula_of(spec.formula) is Formula.STREAMQUANT else None
+             for lay in layouts]
+    grids = _amax_grids(layer, name, slot, layouts, tp, measured=fused)
+    for lay, amax, done in zip(layouts, grids, fused):
+        if done is not None:
+            continue
         local = scales[..., lay.scale_rows, :]
         tile_scales, factors = formula_scales(amax, spec.fmt, spec.formula, w.dtype)
         local.copy_(local_scales(tile_scales, lay.window, lay.tile))

@@ -208,3 +208,45 @@ def test_the_build_is_keyed_by_source_and_cpu(monkeypatch):
     tag = build.build_tag()
     monkeypatch.setattr(build, "_cpu_signature", lambda: "flags : avx2 (another machine)")
     assert build.build_tag() != tag
+
+
+@pytest.mark.parametrize("fmt", CODE_FORMATS, ids=lambda f: f"{f.dtype}-{f.bits}-mx{f.mx}")
+def test_one_read_kernel_equals_the_three_steps(fmt, monkeypatch):
+    """`quantize_local_tiles_` (amax, scale, codes per tile in one read) writes what `window_amax`,
+    `formula_scales` and `quantize_window_` write, for whole weights and for shards cut on tile edges."""
+    monkeypatch.setenv(build.ENV, "native")
+    w = hard_weight((2, 384, 300)).float().mul_(torch.linspace(0, 3, 300)).to(torch.bfloat16)
+    w[0, 5] = 0.0  # a zero row: the scale floor
+    cases = [(PerRow(), Window(0, 0, 384, 300)), (PerBlock((128, 128)), Window(0, 0, 384, 300)),
+             (PerBlock((128, 128)), Window(256, 0, 1024, 300, rows=384)),  # a TP shard on block edges
+             (PerBlock((7, 33)), Window(0, 0, 384, 300)), (PerBlock((1, 32)), Window(0, 64, 384, 364, cols=300))]
+    for granularity, window in cases:
+        tile = fp8_math.tile_shape(granularity, window.global_shape)
+        rows, cols = window.local_grid(tile)
+        shape = (2, rows.stop - rows.start, cols.stop - cols.start)
+        codes, scales = torch.empty(w.shape, dtype=fmt.dtype), torch.full(shape, float("nan"))
+        amax = fp8_math.quantize_local_tiles_(codes, w, scales, window, tile, fmt)
+        assert amax is not None, (granularity, window)
+        ref_amax = fp8_math.window_amax(w, window, tile)
+        ref_scales = fp8_math.local_scales(fp8_math.scale_from_amax(ref_amax, fmt), window, tile)
+        ref_codes = fp8_math.quantize_window_(torch.empty(w.shape, dtype=fmt.dtype), w, ref_scales, window, tile,
+                                              scales_cover_amax=fmt.scales_cover_amax, fmt=fmt)
+        assert_bitwise(amax, ref_amax, f"amax {granularity} {window}")
+        assert_bitwise(scales, ref_scales.contiguous(), f"scales {granularity} {window}")
+        assert_bitwise(codes, ref_codes, f"codes {granularity} {window}")
+
+
+def test_the_one_read_kernel_declines_what_it_cannot_do(monkeypatch):
+    """Tiles straddling the window's edge (another rank holds part of them) and per-tensor scales (one
+    tile row: no parallelism) go to the two passes; nothing is written."""
+    monkeypatch.setenv(build.ENV, "native")
+    w = hard_weight((200, 256))
+    for granularity, window in [(PerBlock((128, 128)), Window(100, 0, 400, 256, rows=200)), (PerTensor(), Window(0, 0, 200, 256))]:
+        tile = fp8_math.tile_shape(granularity, window.global_shape)
+        rows, cols = window.local_grid(tile)
+        codes = torch.zeros(w.shape, dtype=torch.int8)
+        scales = torch.zeros(rows.stop - rows.start, cols.stop - cols.start)
+        assert fp8_math.quantize_local_tiles_(codes, w, scales, window, tile, INT8) is None
+        assert not codes.any() and not scales.any()
+    monkeypatch.setenv(build.ENV, "torch")
+    assert fp8_math.quantize_local_tiles_(codes, w, torch.zeros(200, 1), Window(0, 0, 200, 256), (1, 256), INT8) is None

@@ -70,6 +70,30 @@ def quantize_(codes: torch.Tensor, w: torch.Tensor, factors_local: torch.Tensor,
     return True
 
 
+def tiles_are_local(window: Window, tile: tuple[int, int]) -> bool:
+    """Every tile the window touches lies wholly inside it (starts on a tile edge, ends on one or at
+    the global edge): its amaxes need no other rank's elements."""
+    return all(start % t == 0 and (size % t == 0 or start + size == total)
+               for start, size, total, t in ((window.row0, window.rows, window.global_rows, tile[0]),
+                                             (window.col0, window.cols, window.global_cols, tile[1])))
+
+
+def quantize_tiles_(codes: torch.Tensor, w: torch.Tensor, scales_local: torch.Tensor, amax_local: torch.Tensor,
+                    window: Window, tile: tuple[int, int], fmax: float, min_scale: float, mx: bool) -> bool:
+    """One read of the weight for tile-local scales: per tile its amax (into `amax_local`), its scale
+    (streamquant rule, or MX's power of two; into `scales_local`) and its codes. False (nothing
+    written) where it does not apply: tiles not local to the window, or fewer tile rows than twice
+    the threads (one tile row per task: per-tensor scales run the two parallel passes instead)."""
+    module = _usable(w, codes) if w.dtype in WEIGHT_DTYPES and codes.dtype in CODES else None
+    src, dst = _as_3d(w), _as_3d(codes)
+    scales, amaxes = _as_3d(scales_local, contiguous_rows=False), _as_3d(amax_local, contiguous_rows=False)
+    if (module is None or None in (src, dst, scales, amaxes) or w.numel() == 0 or not tiles_are_local(window, tile)
+            or scales.shape[0] * scales.shape[1] < 2 * torch.get_num_threads()):
+        return False
+    module.quantize_tiles(src, dst, scales, amaxes, tile[0], tile[1], CODES[codes.dtype], fmax, min_scale, mx)
+    return True
+
+
 def dequantize_(out: torch.Tensor, codes: torch.Tensor, scales_local: torch.Tensor, window: Window,
                 tile: tuple[int, int]) -> bool:
     """out <- decode(codes) * scale per tile, cast to out's dtype; False if not applicable."""

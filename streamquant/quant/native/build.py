@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-HEADERS = (Path(__file__).with_name("vec16.h"),)
+HEADERS = (Path(__file__).with_name("vec16.h"), Path(__file__).with_name("tiles.h"))
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
 ENV = "STREAMQUANT_CPU_KERNELS"
 CHOICES = ("auto", "native", "torch")

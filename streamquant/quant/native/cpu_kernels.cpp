@@ -20,96 +20,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-#include "vec16.h"
+#include "tiles.h"
 
-namespace {
-
-enum Code : int64_t { kE4M3FN = 0, kE4M3FNUZ = 1, kInteger = 2 };
-enum Op : int64_t { kDivide = 0, kMultiply = 1, kDivideRounded = 2 };
-enum Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-constexpr int64_t kGrainElements = 1 << 16;  // elements per parallel task, at least
-
-inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline float half_to_float(uint16_t h) { _Float16 x; std::memcpy(&x, &h, 2); return static_cast<float>(x); }
-
-int dtype_kind(at::ScalarType dtype, const char* what) {
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat, what, " takes bf16, fp16 or fp32");
-  return dtype == at::kFloat ? kF32 : (dtype == at::kBFloat16 ? kBF16 : kF16);
-}
-
-// A [B, R, C] view with its tile grid: base pointers, byte strides, and the column segments (one
-// tile each) every row is cut into.
-struct Layout {
-  int64_t batch, rows, cols, r_off, tile_r;
-  std::vector<std::pair<int64_t, int64_t>> segments;
-};
-
-Layout layout(const at::Tensor& t, const at::Tensor& grid, int64_t r_off, int64_t c_off, int64_t tile_r,
-              int64_t tile_c) {
-  TORCH_CHECK(t.dim() == 3 && t.device().is_cpu(), "native kernels take CPU [B, R, C] views");
-  TORCH_CHECK(t.size(2) <= 1 || t.stride(2) == 1, "the last dim must be contiguous");
-  TORCH_CHECK(tile_r > 0 && tile_c > 0 && r_off >= 0 && r_off < tile_r && c_off >= 0 && c_off < tile_c,
-              "bad tile geometry");
-  const int64_t rows = t.size(1), cols = t.size(2);
-  TORCH_CHECK(grid.dim() == 3 && grid.scalar_type() == at::kFloat, "the tile grid must be float32 [B, GR, GC]");
-  TORCH_CHECK(grid.size(0) == t.size(0) && grid.size(1) == (rows + r_off + tile_r - 1) / tile_r &&
-                  grid.size(2) == (cols + c_off + tile_c - 1) / tile_c,
-              "tile grid ", grid.sizes(), " does not cover a ", rows, "x", cols, " window");
-  Layout out{t.size(0), rows, cols, r_off, tile_r, {}};
-  for (int64_t start = 0; start < cols;) {
-    int64_t stop = std::min(cols, start + tile_c - (start + c_off) % tile_c);
-    out.segments.emplace_back(start, stop);
-    start = stop;
-  }
-  return out;
-}
-
-// Run fn(row index k in [0, B*R), batch b, row i) over every row, split over torch's threads.
-template <typename Fn>
-void for_rows(const Layout& l, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, l.cols));
-  at::parallel_for(0, l.batch * l.rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) fn(k, k / l.rows, k % l.rows);
-  });
-}
-
-template <typename Bits>
-inline Bits max_magnitude(const Bits* p, int64_t n, Bits mask) {
-  Bits m = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    Bits v = p[j] & mask;
-    m = v > m ? v : m;
-  }
-  return m;
-}
-
-// The amax as float32; a NaN tile gives a NaN (all ones, as torch.maximum's vectorized path; torch's
-// payload varies with the tensor's size, and only its NaN-ness is read).
-inline float magnitude_to_float(uint32_t m, int kind) {
-  float f = kind == kBF16 ? float_of(m << 16) : (kind == kF16 ? half_to_float(static_cast<uint16_t>(m)) : float_of(m));
-  return f != f ? float_of(0xFFFFFFFFu) : f;
-}
-
-}  // namespace
-
-namespace {
-
-// max |x| bits of each tile segment of one row, max-ed into cell[0..segments).
-inline void row_amax(const char* row, int64_t item, const Layout& l, uint32_t* cell) {
-  for (size_t s = 0; s < l.segments.size(); ++s) {
-    const auto [start, stop] = l.segments[s];
-    uint32_t m = item == 4 ? max_magnitude(reinterpret_cast<const uint32_t*>(row) + start, stop - start, 0x7FFFFFFFu)
-                           : max_magnitude(reinterpret_cast<const uint16_t*>(row) + start, stop - start,
-                                           static_cast<uint16_t>(0x7FFF));
-    cell[s] = std::max(cell[s], m);
-  }
-}
-
-}  // namespace
+using namespace sq;
 
 // grid[b, gr, gc] <- max |src| over the tile (NaN wins: the max is taken over sign-cleared bits).
 // With enough tile rows, each thread takes whole tile rows (bands) and writes their cells; with few
@@ -150,40 +65,6 @@ void amax(const at::Tensor& src, at::Tensor& grid, int64_t r_off, int64_t c_off,
 }
 
 namespace {
-
-template <int kIn>
-inline sq::f32x16 load_lanes(const char* p) {
-  if constexpr (kIn == kF32) return sq::load_f32(p);
-  else if constexpr (kIn == kBF16) return sq::load_bf16(p);
-  else return sq::load_f16(p);
-}
-
-template <int kIn, int kCode, int kOp>
-inline sq::u32x16 quantize_lanes(sq::f32x16 v, float factor, float fmax) {
-  if constexpr (kOp == kMultiply) v = v * factor;
-  else v = v / factor;
-  if constexpr (kOp == kDivideRounded && kIn == kBF16) v = sq::round_to_bf16(v);
-  if constexpr (kOp == kDivideRounded && kIn == kF16) v = sq::round_to_f16(v);
-  if constexpr (kCode == kE4M3FN) return sq::encode_e4m3<false>(v, fmax);
-  else if constexpr (kCode == kE4M3FNUZ) return sq::encode_e4m3<true>(v, fmax);
-  else return sq::encode_int(v, fmax);
-}
-
-// n elements of one tile row: whole vectors, then the tail through a zero-padded copy (same code).
-template <int kIn, int kCode, int kOp>
-inline void quantize_span(const char* in, uint8_t* q, int64_t n, float factor, float fmax) {
-  constexpr int64_t item = kIn == kF32 ? 4 : 2;
-  int64_t j = 0;
-  for (; j + sq::kLanes <= n; j += sq::kLanes)
-    sq::store_codes(q + j, quantize_lanes<kIn, kCode, kOp>(load_lanes<kIn>(in + j * item), factor, fmax));
-  if (j < n) {
-    alignas(64) char pad[sq::kLanes * item] = {};
-    alignas(16) uint8_t out[sq::kLanes];
-    std::memcpy(pad, in + j * item, (n - j) * item);
-    sq::store_codes(out, quantize_lanes<kIn, kCode, kOp>(load_lanes<kIn>(pad), factor, fmax));
-    std::memcpy(q + j, out, n - j);
-  }
-}
 
 struct QuantizeJob {
   const at::Tensor& src;
@@ -246,34 +127,90 @@ void quantize(const at::Tensor& src, const at::Tensor& factors, at::Tensor& dst,
 
 namespace {
 
-template <int kCode>
-inline sq::f32x16 decode_lanes(sq::u32x16 c) {
-  if constexpr (kCode == kE4M3FN) return sq::decode_e4m3<false>(c);
-  else if constexpr (kCode == kE4M3FNUZ) return sq::decode_e4m3<true>(c);
-  else return sq::decode_int8(c);
-}
-
-template <int kOut>
-inline void store_lanes(char* p, sq::f32x16 v) {
-  if constexpr (kOut == kF32) sq::store_f32(p, v);
-  else if constexpr (kOut == kBF16) sq::store_bf16(p, v);
-  else sq::store_f16(p, v);
-}
-
-template <int kCode, int kOut>
-inline void dequantize_span(const uint8_t* q, char* out, int64_t n, float scale) {
-  constexpr int64_t item = kOut == kF32 ? 4 : 2;
-  int64_t j = 0;
-  for (; j + sq::kLanes <= n; j += sq::kLanes)
-    store_lanes<kOut>(out + j * item, decode_lanes<kCode>(sq::load_codes(q + j)) * scale);
-  if (j < n) {
-    alignas(16) uint8_t pad[sq::kLanes] = {};
-    alignas(64) char values[sq::kLanes * item];
-    std::memcpy(pad, q + j, n - j);
-    store_lanes<kOut>(values, decode_lanes<kCode>(sq::load_codes(pad)) * scale);
-    std::memcpy(out + j * item, values, (n - j) * item);
+// The scale of a tile amax: the streamquant rule max(amax / fmax, min_scale) (float32 division), or
+// MX's power of two 2^clamp(exponent(amax) - 8, -127, 127) from the float bits (`code_format.mx_scales`).
+inline float tile_scale(float amax, float fmax, float min_scale, bool mx) {
+  if (mx) {
+    int32_t biased = static_cast<int32_t>(bits_of(amax)) >> 23;
+    int32_t shared = std::clamp(biased > 0 ? biased - 127 - 8 : -127, -127, 127);
+    return float_of(shared > -127 ? static_cast<uint32_t>(shared + 127) << 23 : 0x00400000u);
   }
+  float s = amax / fmax;
+  return s < min_scale ? min_scale : s;
 }
+
+struct FusedJob {
+  const at::Tensor& src;
+  at::Tensor& dst;
+  at::Tensor& scales;
+  at::Tensor& amaxes;
+  const Layout& l;
+  float fmax, min_scale;
+  bool mx;
+};
+
+// One tile at a time: its amax over its rows, its scale, then its codes while it is in cache.
+template <int kIn, int kCode>
+void quantize_tiles_rows(const FusedJob& job) {
+  constexpr int64_t item = kIn == kF32 ? 4 : 2;
+  const Layout& l = job.l;
+  const char* in = static_cast<const char*>(job.src.data_ptr());
+  uint8_t* out = static_cast<uint8_t*>(job.dst.data_ptr());
+  const int64_t sb = job.src.stride(0) * item, sr = job.src.stride(1) * item, db = job.dst.stride(0), dr = job.dst.stride(1);
+  auto scale_acc = job.scales.accessor<float, 3>();
+  auto amax_acc = job.amaxes.accessor<float, 3>();
+  const int64_t gr = job.scales.size(1), band_elements = std::max<int64_t>(1, std::min(l.rows, l.tile_r) * l.cols);
+  const int kind = kIn;
+  at::parallel_for(0, l.batch * gr, std::max<int64_t>(1, kGrainElements / band_elements), [&](int64_t begin, int64_t end) {
+    for (int64_t band = begin; band < end; ++band) {
+      const int64_t b = band / gr, r = band % gr;
+      const int64_t first = r * l.tile_r, last = std::min(l.rows, first + l.tile_r);
+      for (size_t s = 0; s < l.segments.size(); ++s) {
+        const auto [start, stop] = l.segments[s];
+        uint32_t m = 0;
+        for (int64_t i = first; i < last; ++i) {
+          const char* row = in + b * sb + i * sr + start * item;
+          m = std::max(m, item == 4 ? max_magnitude(reinterpret_cast<const uint32_t*>(row), stop - start, 0x7FFFFFFFu)
+                                    : static_cast<uint32_t>(max_magnitude(reinterpret_cast<const uint16_t*>(row),
+                                                                          stop - start, static_cast<uint16_t>(0x7FFF))));
+        }
+        const float amax = magnitude_to_float(m, kind), scale = tile_scale(amax, job.fmax, job.min_scale, job.mx);
+        amax_acc[b][r][s] = amax;
+        scale_acc[b][r][s] = scale;
+        for (int64_t i = first; i < last; ++i)
+          quantize_span<kIn, kCode, kDivide>(in + b * sb + i * sr + start * item, out + b * db + i * dr + start,
+                                             stop - start, scale, job.fmax);
+      }
+    }
+  });
+}
+
+template <int kIn>
+void quantize_tiles_code(const FusedJob& job, int64_t code) {
+  if (code == kE4M3FN) quantize_tiles_rows<kIn, kE4M3FN>(job);
+  else if (code == kE4M3FNUZ) quantize_tiles_rows<kIn, kE4M3FNUZ>(job);
+  else quantize_tiles_rows<kIn, kInteger>(job);
+}
+
+}  // namespace
+
+// For tile-local scales (every tile of the window whole in it): per tile, amax -> scale (streamquant
+// rule or MX) -> codes in one read of the weight; amaxes and scales [B, GR, GC] written too.
+void quantize_tiles(const at::Tensor& src, at::Tensor& dst, at::Tensor& scales, at::Tensor& amaxes, int64_t tile_r,
+                    int64_t tile_c, int64_t code, double fmax, double min_scale, bool mx) {
+  const Layout l = layout(src, scales, 0, 0, tile_r, tile_c);
+  TORCH_CHECK(amaxes.sizes() == scales.sizes() && amaxes.scalar_type() == at::kFloat, "amaxes must be float32 like the scales");
+  TORCH_CHECK(dst.sizes() == src.sizes() && dst.element_size() == 1 && (dst.size(2) <= 1 || dst.stride(2) == 1),
+              "codes must be a 1-byte tensor shaped like the weight, last dim contiguous");
+  TORCH_CHECK(code >= kE4M3FN && code <= kInteger, "bad code");
+  const FusedJob job{src, dst, scales, amaxes, l, static_cast<float>(fmax), static_cast<float>(min_scale), mx};
+  const int kind = dtype_kind(src.scalar_type(), "quantize_tiles");
+  if (kind == kF32) quantize_tiles_code<kF32>(job, code);
+  else if (kind == kBF16) quantize_tiles_code<kBF16>(job, code);
+  else quantize_tiles_code<kF16>(job, code);
+}
+
+namespace {
 
 template <int kCode, int kOut>
 void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, at::Tensor& out, const Layout& l) {
@@ -321,5 +258,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("amax", &amax, "per-tile max |x| into a float32 grid", release());
   m.def("quantize", &quantize, "per-tile codes of clamp(x / factor) (or x * factor)", release());
+  m.def("quantize_tiles", &quantize_tiles, "per tile: amax, scale, codes, in one read", release());
   m.def("dequantize", &dequantize, "per-tile decode(codes) * scale", release());
 }

@@ -79,19 +79,11 @@ void quantize_rows(const QuantizeJob& job) {
   constexpr int64_t item = kIn == kF32 ? 4 : 2;
   const char* in = static_cast<const char*>(job.src.data_ptr());
   uint8_t* out = static_cast<uint8_t*>(job.dst.data_ptr());
-  const float* f = job.factors.data_ptr<float>();
   const int64_t sb = job.src.stride(0) * item, sr = job.src.stride(1) * item;
   const int64_t db = job.dst.stride(0), dr = job.dst.stride(1);
-  const int64_t fb = job.factors.stride(0), fr = job.factors.stride(1), fc = job.factors.stride(2);
-  const Layout& l = job.l;
-  for_rows(l, [&](int64_t, int64_t b, int64_t i) {
-    const char* row = in + b * sb + i * sr;
-    uint8_t* codes = out + b * db + i * dr;
-    const float* cell = f + b * fb + ((i + l.r_off) / l.tile_r) * fr;
-    for (size_t s = 0; s < l.segments.size(); ++s) {
-      const auto [start, stop] = l.segments[s];
-      quantize_span<kIn, kCode, kOp>(row + start * item, codes + start, stop - start, cell[s * fc], job.fmax);
-    }
+  for_spans(job.l, job.factors, [&](int64_t b, int64_t i, int64_t start, int64_t stop, float factor) {
+    quantize_span<kIn, kCode, kOp>(in + b * sb + i * sr + start * item, out + b * db + i * dr + start, stop - start,
+                                   factor, job.fmax);
   });
 }
 
@@ -217,17 +209,9 @@ void dequantize_rows(const at::Tensor& codes, const at::Tensor& scales, at::Tens
   constexpr int64_t item = kOut == kF32 ? 4 : 2;
   const uint8_t* in = static_cast<const uint8_t*>(codes.data_ptr());
   char* y = static_cast<char*>(out.data_ptr());
-  const float* s = scales.data_ptr<float>();
   const int64_t ob = out.stride(0) * item, orow = out.stride(1) * item, cb = codes.stride(0), cr = codes.stride(1);
-  const int64_t sb = scales.stride(0), sr = scales.stride(1), sc = scales.stride(2);
-  for_rows(l, [&](int64_t, int64_t b, int64_t i) {
-    const uint8_t* row = in + b * cb + i * cr;
-    char* dst = y + b * ob + i * orow;
-    const float* cell = s + b * sb + ((i + l.r_off) / l.tile_r) * sr;
-    for (size_t seg = 0; seg < l.segments.size(); ++seg) {
-      const auto [start, stop] = l.segments[seg];
-      dequantize_span<kCode, kOut>(row + start, dst + start * item, stop - start, cell[seg * sc]);
-    }
+  for_spans(l, scales, [&](int64_t b, int64_t i, int64_t start, int64_t stop, float scale) {
+    dequantize_span<kCode, kOut>(in + b * cb + i * cr + start, y + b * ob + i * orow + start * item, stop - start, scale);
   });
 }
 

@@ -66,6 +66,18 @@ void for_rows(const Layout& l, const Fn& fn) {
   });
 }
 
+// fn(b, i, start, stop, value): every tile span [start, stop) of every row i of batch b, with the value
+// of its tile's cell in `grid` (a factor or a scale), rows split over torch's threads.
+template <typename Fn>
+void for_spans(const Layout& l, const at::Tensor& grid, const Fn& fn) {
+  const float* g = grid.data_ptr<float>();
+  const int64_t gb = grid.stride(0), gr = grid.stride(1), gc = grid.stride(2);
+  for_rows(l, [&](int64_t, int64_t b, int64_t i) {
+    const float* cell = g + b * gb + ((i + l.r_off) / l.tile_r) * gr;
+    for (size_t s = 0; s < l.segments.size(); ++s) fn(b, i, l.segments[s].first, l.segments[s].second, cell[s * gc]);
+  });
+}
+
 template <typename Bits>
 inline Bits max_magnitude(const Bits* p, int64_t n, Bits mask) {
   Bits m = 0;

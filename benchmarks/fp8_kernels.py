@@ -42,10 +42,10 @@ from common import banner, machine_info  # noqa: E402  (benchmarks/common.py, be
 
 import torch  # noqa: E402
 
-from streamquant.quant import fp8_math  # noqa: E402
-from streamquant.quant.code_format import E4M3FN, INT8, MXFP8  # noqa: E402
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window, tile_shape  # noqa: E402
-from streamquant.quant.native import build  # noqa: E402
+from streamquant.quant.math import quantize as fp8_math  # noqa: E402
+from streamquant.quant.math.code_format import E4M3FN, INT8, MXFP8  # noqa: E402
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window, tile_shape  # noqa: E402
+from streamquant.quant.math.native import build  # noqa: E402
 
 SCHEMES = {"fp8": (PerTensor(), E4M3FN), "fp8-channel": (PerRow(), E4M3FN), "fp8-block": (PerBlock((128, 128)), E4M3FN),
            "int8": (PerRow(), INT8), "mxfp8": (PerBlock((1, 32)), MXFP8)}

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from streamquant.quant.fp8_math import dequantize, quantize
-from streamquant.quant.granularity import PerTensor
+from streamquant.quant.math.quantize import dequantize, quantize
+from streamquant.quant.math.granularity import PerTensor
 
 SHARDS = {"q": 4096, "k": 1024, "v": 1024}  # rows of a GQA q/k/v projection (hidden 4096, 8 kv heads)
 HIDDEN = 4096

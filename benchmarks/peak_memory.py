@@ -77,7 +77,7 @@ from streamquant.checkpoint.reader import checkpoint_bytes, iterate_weights  # n
 from streamquant.checkpoint.synthetic import (  # noqa: E402
     BENCH_SPECS, default_cache_dir, ensure_synthetic_checkpoint)
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
-from streamquant.quant.native import build  # noqa: E402
+from streamquant.quant.math.native import build  # noqa: E402
 
 ORDERS = ("shuffled", "by-type")  # streaming rows fed the checkpoint out of layer order
 OFFLOAD = ("offload-device", "offload-cpu")  # streaming with offload_before_quant, quantize_on= the suffix

@@ -87,10 +87,10 @@ from streamquant.api import load_model  # noqa: E402
 from streamquant.checkpoint.reader import SAFETENSORS_INDEX, checkpoint_bytes, iterate_weights  # noqa: E402
 from streamquant.checkpoint.synthetic import (  # noqa: E402
     BENCH_SPECS, default_cache_dir, ensure_synthetic_checkpoint)
-from streamquant.launch import launch  # noqa: E402
+from streamquant.parallel.launch import launch  # noqa: E402
 from streamquant.loading.streaming import largest_layer_staging_bytes  # noqa: E402
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
-from streamquant.quant.native import build  # noqa: E402
+from streamquant.quant.math.native import build  # noqa: E402
 from streamquant.reload import Reloader, inference_tensors, reload_weights  # noqa: E402
 
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
@@ -165,8 +165,8 @@ def _sync_ranks(a: Path, b: Path, q: str | None, quantized: bool = False, device
     from streamquant.checkpoint.reader import load_hf_config
     from streamquant.formats import get_format
     from streamquant.offline import QuantizePlan
-    from streamquant.parallel import TPContext
-    from streamquant.sync import WeightReceiver, WeightSender
+    from streamquant.parallel.context import TPContext
+    from streamquant.rl.sync import WeightReceiver, WeightSender
 
     row: dict = {}
     if dist.get_rank() == 0:

@@ -42,9 +42,9 @@ def _prompts(vocab: int, batch: int) -> list[list[int]]:
 
 def _tp_rank(path: str, scheme: str, kind: str, batch: int, new: int) -> float:
     from streamquant import load_model
-    from streamquant.generation import generate_sequences
-    from streamquant.parallel import TPContext
-    from streamquant.sampling import SamplingParams
+    from streamquant.inference.generation import generate_sequences
+    from streamquant.parallel.context import TPContext
+    from streamquant.inference.sampling import SamplingParams
 
     import torch
 
@@ -67,7 +67,7 @@ def run_one(name: str, spec: str, new: int) -> dict:
     kind, scheme, batch = name.split(":")
     batch, scheme = int(batch), (None if scheme == "none" else scheme)
     if kind.startswith("tp2"):
-        from streamquant.launch import launch
+        from streamquant.parallel.launch import launch
 
         return {"name": name, "tokens_per_s": launch(_tp_rank, 2, str(path), scheme, kind, batch, new)}
     if kind == "transformers":
@@ -81,8 +81,8 @@ def run_one(name: str, spec: str, new: int) -> dict:
                            top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
     else:
         from streamquant import load_model
-        from streamquant.generation import generate_sequences
-        from streamquant.sampling import SamplingParams
+        from streamquant.inference.generation import generate_sequences
+        from streamquant.inference.sampling import SamplingParams
 
         model = load_model(path, quantization=scheme)
         params = SamplingParams(temperature=1.0, max_new_tokens=new, seed=0, stop_token_ids=())

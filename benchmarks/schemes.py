@@ -3,7 +3,7 @@
 On the synthetic checkpoint of `--spec` (default `demo`: 12 Llama layers of hidden 1024, ~400 MB in
 bf16), one row per scheme (`--rows`, default all): bf16 (none), fp8, fp8-channel, fp8-block, int8
 (W8A8: per-token int8 activations, `torch._int_mm`), int8-wo (int8 weights, bf16 activations),
-mxfp8, mxfp8-wo, int4 (W4A16, groups of 128, packed), and the torchao presets that run on CPU (`quant/torchao_config.py`, needs torchao):
+mxfp8, mxfp8-wo, int4 (W4A16, groups of 128, packed), and the torchao presets that run on CPU (`quant/torchao.py`, needs torchao):
 ao-int8-wo, ao-int8-dyn, ao-fp8-wo, ao-int4-wo (int4 weights, groups of 32), ao-int8-int4 (int8 dynamic
 activations, int4 weights); fp8-wo and fp8-block-wo are fp8 weight-only (bf16 activations); any row
 name with `@torch` appended runs that row on the pure-torch CPU kernels (STREAMQUANT_CPU_KERNELS=torch)
@@ -67,7 +67,7 @@ def run_one(name: str, spec: str, new: int, batches: list[int]) -> dict:
     from streamquant import load_model
     from streamquant.checkpoint.reader import iterate_weights
     from streamquant.checkpoint.synthetic import BENCH_SPECS, default_cache_dir, ensure_synthetic_checkpoint
-    from streamquant.generation import generate
+    from streamquant.inference.generation import generate
     from streamquant.memory import PeakMemorySampler
     from streamquant.reload import reload_weights
 

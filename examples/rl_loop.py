@@ -36,12 +36,12 @@ import torch.distributed as dist
 
 from streamquant import load_model
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
-from streamquant.generation import generate_sequences
-from streamquant.launch import launch
-from streamquant.parallel import TPContext
+from streamquant.inference.generation import generate_sequences
+from streamquant.parallel.launch import launch
+from streamquant.parallel.context import TPContext
 from streamquant.reload import inference_tensors
-from streamquant.sampling import SamplingParams
-from streamquant.sync import WeightReceiver, WeightSender
+from streamquant.inference.sampling import SamplingParams
+from streamquant.rl.sync import WeightReceiver, WeightSender
 
 
 def reward(completion: list[int]) -> float:

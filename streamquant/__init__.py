@@ -6,11 +6,11 @@ Public API (see README.md):
     reload_weights(model, weights, *, strict=True, atomic=False, staging_budget=None, quantized_source=None)
     quantize_checkpoint(src, dst, quantization, *, format="compressed-tensors", workers=1, **fp8_options)
     (and `streamquant.offline`: QuantizePlan / quantize_weights, trainer-side quantization)
-    (and `streamquant.sync`: WeightSender / WeightReceiver, trainer -> inference over torch.distributed)
+    (and `streamquant.rl.sync`: WeightSender / WeightReceiver, trainer -> inference over torch.distributed)
     generate(model, prompts, SamplingParams(...))  -> list[Completion] (rollouts; ragged prompts)
     generate(model, input_ids, max_new_tokens)     -> [B, T + max_new_tokens] ids (greedy)
     PeakMemorySampler(device)
-    (and `streamquant.launch.launch(fn, tp_size, *args, device="cpu")`: the module of that name
+    (and `streamquant.parallel.launch.launch(fn, tp_size, *args, device="cpu")`: the module of that name
     shadows any package attribute `launch`, so it is not re-exported)
 
 The names above are resolved on first use (PEP 562), so importing one subpackage, e.g.
@@ -28,14 +28,14 @@ _EXPORTS = MappingProxyType(
     {
         "load_model": "streamquant.api",
         "LoadReport": "streamquant.api",
-        "generate": "streamquant.generation",
-        "generate_with_logits": "streamquant.generation",
-        "Completion": "streamquant.generation",
-        "SamplingParams": "streamquant.sampling",
-        "LaunchError": "streamquant.launch",
+        "generate": "streamquant.inference.generation",
+        "generate_with_logits": "streamquant.inference.generation",
+        "Completion": "streamquant.inference.generation",
+        "SamplingParams": "streamquant.inference.sampling",
+        "LaunchError": "streamquant.parallel.launch",
         "PeakMemorySampler": "streamquant.memory",
         "MemoryPeak": "streamquant.memory",
-        "TPContext": "streamquant.parallel",
+        "TPContext": "streamquant.parallel.context",
         "reload_weights": "streamquant.reload",
         "Reloader": "streamquant.reload",
         "ModelNotReadyError": "streamquant.models.base",

@@ -1,6 +1,6 @@
 """`python -m streamquant`: the same command line as the `streamquant` console script."""
 
-from streamquant.cli import main
+from streamquant.cli.main import main
 
 # The guard matters: `launch()` spawns ranks that re-import the parent's main module.
 if __name__ == "__main__":

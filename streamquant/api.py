@@ -12,7 +12,7 @@ Invariants: the tensor-parallel context is either given or read once from the in
 `torch.distributed` group, and handed to the model constructor; nothing else reads the group.
 
 Pre-quantized checkpoints (`config.json` has a `quantization_config`): the checkpoint decides the
-scheme (`prequantized.py`), and the session loads its fp8 codes and scales straight into the fp8
+scheme (`formats/prequantized.py`), and the session loads its fp8 codes and scales straight into the fp8
 layers (`quantized_source=True`): nothing is quantized and no high-precision weight exists.
 
 Quantization: `make_quant_config` is the single place that turns a scheme name ("fp8",
@@ -42,19 +42,19 @@ from streamquant.checkpoint.reader import (
     load_hf_config,
     resolve_checkpoint,
 )
-from streamquant.loading.loader import load_weights, loadable_parameters, process_weights_after_loading
+from streamquant.loading.session import load_weights, loadable_parameters, process_weights_after_loading
 from streamquant.loading.materialize import materialize_
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, OffloadPlan
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
-from streamquant.parallel import TPContext
-from streamquant.prequantized import prequantized_plan, prequantized_tensors
+from streamquant.parallel.context import TPContext
+from streamquant.formats.prequantized import prequantized_plan, prequantized_tensors
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
-from streamquant.quant.torchao_config import TORCHAO_PRESETS, TorchaoConfig, inner_tensors, is_torchao_scheme, resolve
+from streamquant.quant.scaled.config import ScaledConfig, ScaledScheme
+from streamquant.quant.torchao import TORCHAO_PRESETS, TorchaoConfig, inner_tensors, is_torchao_scheme, resolve
 
 # Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
-SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in Fp8Scheme), *TORCHAO_PRESETS)
+SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in ScaledScheme), *TORCHAO_PRESETS)
 # Options `load_model` accepts with an fp8 scheme (see `make_quant_config`).
 FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "symmetric", "compile", "formula",
                "tp_invariant_activations", "measure_error")
@@ -104,7 +104,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(DTYPE_NAMES)}")
 
 
-def make_quant_config(quantization: Any, options: dict[str, Any]) -> Fp8Config | TorchaoConfig | None:
+def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfig | TorchaoConfig | None:
     """The quant config for scheme `quantization` with its `options` (None: unquantized).
 
     Options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"; not for int8 / mxfp8), `activation_scheme` ("dynamic"
@@ -112,12 +112,12 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> Fp8Config |
     (fp8-block, default (128, 128)), `compile` (inductor-compiled CPU quantization kernel for the pure-torch
     fallback, bitwise the same codes; streamquant formula only; the native CPU kernels, when built, run
     instead), `formula` ("streamquant" default, "compressed-tensors",
-    "transformers": whose fp8 arithmetic, see `quant/fp8_formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
+    "transformers": whose fp8 arithmetic, see `quant/math/formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
     the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
-    scales: one small collective per row-parallel matmul, see `quant/fp8_linear.py`), `measure_error`
+    scales: one small collective per row-parallel matmul, see `quant/scaled/linear.py`), `measure_error`
     (record per-weight SQNR). Every option is validated here.
 
-    torchao (`quant/torchao_config.py`): `quantization` a preset name ("torchao:int8-weight-only", ...)
+    torchao (`quant/torchao.py`): `quantization` a preset name ("torchao:int8-weight-only", ...)
     or a torchao `AOBaseConfig` object; options `ignore` and `measure_error`.
     """
     if is_torchao_scheme(quantization):
@@ -140,18 +140,18 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> Fp8Config |
     if quantization is None:
         return None
     options = dict(options)
-    if "block_size" in options and quantization != Fp8Scheme.FP8_BLOCK.value:
+    if "block_size" in options and quantization != ScaledScheme.FP8_BLOCK.value:
         raise ValueError(f"block_size applies to quantization='fp8-block' only, not {quantization!r}")
-    if "group_size" in options and quantization != Fp8Scheme.INT4.value:
+    if "group_size" in options and quantization != ScaledScheme.INT4.value:
         raise ValueError(f"group_size applies to quantization='int4' only, not {quantization!r}")
     error_log = QuantErrorLog() if options.pop("measure_error", False) else None
-    return Fp8Config(Fp8Scheme(quantization), error_log=error_log, **options)
+    return ScaledConfig(ScaledScheme(quantization), error_log=error_log, **options)
 
 
-def check_ignore_patterns(model: torch.nn.Module, config: Fp8Config | None) -> None:
+def check_ignore_patterns(model: torch.nn.Module, config: ScaledConfig | None) -> None:
     """Raise if an `ignore` pattern matches no layer the quant config decides about (likely a typo).
 
-    Matched against each layer's `prefix`, as `Fp8Config.is_ignored` is (the module's name in the model).
+    Matched against each layer's `prefix`, as `ScaledConfig.is_ignored` is (the module's name in the model).
     """
     if config is None or not config.ignore:
         return
@@ -250,9 +250,9 @@ def load_model(
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
 
-    `quantization`: None, "fp8", "fp8-channel", "fp8-block", "int8" or "mxfp8" (`quant/fp8_config.py`), or
+    `quantization`: None, "fp8", "fp8-channel", "fp8-block", "int8" or "mxfp8" (`quant/scaled/config.py`), or
     a torchao scheme: a preset name ("torchao:int8-weight-only", ...) or any torchao `AOBaseConfig`
-    that applies to `nn.Linear` (`quant/torchao_config.py`); `options` are the options of `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
+    that applies to `nn.Linear` (`quant/torchao.py`); `options` are the options of `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
     is loaded as it is: `quantization` may be None or must agree, `activation_scheme` and `formula`
     may be given (the formula a later bf16 reload quantizes with), and `model.prequantized` holds
     what its config said (None for high-precision checkpoints). `tp` defaults to the initialized process group (or a single rank).

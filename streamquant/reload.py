@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
-from streamquant.loading.loader import (
+from streamquant.loading.session import (
     DuplicateWeightError,
     MissingWeightsError,
     NonFiniteWeightError,
@@ -55,8 +55,8 @@ from streamquant.loading.loader import (
 from streamquant.loading.materialize import StagingPool, align_up, byte_view
 from streamquant.loading.streaming import StreamingLoadSession, staging_pool
 from streamquant.loading.validate import is_finite
-from streamquant.parallel import TPContext, all_reduce
-from streamquant.prequantized import reload_source
+from streamquant.parallel.context import TPContext, all_reduce
+from streamquant.formats.prequantized import reload_source
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 

@@ -43,7 +43,7 @@ class SharedRanks:
         self.pools = {}
 
     def run(self, fn, tp_size: int, *args):
-        from streamquant.launch import RankPool
+        from streamquant.parallel.launch import RankPool
 
         pool = self.pools.get(tp_size)
         if pool is None or pool.closed:

@@ -8,8 +8,8 @@ import torch
 import transformers
 
 from streamquant.api import DTYPE_NAMES, LoadReport, load_model, resolve_dtype
-from streamquant.generation import generate, generate_with_logits
-from streamquant.loading.loader import UnexpectedWeightError
+from streamquant.inference.generation import generate, generate_with_logits
+from streamquant.loading.session import UnexpectedWeightError
 
 
 def tiny_llama(directory, *, tie: bool = False) -> transformers.LlamaForCausalLM:
@@ -81,7 +81,9 @@ def test_dtype_names(llama, name):
 
 def test_package_exports_the_api():
     import streamquant
-    from streamquant import api, generation, launch, memory
+    from streamquant import api, memory
+    from streamquant.inference import generation
+    from streamquant.parallel import launch
 
     assert streamquant.load_model is api.load_model and streamquant.generate is generation.generate
     assert streamquant.LaunchError is launch.LaunchError and streamquant.PeakMemorySampler is memory.PeakMemorySampler

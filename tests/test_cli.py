@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from streamquant import cli
+import streamquant.cli.main as cli
 from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamquant import cli
+import streamquant.cli.main as cli
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import CheckpointError, resolve_checkpoint
 from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
-from streamquant.generation import generate
-from streamquant.launch import LaunchError
+from streamquant.inference.generation import generate
+from streamquant.parallel.launch import LaunchError
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import transformers
 from hf_cases import CASES, make_checkpoint
 
 from streamquant import generate, load_model
-from streamquant.generation import generate_sequences
-from streamquant.sampling import SamplingParams
+from streamquant.inference.generation import generate_sequences
+from streamquant.inference.sampling import SamplingParams
 
 PROMPTS = [[5, 9, 13, 2, 40, 7], [3, 8], [11, 12, 60, 1]]
 NEW = 6
@@ -73,7 +73,7 @@ def test_stop_tokens_end_each_sequence_and_seeds_reproduce(checkpoints):
 
 
 def test_score_is_teacher_forced_logprobs_of_ragged_sequences(checkpoints):
-    from streamquant.generation import score
+    from streamquant.inference.generation import score
 
     model = load_model(checkpoints["qwen2moe"], dtype="float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["qwen2moe"], dtype=torch.float32)
@@ -112,7 +112,7 @@ def test_sliding_window_matches_transformers_beyond_the_window(tmp_path, name, c
 
 
 def test_cli_generate_prompts_jsonl(checkpoints, tmp_path):
-    from streamquant.cli import main
+    from streamquant.cli.main import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("[5, 9, 13]\n\n[3, 8]\n")

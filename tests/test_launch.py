@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from streamquant.parallel import is_peer_failure
-from streamquant.launch import LaunchError, RankPool, _run_rank, free_port, launch, under_torchrun
+from streamquant.parallel.context import is_peer_failure
+from streamquant.parallel.launch import LaunchError, RankPool, _run_rank, free_port, launch, under_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_under_torchrun_reads_environment(monkeypatch):
 
 def test_init_from_env_joins_the_described_group():
     code = (
-        "from streamquant.launch import init_from_env, shutdown\n"
+        "from streamquant.parallel.launch import init_from_env, shutdown\n"
         "import torch.distributed as dist\n"
         "tp = init_from_env()\n"
         "print(tp.rank, tp.size, dist.get_backend())\n"
@@ -156,7 +156,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_the_ranks_of_a_killed_parent_end():
     code = ("import os, signal\n"
-            "from streamquant.launch import RankPool\n"
+            "from streamquant.parallel.launch import RankPool\n"
             "from test_launch import _pid_and_sum\n"
             "pool = RankPool(2)\n"
             "print(*pool.run(_pid_and_sum, 1.0)[0], flush=True)\n"
@@ -175,7 +175,7 @@ def test_the_ranks_of_a_killed_parent_end():
 def test_an_unclosed_pool_does_not_hold_up_interpreter_exit():
     code = ("import tempfile, weakref\n"
             "weakref.finalize(tempfile, print)  # a finalizer made before multiprocessing's exit hook\n"
-            "from streamquant.launch import RankPool\n"
+            "from streamquant.parallel.launch import RankPool\n"
             "from test_launch import _pid_and_sum\n"
             "pool = RankPool(2)\n"
             "print(pool.run(_pid_and_sum, 1.0)[1], flush=True)\n")  # exits without close()

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from hf_cases import CASES, make_checkpoint
 
 from streamquant import load_model
-from streamquant.cli import main
-from streamquant.generation import generate_sequences
-from streamquant.mismatch import compare, completion_logprobs, mismatch
-from streamquant.sampling import SamplingParams
+from streamquant.cli.main import main
+from streamquant.inference.generation import generate_sequences
+from streamquant.rl.mismatch import compare, completion_logprobs, mismatch
+from streamquant.inference.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

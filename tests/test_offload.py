@@ -19,10 +19,10 @@ from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
 from streamquant.loading import offload as offload_module
 from streamquant.loading import streaming
-from streamquant.loading.loader import NonFiniteWeightError
+from streamquant.loading.session import NonFiniteWeightError
 from streamquant.loading.offload import OffloadPlan
 from streamquant.loading.streaming import largest_layer_staging_bytes
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 from streamquant.reload import Reloader, reload_weights
 
 from hf_cases import CASES, make_checkpoint

@@ -17,10 +17,10 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.loader import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
+from streamquant.loading.session import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
 from streamquant.models.base import ModelNotReadyError
 from streamquant.loading.streaming import largest_layer_staging_bytes
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 from streamquant.loading.validate import is_finite as _finite
 from streamquant.reload import inference_tensors, reload_weights
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.launch import LaunchError, launch
-from streamquant.parallel import TPContext, is_peer_failure
+from streamquant.parallel.launch import LaunchError, launch
+from streamquant.parallel.context import TPContext, is_peer_failure
 from streamquant.reload import reload_weights
 
 from hf_cases import CASES, make_checkpoint

@@ -1,4 +1,4 @@
-"""sampling.py: exact draws (a chi-square test with a stated false-failure rate), top-k / top-p sets
+"""inference/sampling.py: exact draws (a chi-square test with a stated false-failure rate), top-k / top-p sets
 against a by-hand reference, seeded reproducibility independent of the batch, logprob modes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from streamquant.sampling import SamplingParams, processed_logits, sample, sequence_generators, step_logprobs
+from streamquant.inference.sampling import SamplingParams, processed_logits, sample, sequence_generators, step_logprobs
 
 
 def test_temperature_one_samples_match_the_distribution():

@@ -1,4 +1,4 @@
-"""streamquant.sync: trainer -> inference over torch.distributed (gloo, one process per rank).
+"""streamquant.rl.sync: trainer -> inference over torch.distributed (gloo, one process per rank).
 
 The trainer is a transformers model (fp32, as a trainer holds it) after a real AdamW step; it
 sends `named_parameters()` (transformers 5 names: fused `experts.gate_up_proj` for MoE) cast to
@@ -18,10 +18,10 @@ import torch.distributed as dist
 import transformers
 
 from streamquant.api import load_model
-from streamquant.launch import LaunchError, launch
-from streamquant.parallel import TPContext
+from streamquant.parallel.launch import LaunchError, launch
+from streamquant.parallel.context import TPContext
 from streamquant.reload import reload_weights
-from streamquant.sync import PeerLostError, SyncError, WeightReceiver, WeightSender, plan_buckets
+from streamquant.rl.sync import PeerLostError, SyncError, WeightReceiver, WeightSender, plan_buckets
 
 from hf_cases import CASES, make_checkpoint
 

@@ -10,7 +10,7 @@ tensor data is read), naming the field:
   - no size other than `max_position_embeddings` exceeds both the largest dimension of any
     checkpoint tensor and the number of tensors (a hidden size, vocabulary or intermediate size is
     some tensor's dimension; a layer or expert count is at most the number of tensors, or a
-    dimension of fused expert tensors). Positions are allocated per request (`generation.py`), so
+    dimension of fused expert tensors). Positions are allocated per request (`inference/generation.py`), so
     a large `max_position_embeddings` costs nothing until generation asks for it.
 `check_model_fits` then compares the meta-built model with the checkpoint: one rank never holds
 more parameter elements than the checkpoint has (plus vocabulary padding), so a config whose sizes

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from streamquant.quant.fp8_config import ActivationScheme, Fp8Scheme
-from streamquant.quant.fp8_formula import Formula
+from streamquant.quant.scaled.config import ActivationScheme, ScaledScheme
+from streamquant.quant.math.formula import Formula
 
 # The key streamquant adds to a `quantization_config` it writes, so a reload of the checkpoint
 # quantizes with the formula it was written with (both formats' readers ignore unknown keys).
@@ -35,7 +35,7 @@ class QuantizedCheckpoint:
     it recorded one, else the format's own library's)."""
 
     format: str
-    scheme: Fp8Scheme
+    scheme: ScaledScheme
     activation_scheme: ActivationScheme
     formula: Formula
     scale_suffix: str
@@ -46,7 +46,7 @@ class QuantizedCheckpoint:
     def options(self) -> dict:
         """`load_model` fp8 options (besides `ignore`, which the loader derives from the tensors present)."""
         options = {"activation_scheme": self.activation_scheme.value, "formula": self.formula.value}
-        if self.scheme is Fp8Scheme.FP8_BLOCK:
+        if self.scheme is ScaledScheme.FP8_BLOCK:
             options["block_size"] = self.block_size
         return options
 
@@ -57,10 +57,10 @@ class CheckpointFormat(Protocol):
     name: str
     scale_suffix: str
 
-    def write_config(self, scheme: Fp8Scheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
+    def write_config(self, scheme: ScaledScheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
                      ignore: list[str], formula: Formula) -> dict: ...
 
-    def scale_to_disk(self, scales: torch.Tensor, scheme: Fp8Scheme, weight_dtype: torch.dtype,
+    def scale_to_disk(self, scales: torch.Tensor, scheme: ScaledScheme, weight_dtype: torch.dtype,
                       formula: Formula) -> torch.Tensor: ...
 
     def read_config(self, config: dict) -> QuantizedCheckpoint: ...

@@ -28,11 +28,11 @@ from streamquant.formats.base import (
     field,
     recorded_formula,
 )
-from streamquant.quant.fp8_config import ActivationScheme, Fp8Scheme
-from streamquant.quant.fp8_formula import Formula
+from streamquant.quant.scaled.config import ActivationScheme, ScaledScheme
+from streamquant.quant.math.formula import Formula
 
 NAME = "compressed-tensors"
-STRATEGIES = {Fp8Scheme.FP8: "tensor", Fp8Scheme.FP8_CHANNEL: "channel", Fp8Scheme.FP8_BLOCK: "block"}
+STRATEGIES = {ScaledScheme.FP8: "tensor", ScaledScheme.FP8_CHANNEL: "channel", ScaledScheme.FP8_BLOCK: "block"}
 READ_FORMATS = ("float-quantized", "naive-quantized")
 
 
@@ -40,17 +40,17 @@ class CompressedTensorsFormat:
     name = NAME
     scale_suffix = "weight_scale"
 
-    def write_config(self, scheme: Fp8Scheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
+    def write_config(self, scheme: ScaledScheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
                      ignore: list[str], formula: Formula) -> dict:
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
                    "strategy": STRATEGIES[scheme], "group_size": None}
-        if scheme is Fp8Scheme.FP8_BLOCK:
+        if scheme is ScaledScheme.FP8_BLOCK:
             weights["block_structure"] = list(block_size)
         activations = None
         if activation_scheme is ActivationScheme.DYNAMIC:
             activations = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
-                           "strategy": "group" if scheme is Fp8Scheme.FP8_BLOCK else "token",
-                           "group_size": block_size[1] if scheme is Fp8Scheme.FP8_BLOCK else None}
+                           "strategy": "group" if scheme is ScaledScheme.FP8_BLOCK else "token",
+                           "group_size": block_size[1] if scheme is ScaledScheme.FP8_BLOCK else None}
         fmt = "float-quantized" if activations is not None else "naive-quantized"
         return {"quant_method": NAME, "format": fmt, "quantization_status": "compressed",
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
@@ -58,9 +58,9 @@ class CompressedTensorsFormat:
                                               "format": fmt}},
                 "ignore": list(ignore), "kv_cache_scheme": None, FORMULA_KEY: formula.value}
 
-    def scale_to_disk(self, scales: torch.Tensor, scheme: Fp8Scheme, weight_dtype: torch.dtype,
+    def scale_to_disk(self, scales: torch.Tensor, scheme: ScaledScheme, weight_dtype: torch.dtype,
                       formula: Formula) -> torch.Tensor:
-        if scheme is Fp8Scheme.FP8:
+        if scheme is ScaledScheme.FP8:
             scales = scales.reshape(*scales.shape[:-2], 1)
         if formula is Formula.COMPRESSED_TENSORS and weight_dtype in (torch.bfloat16, torch.float16):
             return scales.to(weight_dtype)  # exact: the formula made them in that dtype
@@ -87,7 +87,7 @@ class CompressedTensorsFormat:
         return QuantizedCheckpoint(NAME, scheme, activation, recorded_formula(config, Formula.COMPRESSED_TENSORS),
                                    self.scale_suffix, block, tuple(ignore))
 
-    def _group(self, name: str, group: dict) -> tuple[Fp8Scheme, ActivationScheme, tuple[int, int]]:
+    def _group(self, name: str, group: dict) -> tuple[ScaledScheme, ActivationScheme, tuple[int, int]]:
         where = f".config_groups.{name}"
         weights = field(group, "weights", where, required=True)
         for key, want in (("num_bits", 8), ("type", "float"), ("symmetric", True)):
@@ -107,7 +107,7 @@ class CompressedTensorsFormat:
             raise QuantizationConfigError(f"quantization_config{where}.output_activations is not supported")
         return scheme, self._activation(group.get("input_activations"), scheme, block, where), block
 
-    def _activation(self, args: dict | None, scheme: Fp8Scheme, block: tuple, where: str) -> ActivationScheme:
+    def _activation(self, args: dict | None, scheme: ScaledScheme, block: tuple, where: str) -> ActivationScheme:
         if not args:
             return ActivationScheme.NONE
         where = f"{where}.input_activations"
@@ -115,7 +115,7 @@ class CompressedTensorsFormat:
             raise QuantizationConfigError(f"quantization_config{where}.dynamic = false (static activation scales, "
                                           "input_scale tensors) is not supported; dynamic activations are")
         strategy = args.get("strategy", "token")
-        want = "group" if scheme is Fp8Scheme.FP8_BLOCK else "token"
+        want = "group" if scheme is ScaledScheme.FP8_BLOCK else "token"
         if strategy != want or (want == "group" and args.get("group_size") not in (None, block[1])):
             raise QuantizationConfigError(f"quantization_config{where}.strategy = {strategy!r} (group_size "
                                           f"{args.get('group_size')!r}) with {STRATEGIES[scheme]!r} weights is not "

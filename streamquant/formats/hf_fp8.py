@@ -25,8 +25,8 @@ from streamquant.formats.base import (
     check_fp8_e4m3,
     recorded_formula,
 )
-from streamquant.quant.fp8_config import ActivationScheme, Fp8Scheme
-from streamquant.quant.fp8_formula import Formula
+from streamquant.quant.scaled.config import ActivationScheme, ScaledScheme
+from streamquant.quant.math.formula import Formula
 
 NAME = "hf-fp8"
 
@@ -35,9 +35,9 @@ class HfFp8Format:
     name = NAME
     scale_suffix = "weight_scale_inv"
 
-    def write_config(self, scheme: Fp8Scheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
+    def write_config(self, scheme: ScaledScheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
                      ignore: list[str], formula: Formula) -> dict:
-        if scheme is not Fp8Scheme.FP8_BLOCK:
+        if scheme is not ScaledScheme.FP8_BLOCK:
             raise QuantizationConfigError(f"format {NAME!r} stores block scales only; use --quantization fp8-block, "
                                           f"or --format compressed-tensors for {scheme.value!r}")
         if activation_scheme is not ActivationScheme.DYNAMIC:
@@ -46,7 +46,7 @@ class HfFp8Format:
         return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block_size),
                 "modules_to_not_convert": list(ignore), FORMULA_KEY: formula.value}
 
-    def scale_to_disk(self, scales: torch.Tensor, scheme: Fp8Scheme, weight_dtype: torch.dtype,
+    def scale_to_disk(self, scales: torch.Tensor, scheme: ScaledScheme, weight_dtype: torch.dtype,
                       formula: Formula) -> torch.Tensor:
         return scales
 
@@ -63,11 +63,11 @@ class HfFp8Format:
         ignore = tuple(config.get("modules_to_not_convert") or config.get("ignored_layers") or ())
         formula = recorded_formula(config, Formula.TRANSFORMERS)
         if block is None:
-            return QuantizedCheckpoint(NAME, Fp8Scheme.FP8, ActivationScheme.DYNAMIC, formula, self.scale_suffix,
+            return QuantizedCheckpoint(NAME, ScaledScheme.FP8, ActivationScheme.DYNAMIC, formula, self.scale_suffix,
                                        ignore=ignore)
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             raise QuantizationConfigError(f"quantization_config.weight_block_size = {block!r}: expected two positive ints")
-        return QuantizedCheckpoint(NAME, Fp8Scheme.FP8_BLOCK, ActivationScheme.DYNAMIC, formula, self.scale_suffix,
+        return QuantizedCheckpoint(NAME, ScaledScheme.FP8_BLOCK, ActivationScheme.DYNAMIC, formula, self.scale_suffix,
                                    tuple(block), ignore)
 
 

@@ -16,9 +16,9 @@ import torch
 
 from streamquant.loading.parameters import BaseParameter, ColumnParameter, shard_id_as_int
 from streamquant.loading.region import Region
-from streamquant.parallel import TPContext, all_gather, all_reduce, divide
+from streamquant.parallel.context import TPContext, all_gather, all_reduce, divide
 from streamquant.quant.base import LinearMethod, QuantConfig
-from streamquant.quant.granularity import LogicalShard, Window
+from streamquant.quant.math.granularity import LogicalShard, Window
 from streamquant.quant.unquantized import UnquantizedLinearMethod
 
 
@@ -227,7 +227,7 @@ class RowParallelLinear(LinearBase):
 
     The bias is added once, inside rank 0's matmul (as vLLM does), so TP=1 rounds exactly like
     `F.linear(x, w, b)`. With `tp.reduce_dtype` (e.g. float32) the partial sums are computed and
-    all-reduced in that dtype and rounded to `x.dtype` once, after the sum (`quant/matmul.py`).
+    all-reduced in that dtype and rounded to `x.dtype` once, after the sum (`quant/math/matmul.py`).
     """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, reduce_results: bool = True,

@@ -31,11 +31,11 @@ import torch
 from streamquant.loading.mapping import MappingRule
 from streamquant.loading.parameters import WeightShapeError, write_region
 from streamquant.loading.region import Region
-from streamquant.parallel import TPContext, all_reduce, divide
+from streamquant.parallel.context import TPContext, all_reduce, divide
 from streamquant.quant.base import MoEMethod, QuantConfig
-from streamquant.quant.granularity import LogicalShard, Window
-from streamquant.quant.matmul import PartialSums
-from streamquant.quant.moe import UnquantizedFusedMoEMethod
+from streamquant.quant.math.granularity import LogicalShard, Window
+from streamquant.quant.math.matmul import PartialSums
+from streamquant.quant.unquantized import UnquantizedFusedMoEMethod
 
 # Which half of w13's rows a gate / up shard fills.
 _W13_HALF = {"w1": 0, "w3": 1}
@@ -177,7 +177,7 @@ class FusedMoE(torch.nn.Module):
         hidden = hidden.reshape(-1, self.hidden_size)
         topk_weights, topk_ids = select_experts(router_logits.reshape(-1, self.num_experts), self.top_k, self.renormalize)
         wide = self.tp.partial_sum_dtype(hidden.dtype) if self.reduce_results else None
-        if wide is not None:  # the experts' outputs reduced in `tp.reduce_dtype` inside (quant/matmul.py)
+        if wide is not None:  # the experts' outputs reduced in `tp.reduce_dtype` inside (quant/math/matmul.py)
             sums = PartialSums(wide, lambda t: all_reduce(t, self.tp))
             return self.quant_method.apply(self, hidden, topk_weights, topk_ids, sums).reshape(shape)
         out = self.quant_method.apply(self, hidden, topk_weights, topk_ids)

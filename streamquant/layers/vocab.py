@@ -28,7 +28,7 @@ from torch import nn
 
 from streamquant.loading.parameters import ColumnParameter, WeightShapeError, write_region
 from streamquant.loading.region import Region, full_region, narrow_region
-from streamquant.parallel import TPContext, all_gather, all_reduce
+from streamquant.parallel.context import TPContext, all_gather, all_reduce
 from streamquant.quant.base import EmbeddingMethod, QuantConfig
 from streamquant.quant.unquantized import UnquantizedEmbeddingMethod
 

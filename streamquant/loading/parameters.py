@@ -19,7 +19,7 @@ from fractions import Fraction
 import torch
 
 from streamquant.loading.region import Region, full_region, narrow_region, to_slices
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 WeightLoader = Callable[..., list[Region]]
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 
 import torch
 
-from streamquant.loading.loader import (
+from streamquant.loading.session import (
     DuplicateWeightError,
     NonFiniteWeightError,
     WeightLoadSession,
@@ -235,7 +235,7 @@ def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
                    quantized_source: bool = False) -> StreamingLoadSession:
     """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers).
 
-    `quantized_source=True`: fp8 layers take pre-quantized codes and scales (`loader.module_loadables`)."""
+    `quantized_source=True`: fp8 layers take pre-quantized codes and scales (`session.module_loadables`)."""
     session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
                                    staging_budget=staging_budget, transient_source=transient_source, offload=offload,
                                    check_finite=check_finite, quantized_source=quantized_source)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from streamquant.layers.attention import KVCache
-from streamquant.loading.loader import load_weights
+from streamquant.loading.session import load_weights
 from streamquant.loading.mapping import MappingRule, WeightMapping
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from streamquant.layers.rotary import get_rope
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from streamquant.loading.mapping import WeightMapping
 from streamquant.models.base import AttentionGeometry, CausalLM, stacked_rules
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 from streamquant.quant.base import QuantConfig
 
 

@@ -19,7 +19,7 @@ from streamquant.loading.mapping import MappingRule, WeightMapping
 from streamquant.loading.parameters import BaseParameter
 from streamquant.models.base import AttentionGeometry, CausalLM
 from streamquant.models.llama import Build
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 POSITION_OFFSET = 2
 

@@ -4,7 +4,7 @@ Qwen2-MoE adds a shared expert whose output is scaled by `sigmoid(shared_expert_
 Routing is softmax top-k, renormalized when `norm_topk_prob`. The router (`mlp.gate`) and the
 shared-expert gate stay in the model dtype whatever the quantization. Partial expert and shared
 expert outputs are summed before a single all-reduce (with `tp.reduce_dtype`, each is reduced on
-its own, see `quant/matmul.py`).
+its own, see `quant/math/matmul.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from streamquant.layers.linear import ReplicatedLinear
 from streamquant.layers.moe import FusedMoE, expert_mapping_rules
 from streamquant.models.base import stacked_rules
 from streamquant.models.llama import Build, DecoderSpec, LlamaForCausalLM, LlamaMLP
-from streamquant.parallel import all_reduce
+from streamquant.parallel.context import all_reduce
 
 
 class SparseMoeBlock(torch.nn.Module):

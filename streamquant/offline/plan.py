@@ -27,14 +27,14 @@ from streamquant.checkpoint.writer import TensorSpec
 from streamquant.formats import CheckpointFormat
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from streamquant.models import get_model_class
-from streamquant.parallel import TPContext
-from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
-from streamquant.quant.fp8_weights import Fp8WeightSpec
-from streamquant.quant.granularity import grid_shape, tile_shape
+from streamquant.parallel.context import TPContext
+from streamquant.quant.scaled.config import ScaledConfig, ScaledScheme
+from streamquant.quant.scaled.weights import ScaledWeightSpec
+from streamquant.quant.math.granularity import grid_shape, tile_shape
 
 
 # The schemes the on-disk formats (compressed-tensors, hf-fp8) store.
-OFFLINE_SCHEMES = (Fp8Scheme.FP8, Fp8Scheme.FP8_CHANNEL, Fp8Scheme.FP8_BLOCK)
+OFFLINE_SCHEMES = (ScaledScheme.FP8, ScaledScheme.FP8_CHANNEL, ScaledScheme.FP8_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class QuantizedTensor:
 
     name: str
     scale_name: str
-    spec: Fp8WeightSpec
-    scheme: Fp8Scheme
+    spec: ScaledWeightSpec
+    scheme: ScaledScheme
 
     def outputs(self, shape: tuple[int, ...], dtype: torch.dtype, fmt: CheckpointFormat) -> list[TensorSpec]:
         grid = tile_shape(self.spec.granularity, tuple(shape[-2:]))
@@ -65,8 +65,8 @@ class QuantizePlan:
     """The per-tensor decisions of an offline quantization (see the module docstring)."""
 
     def __init__(self, hf_config, quantization: str, fmt: CheckpointFormat, dtype: torch.dtype, **options):
-        self.config: Fp8Config = make_quant_config(quantization, options)
-        if not isinstance(self.config, Fp8Config) or self.config.scheme not in OFFLINE_SCHEMES:
+        self.config: ScaledConfig = make_quant_config(quantization, options)
+        if not isinstance(self.config, ScaledConfig) or self.config.scheme not in OFFLINE_SCHEMES:
             raise UnsupportedQuantizationError(
                 f"quantization={quantization!r} is online only (load_model, reload_weights): the on-disk formats and "
                 f"trainer-side quantization write fp8 codes; choose one of {', '.join(s.value for s in OFFLINE_SCHEMES)}")

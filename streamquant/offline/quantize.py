@@ -49,7 +49,7 @@ from streamquant.memory import PeakMemorySampler
 from streamquant.offline.plan import QuantizedTensor, QuantizePlan
 from streamquant.offline.tensors import cast, quantize_tensor
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_math import dequantize
+from streamquant.quant.math.quantize import dequantize
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json", "pytorch_model.bin.index.json")

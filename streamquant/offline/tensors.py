@@ -19,7 +19,7 @@ import torch
 
 from streamquant.loading.validate import check_tensor
 from streamquant.offline.plan import QuantizedTensor, QuantizePlan
-from streamquant.quant.fp8_math import quantize
+from streamquant.quant.math.quantize import quantize
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

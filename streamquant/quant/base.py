@@ -5,8 +5,8 @@ loader fills them through each parameter's `weight_loader`, the load calls
 `process_weights_after_loading` once a layer is complete, and `forward` calls `apply`.
 A `QuantConfig` picks the method for each layer by the layer's kind and prefix (its module name).
 
-The unquantized methods live in `unquantized.py`; the 8-bit (`fp8_config.py`) and torchao
-(`torchao_config.py`) methods implement the same protocols. A method that keeps checkpoint-format
+The unquantized methods live in `unquantized.py`; the 8-bit (`scaled/config.py`) and torchao
+(`torchao.py`) methods implement the same protocols. A method that keeps checkpoint-format
 weights in `layer.checkpoint_params` and derives what it computes with from them also defines
 `derived_tensors(layer) -> {name: tensor}`: the derived tensors a reload writes in place (and an
 atomic reload snapshots), by name under the layer.
@@ -20,8 +20,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from streamquant.loading.parameters import WeightLoader
-from streamquant.parallel import TPContext
-from streamquant.quant.matmul import PartialSums
+from streamquant.parallel.context import TPContext
+from streamquant.quant.math.matmul import PartialSums
 
 
 @runtime_checkable
@@ -45,7 +45,7 @@ class LinearMethod(Protocol):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None,
               out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """`x @ W.T (+ bias)`, in `out_dtype` when given (a row-parallel layer's wider partial sums,
-        see `quant/matmul.py`), else in `x.dtype`."""
+        see `quant/math/matmul.py`), else in `x.dtype`."""
         ...
 
 
@@ -81,7 +81,7 @@ class MoEMethod(Protocol):
         partial_sums: "PartialSums | None" = None,
     ) -> torch.Tensor:
         """The routed experts' sum for each token; with `partial_sums` the experts' outputs are
-        reduced across the ranks inside, in its dtype (`quant/matmul.py`), so nothing is left to reduce."""
+        reduced across the ranks inside, in its dtype (`quant/math/matmul.py`), so nothing is left to reduce."""
         ...
 
 

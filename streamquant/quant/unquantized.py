@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from streamquant.loading.parameters import ColumnParameter, ModelWeightParameter
 from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
-from streamquant.quant.matmul import linear
-from streamquant.quant.moe import UnquantizedFusedMoEMethod
+from streamquant.quant.math.matmul import linear
+from streamquant.quant.experts import dense_expert_linears, expert_weights, fused_experts
 
 
 def linear_weight(output_partition_sizes, input_size_per_partition, params_dtype, tp, weight_loader) -> ModelWeightParameter:
@@ -73,14 +73,37 @@ class UnquantizedEmbeddingMethod:
         return F.linear(x, layer.weight, bias)
 
 
-class UnquantizedConfig:
-    """No quantization: every layer gets an unquantized method."""
+class UnquantizedFusedMoEMethod:
+    """w13 [E, 2I/tp, H] and w2 [E, H, I/tp] in the model dtype; `apply` is `fused_experts`.
 
-    def get_linear_method(self, prefix: str) -> LinearMethod:
-        return UnquantizedLinearMethod()
+    Both weights are `ModelWeightParameter`s with `output_dim=1, input_dim=2`: each expert's slice
+    is an ordinary [out, in] linear weight, which is what a later quantizing method needs to know
+    (per-output-channel scales run along dim 1). The sharding itself is done by the layer's
+    `weight_loader` (`streamquant.layers.moe.moe_weight_loader`), not by the parameter's `load_*`
+    methods: w13 is split along its output dim, w2 along its input dim.
+    """
 
-    def get_moe_method(self, prefix: str) -> MoEMethod:
-        return UnquantizedFusedMoEMethod()
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        tp: TPContext,
+        weight_loader: WeightLoader,
+    ) -> None:
+        params = expert_weights(num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp, weight_loader)
+        for name, param in params.items():
+            layer.register_parameter(name, param)
 
-    def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
-        return UnquantizedEmbeddingMethod()
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        return None
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        partial_sums: PartialSums | None = None,
+    ) -> torch.Tensor:
+        out_dtype = partial_sums.dtype if partial_sums else None
+        return fused_experts(x, topk_weights, topk_ids, *dense_expert_linears(layer.w13_weight, layer.w2_weight, out_dtype),
+                             partial_sums)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from streamquant.checkpoint.synthetic import TINY_SPEC, write_synthetic_checkpoint
-from streamquant.cli import main
+from streamquant.cli.main import main
 from streamquant.formats import QuantizationConfigError
 from streamquant.models import UnsupportedArchitectureError
 from streamquant.offline import quantize_checkpoint

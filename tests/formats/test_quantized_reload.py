@@ -14,11 +14,11 @@ from hf_cases import CASES, make_checkpoint
 from streamquant import load_model
 from streamquant.checkpoint.reader import iterate_weights, load_hf_config
 from streamquant.formats import get_format
-from streamquant.loading.loader import NonFiniteWeightError
+from streamquant.loading.session import NonFiniteWeightError
 from streamquant.offline import QuantizePlan, quantize_checkpoint, quantize_weights
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 from streamquant.reload import Reloader, inference_tensors, reload_weights
-from streamquant.sync import WeightReceiver, WeightSender
+from streamquant.rl.sync import WeightReceiver, WeightSender
 
 
 def bits(t):

@@ -15,10 +15,10 @@ from safetensors import safe_open
 
 from streamquant import load_model
 from streamquant.offline import quantize_checkpoint
-from streamquant.parallel import TPContext
-from streamquant.quant.code_format import E4M3FN
-from streamquant.quant.fp8_math import dequantize, quantize
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
+from streamquant.parallel.context import TPContext
+from streamquant.quant.math.code_format import E4M3FN
+from streamquant.quant.math.quantize import dequantize, quantize
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor
 from streamquant.reload import inference_tensors, reload_weights
 
 # (scheme, format, formula): every format with every formula it may carry

@@ -18,11 +18,11 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qw
 
 from streamquant.layers.linear import ReplicatedLinear
 from streamquant.layers.moe import FusedMoE, expert_mapping_rules, moe_weight_loader
-from streamquant.loading.loader import DuplicateWeightError, MissingWeightsError, WeightLoadError, load_weights
+from streamquant.loading.session import DuplicateWeightError, MissingWeightsError, WeightLoadError, load_weights
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.parameters import WeightShapeError
-from streamquant.parallel import TPContext
-from streamquant.quant.moe import dense_expert_linears, fused_experts
+from streamquant.parallel.context import TPContext
+from streamquant.quant.experts import dense_expert_linears, fused_experts
 
 HIDDEN, MOE_INTERMEDIATE, EXPERTS, TOP_K = 16, 8, 6, 2
 FAMILIES = {"qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}

@@ -14,11 +14,12 @@ from torch import nn
 
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding, pad_vocab_size, vocab_parallel_weight_loader
 from streamquant.loading.coverage import Coverage
-from streamquant.loading.loader import WeightLoadError, load_weights
+from streamquant.loading.session import WeightLoadError, load_weights
 from streamquant.loading.mapping import WeightMapping
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 from streamquant.quant.base import EmbeddingMethod
-from streamquant.quant.unquantized import UnquantizedConfig, UnquantizedEmbeddingMethod
+from streamquant.quant.scaled.config import ScaledConfig, ScaledScheme
+from streamquant.quant.unquantized import UnquantizedEmbeddingMethod
 
 DIM = 8
 
@@ -131,9 +132,10 @@ def test_tie_keeps_own_bias_and_rejects_mismatch():
 
 
 def test_quant_config_supplies_the_embedding_method():
-    method = UnquantizedConfig().get_embedding_method("model.embed_tokens")
+    config = ScaledConfig(ScaledScheme.FP8)  # embeddings stay unquantized under every scheme
+    method = config.get_embedding_method("model.embed_tokens")
     assert isinstance(method, UnquantizedEmbeddingMethod) and isinstance(method, EmbeddingMethod)
-    layer = VocabParallelEmbedding(10, DIM, quant_config=UnquantizedConfig(), params_dtype=torch.bfloat16)
+    layer = VocabParallelEmbedding(10, DIM, quant_config=config, params_dtype=torch.bfloat16)
     assert layer.weight.dtype == torch.bfloat16 and layer.weight.output_dim == 0
 
 

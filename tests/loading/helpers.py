@@ -19,7 +19,7 @@ from streamquant.loading.parameters import (
     PackedParameter,
     RowParameter,
 )
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # for a property already parametrized over the 5-7 parameter classes (so ~150 examples per property)

@@ -20,7 +20,7 @@ from streamquant.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 from .helpers import SETTINGS, assert_written, expected_qkv, heads_of_rank
 

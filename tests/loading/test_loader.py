@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from streamquant.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
-from streamquant.loading.loader import (
+from streamquant.loading.session import (
     DuplicateWeightError,
     MissingWeightsError,
     UnexpectedWeightError,
@@ -19,7 +19,7 @@ from streamquant.loading.loader import (
     process_weights_after_loading,
 )
 from streamquant.loading.mapping import MappingRule, WeightMapping
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 from streamquant.quant.unquantized import UnquantizedLinearMethod
 
 from streamquant.models.base import stacked_rules

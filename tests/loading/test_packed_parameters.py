@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from streamquant.layers.linear import merged_column_loader, qkv_loader
 from streamquant.loading.parameters import PackedColumnParameter, PackedParameter, adjust_shard_indexes_for_packing
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 from .helpers import SETTINGS, assert_written, build, nan_tensor, put
 

@@ -28,7 +28,7 @@ from streamquant.loading.parameters import (
     WeightShapeError,
     shard_id_as_int,
 )
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 from .helpers import PER_CLASS, SETTINGS, assert_written, build, nan_tensor, put
 

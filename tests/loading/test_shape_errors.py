@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamquant.loading.parameters import ModelWeightParameter, WeightShapeError
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 from .helpers import build, mentions_shape
 

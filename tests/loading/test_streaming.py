@@ -10,10 +10,10 @@ import torch
 from transformers import AutoConfig
 
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.loader import MissingWeightsError
+from streamquant.loading.session import MissingWeightsError
 from streamquant.loading.streaming import StreamingLoadSession, stream_weights
 from streamquant.models import get_model_class
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 from hf_cases import CASES, make_checkpoint
 

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoConfig
 
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.loader import process_weights_after_loading
+from streamquant.loading.session import process_weights_after_loading
 from streamquant.models import get_model_class
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 from hf_cases import CASE_IDS, CASES, hf_logits, make_checkpoint
 

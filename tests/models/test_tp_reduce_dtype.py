@@ -13,7 +13,7 @@ import torch
 from hf_cases import CASES, _case, make_checkpoint
 
 from streamquant import load_model
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 IDS = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
 WIDE = _case("wide", "LlamaConfig", "LlamaForCausalLM", hidden_size=192, intermediate_size=384,

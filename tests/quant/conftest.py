@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamquant.quant.native import build
+from streamquant.quant.math.native import build
 
 
 @pytest.fixture(params=["native", "torch"])

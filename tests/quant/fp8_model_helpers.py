@@ -14,9 +14,9 @@ import safetensors.torch
 import torch
 
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.quant.fp8_weights import shard_layouts
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
-from streamquant.quant.int4_pack import unpack_int4
+from streamquant.quant.scaled.weights import shard_layouts
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor
+from streamquant.quant.math.int4_pack import unpack_int4
 
 from .fp8_reference import ref_dequantize, ref_pack_int4, ref_quantize, to_f32
 

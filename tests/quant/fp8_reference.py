@@ -1,6 +1,6 @@
 """An independent reference for the 8-bit schemes: numpy float32 arithmetic and ml_dtypes' casts.
 
-Implements the formulas of `streamquant.quant.fp8_math` / `code_format` the plain way: pad the global
+Implements the formulas of `streamquant.quant.math.quantize` / `code_format` the plain way: pad the global
 weight with zeros to whole tiles (zeros never raise an amax), reshape to [grid_rows, tile_rows,
 grid_cols, tile_cols], take max |w|, then
   - fp8: `scale = max(amax / fp8_max, 1 / (fp8_max * 512))` in float32, divide, clip, cast with

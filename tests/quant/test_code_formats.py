@@ -14,16 +14,16 @@ import torch
 
 from streamquant.api import UnsupportedQuantizationError, load_model
 from streamquant.offline import quantize_checkpoint
-from streamquant.quant.code_format import INT8, MXFP8, mx_scales
-from streamquant.quant.fp8_config import Fp8Config
-from streamquant.quant.fp8_linear import fp8_matmul
-from streamquant.quant.fp8_math import dequantize, quantize, quantize_window_
-from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
-from streamquant.parallel import TPContext
+from streamquant.quant.math.code_format import INT8, MXFP8, mx_scales
+from streamquant.quant.scaled.config import ScaledConfig
+from streamquant.quant.scaled.linear import scaled_matmul
+from streamquant.quant.math.quantize import dequantize, quantize, quantize_window_
+from streamquant.quant.scaled.weights import ScaledWeightSpec, shard_layouts
+from streamquant.parallel.context import TPContext
 from streamquant.reload import inference_tensors, reload_weights
-from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, Window
-from streamquant.quant.int4_pack import pack_int4, unpack_int4
-from streamquant.quant.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS, int8_mm
+from streamquant.quant.math.granularity import LogicalShard, PerBlock, PerRow, Window
+from streamquant.quant.math.int4_pack import pack_int4, unpack_int4
+from streamquant.quant.math.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS, int8_mm
 
 from hf_cases import CASES, make_checkpoint, write_variant
 
@@ -90,7 +90,7 @@ def test_int8_w8a8_matmul_is_bitwise_the_integer_product_scaled():
     w, x, bias = torch.randn(rows, k, generator=gen), torch.randn(7, k, generator=gen), torch.randn(rows, generator=gen)
     layouts = shard_layouts((LogicalShard("", Window(0, 0, rows, k)),), PerRow())
     codes, scales = quantize(w, PerRow(), INT8)
-    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(PerRow(), INT8), PerRow(), bias)
+    y = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(PerRow(), INT8), PerRow(), bias)
     xc, xs = ref_quantize(to_f32(x), (1, k), torch.int8)
     wc, ws = ref_quantize(to_f32(w), (1, k), torch.int8)
     np.testing.assert_array_equal(codes.view(torch.uint8).numpy(), wc)
@@ -122,12 +122,12 @@ def test_int8_mm_is_the_exact_integer_product_on_every_route(rows, depth):
 ])
 def test_options_that_do_not_apply_are_refused(scheme, options, match):
     with pytest.raises(ValueError, match=match):
-        Fp8Config(scheme, **options)
+        ScaledConfig(scheme, **options)
 
 
 def test_mxfp8_accepts_its_own_fp8_dtype_and_int8_has_none():
-    assert Fp8Config("mxfp8", fp8_dtype="e4m3fn").fp8_dtype == torch.float8_e4m3fn
-    assert Fp8Config("int8").fp8_dtype is None and Fp8Config("int8").weight_spec.fmt == INT8
+    assert ScaledConfig("mxfp8", fp8_dtype="e4m3fn").fp8_dtype == torch.float8_e4m3fn
+    assert ScaledConfig("int8").fp8_dtype is None and ScaledConfig("int8").weight_spec.fmt == INT8
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,8 @@ def test_int4_packing_is_the_documented_nibble_layout():
 
 def test_int4_is_weight_only_with_a_group_size_option(llama):
     with pytest.raises(ValueError, match="int4' is weight-only"):
-        Fp8Config("int4", activation_scheme="dynamic")
-    assert Fp8Config("int4").activation is None and Fp8Config("int4", group_size=32).granularity == PerBlock((1, 32))
+        ScaledConfig("int4", activation_scheme="dynamic")
+    assert ScaledConfig("int4").activation is None and ScaledConfig("int4", group_size=32).granularity == PerBlock((1, 32))
     with pytest.raises(ValueError, match="group_size applies to quantization='int4' only"):
         load_model(llama, quantization="int8", group_size=64)
     model = load_model(llama, quantization="int4", group_size=32)
@@ -171,7 +171,7 @@ def test_int4_is_weight_only_with_a_group_size_option(llama):
 
 
 def test_int4_needs_whole_words_per_rank():
-    from streamquant.quant.int4_pack import packed_size
+    from streamquant.quant.math.int4_pack import packed_size
 
     with pytest.raises(ValueError, match="input size 44 is not a multiple of 8"):
         packed_size(44)
@@ -180,7 +180,7 @@ def test_int4_needs_whole_words_per_rank():
 @both_kernels
 @pytest.mark.parametrize("tile", [(1, 32), (1, 128), (1, 7)])
 def test_asymmetric_int4_equals_the_numpy_reference(tile):
-    from streamquant.quant.int4_math import dequantize_window_asymmetric, quantize_window_asymmetric_, range_scales, window_range
+    from streamquant.quant.math.int4 import dequantize_window_asymmetric, quantize_window_asymmetric_, range_scales, window_range
 
     gen = torch.Generator().manual_seed(1)
     w = (torch.randn(40, 200, generator=gen) * torch.exp(torch.randn(40, 1, generator=gen) * 3)).to(torch.bfloat16)
@@ -276,7 +276,7 @@ def test_int8_weight_only_bf16_takes_the_int8_kernel_within_bf16_rounding():
     w, x = torch.randn(rows, k, generator=gen), torch.randn(5, 3, k, generator=gen).to(torch.bfloat16)
     layouts = shard_layouts((LogicalShard("", Window(0, 0, rows, k)),), PerRow())
     codes, scales = quantize(w, PerRow(), INT8)
-    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(PerRow(), INT8), None)
+    y = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(PerRow(), INT8), None)
     assert y.shape == (5, 3, rows) and y.dtype == torch.bfloat16
     direct = torch._weight_int8pack_mm(x.reshape(-1, k), codes, scales[:, 0].to(torch.bfloat16)).reshape(5, 3, rows)
     assert torch.equal(y, direct)
@@ -286,5 +286,5 @@ def test_int8_weight_only_bf16_takes_the_int8_kernel_within_bf16_rounding():
     assert ours_err <= 1.5 * ((dequantized - reference).norm() / reference.norm()).item()
     # with a bias, or wider partial sums, the dequantize-then-linear path keeps its single rounding
     bias = torch.randn(rows, generator=gen).to(torch.bfloat16)
-    with_bias = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(PerRow(), INT8), None, bias)
+    with_bias = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(PerRow(), INT8), None, bias)
     assert torch.equal(with_bias, torch.nn.functional.linear(x, (codes.float() * scales).to(torch.bfloat16), bias))

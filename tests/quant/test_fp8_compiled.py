@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import streamquant.quant.fp8_kernels as fp8_kernels
-import streamquant.quant.fp8_math as fp8_math
-from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
-from streamquant.quant.fp8_math import local_scales, quantize, quantize_window_, scale_from_amax, window_amax
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
-from streamquant.quant.native import build
+import streamquant.quant.math.torch_kernels as fp8_kernels
+import streamquant.quant.math.quantize as fp8_math
+from streamquant.quant.math.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
+from streamquant.quant.math.quantize import local_scales, quantize, quantize_window_, scale_from_amax, window_amax
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window
+from streamquant.quant.math.native import build
 
 from .fp8_reference import bits, ref_quantize, to_f32
 

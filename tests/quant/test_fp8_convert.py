@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamquant.quant.fp8_convert import fp8_to_float32
+from streamquant.quant.math.convert import fp8_to_float32
 
 FORMATS = {torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e4m3fnuz: ml_dtypes.float8_e4m3fnuz}
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-import streamquant.quant.fp8_weights as fp8_weights
-import streamquant.quant.readback as readback
+import streamquant.quant.scaled.weights as fp8_weights
+import streamquant.quant.scaled.readback as readback
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_math import dequantize_window, local_scales, quantize_window_, scale_from_amax, window_amax
-from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
+from streamquant.quant.math.quantize import dequantize_window, local_scales, quantize_window_, scale_from_amax, window_amax
+from streamquant.quant.math.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
 
 
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])

@@ -12,10 +12,10 @@ import types
 import pytest
 import torch
 
-from streamquant.quant.fp8_formula import Formula, formula_of
-from streamquant.quant.code_format import E4M3FN
-from streamquant.quant.fp8_math import quantize
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
+from streamquant.quant.math.formula import Formula, formula_of
+from streamquant.quant.math.code_format import E4M3FN
+from streamquant.quant.math.quantize import quantize
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # every test on both kernel implementations
 

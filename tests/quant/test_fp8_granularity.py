@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamquant.quant.code_format import E4M3FN, E4M3FNUZ
-from streamquant.quant.fp8_math import (
+from streamquant.quant.math.code_format import E4M3FN, E4M3FNUZ
+from streamquant.quant.math.quantize import (
     dequantize,
     dequantize_window,
     local_scales,
@@ -25,7 +25,7 @@ from streamquant.quant.fp8_math import (
     scale_from_amax,
     window_amax,
 )
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window, grid_shape, segments, tile_shape
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window, grid_shape, segments, tile_shape
 
 from .fp8_reference import bits, ref_dequantize, ref_quantize, to_f32
 

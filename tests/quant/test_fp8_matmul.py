@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import streamquant.quant.fp8_linear as fp8_linear
-from streamquant.quant.fp8_linear import default_activation, fp8_matmul
-from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
-from streamquant.quant.fp8_math import quantize_window_, scale_from_amax, window_amax
-from streamquant.quant.fp8_weights import Fp8WeightSpec, shard_layouts
-from streamquant.quant.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
+import streamquant.quant.scaled.linear as fp8_linear
+from streamquant.quant.scaled.linear import default_activation, scaled_matmul
+from streamquant.quant.math.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
+from streamquant.quant.math.quantize import quantize_window_, scale_from_amax, window_amax
+from streamquant.quant.scaled.weights import ScaledWeightSpec, shard_layouts
+from streamquant.quant.math.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
 
 from .fp8_reference import ref_dequantize, ref_quantize, to_f32
 from .test_fp8_math import ref_tile
@@ -63,7 +63,7 @@ def test_matmul_equals_reference(granularity, fmt, fast, monkeypatch):
     x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(sum(SHARD_ROWS))
     activation = default_activation(granularity)
-    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(granularity, fmt), activation, bias)
+    y = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(granularity, fmt), activation, bias)
     x_ref = ref_activation(x.reshape(-1, k), activation, fmt)
     expected = (x_ref @ w_ref.T + bias.double().numpy()).reshape(3, 5, -1)
     assert y.shape == (3, 5, sum(SHARD_ROWS)) and y.dtype == torch.float32
@@ -75,6 +75,6 @@ def test_matmul_equals_reference(granularity, fmt, fast, monkeypatch):
 def test_weight_only_is_linear_on_dequantized_weight(granularity, fmt):
     codes, scales, layouts, w_ref = fused_weight(granularity, fmt, 64)
     x = torch.randn(4, 64, dtype=torch.float32)
-    y = fp8_matmul(x, codes, scales, layouts, Fp8WeightSpec(granularity, fmt), None)
+    y = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(granularity, fmt), None)
     expected = torch.nn.functional.linear(x, torch.from_numpy(w_ref).float())
     assert torch.equal(y, expected)

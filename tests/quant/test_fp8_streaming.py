@@ -14,14 +14,14 @@ from transformers import AutoConfig
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.loader import NonFiniteWeightError
+from streamquant.loading.session import NonFiniteWeightError
 from streamquant.loading.materialize import materialize_
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
-from streamquant.parallel import TPContext
-from streamquant.quant.fp8_config import Fp8Config
-from streamquant.quant.fp8_weights import shard_layouts
-from streamquant.quant.int4_pack import unpack_int4
+from streamquant.parallel.context import TPContext
+from streamquant.quant.scaled.config import ScaledConfig
+from streamquant.quant.scaled.weights import shard_layouts
+from streamquant.quant.math.int4_pack import unpack_int4
 
 from hf_cases import CASE_IDS, CASES, make_checkpoint
 
@@ -49,7 +49,7 @@ def orders(items):
 def meta_fp8_model(path, scheme, dtype=torch.float32):
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        return get_model_class(config)(config, tp=TPContext(), quant_config=Fp8Config(scheme), params_dtype=dtype)
+        return get_model_class(config)(config, tp=TPContext(), quant_config=ScaledConfig(scheme), params_dtype=dtype)
 
 
 def code_sentinel(dtype):

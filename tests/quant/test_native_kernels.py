@@ -1,4 +1,4 @@
-"""The native CPU kernels (`quant/native`) write bitwise what the pure-torch kernels write.
+"""The native CPU kernels (`quant/math/native`) write bitwise what the pure-torch kernels write.
 
 Exhaustive over every bf16 and every fp16 bit pattern (NaN and infinities included), random float32
 values over 60 decades, every code format and formula, every granularity, tensor-parallel windows that
@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamquant.quant import fp8_math, native
-from streamquant.quant.code_format import E4M3FN, E4M3FNUZ, INT4, INT8, MXFP8
-from streamquant.quant.fp8_formula import Formula
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor, Window
-from streamquant.quant.native import build
+from streamquant.quant.math import native
+from streamquant.quant.math import quantize as fp8_math
+from streamquant.quant.math.code_format import E4M3FN, E4M3FNUZ, INT4, INT8, MXFP8
+from streamquant.quant.math.formula import Formula
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window
+from streamquant.quant.math.native import build
 
 CODE_FORMATS = [E4M3FN, E4M3FNUZ, INT8, INT4, MXFP8]
 GRANULARITIES = [PerTensor(), PerRow(), PerBlock((128, 128)), PerBlock((7, 33)), PerBlock((1, 32))]

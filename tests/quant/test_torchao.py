@@ -14,9 +14,9 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.loader import NonFiniteWeightError
-from streamquant.parallel import TPContext
-from streamquant.quant.torchao_config import TORCHAO_PRESETS, inner_tensors, quantized_weight
+from streamquant.loading.session import NonFiniteWeightError
+from streamquant.parallel.context import TPContext
+from streamquant.quant.torchao import TORCHAO_PRESETS, inner_tensors, quantized_weight
 from streamquant.reload import inference_tensors, reload_weights
 
 from hf_cases import CASES, make_checkpoint, write_variant

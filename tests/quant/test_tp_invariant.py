@@ -14,7 +14,7 @@ import torch
 from hf_cases import _case, make_checkpoint
 
 from streamquant import load_model
-from streamquant.parallel import TPContext
+from streamquant.parallel.context import TPContext
 
 IDS = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
 

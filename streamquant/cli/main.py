@@ -1,5 +1,5 @@
-"""The `streamquant` command line: `load`, `generate`, `demo`, `quantize` (`cli_quantize.py`) and
-`mismatch` (`cli_rollout.py`).
+"""The `streamquant` command line: `load`, `generate`, `demo`, `quantize` (`cli/quantize.py`) and
+`mismatch` (`cli/rollout.py`).
 
 Every command is a function of a plain, picklable options dict that returns a JSON-able result
 dict (`run_command`), so the same code runs in this process, on the ranks `launch()` spawns for
@@ -22,9 +22,9 @@ import torch
 from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
 from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
-from streamquant.cli_input import check_device, check_json_path, count, positive_seconds, prompt_ids
-from streamquant.cli_output import print_summary, thin_timeline
-from streamquant.cli_rollout import (
+from streamquant.cli.input import check_device, check_json_path, count, positive_seconds, prompt_ids
+from streamquant.cli.output import print_summary, thin_timeline
+from streamquant.cli.rollout import (
     add_mismatch_command,
     add_sampling_flags,
     print_mismatch,
@@ -34,16 +34,16 @@ from streamquant.cli_rollout import (
     run_sequences,
     sampling_params,
 )
-from streamquant.cli_quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
-from streamquant.generation import check_request, generate_with_logits
-from streamquant.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
-from streamquant.loading.loader import WeightLoadError
+from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
+from streamquant.inference.generation import check_request, generate_with_logits
+from streamquant.parallel.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
+from streamquant.loading.session import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError
-from streamquant.parallel import TPContext, is_peer_failure
-from streamquant.quant.fp8_config import FP8_DTYPES, ActivationScheme
-from streamquant.quant.fp8_formula import Formula
+from streamquant.parallel.context import TPContext, is_peer_failure
+from streamquant.quant.scaled.config import FP8_DTYPES, ActivationScheme
+from streamquant.quant.math.formula import Formula
 
 TIMELINE_POINTS = 200  # memory timeline samples kept in the JSON (evenly thinned, the peak always kept)
 # Bad input, reported in one line. ValueError also covers sizes that do not fit (a --tp that does not

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from streamquant.cli_input import count
-from streamquant.generation import generate_sequences, left_pad
-from streamquant.mismatch import mismatch
-from streamquant.sampling import SamplingParams
+from streamquant.cli.input import count
+from streamquant.inference.generation import generate_sequences, left_pad
+from streamquant.rl.mismatch import mismatch
+from streamquant.inference.sampling import SamplingParams
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from streamquant.quant.fp8_convert import fp8_to_float32
-from streamquant.quant.fp8_kernels import _chunk_rows, _chunks, _grid_part, _scale_view, _view
-from streamquant.quant.granularity import Window, grid_shape, window_pieces
+from streamquant.quant.math.convert import fp8_to_float32
+from streamquant.quant.math.torch_kernels import _chunk_rows, _chunks, _grid_part, _scale_view, _view
+from streamquant.quant.math.granularity import Window, grid_shape, window_pieces
 
 Q_MIN, Q_MAX = -8, 7
 LEVELS = Q_MAX - Q_MIN  # 15 steps between the extreme codes

@@ -1,11 +1,11 @@
-"""Quantized linear layers (fp8, int8, MXFP8 codes): `Fp8LinearMethod` and the matmul it shares with the MoE method.
+"""Quantized linear layers (fp8, int8, MXFP8 codes): `ScaledLinearMethod` and the matmul it shares with the MoE method.
 
-`fp8_matmul(x, codes, scales, layouts, spec, activation)` computes `x @ dequant(W).T`:
+`scaled_matmul(x, codes, scales, layouts, spec, activation)` computes `x @ dequant(W).T`:
   - `activation=None` (weight only): W dequantized to `x.dtype`, then `F.linear`; int8 codes with bf16 /
     fp16 activations on CPU and no bias take torch's int8 weight-only kernel instead
     (`matmul.int8_weight_only_linear`: no dequantized weight, faster than a bf16 `F.linear` there).
   - dynamic activations: `x` is quantized at call time with the same formula as the weights
-    (`fp8_math`), per token (`PerRow()`) or per 1x128 group (`PerBlock((1, 128))`); groups are
+    (`math.quantize`), per token (`PerRow()`) or per 1x128 group (`PerBlock((1, 128))`); groups are
     over this rank's columns of `x`.
     * per-tensor and per-row weights, where `torch._scaled_mm` has row-wise scaling (CPU; CUDA
       sm90+ with bf16 output): `_scaled_mm(x_q, W_q.T, scale_a=[N, 1], scale_b=[1, out])`. A
@@ -18,7 +18,7 @@
       operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
   The bias is added to the product before its one rounding to the output dtype, as `F.linear` and
   `_scaled_mm(bias=)` do (so a row-parallel layer's float32 partial sums round as TP=1 does).
-  With `out_dtype` (a row-parallel layer's float32 partial sums, `quant/matmul.py`) the product is
+  With `out_dtype` (a row-parallel layer's float32 partial sums, `quant/math/matmul.py`) the product is
   computed and returned in that dtype instead of `x.dtype`.
 
 Activation tiles live on the GLOBAL input columns of the layer (the weight window's columns), as
@@ -39,28 +39,28 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from streamquant.parallel import TPContext, all_reduce
+from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.code_format import INT8, CodeFormat
-from streamquant.quant.fp8_math import (
+from streamquant.quant.math.code_format import INT8, CodeFormat
+from streamquant.quant.math.quantize import (
     dequantize_window,
     local_scales,
     quantize_window_,
     scale_from_amax,
     window_amax,
 )
-from streamquant.quant.fp8_weights import (
-    Fp8WeightSpec,
+from streamquant.quant.scaled.weights import (
+    ScaledWeightSpec,
     ShardLayout,
-    create_fp8_weight,
+    create_scaled_weight,
     derived_tensors,
     quantize_layer_weight_,
     require_quantized,
     shard_layouts,
 )
-from streamquant.quant.readback import dequantize_weight, row_scales
-from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
-from streamquant.quant.matmul import int8_mm, int8_weight_only_applies, int8_weight_only_linear, linear
+from streamquant.quant.scaled.readback import dequantize_weight, row_scales
+from streamquant.quant.math.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
+from streamquant.quant.math.matmul import int8_mm, int8_weight_only_applies, int8_weight_only_linear, linear
 from streamquant.quant.unquantized import linear_weight
 
 
@@ -92,12 +92,12 @@ def quantize_activation(x2: torch.Tensor, activation: Granularity, fmt: CodeForm
     return codes, scales, window, tile
 
 
-def fp8_matmul(
+def scaled_matmul(
     x: torch.Tensor,
     codes: torch.Tensor,
     scales: torch.Tensor,
     layouts: list[ShardLayout],
-    spec: Fp8WeightSpec,
+    spec: ScaledWeightSpec,
     activation: Granularity | None,
     bias: torch.Tensor | None = None,
     reduce_over: TPContext | None = None,
@@ -130,13 +130,13 @@ def fp8_matmul(
     return y.reshape(*lead, y.shape[-1])
 
 
-class Fp8LinearMethod:
+class ScaledLinearMethod:
     """Online fp8 for a linear layer: bf16 checkpoint weight in, fp8 `weight` + `weight_scale` out.
 
     One instance per layer (`create_weights` records the layer's TP context and shard layouts).
     """
 
-    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
+    def __init__(self, spec: ScaledWeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
                  tp_invariant: bool = False):
         self.spec = spec
         self.activation = activation
@@ -147,7 +147,7 @@ class Fp8LinearMethod:
                        params_dtype, tp, weight_loader) -> None:
         checkpoint_weight = linear_weight(output_partition_sizes, input_size_per_partition, params_dtype, tp,
                                           weight_loader)
-        create_fp8_weight(layer, "weight", checkpoint_weight, self.spec)
+        create_scaled_weight(layer, "weight", checkpoint_weight, self.spec)
         self.tp = tp  # the context the weight is split over (a replicated layer gets a single rank)
         self.layouts = shard_layouts(layer.logical_shards["weight"], self.spec.granularity)
 
@@ -159,7 +159,7 @@ class Fp8LinearMethod:
 
     def apply(self, layer, x, bias=None, out_dtype=None):
         require_quantized(layer, "weight")
-        return fp8_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias,
+        return scaled_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias,
                           self.tp if self.tp_invariant else None, out_dtype, getattr(layer, "weight_zero_point", None))
 
 

@@ -1,7 +1,8 @@
-"""Fused MoE expert weights: the unquantized method and the reference expert computation.
+"""Fused MoE experts: the weight layout every MoE method shares and the reference expert computation.
 
-Owns the layout every MoE method shares: per layer, `w13_weight` [E, 2 * I_per_rank, H] (the gate
-rows of each expert, then its up rows) and `w2_weight` [E, H, I_per_rank] (down projection). Under
+Owns the layout every MoE method shares (the unquantized method is in `unquantized.py`, the scaled
+one in `scaled/moe.py`): per layer, `w13_weight` [E, 2 * I_per_rank, H] (the gate rows of each
+expert, then its up rows) and `w2_weight` [E, H, I_per_rank] (down projection). Under
 tensor parallelism every rank holds all experts and a slice of the intermediate dimension, so each
 rank's output is a partial sum that the layer all-reduces.
 
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from streamquant.loading.parameters import ModelWeightParameter, WeightLoader
-from streamquant.parallel import TPContext
-from streamquant.quant.matmul import PartialSums, linear
+from streamquant.parallel.context import TPContext
+from streamquant.quant.math.matmul import PartialSums, linear
 
 
 # (rows of x, expert index) -> those rows times the expert's weight transposed, like F.linear.
@@ -46,7 +47,7 @@ def fused_experts(
     decides how an expert's weights are multiplied. `topk_weights` may be in any float dtype; the
     product is cast to `x.dtype` before accumulation, as transformers does.
 
-    With `partial_sums` (TP > 1, `tp.reduce_dtype`; see `quant/matmul.py`) `down` returns
+    With `partial_sums` (TP > 1, `tp.reduce_dtype`; see `quant/math/matmul.py`) `down` returns
     `partial_sums.dtype`; every expert's down output is reduced across the ranks in one collective and
     rounded to `x.dtype` before the routing weights are applied, so the accumulation is TP=1's.
     """
@@ -99,39 +100,3 @@ def expert_weights(num_experts: int, hidden_size: int, intermediate_size_per_par
                                    weight_loader=weight_loader, tp=tp)
         for name, shape in shapes.items()
     }
-
-
-class UnquantizedFusedMoEMethod:
-    """w13 [E, 2I/tp, H] and w2 [E, H, I/tp] in the model dtype; `apply` is `fused_experts`.
-
-    Both weights are `ModelWeightParameter`s with `output_dim=1, input_dim=2`: each expert's slice
-    is an ordinary [out, in] linear weight, which is what a later quantizing method needs to know
-    (per-output-channel scales run along dim 1). The sharding itself is done by the layer's
-    `weight_loader` (`streamquant.layers.moe.moe_weight_loader`), not by the parameter's `load_*`
-    methods: w13 is split along its output dim, w2 along its input dim.
-    """
-
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size_per_partition: int,
-        params_dtype: torch.dtype,
-        tp: TPContext,
-        weight_loader: WeightLoader,
-    ) -> None:
-        params = expert_weights(num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp, weight_loader)
-        for name, param in params.items():
-            layer.register_parameter(name, param)
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        return None
-
-    def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-        partial_sums: PartialSums | None = None,
-    ) -> torch.Tensor:
-        out_dtype = partial_sums.dtype if partial_sums else None
-        return fused_experts(x, topk_weights, topk_ids, *dense_expert_linears(layer.w13_weight, layer.w2_weight, out_dtype),
-                             partial_sums)

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from streamquant.loading.materialize import FLAT_ALIGN, align_up, byte_view
 from streamquant.offline import QuantizePlan, quantize_weights
-from streamquant.parallel import is_peer_failure
+from streamquant.parallel.context import is_peer_failure
 from streamquant.reload import Reloader, reload_weights
 
 DEFAULT_BUCKET_BYTES = 64 << 20

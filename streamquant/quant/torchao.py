@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 from streamquant.loading.errors import NonFiniteWeightError
 from streamquant.loading.validate import is_finite
-from streamquant.parallel import all_reduce
+from streamquant.parallel.context import all_reduce
 from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod, check_ignore
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.moe import UnquantizedFusedMoEMethod
+from streamquant.quant.unquantized import UnquantizedFusedMoEMethod
 from streamquant.quant.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod, linear_weight
 
 PREFIX = "torchao:"

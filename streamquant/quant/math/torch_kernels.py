@@ -1,8 +1,8 @@
-"""How the fp8 formula (`fp8_math`) runs over a window in pure torch: chunks of rows, tile-uniform pieces,
-scratch buffers, and the per-piece kernels. No state; `fp8_math` is the public face.
+"""How the fp8 formula (`math.quantize`) runs over a window in pure torch: chunks of rows, tile-uniform pieces,
+scratch buffers, and the per-piece kernels. No state; `math.quantize` is the public face.
 
-These are the reference and the fallback: on CPU, `fp8_math` runs the native kernels of
-`quant/native` when they are built (bitwise the same codes, several times faster: torch's fp8 cast
+These are the reference and the fallback: on CPU, `math.quantize` runs the native kernels of
+`quant/math/native` when they are built (bitwise the same codes, several times faster: torch's fp8 cast
 runs one element at a time there), and these everywhere else (accelerators, float64 weights, a
 machine without a compiler, `STREAMQUANT_CPU_KERNELS=torch`).
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from streamquant.quant.granularity import Piece, Window
+from streamquant.quant.math.granularity import Piece, Window
 
 # Elements per eager processing chunk. CPU: 2 MiB of bf16 keeps the pass's temporaries and output
 # in cache (one whole-tensor pass is ~2x slower) while each weight takes few kernel calls: every
@@ -144,7 +144,7 @@ def _quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.T
     The division runs in the weight's own dtype with the scale in that dtype, exactly as that library's
     `x / scale` on a bf16 model: torch computes a bf16 / bf16 quotient in float32 and rounds it to
     bf16 once, so the codes are double-rounded (float32 -> bf16 -> fp8). The scale grid holds values
-    exact in that dtype (`fp8_formula.tile_scales`). A float32 weight divides in float32.
+    exact in that dtype (`formula.tile_scales`). A float32 weight divides in float32.
     """
     dtype = src.dtype if src.dtype in (torch.bfloat16, torch.float16) else torch.float32
     values = scratch.view(dtype)[: src.numel()].view(src.shape)

@@ -1,6 +1,6 @@
 """Reading quantized weights back: dequantization, per-row multipliers, the quantization error.
 
-Shared by the matmuls (`fp8_linear`) and the load's error log (`fp8_weights`); works on every code
+Shared by the matmuls (`scaled.linear`) and the load's error log (`scaled.weights`); works on every code
 format of `code_format.py` (packed int4 codes are unpacked first, asymmetric ones use their zero points).
 """
 
@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from streamquant.parallel import TPContext, all_reduce
+from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_math import dequantize_window
-from streamquant.quant.int4_math import dequantize_window_asymmetric
-from streamquant.quant.int4_pack import unpack_int4
+from streamquant.quant.math.quantize import dequantize_window
+from streamquant.quant.math.int4 import dequantize_window_asymmetric
+from streamquant.quant.math.int4_pack import unpack_int4
 
 if TYPE_CHECKING:
-    from streamquant.quant.fp8_weights import ShardLayout
+    from streamquant.quant.scaled.weights import ShardLayout
 
 
 def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[ShardLayout],

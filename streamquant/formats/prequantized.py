@@ -32,10 +32,10 @@ import torch
 from streamquant.checkpoint.reader import CONFIG_FILE, checkpoint_shapes, iterate_weights, resolve_checkpoint
 from streamquant.loading.errors import WeightLoadError
 from streamquant.formats import QuantizationConfigError, QuantizedCheckpoint, read_quantization_config
-from streamquant.parallel import TPContext
-from streamquant.quant.fp8_config import Fp8Config, Fp8Scheme
-from streamquant.quant.fp8_math import dequantize
-from streamquant.quant.granularity import PerBlock, PerRow, PerTensor
+from streamquant.parallel.context import TPContext
+from streamquant.quant.scaled.config import ScaledConfig, ScaledScheme
+from streamquant.quant.math.quantize import dequantize
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
 
@@ -54,7 +54,7 @@ def _scale_name(module: str, shapes: dict) -> str | None:
 def plan_prequantized(model_class, hf_config, checkpoint: QuantizedCheckpoint,
                       shapes: dict[str, tuple[int, ...]]) -> PrequantizedLoad:
     with torch.device("meta"):
-        model = model_class(hf_config, tp=TPContext(), quant_config=Fp8Config(checkpoint.scheme),
+        model = model_class(hf_config, tp=TPContext(), quant_config=ScaledConfig(checkpoint.scheme),
                             params_dtype=torch.bfloat16)
     modules = dict(model.named_modules())
     status: dict[str, dict[str, bool]] = {}
@@ -82,7 +82,7 @@ def plan_prequantized(model_class, hf_config, checkpoint: QuantizedCheckpoint,
 def _granularity(codes: torch.Tensor, scale: torch.Tensor, checkpoint: QuantizedCheckpoint):
     if scale.numel() == 1:
         return PerTensor(), scale.reshape(1, 1)
-    if scale.dim() >= 1 and scale.shape[-1] == 1 and checkpoint.scheme is not Fp8Scheme.FP8_BLOCK:
+    if scale.dim() >= 1 and scale.shape[-1] == 1 and checkpoint.scheme is not ScaledScheme.FP8_BLOCK:
         return PerRow(), scale.reshape(*codes.shape[:-1], 1)
     return PerBlock(checkpoint.block_size), scale
 

@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 from streamquant.api import DTYPE_NAMES
-from streamquant.cli_input import byte_size, count
+from streamquant.cli.input import byte_size, count
 from streamquant.formats import DEFAULT_FORMAT, FORMATS
 from streamquant.offline import quantize_checkpoint
 from streamquant.offline.plan import OFFLINE_SCHEMES
 from streamquant.offline.quantize import DEFAULT_MAX_SHARD_BYTES
-from streamquant.quant.fp8_config import ActivationScheme
-from streamquant.quant.fp8_formula import Formula
+from streamquant.quant.scaled.config import ActivationScheme
+from streamquant.quant.math.formula import Formula
 
 
 def add_quantize_command(commands) -> None:

@@ -30,23 +30,23 @@ MAX, `scale_from_amax` turns it into scales, `local_scales` cuts out the tiles t
 and `quantize_window_` writes the rank's codes in place. Concatenating the ranks' codes is bitwise
 the single-piece quantization of the global weight.
 
-Kernels: on CPU the native C++ kernels (`quant/native`: one vectorized pass for the amax, one for
-the codes, one for dequantization) when they are built, else the pure-torch ones (`fp8_kernels`);
+Kernels: on CPU the native C++ kernels (`quant/math/native`: one vectorized pass for the amax, one for
+the codes, one for dequantization) when they are built, else the pure-torch ones (`torch_kernels`);
 the two write the same bits (tests/quant/test_native_kernels.py), so callers never choose.
 
 Leading dimensions of a weight (experts) are batch dimensions: each batch element is its own weight.
-Limitations: NaN / Inf weights propagate into NaN scales; call `check_finite` to fail loudly.
+Limitations: NaN / Inf weights propagate into NaN scales; the layer methods refuse them from the amax
+grids (`quant/scaled/weights.py`), which read every element anyway.
 """
 
 from __future__ import annotations
 
 import torch
 
-from streamquant.loading.validate import is_finite
-from streamquant.quant.code_format import E4M3FN, CodeFormat, mx_scales
-from streamquant.quant import fp8_kernels, native
-from streamquant.quant.fp8_convert import fp8_to_float32
-from streamquant.quant.fp8_kernels import (
+from streamquant.quant.math.code_format import E4M3FN, CodeFormat, mx_scales
+from streamquant.quant.math import native, torch_kernels
+from streamquant.quant.math.convert import fp8_to_float32
+from streamquant.quant.math.torch_kernels import (
     FLOAT_BITS_AS_INT,
     _abs_max,
     _chunk_rows,
@@ -61,8 +61,8 @@ from streamquant.quant.fp8_kernels import (
     _scratch,
     _view,
 )
-from streamquant.quant.fp8_formula import Formula, TileScales, formula_of, tile_scales
-from streamquant.quant.granularity import (
+from streamquant.quant.math.formula import Formula, TileScales, formula_of, tile_scales
+from streamquant.quant.math.granularity import (
     Granularity,
     Window,
     check_tile,
@@ -70,12 +70,6 @@ from streamquant.quant.granularity import (
     tile_shape,
     window_pieces,
 )
-
-
-def check_finite(w: torch.Tensor, name: str) -> None:
-    """Raise ValueError naming `name` if `w` holds a NaN or an Inf (`loading.validate.is_finite`)."""
-    if not is_finite(w):
-        raise ValueError(f"{name} holds NaN or Inf values; refusing to quantize it")
 
 
 def _check(w: torch.Tensor, window: Window, tile: tuple[int, int], what: str) -> None:
@@ -114,7 +108,7 @@ def scale_from_amax(amax: torch.Tensor, fmt: CodeFormat = E4M3FN) -> torch.Tenso
 
 
 def formula_scales(amax: torch.Tensor, fmt: CodeFormat, formula: Formula, weight_dtype: torch.dtype) -> TileScales:
-    """(dequantization scales, kernel factors) of `formula` (`fp8_formula.py`) from float32 tile amaxes;
+    """(dequantization scales, kernel factors) of `formula` (`formula.py`) from float32 tile amaxes;
     an MX format has one rule of its own (the streamquant formula only)."""
     if fmt.mx:
         if formula_of(formula) is not Formula.STREAMQUANT:
@@ -159,11 +153,11 @@ def quantize_window_(
     An int8 `out_fp8` gets `round(clamp(w / scale, +-max))` (half to even), then the exact cast; `max`
     is `fmt.max` (default: the format of `out_fp8`'s dtype; int4 codes pass `code_format.INT4`).
 
-    `formula` other than STREAMQUANT runs that library's arithmetic (`fp8_formula.py`) with
+    `formula` other than STREAMQUANT runs that library's arithmetic (`formula.py`) with
     `local_factors` (default: the scales) as the kernel's divisor or multiplier, always eager and clamped.
 
     On CPU the native kernels run when built (module doc). Otherwise `compiled=True` runs
-    inductor-compiled code on CPU windows of `fp8_kernels.COMPILED_MIN_ELEMENTS` or more (bitwise the
+    inductor-compiled code on CPU windows of `torch_kernels.COMPILED_MIN_ELEMENTS` or more (bitwise the
     same codes, up to 2x faster than eager torch after a first compile of seconds); smaller windows and
     other devices run eager code either way.
     `scales_cover_amax=True` is the caller's promise that the scales came from `scale_from_amax`
@@ -192,7 +186,7 @@ def quantize_window_(
     if native.quantize_(out_fp8, w_local, factors, window, tile, fmax, op):
         return out_fp8
     compiled = (compiled and streamquant and w_local.device.type == "cpu"
-                and w_local.numel() >= fp8_kernels.COMPILED_MIN_ELEMENTS)
+                and w_local.numel() >= torch_kernels.COMPILED_MIN_ELEMENTS)
     step = _chunk_rows(w_local, window, compiled)
     if compiled:
         kernel, scratch = torch.compile(_quantize_piece, dynamic=True), ()

@@ -9,14 +9,14 @@ weights' code format: per token for fp8, fp8-channel and int8, per 1x128 group f
 block for mxfp8; `activation_scheme="none"` keeps them in the model dtype (weight-only: W8A16).
 "int4" is W4A16 (weight-only always): symmetric int4 codes (-7..7) with one scale per 1 x `group_size`
 group along the input (default 128), or with `symmetric=False` codes -8..7 with a scale and an int8
-zero point per group (`int4_math.py`); stored eight per int32 (`int4_pack.py`), dequantized at matmul.
-All six share one machinery (`fp8_weights`, `fp8_math`): streaming, tensor parallelism on the
+zero point per group (`int4.py`); stored eight per int32 (`int4_pack.py`), dequantized at matmul.
+All six share one machinery (`scaled.weights`, `math.quantize`): streaming, tensor parallelism on the
 global tile grid, reload in place, MoE experts, the error log.
 
 Linear layers and MoE experts are quantized; embeddings, the LM head, norms and the MoE router gate
 (built without a quant config) stay in the model dtype. `ignore` regexes (`re.search` over the
 module name, e.g. "model.layers.0.self_attn.qkv_proj" -- streamquant's fused names) keep matching
-layers unquantized. `formula` picks the arithmetic (`fp8_formula.py`): streamquant's own (default), or
+layers unquantized. `formula` picks the arithmetic (`formula.py`): streamquant's own (default), or
 compressed-tensors' or transformers' bit for bit.
 
 The config is a frozen value except for `error_log`, a per-load record the load that made the
@@ -34,17 +34,17 @@ import torch
 
 from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod, check_ignore
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_formula import Formula, formula_of
-from streamquant.quant.fp8_linear import Fp8LinearMethod, default_activation
-from streamquant.quant.code_format import INT4, INT4_ASYMMETRIC, INT8, MXFP8, CodeFormat
-from streamquant.quant.fp8_moe import Fp8MoEMethod
-from streamquant.quant.fp8_weights import Fp8WeightSpec
-from streamquant.quant.granularity import Granularity, PerBlock, PerRow, PerTensor
-from streamquant.quant.moe import UnquantizedFusedMoEMethod
+from streamquant.quant.math.formula import Formula, formula_of
+from streamquant.quant.scaled.linear import ScaledLinearMethod, default_activation
+from streamquant.quant.math.code_format import INT4, INT4_ASYMMETRIC, INT8, MXFP8, CodeFormat
+from streamquant.quant.scaled.moe import ScaledMoEMethod
+from streamquant.quant.scaled.weights import ScaledWeightSpec
+from streamquant.quant.math.granularity import Granularity, PerBlock, PerRow, PerTensor
+from streamquant.quant.unquantized import UnquantizedFusedMoEMethod
 from streamquant.quant.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 
 
-class Fp8Scheme(str, Enum):
+class ScaledScheme(str, Enum):
     FP8 = "fp8"
     FP8_CHANNEL = "fp8-channel"
     FP8_BLOCK = "fp8-block"
@@ -74,10 +74,10 @@ def _choice(enum: type[Enum], value, what: str):
         raise ValueError(f"{what} must be one of {names}, got {value!r}") from None
 
 
-def _fp8_dtype(value: torch.dtype | str | None, scheme: Fp8Scheme) -> torch.dtype | None:
+def _fp8_dtype(value: torch.dtype | str | None, scheme: ScaledScheme) -> torch.dtype | None:
     """The fp8 code dtype of a scheme: int8 takes none, mxfp8 only e4m3fn, the fp8 schemes either."""
-    if scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8, Fp8Scheme.INT4):
-        fixed = {Fp8Scheme.MXFP8: torch.float8_e4m3fn}.get(scheme)
+    if scheme in (ScaledScheme.INT8, ScaledScheme.MXFP8, ScaledScheme.INT4):
+        fixed = {ScaledScheme.MXFP8: torch.float8_e4m3fn}.get(scheme)
         given = FP8_DTYPES.get(value.lower(), value) if isinstance(value, str) else value
         if given is not None and given != fixed:
             raise ValueError(f"fp8_dtype={value!r} does not apply to quantization={scheme.value!r}"
@@ -93,28 +93,28 @@ def _fp8_dtype(value: torch.dtype | str | None, scheme: Fp8Scheme) -> torch.dtyp
 
 
 @dataclass(frozen=True)
-class Fp8Config:
+class ScaledConfig:
     """A validated quantization config of one 8-bit scheme; `get_*_method(prefix)` picks each layer's method.
 
     `error_log`, when given, receives the quantization error of every weight (costs two passes).
     """
 
-    scheme: Fp8Scheme
+    scheme: ScaledScheme
     fp8_dtype: torch.dtype | None = None  # default e4m3fn; None for int8
     activation_scheme: ActivationScheme | None = None  # default: dynamic; int4: none (its only choice)
     ignore: tuple[str, ...] = ()
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128  # int4 only
-    symmetric: bool = True  # int4 only: False adds a zero point per group (`int4_math.py`)
+    symmetric: bool = True  # int4 only: False adds a zero point per group (`int4.py`)
     compile: bool = False
     formula: Formula = Formula.STREAMQUANT
     tp_invariant_activations: bool = False
     error_log: QuantErrorLog | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scheme", _choice(Fp8Scheme, self.scheme, "scheme"))
+        object.__setattr__(self, "scheme", _choice(ScaledScheme, self.scheme, "scheme"))
         object.__setattr__(self, "fp8_dtype", _fp8_dtype(self.fp8_dtype, self.scheme))
-        int4 = self.scheme is Fp8Scheme.INT4
+        int4 = self.scheme is ScaledScheme.INT4
         default = ActivationScheme.NONE if int4 else ActivationScheme.DYNAMIC
         activation = _choice(ActivationScheme, self.activation_scheme or default, "activation_scheme")
         if int4 and activation is not ActivationScheme.NONE:
@@ -127,24 +127,24 @@ class Fp8Config:
         object.__setattr__(self, "ignore", check_ignore(self.ignore))
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
         object.__setattr__(self, "formula", formula_of(self.formula))
-        if self.formula is not Formula.STREAMQUANT and self.scheme in (Fp8Scheme.INT8, Fp8Scheme.MXFP8, Fp8Scheme.INT4):
+        if self.formula is not Formula.STREAMQUANT and self.scheme in (ScaledScheme.INT8, ScaledScheme.MXFP8, ScaledScheme.INT4):
             raise ValueError(f"formula={self.formula.value!r} reproduces another library's fp8 arithmetic; "
                              f"quantization={self.scheme.value!r} has the streamquant formula only")
 
     @property
     def granularity(self) -> Granularity:
-        return {Fp8Scheme.FP8: PerTensor(), Fp8Scheme.FP8_CHANNEL: PerRow(), Fp8Scheme.INT8: PerRow(),
-                Fp8Scheme.FP8_BLOCK: PerBlock(self.block_size), Fp8Scheme.MXFP8: PerBlock(MX_BLOCK),
-                Fp8Scheme.INT4: PerBlock((1, self.group_size))}[self.scheme]
+        return {ScaledScheme.FP8: PerTensor(), ScaledScheme.FP8_CHANNEL: PerRow(), ScaledScheme.INT8: PerRow(),
+                ScaledScheme.FP8_BLOCK: PerBlock(self.block_size), ScaledScheme.MXFP8: PerBlock(MX_BLOCK),
+                ScaledScheme.INT4: PerBlock((1, self.group_size))}[self.scheme]
 
     @property
     def code_format(self) -> CodeFormat:
         int4 = INT4 if self.symmetric else INT4_ASYMMETRIC
-        return {Fp8Scheme.INT8: INT8, Fp8Scheme.MXFP8: MXFP8, Fp8Scheme.INT4: int4}.get(self.scheme) or CodeFormat(self.fp8_dtype)
+        return {ScaledScheme.INT8: INT8, ScaledScheme.MXFP8: MXFP8, ScaledScheme.INT4: int4}.get(self.scheme) or CodeFormat(self.fp8_dtype)
 
     @property
-    def weight_spec(self) -> Fp8WeightSpec:
-        return Fp8WeightSpec(self.granularity, self.code_format, self.compile, self.formula)
+    def weight_spec(self) -> ScaledWeightSpec:
+        return ScaledWeightSpec(self.granularity, self.code_format, self.compile, self.formula)
 
     @property
     def activation(self) -> Granularity | None:
@@ -156,12 +156,12 @@ class Fp8Config:
     def get_linear_method(self, prefix: str) -> LinearMethod:
         if self.is_ignored(prefix):
             return UnquantizedLinearMethod()
-        return Fp8LinearMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations)
+        return ScaledLinearMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations)
 
     def get_moe_method(self, prefix: str) -> MoEMethod:
         if self.is_ignored(prefix):
             return UnquantizedFusedMoEMethod()
-        return Fp8MoEMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations)
+        return ScaledMoEMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations)
 
     def get_embedding_method(self, prefix: str) -> EmbeddingMethod:
         return UnquantizedEmbeddingMethod()

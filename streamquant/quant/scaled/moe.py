@@ -11,36 +11,36 @@ from __future__ import annotations
 import torch
 
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.fp8_linear import fp8_matmul
-from streamquant.quant.fp8_weights import (
-    Fp8WeightSpec,
+from streamquant.quant.scaled.linear import scaled_matmul
+from streamquant.quant.scaled.weights import (
+    ScaledWeightSpec,
     derived_tensors,
-    create_fp8_weight,
+    create_scaled_weight,
     quantize_layer_weight_,
     require_quantized,
     shard_layouts,
 )
-from streamquant.quant.granularity import Granularity
-from streamquant.quant.moe import expert_weights, fused_experts
+from streamquant.quant.math.granularity import Granularity
+from streamquant.quant.experts import expert_weights, fused_experts
 
 WEIGHTS = ("w13_weight", "w2_weight")
 
 
-class Fp8MoEMethod:
+class ScaledMoEMethod:
     """Online fp8 for fused experts; one instance per layer."""
 
-    def __init__(self, spec: Fp8WeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
+    def __init__(self, spec: ScaledWeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
                  tp_invariant: bool = False):
         self.spec = spec
         self.activation = activation
         self.error_log = error_log
-        self.tp_invariant = tp_invariant  # see fp8_linear: w2's activations are row-parallel
+        self.tp_invariant = tp_invariant  # see scaled.linear: w2's activations are row-parallel
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp,
                        weight_loader) -> None:
         params = expert_weights(num_experts, hidden_size, intermediate_size_per_partition, params_dtype, tp, weight_loader)
         for name, checkpoint_weight in params.items():
-            create_fp8_weight(layer, name, checkpoint_weight, self.spec)
+            create_scaled_weight(layer, name, checkpoint_weight, self.spec)
         self.tp = tp
         self.layouts = {name: shard_layouts(layer.logical_shards[name], self.spec.granularity) for name in WEIGHTS}
 
@@ -55,7 +55,7 @@ class Fp8MoEMethod:
         codes, scales, layouts = getattr(layer, name), getattr(layer, f"{name}_scale"), self.layouts[name]
         zeros = getattr(layer, f"{name}_zero_point", None)
         reduce_over = self.tp if self.tp_invariant else None
-        return lambda rows, e: fp8_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation, None,
+        return lambda rows, e: scaled_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation, None,
                                           reduce_over, out_dtype, None if zeros is None else zeros[e])
 
     def apply(self, layer, x, topk_weights, topk_ids, partial_sums=None):

@@ -5,7 +5,7 @@ For each quantized parameter `name` of a layer ("weight" for linear layers, "w13
   - `layer.checkpoint_params[name]`: a parameter in the checkpoint's dtype and the layer's sharded
     layout, with the layer's `weight_loader`. Loaders write it; it lives on `meta` (no memory)
     except while its layer is being loaded: the load that materialized it releases it right after
-    `process_weights_after_loading` (`loading.loader.release_checkpoint_params`).
+    `process_weights_after_loading` (`loading.session.release_checkpoint_params`).
   - `layer.<name>`: the fp8 codes, same shape; `layer.<name>_scale`: float32 dequantization
     multipliers [..., S, C], the local tile grids of the layer's logical shards
     (`layer.logical_shards[name]`, e.g. q, k, v) stacked along rows.
@@ -14,11 +14,11 @@ time the layer is quantized, and every later quantization (a reload) writes into
 
 Pre-quantized sources (an fp8 checkpoint, trainer-side quantized weights): `layer.quantized_loaders`
 maps `name` and `name_scale` to loaders that write checkpoint codes and scale grids straight into
-those parameters, this rank's shard of each (`loading.loader.module_loadables(quantized_source=True)`
+those parameters, this rank's shard of each (`loading.session.module_loadables(quantized_source=True)`
 makes them the load targets instead of the checkpoint-format parameter). The codes parameter has the
 checkpoint parameter's class and layout attributes (`output_dim`, `tp`, ...) but no `weight_loader` of
 its own, so the same tensor-parallel loader narrows fp8 codes as it narrows bf16 weights; the scale
-loader (`fp8_scale_loader`) cuts this rank's tiles out of the GLOBAL grid of one logical weight, so a
+loader (`scale_loader`) cuts this rank's tiles out of the GLOBAL grid of one logical weight, so a
 block straddling two ranks is handled (both ranks keep its scale), never refused.
 
 Scales are per logical shard: q, k and v (gate and up) of a fused parameter each get the scales
@@ -41,27 +41,27 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from streamquant.loading.loader import NonFiniteWeightError
+from streamquant.loading.session import NonFiniteWeightError
 from streamquant.loading.materialize import materialize_
 from streamquant.loading.parameters import WeightShapeError, write_region
 from streamquant.loading.region import Region
-from streamquant.parallel import TPContext, all_reduce
+from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.code_format import CodeFormat
-from streamquant.quant.fp8_formula import Formula, formula_of
-from streamquant.quant.fp8_math import (formula_scales, local_scales, quantize_local_tiles_, quantize_window_,
+from streamquant.quant.math.code_format import CodeFormat
+from streamquant.quant.math.formula import Formula, formula_of
+from streamquant.quant.math.quantize import (formula_scales, local_scales, quantize_local_tiles_, quantize_window_,
                                          window_amax)
-from streamquant.quant.granularity import Granularity, LogicalShard, Window, grid_shape, tile_shape
-from streamquant.quant.int4_math import quantize_window_asymmetric_, range_scales, window_range
-from streamquant.quant.int4_pack import pack_int4, packed_size
-from streamquant.quant.readback import record_error
+from streamquant.quant.math.granularity import Granularity, LogicalShard, Window, grid_shape, tile_shape
+from streamquant.quant.math.int4 import quantize_window_asymmetric_, range_scales, window_range
+from streamquant.quant.math.int4_pack import pack_int4, packed_size
+from streamquant.quant.scaled.readback import record_error
 
 # MoE shard ids (`layers.moe`) -> the logical shard labels of w13 / w2.
 MOE_SHARD_LABELS = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
 @dataclass(frozen=True)
-class Fp8WeightSpec:
+class ScaledWeightSpec:
     """How weights are quantized: scale granularity, code format (fp8, int8, MXFP8), compiled CPU kernel or not, formula."""
 
     granularity: Granularity
@@ -99,8 +99,8 @@ def _grid_cols(layouts: list[ShardLayout]) -> int:
     return cols.pop()
 
 
-def create_fp8_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch.nn.Parameter,
-                      spec: Fp8WeightSpec) -> None:
+def create_scaled_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch.nn.Parameter,
+                      spec: ScaledWeightSpec) -> None:
     """Register `checkpoint_param` as the loaders' target and the fp8 `name` / `name_scale` parameters."""
     layouts = shard_layouts(layer.logical_shards[name], spec.granularity)
     if layouts[-1].rows.stop != checkpoint_param.shape[-2]:
@@ -122,7 +122,7 @@ def create_fp8_weight(layer: torch.nn.Module, name: str, checkpoint_param: torch
     layer.register_parameter(name, codes)
     layer.quantized_loaders = {**(getattr(layer, "quantized_loaders", None) or {}),
                                name: checkpoint_param.weight_loader,
-                               f"{name}_scale": functools.partial(fp8_scale_loader, layouts=tuple(layouts))}
+                               f"{name}_scale": functools.partial(scale_loader, layouts=tuple(layouts))}
 
 
 def _like_param(template: torch.nn.Parameter, data: torch.Tensor) -> torch.nn.Parameter:
@@ -148,7 +148,7 @@ def _scale_targets(layouts: tuple[ShardLayout, ...], shard_id) -> list[ShardLayo
     return found
 
 
-def fp8_scale_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None, expert_id: int | None = None, *,
+def scale_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None, expert_id: int | None = None, *,
                      layouts: tuple[ShardLayout, ...], **kwargs) -> list[Region]:
     """Write this rank's tiles of one logical weight's GLOBAL scale grid (as a checkpoint stores it:
     [1] / 0-d per tensor, [out, 1] per channel, the block grid) into its rows of `param`."""
@@ -186,7 +186,7 @@ def _first_non_finite(w: torch.Tensor, row_offset: int) -> tuple[int, ...]:
 
 def _amax_grids(layer, name: str, slot: torch.Tensor, layouts: list[ShardLayout], tp: TPContext,
                 measure=window_amax, measured: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
-    """Per-shard global amax grids (or what `measure` takes per tile: `int4_math.window_range`; a
+    """Per-shard global amax grids (or what `measure` takes per tile: `int4.window_range`; a
     shard's grid in `measured` is taken as it is), reduced over ranks with MAX; raises on NaN / Inf."""
     measured = measured or [None] * len(layouts)
     grids = [grid if grid is not None else measure(slot[..., lay.rows, :], lay.window, lay.tile)
@@ -209,7 +209,7 @@ def _amax_grids(layer, name: str, slot: torch.Tensor, layouts: list[ShardLayout]
 
 
 @torch.no_grad()
-def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpec, tp: TPContext,
+def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: ScaledWeightSpec, tp: TPContext,
                            error_log: QuantErrorLog | None = None) -> bool:
     """Quantize `layer.checkpoint_params[name]` into `layer.<name>` and its scales (in place).
 
@@ -252,8 +252,8 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: Fp8WeightSpe
     return True
 
 
-def _quantize_asymmetric_(layer, name, spec: Fp8WeightSpec, tp: TPContext, error_log, slot, layouts) -> bool:
-    """`quantize_layer_weight_` for asymmetric int4 (`int4_math.py`): range grids, scales and zero
+def _quantize_asymmetric_(layer, name, spec: ScaledWeightSpec, tp: TPContext, error_log, slot, layouts) -> bool:
+    """`quantize_layer_weight_` for asymmetric int4 (`int4.py`): range grids, scales and zero
     points per tile, int8 codes in a scratch buffer, packed into the int32 codes."""
     codes, scales, zeros = (getattr(layer, f"{name}{suffix}") for suffix in ("", "_scale", "_zero_point"))
     grids = _amax_grids(layer, name, slot, layouts, tp, measure=window_range)

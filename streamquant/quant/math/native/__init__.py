@@ -1,7 +1,7 @@
 """Native CPU kernels for the quantization pass: per-tile amax, codes, dequantization.
 
-`fp8_math` calls these for CPU tensors whenever `build.cpu_kernels()` has a module, and the pure-torch
-kernels of `fp8_kernels.py` otherwise; the two are bitwise equal (tests/quant/test_native_kernels.py
+`math.quantize` calls these for CPU tensors whenever `build.cpu_kernels()` has a module, and the pure-torch
+kernels of `torch_kernels.py` otherwise; the two are bitwise equal (tests/quant/test_native_kernels.py
 checks every bf16 and fp16 value and random float32 ones, for every code format and formula). Each
 function here returns False, doing nothing, when it does not apply (no module, a non-CPU tensor, a
 dtype or layout the C++ does not take), so the caller runs the torch path instead.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from streamquant.quant.granularity import Window
-from streamquant.quant.native.build import cpu_kernels
+from streamquant.quant.math.granularity import Window
+from streamquant.quant.math.native.build import cpu_kernels
 
 CODES = {torch.float8_e4m3fn: 0, torch.float8_e4m3fnuz: 1, torch.int8: 2}
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -22,7 +22,7 @@ class TPContext:
     size: int = 1
     group: dist.ProcessGroup | None = None
     # dtype row-parallel partial sums are computed and all-reduced in (None: the activations' dtype,
-    # as vLLM does; torch.float32: one rounding after the sum, as at TP=1; see quant/matmul.py)
+    # as vLLM does; torch.float32: one rounding after the sum, as at TP=1; see quant/math/matmul.py)
     reduce_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:

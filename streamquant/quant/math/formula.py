@@ -1,6 +1,6 @@
 """Which arithmetic turns a tile's amax into a scale and a weight into fp8 codes: the formula modes.
 
-`Formula.STREAMQUANT` is streamquant's own (see `fp8_math`): float32 `scale = max(amax / fmax,
+`Formula.STREAMQUANT` is streamquant's own (see `quantize.py`): float32 `scale = max(amax / fmax,
 1 / (fmax * 512))`, codes `clamp(w.float() / scale)`. The other two reproduce, bit for bit, what
 another library writes from the same weight, so a checkpoint streamquant writes (or an online load)
 can equal theirs:

@@ -3,7 +3,7 @@
 // Built at first use by `streamquant/quant/native/build.py` (torch.utils.cpp_extension, -O3
 // -march=native, no fast-math, no FMA contraction) and called through `native/__init__.py`, which
 // states the contract. Every function reproduces, bit for bit, the pure-torch kernels of
-// `quant/fp8_kernels.py` (the fallback and the reference in the tests): the same IEEE float32
+// `quant/math/torch_kernels.py` (the fallback and the reference in the tests): the same IEEE float32
 // division or multiplication, the same clamp, and torch 2.13's own conversions
 // (c10's fp8e4m3fn / fp8e4m3fnuz_from_fp32_value, round-half-to-even for integer codes, the
 // vectorized float -> bf16 conversion with its NaN = 0xFFFF); `vec16.h` holds that element math,

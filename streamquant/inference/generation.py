@@ -6,7 +6,7 @@ max_new_tokens)` is greedy and matches Hugging Face `generate(do_sample=False)`:
 the new tokens.
 `generate_sequences(model, prompts, SamplingParams(...))` takes prompts of different lengths (left-
 padded into one batch; the KV cache's `key_mask` hides the pads, each row gets its own positions),
-samples with `sampling.py`, stops each sequence at its own stop token or budget, and returns one
+samples with `inference/sampling.py`, stops each sequence at its own stop token or budget, and returns one
 `Completion` per sequence (the `n` completions of a prompt together, prompts in order). A finished
 sequence leaves the batch and the KV cache (a copy of the cache's live rows, each time one stops).
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamquant.sampling import SamplingParams, sample, sequence_generators, step_logprobs
+from streamquant.inference.sampling import SamplingParams, sample, sequence_generators, step_logprobs
 
 
 @dataclass(frozen=True)

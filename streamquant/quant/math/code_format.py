@@ -7,10 +7,10 @@ A `CodeFormat` is a storage dtype and its constants:
     round half to even (torch.round), then the exact cast to int8.
   - int4 (`bits=4`: max 7, symmetric, -8 never written): the int8 rule with max 7; the codes are
     computed as int8 and stored packed, eight per int32 (`int4_pack.py`). `zero_point=True`: the
-    asymmetric int4 formula of `int4_math.py` (codes -8..7 with a zero point per group).
+    asymmetric int4 formula of `int4.py` (codes -8..7 with a zero point per group).
 Scales are float32 dequantization multipliers. Their rule:
   - `mx=False`: `scale = max(amax / max, min_scale)` with `min_scale = 1 / (max * 512)`
-    (`fp8_formula.tile_scales`, the streamquant formula).
+    (`formula.tile_scales`, the streamquant formula).
   - `mx=True` (OCP Microscaling v1.0, section 6.3, the E8M0 shared scale of MXFP8): the power of two
     `scale = 2 ** clamp(floor(log2(amax)) - emax, -127, 127)` with `emax = 8`, the exponent of
     e4m3's largest power of two (256). `w / scale` can reach 511.9: values past 448 saturate (the
@@ -38,7 +38,7 @@ class CodeFormat:
     dtype: torch.dtype
     mx: bool = False
     bits: int = 8
-    zero_point: bool = False  # asymmetric int4 (`int4_math.py`)
+    zero_point: bool = False  # asymmetric int4 (`int4.py`)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or (self.bits == 4 and self.dtype != torch.int8):
@@ -75,7 +75,7 @@ class CodeFormat:
     @property
     def scales_cover_amax(self) -> bool:
         """Whether `scale >= amax / max` always holds, so quantizing needs no clamp (see
-        `fp8_kernels._quantize_piece_unclamped`); false for MX, whose floor-rounded scale saturates."""
+        `torch_kernels._quantize_piece_unclamped`); false for MX, whose floor-rounded scale saturates."""
         return not self.mx
 
 

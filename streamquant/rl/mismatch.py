@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from streamquant.api import load_model
-from streamquant.generation import generate_sequences, teacher_forced_logprobs
-from streamquant.sampling import SamplingParams
+from streamquant.inference.generation import generate_sequences, teacher_forced_logprobs
+from streamquant.inference.sampling import SamplingParams
 
 DEFAULT_PROMPTS = 8
 DEFAULT_PROMPT_LENGTH = 16

@@ -1,0 +1,3 @@
+"""The `streamquant` command line: `main` (the parser and the `load`, `generate`, `demo` commands),
+one module per other command (`quantize`, `rollout`), what commands accept (`input`) and print
+(`output`)."""

@@ -1,0 +1,2 @@
+"""Tools for reinforcement-learning loops around a loaded model: trainer -> inference weight sync over
+`torch.distributed` (`sync`) and the fp8-vs-bf16 policy mismatch probe (`mismatch`)."""

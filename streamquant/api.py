@@ -1,8 +1,8 @@
 """`load_model`: the one orchestrator that turns a checkpoint into a ready, evaluated model.
 
 Data flows one way: resolve the checkpoint -> read its HF config -> pick the model class -> build
-the model on `meta` (no memory) -> stream `iterate_weights` through a `StreamingLoadSession`, which
-gives each module storage on the target device at its first tensor and runs its quant method's
+the model on `meta` (no memory) -> stream `iterate_weights` through `loading.streaming.stream_weights`,
+which gives each module storage on the target device at its first tensor and runs its quant method's
 `process_weights_after_loading` at its last (strict by default) -> move buffers computed at build
 time to the device -> `eval()`. A parameter never written (only possible with `strict=False`) stays
 on `meta`, so using it fails loudly instead of computing with uninitialized memory. A frozen `LoadReport` is attached to the
@@ -23,18 +23,22 @@ exist only for the layers in flight.
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from streamquant.checkpoint.config_sizes import check_config_sizes, check_model_fits
+from streamquant.config import (
+    QuantizationOptionError,
+    check_ignore_patterns,
+    make_offload_plan,
+    make_quant_config,
+    resolve_dtype,
+)
 from streamquant.checkpoint.reader import (
     checkpoint_bytes,
     checkpoint_shapes,
@@ -42,46 +46,12 @@ from streamquant.checkpoint.reader import (
     load_hf_config,
     resolve_checkpoint,
 )
-from streamquant.loading.session import load_weights, loadable_parameters, process_weights_after_loading
-from streamquant.loading.materialize import materialize_
-from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, OffloadPlan
+from streamquant.loading.contract import loadable_parameters
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
-from streamquant.parallel.context import TPContext
+from streamquant.parallel.context import TPContext, default_tp
 from streamquant.formats.prequantized import prequantized_plan, prequantized_tensors
-from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.scaled.config import ScaledConfig, ScaledScheme
-from streamquant.quant.torchao import TORCHAO_PRESETS, TorchaoConfig, inner_tensors, is_torchao_scheme, resolve
-
-# Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
-SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in ScaledScheme), *TORCHAO_PRESETS)
-# Options `load_model` accepts with an fp8 scheme (see `make_quant_config`).
-FP8_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "symmetric", "compile", "formula",
-               "tp_invariant_activations", "measure_error")
-# Options `load_model` accepts with a torchao scheme.
-TORCHAO_OPTIONS = ("ignore", "measure_error")
-
-# Read-only: accepted dtype spellings (CLI and API alike).
-DTYPE_NAMES = MappingProxyType(
-    {
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "float32": torch.float32,
-        "fp32": torch.float32,
-    }
-)
-
-
-class UnsupportedQuantizationError(ValueError):
-    """`quantization=` named a scheme this build of streamquant cannot load."""
-
-
-class QuantizationOptionError(TypeError, ValueError):
-    """An fp8 option that does not apply (unknown, or given without a scheme): a TypeError, as for any
-    unexpected keyword, and a ValueError, the bad-input class the command line reports in one line."""
-
+from streamquant.quant.torchao import TorchaoConfig, inner_tensors
 
 @dataclass(frozen=True)
 class LoadReport:
@@ -91,111 +61,23 @@ class LoadReport:
     model_bytes: int  # bytes of unique parameter and buffer storage of the model on this rank
     load_seconds: float  # wall time of the `load_model` call, less `quantization_error["measure_seconds"]`
     quantization: str | None = None  # the scheme, None when unquantized
-    fp8_weight_bytes: int = 0  # bytes of fp8 weights on this rank (scales not included)
+    quantized_weight_bytes: int = 0  # bytes of code tensors (fp8, int8, packed int4) on this rank, scales not included
     quantization_error: dict | None = None  # `QuantErrorLog.summary()` when measure_error=True (its own seconds)
 
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A `torch.dtype` from a dtype or one of the names in `DTYPE_NAMES`."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
-        return DTYPE_NAMES[dtype.lower()]
-    raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(DTYPE_NAMES)}")
+    @property
+    def fp8_weight_bytes(self) -> int:
+        """Deprecated alias of `quantized_weight_bytes` (it counts int8 and int4 codes too); removed in 0.3."""
+        warnings.warn("LoadReport.fp8_weight_bytes is deprecated: use quantized_weight_bytes", DeprecationWarning,
+                      stacklevel=2)
+        return self.quantized_weight_bytes
 
 
-def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfig | TorchaoConfig | None:
-    """The quant config for scheme `quantization` with its `options` (None: unquantized).
-
-    Options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"; not for int8 / mxfp8), `activation_scheme` ("dynamic"
-    default, "none" for weight-only), `ignore` (regexes over module names), `block_size`
-    (fp8-block, default (128, 128)), `compile` (inductor-compiled CPU quantization kernel for the pure-torch
-    fallback, bitwise the same codes; streamquant formula only; the native CPU kernels, when built, run
-    instead), `formula` ("streamquant" default, "compressed-tensors",
-    "transformers": whose fp8 arithmetic, see `quant/math/formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
-    the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
-    scales: one small collective per row-parallel matmul, see `quant/scaled/linear.py`), `measure_error`
-    (record per-weight SQNR). Every option is validated here.
-
-    torchao (`quant/torchao.py`): `quantization` a preset name ("torchao:int8-weight-only", ...)
-    or a torchao `AOBaseConfig` object; options `ignore` and `measure_error`.
-    """
-    if is_torchao_scheme(quantization):
-        unknown = sorted(set(options) - set(TORCHAO_OPTIONS))
-        if unknown:
-            raise QuantizationOptionError(f"load_model() got unknown option(s) for a torchao scheme: {', '.join(unknown)}; "
-                                          f"accepted: {', '.join(TORCHAO_OPTIONS)}")
-        config, name = resolve(quantization)
-        error_log = QuantErrorLog() if options.get("measure_error") else None
-        return TorchaoConfig(config, name, ignore=options.get("ignore", ()), error_log=error_log)
-    if quantization not in SUPPORTED_QUANTIZATION:
-        supported = ", ".join(repr(q) for q in SUPPORTED_QUANTIZATION)
-        raise UnsupportedQuantizationError(f"unsupported quantization {quantization!r}; supported values: {supported}")
-    allowed = FP8_OPTIONS if quantization is not None else ()
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise QuantizationOptionError(
-            f"load_model() got unknown option(s) for quantization={quantization!r}: {', '.join(unknown)}"
-            + (f"; accepted: {', '.join(allowed)}" if allowed else ""))
-    if quantization is None:
-        return None
-    options = dict(options)
-    if "block_size" in options and quantization != ScaledScheme.FP8_BLOCK.value:
-        raise ValueError(f"block_size applies to quantization='fp8-block' only, not {quantization!r}")
-    if "group_size" in options and quantization != ScaledScheme.INT4.value:
-        raise ValueError(f"group_size applies to quantization='int4' only, not {quantization!r}")
-    error_log = QuantErrorLog() if options.pop("measure_error", False) else None
-    return ScaledConfig(ScaledScheme(quantization), error_log=error_log, **options)
-
-
-def check_ignore_patterns(model: torch.nn.Module, config: ScaledConfig | None) -> None:
-    """Raise if an `ignore` pattern matches no layer the quant config decides about (likely a typo).
-
-    Matched against each layer's `prefix`, as `ScaledConfig.is_ignored` is (the module's name in the model).
-    """
-    if config is None or not config.ignore:
-        return
-    names = [m.prefix for m in model.modules() if getattr(m, "uses_quant_config", False)]
-    for pattern in config.ignore:
-        if not any(re.search(pattern, n) for n in names):
-            raise ValueError(f"ignore pattern {pattern!r} matches no linear or MoE layer; layer names look like "
-                             f"{', '.join(names[:4])}")
-
-
-def fp8_weight_bytes(model: torch.nn.Module) -> int:
+def quantized_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of code tensors (fp8, int8, packed int4; torchao weights' inner codes included) on this rank."""
     codes = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.int8,
              torch.int32)  # int32: packed int4 codes (no other parameter is int32)
     inner = [t for p in model.parameters() for t in inner_tensors(p).values()]
     return sum(t.numel() * t.element_size() for t in inner if t.dtype in codes and not t.is_meta)
-
-
-def make_offload_plan(offload_before_quant: bool, quantize_on: str | None, *, quantization: str | None,
-                      device: str | torch.device, streaming: bool) -> OffloadPlan | None:
-    """Validate the offload options against the rest of the load (before any memory is touched)."""
-    if not offload_before_quant:
-        if quantize_on is not None:
-            raise ValueError(f"quantize_on={quantize_on!r} only applies with offload_before_quant=True")
-        return None
-    if quantization is None:
-        raise ValueError("offload_before_quant=True needs a quantization scheme (it stages high-precision weights "
-                         f"in host memory until they are quantized); choose one of "
-                         f"{', '.join(q for q in SUPPORTED_QUANTIZATION if q)}")
-    if not streaming:
-        raise ValueError("offload_before_quant=True streams layer by layer; it cannot be combined with "
-                         "streaming=False (the naive baseline holds the whole high-precision model)")
-    plan = OffloadPlan(quantize_on if quantize_on is not None else DEFAULT_QUANTIZE_ON)
-    if torch.device(device).type == "cpu":
-        warnings.warn("offload_before_quant=True with a CPU target saves nothing: host and device are the same "
-                      "memory (the load is bitwise the same, with extra copies)", stacklevel=3)
-    return plan
-
-
-def default_tp() -> TPContext:
-    """This process's TP context: the whole initialized process group, or a single rank."""
-    if dist.is_available() and dist.is_initialized():
-        return TPContext.from_process_group()
-    return TPContext()
 
 
 def model_storage_bytes(model: torch.nn.Module) -> int:
@@ -223,14 +105,6 @@ def _move_buffers_(model: torch.nn.Module, device: torch.device) -> None:
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None and not buf.is_meta and buf.device != device:
                 module._buffers[name] = buf.to(device)
-
-
-def _load_naive(model: torch.nn.Module, checkpoint: Path, device: str | torch.device, check_finite: bool) -> None:
-    """Every checkpoint-format weight in memory first, then quantize (the baseline streaming beats)."""
-    for param in loadable_parameters(model).values():
-        materialize_(param, device)
-    load_weights(model, iterate_weights(checkpoint), model.weight_mapping, strict=True, check_finite=check_finite)
-    process_weights_after_loading(model)
 
 
 def load_model(
@@ -273,8 +147,8 @@ def load_model(
     start = time.perf_counter()
     if not streaming and not strict:
         raise ValueError("streaming=False (the naive baseline) needs strict=True")
-    if quantization is not None or not options:  # options alone may belong to a pre-quantized checkpoint
-        make_quant_config(quantization, options)  # validated before the checkpoint is touched
+    # validated before the checkpoint is touched; options alone may belong to a pre-quantized checkpoint
+    quant_config = make_quant_config(quantization, options) if quantization is not None or not options else None
     offload = make_offload_plan(offload_before_quant, quantize_on, quantization=quantization, device=device,
                                 streaming=streaming)
     params_dtype = resolve_dtype(dtype)
@@ -282,12 +156,13 @@ def load_model(
     hf_config = load_hf_config(checkpoint)
     model_class = get_model_class(hf_config)
     shapes = checkpoint_shapes(checkpoint)
-    prequantized, quantization, options = prequantized_plan(checkpoint, model_class, hf_config, shapes,
+    prequantized, quantization, options = prequantized_plan(model_class, hf_config, shapes,
                                                             quantization, options)
     if quantization is None and options:
         raise QuantizationOptionError(f"fp8 option(s) {', '.join(sorted(options))} need a quantization scheme "
                                       "(quantization=..., --quantization) or a pre-quantized checkpoint")
-    quant_config = make_quant_config(quantization, options)
+    if prequantized is not None:  # the checkpoint's scheme, its options under the user's
+        quant_config = make_quant_config(quantization, options)
     tp = default_tp() if tp is None else tp
     check_config_sizes(hf_config, shapes)
     with torch.device("meta"):
@@ -302,12 +177,9 @@ def load_model(
                              "offload_before_quant=True do not apply")
         weights = prequantized_tensors(weights, prequantized, params_dtype)
     model.prequantized = prequantized.checkpoint if prequantized is not None else None
-    if streaming:
-        stream_weights(model, weights, model.weight_mapping, device=device, strict=strict,
-                       check_finite=check_finite, staging_budget=staging_budget, offload=offload,
-                       quantized_source=prequantized is not None)
-    else:
-        _load_naive(model, checkpoint, device, check_finite)
+    stream_weights(model, weights, model.weight_mapping, device=device, strict=strict, check_finite=check_finite,
+                   staging_budget=staging_budget, offload=offload, quantized_source=prequantized is not None,
+                   hold_layers=not streaming)
     _move_buffers_(model, torch.device(device))
     model.offload_plan = offload
     model.eval()
@@ -317,7 +189,7 @@ def load_model(
         model_bytes=model_storage_bytes(model),
         load_seconds=time.perf_counter() - start - (error_log.seconds if error_log else 0.0),
         quantization=quant_config.name if isinstance(quant_config, TorchaoConfig) else quantization,
-        fp8_weight_bytes=fp8_weight_bytes(model),
+        quantized_weight_bytes=quantized_weight_bytes(model),
         quantization_error=error_log.summary() if error_log else None,
     )
     return model

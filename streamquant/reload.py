@@ -1,6 +1,6 @@
 """`reload_weights`: new checkpoint-format weights into a loaded model, in place (the RL refit path).
 
-A reload is the cold load's own `StreamingLoadSession` run on the live model: every fp8 layer gets
+A reload is the cold load's own driver (`loading.streaming.stream_weights`) run on the live model: every fp8 layer gets
 its checkpoint-format copy back from the staging pool at its first tensor, the same weight loaders
 write it, and at its last element it is quantized INTO the codes and scales the model already
 holds (their storage and `data_ptr` never change, so captured CUDA graphs stay valid); unquantized
@@ -43,17 +43,16 @@ import torch
 import torch.distributed as dist
 
 from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
-from streamquant.loading.session import (
+from streamquant.loading.contract import derived_tensors, loadable_parameters
+from streamquant.loading.errors import (
     DuplicateWeightError,
     MissingWeightsError,
     NonFiniteWeightError,
     UnexpectedWeightError,
     WeightLoadError,
-    loadable_parameters,
-    release_checkpoint_params,
 )
 from streamquant.loading.materialize import StagingPool, align_up, byte_view
-from streamquant.loading.streaming import StreamingLoadSession, staging_pool
+from streamquant.loading.streaming import staging_pool, stream_weights
 from streamquant.loading.validate import is_finite
 from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.formats.prequantized import reload_source
@@ -81,9 +80,8 @@ def inference_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     torchao weight's inner tensors)."""
     out = {n: p for n, p in loadable_parameters(model).items() if not p.is_meta}
     for mod_name, module in model.named_modules():
-        if getattr(module, "checkpoint_params", None):
-            for name, tensor in module.quant_method.derived_tensors(module).items():
-                out[f"{mod_name}.{name}"] = tensor
+        for name, tensor in derived_tensors(module).items():
+            out[f"{mod_name}.{name}"] = tensor
     return out
 
 
@@ -216,23 +214,12 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
 def _stream(model: torch.nn.Module, weights: WeightSource, *, strict: bool, staging_budget: int | None,
             transient_source: bool, pool: StagingPool | None, check_finite: bool, seen: list[str],
             quantized_source: bool | None = None) -> set[str]:
-    """checkpoint_format=True: the cold load's streaming session on the live model."""
+    """checkpoint_format=True: the cold load's streaming driver on the live model."""
     tensors, quantized = reload_source(model, weights, quantized_source)
-    session = StreamingLoadSession(model, model.weight_mapping, device=_device(model), strict=strict,
-                                   staging_budget=staging_budget, transient_source=transient_source, pool=pool,
-                                   offload=None if quantized else getattr(model, "offload_plan", None),
-                                   check_finite=check_finite, quantized_source=quantized)
-    try:
-        with torch.no_grad():
-            session.load_all(_tracked(tensors, seen))
-        session.check_complete()
-    except BaseException:
-        session.abort()
-        raise
-    for mod_name in sorted(session.in_flight):  # strict=False: incomplete layers keep their weights
-        release_checkpoint_params(session.modules[mod_name], session.pool)
-    if pool is None:
-        session.pool.clear()
+    session = stream_weights(model, _tracked(tensors, seen), model.weight_mapping, device=_device(model),
+                             strict=strict, staging_budget=staging_budget, transient_source=transient_source,
+                             pool=pool, offload=None if quantized else getattr(model, "offload_plan", None),
+                             check_finite=check_finite, quantized_source=quantized)
     return session.loaded
 
 

@@ -7,9 +7,10 @@ import safetensors.torch
 import torch
 import transformers
 
-from streamquant.api import DTYPE_NAMES, LoadReport, load_model, resolve_dtype
+from streamquant.api import LoadReport, load_model
+from streamquant.config import DTYPE_NAMES, resolve_dtype
 from streamquant.inference.generation import generate, generate_with_logits
-from streamquant.loading.session import UnexpectedWeightError
+from streamquant.loading.errors import UnexpectedWeightError
 
 
 def tiny_llama(directory, *, tie: bool = False) -> transformers.LlamaForCausalLM:

@@ -18,8 +18,9 @@ import torch
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
 from streamquant.loading import offload as offload_module
+from streamquant.loading.contract import staged_params
 from streamquant.loading import streaming
-from streamquant.loading.session import NonFiniteWeightError
+from streamquant.loading.errors import NonFiniteWeightError
 from streamquant.loading.offload import OffloadPlan
 from streamquant.loading.streaming import largest_layer_staging_bytes
 from streamquant.parallel.context import TPContext
@@ -55,7 +56,7 @@ def assert_same_bits(got, want):
 
 
 def quantized_modules(model):
-    return [n for n, m in model.named_modules() if getattr(m, "checkpoint_params", None)]
+    return [n for n, m in model.named_modules() if staged_params(m)]
 
 
 @pytest.fixture
@@ -64,9 +65,9 @@ def placements(monkeypatch):
     seen = []
     original = offload_module.quantize_placement
 
-    def spy(module, plan, *args):
-        seen.append((getattr(module, "prefix", ""), plan.quantize_on))
-        return original(module, plan, *args)
+    def spy(staged, derived, plan, *args):
+        seen.append((tuple(id(p) for p in staged), plan.quantize_on))
+        return original(staged, derived, plan, *args)
 
     monkeypatch.setattr(streaming, "quantize_placement", spy)
     return seen
@@ -80,11 +81,11 @@ def test_offload_is_bitwise_the_load_without_it(checkpoints, placements, name, s
     assert placements == []
     model = load_model(checkpoints[name], quantization=scheme, offload_before_quant=True, quantize_on=quantize_on)
     assert_same_bits(bits(model), want)
-    assert sorted(p for p, _ in placements) == sorted(m.prefix for m in model.modules()
-                                                      if getattr(m, "checkpoint_params", None))
+    assert sorted(p for p, _ in placements) == sorted(tuple(id(p) for p in staged_params(m).values())
+                                                      for m in model.modules() if staged_params(m))
     assert {q for _, q in placements} == {quantize_on}
     assert model.offload_plan == OffloadPlan(quantize_on)
-    assert all(p.is_meta for m in model.modules() for p in (getattr(m, "checkpoint_params", None) or {}).values())
+    assert all(p.is_meta for m in model.modules() for p in staged_params(m).values())
 
 
 def _tp_offload(path, quantize_on):

@@ -17,7 +17,7 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.session import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
+from streamquant.loading.errors import MissingWeightsError, NonFiniteWeightError, UnexpectedWeightError
 from streamquant.models.base import ModelNotReadyError
 from streamquant.loading.streaming import largest_layer_staging_bytes
 from streamquant.parallel.context import TPContext

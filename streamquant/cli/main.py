@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError, load_model
+from streamquant.api import load_model
+from streamquant.config import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuantizationError
 from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.cli.input import check_device, check_json_path, count, positive_seconds, prompt_ids
@@ -37,7 +38,7 @@ from streamquant.cli.rollout import (
 from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
 from streamquant.inference.generation import check_request, generate_with_logits
 from streamquant.parallel.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
-from streamquant.loading.session import WeightLoadError
+from streamquant.loading.errors import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.models import UnsupportedArchitectureError

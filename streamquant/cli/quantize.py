@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from streamquant.api import DTYPE_NAMES
+from streamquant.config import DTYPE_NAMES
 from streamquant.cli.input import byte_size, count
 from streamquant.formats import DEFAULT_FORMAT, FORMATS
 from streamquant.offline import quantize_checkpoint

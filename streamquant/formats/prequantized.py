@@ -51,11 +51,9 @@ def _scale_name(module: str, shapes: dict) -> str | None:
     return next((f"{module}.{s}" for s in SCALE_SUFFIXES if f"{module}.{s}" in shapes), None)
 
 
-def plan_prequantized(model_class, hf_config, checkpoint: QuantizedCheckpoint,
+def plan_prequantized(model: torch.nn.Module, checkpoint: QuantizedCheckpoint,
                       shapes: dict[str, tuple[int, ...]]) -> PrequantizedLoad:
-    with torch.device("meta"):
-        model = model_class(hf_config, tp=TPContext(), quant_config=ScaledConfig(checkpoint.scheme),
-                            params_dtype=torch.bfloat16)
+    """The plan for `model`: a meta model built to plan a load, or the live model of a reload."""
     modules = dict(model.named_modules())
     status: dict[str, dict[str, bool]] = {}
     for name in shapes:
@@ -112,18 +110,14 @@ def _dequantize_strays(weights: Iterable[tuple[str, torch.Tensor]], plan: Prequa
                                       f"{sorted(held)}")
 
 
-def prequantized_plan(checkpoint: Path, model_class, hf_config, shapes, quantization: str | None,
+def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
                       options: dict[str, Any]) -> tuple[PrequantizedLoad | None, str | None, dict[str, Any]]:
     """(plan, scheme, fp8 options) for a checkpoint whose config.json has a `quantization_config`.
 
     The checkpoint decides the scheme: `quantization` must be None or agree. Options the user gives
     override the checkpoint's (`activation_scheme`, `formula` -- which a reload quantizes with), except
     `block_size` and `ignore`, which the checkpoint's tensors fix."""
-    try:
-        raw = json.loads((checkpoint / CONFIG_FILE).read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        raw = None  # load_hf_config already refused an unreadable config
-    found = read_quantization_config(raw)
+    found = read_quantization_config(getattr(hf_config, "quantization_config", None))
     if found is None:
         return None, quantization, options
     if quantization not in (None, found.scheme.value):
@@ -132,7 +126,10 @@ def prequantized_plan(checkpoint: Path, model_class, hf_config, shapes, quantiza
     for key in ("block_size", "ignore"):
         if key in options:
             raise QuantizationConfigError(f"{key}= cannot be given for a pre-quantized checkpoint (its tensors fix it)")
-    plan = plan_prequantized(model_class, hf_config, found, shapes)
+    with torch.device("meta"):  # the ignore list must be known before the model is built: a planning model
+        model = model_class(hf_config, tp=TPContext(), quant_config=ScaledConfig(found.scheme),
+                            params_dtype=torch.bfloat16)
+    plan = plan_prequantized(model, found, shapes)
     return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}
 
 
@@ -146,10 +143,14 @@ def normalized_scale_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Itera
 def checkpoint_source(checkpoint: Path, model, dtype: torch.dtype) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
     """A checkpoint directory's tensors for a reload of `model`, and whether they are pre-quantized."""
     weights = iterate_weights(checkpoint)
-    plan, _, _ = prequantized_plan(checkpoint, type(model), model.config, checkpoint_shapes(checkpoint), None, {})
-    if plan is None:
+    try:
+        raw = json.loads((checkpoint / CONFIG_FILE).read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        raw = None  # the reload's strict checks refuse what does not fit
+    found = read_quantization_config(raw)
+    if found is None:
         return weights, False
-    return prequantized_tensors(weights, plan, dtype), True
+    return prequantized_tensors(weights, plan_prequantized(model, found, checkpoint_shapes(checkpoint)), dtype), True
 
 
 def reload_source(model: torch.nn.Module, weights: str | Path | Iterable[tuple[str, torch.Tensor]],

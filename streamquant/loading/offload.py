@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamquant.loading.materialize import StagingPool, materialize_, release_, swap_storage
+from streamquant.loading.materialize import StagingPool, release_, swap_storage
 
 QUANTIZE_ON = ("device", "cpu")
 # "device": the bf16 layer crosses the bus once (pinned, ~25-50 GB/s) and the GPU quantizes at
@@ -46,16 +46,11 @@ def host_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _derived(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The module's own parameters that no checkpoint writes (fp8 codes and scales)."""
-    return [p for p in module.parameters(recurse=False) if not hasattr(p, "weight_loader")]
-
-
 @contextmanager
-def quantize_placement(module: torch.nn.Module, plan: OffloadPlan, target: torch.device, host_pool: StagingPool,
-                       target_pool: StagingPool) -> Iterator[None]:
-    """Around `process_weights_after_loading` of an offloaded layer (its staging is on the host)."""
-    staged = list((getattr(module, "checkpoint_params", None) or {}).values())
+def quantize_placement(staged: list[torch.nn.Parameter], outputs: list[torch.nn.Parameter], plan: OffloadPlan,
+                       target: torch.device, host_pool: StagingPool, target_pool: StagingPool) -> Iterator[None]:
+    """Around `process_weights_after_loading` of an offloaded layer: `staged`, its checkpoint-format
+    parameters (on the host), `outputs`, what its method derives from them (on the target)."""
     if plan.quantize_on == "device":
         for param in staged:
             if not param.is_meta:
@@ -68,11 +63,9 @@ def quantize_placement(module: torch.nn.Module, plan: OffloadPlan, target: torch
             for param in staged:
                 release_(param, target_pool)
         return
-    outputs = _derived(module)
     held = []  # (parameter, tensor holding its target storage)
     try:
-        for param in outputs:
-            materialize_(param, target)  # first load: the target tensor the codes end in
+        for param in outputs:  # on the target (the session gave them memory): host buffers stand in
             held.append((param, swap_storage(param, host_pool.take(param.shape, param.dtype, host_device()))))
         yield
         with torch.no_grad():

@@ -14,58 +14,16 @@ from collections.abc import Iterable
 
 import torch
 
+from streamquant.loading.contract import loadable_parameters, module_loaders, staged_params
 from streamquant.loading.coverage import Coverage, DuplicateWriteError
-from streamquant.loading.errors import (  # noqa: F401  (the errors' historical home: importable from here too)
+from streamquant.loading.errors import (
     DuplicateWeightError,
     MissingWeightsError,
-    NonFiniteWeightError,
     UnexpectedWeightError,
-    WeightDtypeError,
     WeightLoadError,
 )
 from streamquant.loading.mapping import WeightMapping
-from streamquant.loading.materialize import StagingPool, release_
-from streamquant.loading.parameters import WeightLoader
 from streamquant.loading.validate import check_codes, check_tensor
-
-
-def module_loadables(module: torch.nn.Module, quantized_source: bool = False) -> dict[str, torch.nn.Parameter]:
-    """The parameters checkpoint tensors are written into for `module` itself (not its children).
-
-    Its own parameters that have a `weight_loader`, except where its quant method keeps a
-    checkpoint-format parameter of the same name in `module.checkpoint_params` (the fp8 methods:
-    the loaders write a bf16 `weight` there, and `process_weights_after_loading` derives the fp8
-    `weight` and `weight_scale` the module computes with; derived parameters have no loader).
-    With `quantized_source=True` (fp8 codes and scales arrive, already quantized) a module with
-    `quantized_loaders` takes them straight into its fp8 parameters instead (`module_loaders`).
-    """
-    own = {n: p for n, p in module.named_parameters(recurse=False) if hasattr(p, "weight_loader")}
-    quantized = getattr(module, "quantized_loaders", None) or {}
-    if quantized_source and quantized:
-        own.update({name: getattr(module, name) for name in quantized})
-    else:
-        own.update(getattr(module, "checkpoint_params", None) or {})
-    return own
-
-
-def module_loaders(model: torch.nn.Module, quantized_source: bool) -> dict[str, WeightLoader]:
-    """Full parameter name -> loader, for loadables whose loader is not their own `weight_loader`."""
-    if not quantized_source:
-        return {}
-    return {f"{mod_name}.{name}" if mod_name else name: loader for mod_name, module in model.named_modules()
-            for name, loader in (getattr(module, "quantized_loaders", None) or {}).items()}
-
-
-def loadable_parameters(model: torch.nn.Module, quantized_source: bool = False) -> dict[str, torch.nn.Parameter]:
-    """Every parameter a checkpoint writes, by full name; a tied parameter under its first name only."""
-    out: dict[str, torch.nn.Parameter] = {}
-    seen: set[int] = set()
-    for mod_name, module in model.named_modules():
-        for name, param in module_loadables(module, quantized_source).items():
-            if id(param) not in seen:
-                seen.add(id(param))
-                out[f"{mod_name}.{name}" if mod_name else name] = param
-    return out
 
 
 class WeightLoadSession:
@@ -74,15 +32,14 @@ class WeightLoadSession:
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, strict: bool = True,
                  check_finite: bool = True, quantized_source: bool = False):
         self.model = model
-        self.quantized_source = quantized_source  # fp8 codes and scales arrive (`module_loadables`)
+        self.quantized_source = quantized_source  # codes and scales arrive as they are (`contract.module_loadables`)
         self.loaders = module_loaders(model, quantized_source)
         self.mapping = mapping
         self.strict = strict
         self.check_finite = check_finite  # NaN / Inf in any tensor fails the load (`validate.check_tensor`)
         # checkpoint-format inputs of quant methods: their amax pass (which reads every element
         # anyway) refuses NaN / Inf, whatever check_finite says, so they are not read twice
-        self.finite_checked_later = {id(p) for m in model.modules()
-                                     for p in (getattr(m, "checkpoint_params", None) or {}).values()}
+        self.finite_checked_later = {id(p) for m in model.modules() for p in staged_params(m).values()}
         # Tensor parallel: a rank that refuses a tensor's values still writes it and raises only at
         # `check_complete`, so it keeps taking part in its layers' collectives (quantized layers
         # all-reduce amax grids as they finish) and no other rank waits for it forever.
@@ -172,30 +129,3 @@ class WeightLoadSession:
         raise MissingWeightsError(
             f"{len(missing)} parameter(s) of {type(self.model).__name__} were not fully loaded:\n" + "\n".join(lines)
         )
-
-
-def load_weights(
-    model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *, strict: bool = True,
-    check_finite: bool = True,
-) -> set[str]:
-    """Load every tensor of `weights` into `model`; returns the checkpoint names loaded."""
-    session = WeightLoadSession(model, mapping, strict=strict, check_finite=check_finite)
-    loaded = session.load_all(weights)
-    session.check_complete()
-    return loaded
-
-
-def release_checkpoint_params(module: torch.nn.Module, pool: StagingPool | None = None) -> None:
-    """Drop the storage of `module`'s checkpoint-format parameters (back to `meta`, or into `pool`)."""
-    for param in (getattr(module, "checkpoint_params", None) or {}).values():
-        release_(param, pool)
-
-
-def process_weights_after_loading(model: torch.nn.Module) -> None:
-    """Let every layer's quant method finish its weights (repack, quantize, ...), then release the
-    layer's checkpoint-format copies."""
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None:
-            method.process_weights_after_loading(module)
-            release_checkpoint_params(module)

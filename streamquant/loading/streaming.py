@@ -1,10 +1,12 @@
 """Streaming load: a layer's checkpoint-format weights exist only while the layer is in flight.
 
-The model is built on `meta`. The first tensor written into a module (the direct owner of a
-parameter) materializes all of that module's meta parameters on the target device; when every
-element of every parameter of the module has been written (exact coverage, see `coverage.py`),
-the module's quant method runs `process_weights_after_loading` (which may quantize), and the
-module's checkpoint-format copies (`checkpoint_params`) are released at once into a per-load
+`stream_weights` is the one driver of every load and reload (a reload runs it on the live model;
+the naive baseline runs it with `hold_layers=True`). The model is built on `meta`. The first tensor
+written into a module (the direct owner of a parameter) materializes all of that module's meta
+loadables (`contract.py`); when every element of every one has been written (exact coverage, see
+`coverage.py`), the session gives the tensors its quant method derives memory on the target, the
+method runs `process_weights_after_loading` (which may quantize into them), and the module's
+checkpoint-format copies (`contract.staged_params`) are released at once into a per-load
 `StagingPool` of flat buffers the next layers reuse (no page faults per layer). On CPU the glibc
 heap is trimmed every ~3% of the model released (`TRIM_FRACTION`), and once at the end. Tied parameters belong to every module that holds them and
 complete together.
@@ -33,16 +35,19 @@ from collections.abc import Iterable
 
 import torch
 
-from streamquant.loading.session import (
-    DuplicateWeightError,
-    NonFiniteWeightError,
-    WeightLoadSession,
+from streamquant.loading.contract import (
+    derived_tensors,
+    method_of,
     module_loadables,
-    release_checkpoint_params,
+    release_staging,
+    staged_params,
+    staging_bytes,
 )
+from streamquant.loading.errors import DuplicateWeightError, NonFiniteWeightError
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.materialize import StagingPool, materialize_, release_
 from streamquant.loading.offload import OffloadPlan, host_device, quantize_placement
+from streamquant.loading.session import WeightLoadSession
 from streamquant.memory import trim_heap
 
 
@@ -57,8 +62,7 @@ TRIM_MIN_BYTES = 8 << 20
 def largest_layer_staging_bytes(model: torch.nn.Module) -> int:
     """Checkpoint-format bytes of the model's largest quantized layer on this rank (0 if none): the
     staging one in-order layer needs, and the smallest useful `staging_budget`."""
-    return max((sum(p.numel() * p.element_size() for p in m.checkpoint_params.values())
-                for m in model.modules() if getattr(m, "checkpoint_params", None)), default=0)
+    return max((staging_bytes(m) for m in model.modules()), default=0)
 
 
 def staging_pool(device: torch.device | str, offload: OffloadPlan | None) -> StagingPool:
@@ -75,9 +79,11 @@ class StreamingLoadSession(WeightLoadSession):
     def __init__(self, model: torch.nn.Module, mapping: WeightMapping, *, device: torch.device | str,
                  strict: bool = True, fill: float | None = None, staging_budget: int | None = None,
                  transient_source: bool = False, pool: StagingPool | None = None,
-                 offload: OffloadPlan | None = None, check_finite: bool = True, quantized_source: bool = False):
+                 offload: OffloadPlan | None = None, check_finite: bool = True, quantized_source: bool = False,
+                 hold_layers: bool = False):
         super().__init__(model, mapping, strict=strict, check_finite=check_finite, quantized_source=quantized_source)
         self.staging_budget = staging_budget
+        self.hold_layers = hold_layers  # process no layer before the whole checkpoint arrived (`finish_held`)
         self.transient_source = transient_source
         self.spilled_bytes = 0  # deferred tensors copied to host memory (accelerator or transient sources)
         self.staged_bytes = 0  # checkpoint-format bytes of the modules in flight
@@ -98,7 +104,7 @@ class StreamingLoadSession(WeightLoadSession):
                     self.owners.setdefault(n, []).append(mod_name)
         # checkpoint-format copies (staging, released after processing) come from the pool; permanent
         # parameters get exactly their own memory
-        self.staged = {id(p) for m in self.modules.values() for p in (getattr(m, "checkpoint_params", None) or {}).values()}
+        self.staged = {id(p) for m in self.modules.values() for p in staged_params(m).values()}
         self.in_flight: set[str] = set()
         self.materialized: set[str] = set()  # parameters this session gave storage (they were on meta)
         self.finished: list[str] = []
@@ -127,26 +133,32 @@ class StreamingLoadSession(WeightLoadSession):
                 self.peak_staged_bytes = max(self.peak_staged_bytes, self.staged_bytes)
 
     def after_write(self, param_name: str) -> None:
+        if self.hold_layers:
+            return
         for mod_name in self.owners[param_name]:
             if mod_name in self.in_flight and all(self.coverage[n].complete for n in self.members[mod_name]):
                 self.finish(mod_name)
 
     def finish(self, mod_name: str) -> None:
-        """Run the module's quant method on its complete weights (still in flight if that fails)."""
+        """Run the module's quant method on its complete weights (still in flight if that fails): its
+        derived tensors get memory on the target first, its checkpoint-format staging is released after."""
         module = self.modules[mod_name]
-        method = getattr(module, "quant_method", None)
+        method = method_of(module)
         if method is not None:
+            staged = list(staged_params(module).values())
+            derived = [t for t in derived_tensors(module).values() if isinstance(t, torch.nn.Parameter)]
+            for param in derived:
+                materialize_(param, self.device)
             try:
-                if self.offload is not None and getattr(module, "checkpoint_params", None):
-                    with quantize_placement(module, self.offload, self.device, self.pool, self.target_pool):
+                if self.offload is not None and staged:
+                    with quantize_placement(staged, derived, self.offload, self.device, self.pool, self.target_pool):
                         method.process_weights_after_loading(module)
                 else:
                     method.process_weights_after_loading(module)
             except NonFiniteWeightError as e:
                 raise self.name_source(mod_name, e) from None
-            self.since_trim += sum(p.numel() * p.element_size()
-                                   for p in (getattr(self.modules[mod_name], "checkpoint_params", None) or {}).values())
-            release_checkpoint_params(self.modules[mod_name], self.pool)
+            self.since_trim += staging_bytes(module)
+            release_staging(module, self.pool)
             self.staged_bytes -= self._staging_bytes(mod_name)
             if self.staging_device.type == "cpu" and self.since_trim >= self.trim_every:
                 trim_heap()
@@ -215,6 +227,23 @@ class StreamingLoadSession(WeightLoadSession):
             super().load(name, tensor)
         return self.loaded
 
+    def finish_held(self) -> None:
+        """`hold_layers=True`: process every complete layer, in model order, now that all weights arrived."""
+        for mod_name in [m for m in self.modules if m in self.in_flight]:
+            if all(self.coverage[n].complete for n in self.members[mod_name]):
+                self.finish(mod_name)
+
+    def close(self, keep_pool: bool = False) -> None:
+        """After a successful pass: release the staging of layers never completed (strict=False: never
+        processed), empty the pools (`keep_pool`: the caller's pool keeps its idle buffers), trim the heap."""
+        for mod_name in sorted(self.in_flight):
+            release_staging(self.modules[mod_name], self.pool)
+        if not keep_pool:
+            self.pool.clear()
+        self.target_pool.clear()
+        if self.staging_device.type == "cpu":
+            trim_heap()
+
     def abort(self) -> None:
         """Release what this session materialized for the modules still in flight (after a failure);
         parameters that already had storage (a live model being reloaded) keep it."""
@@ -232,23 +261,27 @@ def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
                    device: torch.device | str, strict: bool = True, fill: float | None = None,
                    staging_budget: int | None = None, transient_source: bool = False,
                    offload: OffloadPlan | None = None, check_finite: bool = True,
-                   quantized_source: bool = False) -> StreamingLoadSession:
-    """Stream `weights` into a meta-built `model`; returns the finished session (loaded names, order of layers).
+                   quantized_source: bool = False, pool: StagingPool | None = None,
+                   hold_layers: bool = False) -> StreamingLoadSession:
+    """Stream `weights` into `model` (built on `meta` for a load, live for a reload): the one driver
+    of every load and reload. Returns the finished session (loaded names, order of layers).
 
-    `quantized_source=True`: fp8 layers take pre-quantized codes and scales (`session.module_loadables`)."""
+    `quantized_source=True`: layers take pre-quantized codes and scales (`contract.module_loadables`).
+    `pool`: a staging pool the caller keeps between passes (a `Reloader`); its idle buffers survive.
+    `hold_layers=True`: the naive baseline; no layer is processed before every tensor arrived, so
+    the whole high-precision model is in memory at once. On failure everything this pass
+    materialized for unfinished layers is released and the error propagates."""
     session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
                                    staging_budget=staging_budget, transient_source=transient_source, offload=offload,
-                                   check_finite=check_finite, quantized_source=quantized_source)
+                                   check_finite=check_finite, quantized_source=quantized_source, pool=pool,
+                                   hold_layers=hold_layers)
     try:
-        session.load_all(weights)
-        session.check_complete()
+        with torch.no_grad():
+            session.load_all(weights)
+            session.check_complete()
+            session.finish_held()
     except BaseException:
         session.abort()
         raise
-    for mod_name in sorted(session.in_flight):  # strict=False: never completed, never quantized
-        release_checkpoint_params(session.modules[mod_name])
-    session.pool.clear()
-    session.target_pool.clear()
-    if session.staging_device.type == "cpu":
-        trim_heap()
+    session.close(keep_pool=pool is not None)
     return session

@@ -7,13 +7,11 @@ over `(input_ids, positions, kv_cache, start_pos)`. Logits always come back in f
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from streamquant.layers.attention import KVCache
-from streamquant.loading.session import load_weights
 from streamquant.loading.mapping import MappingRule, WeightMapping
 from streamquant.parallel.context import TPContext
 
@@ -44,7 +42,7 @@ class ModelNotReadyError(RuntimeError):
 
 
 class CausalLM(torch.nn.Module):
-    """Base of every model: `forward(input_ids) -> float32 logits`, `load_weights`, `new_kv_cache`."""
+    """Base of every model: `forward(input_ids) -> float32 logits`, `weight_mapping`, `new_kv_cache`."""
 
     weight_mapping: WeightMapping
     geometry: AttentionGeometry
@@ -76,10 +74,6 @@ class CausalLM(torch.nn.Module):
             t = input_ids.shape[1]
             positions = torch.arange(start_pos, start_pos + t, device=input_ids.device).expand(input_ids.shape[0], t)
         return self.compute_logits(input_ids, positions, kv_cache, start_pos).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> set[str]:
-        """Load checkpoint tensors (HF names); strict: missing / unexpected / duplicate raise."""
-        return load_weights(self, weights, self.weight_mapping, strict=strict)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for this rank's heads, on the model's device and dtype."""

@@ -3,7 +3,7 @@
 `QuantizePlan` builds streamquant's model for the checkpoint's config on the `meta` device (no
 memory, no weights) with the same quant config an online `load_model(quantization=...)` would make,
 and asks it, for each checkpoint tensor: which parameter does its name map to, and does that
-parameter's layer quantize it (an fp8 method keeps it in `checkpoint_params`)? So the offline and
+parameter's layer quantize it (its method stages it: `loading.contract.staged_params`)? So the offline and
 online paths keep the same weights in high precision (embeddings, LM head, norms, MoE routers,
 `ignore` matches), by construction. A tensor that maps to no parameter (and is not one the model
 skips, such as `rotary_emb.inv_freq`) is refused, as a strict load refuses it.
@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from streamquant.api import UnsupportedQuantizationError, check_ignore_patterns, make_quant_config
+from streamquant.config import UnsupportedQuantizationError, check_ignore_patterns, make_quant_config
 from streamquant.checkpoint.writer import TensorSpec
 from streamquant.formats import CheckpointFormat
+from streamquant.loading.contract import staged_params
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from streamquant.models import get_model_class
 from streamquant.parallel.context import TPContext
@@ -90,10 +91,10 @@ class QuantizePlan:
             return None
         module, leaf, kwargs = self._target(name)
         if module is None or (leaf not in dict(module.named_parameters(recurse=False))
-                              and leaf not in (getattr(module, "checkpoint_params", None) or {})):
+                              and leaf not in staged_params(module)):
             raise ValueError(f"checkpoint tensor {name!r} maps to {self.mapping.map(name)[0]!r}, which is not a "
                              f"parameter of {type(self.model).__name__}")
-        if leaf not in (getattr(module, "checkpoint_params", None) or {}):
+        if leaf not in staged_params(module):
             return None
         if kwargs.get("shard_id") in (None, "w13") and len(module.logical_shards[leaf]) > 1:
             raise ValueError(f"checkpoint tensor {name!r} holds several fused weights "

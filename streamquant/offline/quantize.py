@@ -19,7 +19,6 @@ format's `quantization_config` and copies every other non-weight file (tokenizer
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +29,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from streamquant.api import resolve_dtype
+from streamquant.config import resolve_dtype
 from streamquant.checkpoint.reader import CONFIG_FILE, CheckpointError, checkpoint_files, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.writer import (
     SAFETENSORS_DTYPES,
@@ -203,7 +202,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
     """Write an fp8 checkpoint of `src` to `dst` (see the module docstring); returns a `QuantizeReport`.
 
     `quantization`: "fp8", "fp8-channel" or "fp8-block"; `format`: "compressed-tensors" (default) or
-    "hf-fp8" (block only); `options`: the fp8 options of `api.make_quant_config` (`ignore`,
+    "hf-fp8" (block only); `options`: the options of `config.make_quant_config` (`ignore`,
     `formula`, `activation_scheme`, `block_size`, `fp8_dtype`: e4m3fn only). `dtype`: the model dtype
     floating-point tensors are written in and quantized from (as `load_model(dtype=...)` would).
     `measure_error=True` adds each quantized weight's SQNR (two more passes, their seconds apart).

@@ -86,3 +86,10 @@ PEER_FAILURE_MARKERS = ("timed out", "timeout", "connection closed", "connection
 def is_peer_failure(exc: BaseException) -> bool:
     """Whether a rank's exception says that another rank died or stopped answering."""
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS)
+
+
+def default_tp() -> TPContext:
+    """This process's TP context: the whole initialized process group, or a single rank."""
+    if dist.is_available() and dist.is_initialized():
+        return TPContext.from_process_group()
+    return TPContext()

@@ -5,11 +5,13 @@ loader fills them through each parameter's `weight_loader`, the load calls
 `process_weights_after_loading` once a layer is complete, and `forward` calls `apply`.
 A `QuantConfig` picks the method for each layer by the layer's kind and prefix (its module name).
 
-The unquantized methods live in `unquantized.py`; the 8-bit (`scaled/config.py`) and torchao
-(`torchao.py`) methods implement the same protocols. A method that keeps checkpoint-format
-weights in `layer.checkpoint_params` and derives what it computes with from them also defines
-`derived_tensors(layer) -> {name: tensor}`: the derived tensors a reload writes in place (and an
-atomic reload snapshots), by name under the layer.
+Every method is also a `loading.contract.WeightMethod`: it tells the load session which parameters
+take checkpoint tensors (`checkpoint_params`, `quantized_loaders`) and which it derives from them
+(`derived_tensors`). A method whose layer computes with exactly what the checkpoint writes inherits
+`DirectWeights` (nothing staged, nothing derived).
+
+The unquantized methods live in `unquantized.py`; the scaled-code (`scaled/`) and torchao
+(`torchao.py`) methods implement the same protocols.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from streamquant.loading.contract import WeightMethod
 from streamquant.loading.parameters import WeightLoader
 from streamquant.parallel.context import TPContext
 from streamquant.quant.math.matmul import PartialSums
 
 
 @runtime_checkable
-class LinearMethod(Protocol):
+class LinearMethod(WeightMethod, Protocol):
     """Creates, post-processes and applies a linear layer's weights."""
 
     def create_weights(
@@ -60,7 +63,7 @@ class QuantConfig(Protocol):
 
 
 @runtime_checkable
-class MoEMethod(Protocol):
+class MoEMethod(WeightMethod, Protocol):
     """Creates, post-processes and applies fused MoE expert weights (w13 [E, 2I, H], w2 [E, H, I])."""
 
     def create_weights(
@@ -86,7 +89,7 @@ class MoEMethod(Protocol):
 
 
 @runtime_checkable
-class EmbeddingMethod(Protocol):
+class EmbeddingMethod(WeightMethod, Protocol):
     """Creates and applies a vocab-parallel embedding / LM head weight ([vocab_per_rank, hidden])."""
 
     def create_weights(
@@ -104,6 +107,19 @@ class EmbeddingMethod(Protocol):
     def embedding(self, layer: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor: ...
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class DirectWeights:
+    """The `WeightMethod` answers of a method whose layer's own parameters take the checkpoint as it is."""
+
+    def checkpoint_params(self, layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {}
+
+    def quantized_loaders(self, layer: torch.nn.Module) -> dict[str, WeightLoader]:
+        return {}
+
+    def derived_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def check_ignore(ignore) -> tuple[str, ...]:

@@ -45,12 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from streamquant.loading.errors import NonFiniteWeightError
+from streamquant.loading.parameters import WeightLoader
 from streamquant.loading.validate import is_finite
 from streamquant.parallel.context import all_reduce
 from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod, check_ignore
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.unquantized import UnquantizedFusedMoEMethod
-from streamquant.quant.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod, linear_weight
+from streamquant.quant.unquantized import (UnquantizedEmbeddingMethod, UnquantizedFusedMoEMethod,
+                                          UnquantizedLinearMethod, linear_weight)
 
 PREFIX = "torchao:"
 INSTALL_HINT = "pip install torchao (or pip install 'streamquant[torchao]')"
@@ -226,6 +227,12 @@ class TorchaoLinearMethod:
             sums = all_reduce(torch.stack([signal, noise]), self.tp).cpu()
             self.error_log.record(f"{getattr(layer, 'prefix', '')}.weight", float(sums[0]), float(sums[1]))
             self.error_log.seconds += time.perf_counter() - start
+
+    def checkpoint_params(self, layer) -> dict[str, torch.nn.Parameter]:
+        return layer.checkpoint_params
+
+    def quantized_loaders(self, layer) -> dict[str, WeightLoader]:
+        return {}  # a torchao weight is made from high-precision weights only
 
     def derived_tensors(self, layer) -> dict[str, torch.Tensor]:
         """The tensors a reload writes, by name under the layer: the torchao weight's inner tensors."""

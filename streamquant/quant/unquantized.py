@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from streamquant.loading.parameters import ColumnParameter, ModelWeightParameter
-from streamquant.quant.base import EmbeddingMethod, LinearMethod, MoEMethod
-from streamquant.quant.math.matmul import linear
+from streamquant.loading.parameters import ColumnParameter, ModelWeightParameter, WeightLoader
+from streamquant.parallel.context import TPContext
+from streamquant.quant.base import DirectWeights
+from streamquant.quant.math.matmul import PartialSums, linear
 from streamquant.quant.experts import dense_expert_linears, expert_weights, fused_experts
 
 
@@ -22,7 +23,7 @@ def linear_weight(output_partition_sizes, input_size_per_partition, params_dtype
     )
 
 
-class UnquantizedLinearMethod:
+class UnquantizedLinearMethod(DirectWeights):
     """Weights stay in `params_dtype`; `apply` is `F.linear`."""
 
     def create_weights(
@@ -46,7 +47,7 @@ class UnquantizedLinearMethod:
         return linear(x, layer.weight, bias, out_dtype)
 
 
-class UnquantizedEmbeddingMethod:
+class UnquantizedEmbeddingMethod(DirectWeights):
     """Embedding / LM head weight [vocab_per_rank, hidden] in `params_dtype`, split along the vocab.
 
     `embedding` is `F.embedding` (ids already local to this rank); `apply` is `F.linear`.
@@ -73,7 +74,7 @@ class UnquantizedEmbeddingMethod:
         return F.linear(x, layer.weight, bias)
 
 
-class UnquantizedFusedMoEMethod:
+class UnquantizedFusedMoEMethod(DirectWeights):
     """w13 [E, 2I/tp, H] and w2 [E, H, I/tp] in the model dtype; `apply` is `fused_experts`.
 
     Both weights are `ModelWeightParameter`s with `output_dim=1, input_dim=2`: each expert's slice

@@ -12,7 +12,7 @@ import torch
 from streamquant import load_model
 from streamquant.checkpoint.synthetic import TINY_SPEC, write_synthetic_checkpoint
 from streamquant.formats import QuantizationConfigError
-from streamquant.loading.session import NonFiniteWeightError, WeightDtypeError, WeightLoadError
+from streamquant.loading.errors import NonFiniteWeightError, WeightDtypeError, WeightLoadError
 from streamquant.offline import quantize_checkpoint
 
 

@@ -14,7 +14,7 @@ from hf_cases import CASES, make_checkpoint
 from streamquant import load_model
 from streamquant.checkpoint.reader import iterate_weights, load_hf_config
 from streamquant.formats import get_format
-from streamquant.loading.session import NonFiniteWeightError
+from streamquant.loading.errors import NonFiniteWeightError
 from streamquant.offline import QuantizePlan, quantize_checkpoint, quantize_weights
 from streamquant.parallel.context import TPContext
 from streamquant.reload import Reloader, inference_tensors, reload_weights

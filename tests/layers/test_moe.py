@@ -18,7 +18,8 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qw
 
 from streamquant.layers.linear import ReplicatedLinear
 from streamquant.layers.moe import FusedMoE, expert_mapping_rules, moe_weight_loader
-from streamquant.loading.session import DuplicateWeightError, MissingWeightsError, WeightLoadError, load_weights
+from streamquant.loading.errors import DuplicateWeightError, MissingWeightsError, WeightLoadError
+from streamquant.loading.streaming import stream_weights
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.parameters import WeightShapeError
 from streamquant.parallel.context import TPContext
@@ -77,7 +78,7 @@ class Block(torch.nn.Module):
 
 def _loaded_block(items, renormalize: bool, tp: TPContext = TPContext()) -> Block:
     block = Block(renormalize, tp, reduce_results=tp.size == 1)
-    load_weights(block, items, WeightMapping(rules=expert_mapping_rules()))
+    stream_weights(block, items, WeightMapping(rules=expert_mapping_rules()), device="cpu")
     return block
 
 
@@ -179,7 +180,7 @@ def _load_one(name: str, tensor: torch.Tensor) -> None:
     """Load one tensor into a module holding a FusedMoE as `experts` (the rules' parameter names)."""
     holder = torch.nn.Module()
     holder.experts = _experts()
-    load_weights(holder, [(name, tensor)], WeightMapping(rules=expert_mapping_rules()), strict=False)
+    stream_weights(holder, [(name, tensor)], WeightMapping(rules=expert_mapping_rules()), strict=False, device="cpu")
 
 
 def test_wrong_shape_names_expert_shard_and_shapes():
@@ -221,9 +222,9 @@ def test_missing_expert_and_double_format_are_errors(hf):
     _, per_expert, fused = hf
     incomplete = [(n, t) for n, t in per_expert if not n.startswith("mlp.experts.5.up_proj")]
     with pytest.raises(MissingWeightsError, match=r"mlp.experts.w13_weight.*experts\.5\.up_proj\.weight"):
-        load_weights(Block(True), incomplete, WeightMapping(rules=expert_mapping_rules()))
+        stream_weights(Block(True), incomplete, WeightMapping(rules=expert_mapping_rules()), device="cpu")
     with pytest.raises(DuplicateWeightError, match="w13_weight"):
-        load_weights(Block(True), per_expert + fused[:1], WeightMapping(rules=expert_mapping_rules()))
+        stream_weights(Block(True), per_expert + fused[:1], WeightMapping(rules=expert_mapping_rules()), device="cpu")
 
 
 def test_forward_keeps_leading_dims_and_validates_top_k():

@@ -14,7 +14,8 @@ from torch import nn
 
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding, pad_vocab_size, vocab_parallel_weight_loader
 from streamquant.loading.coverage import Coverage
-from streamquant.loading.session import WeightLoadError, load_weights
+from streamquant.loading.errors import WeightLoadError
+from streamquant.loading.streaming import stream_weights
 from streamquant.loading.mapping import WeightMapping
 from streamquant.parallel.context import TPContext
 from streamquant.quant.base import EmbeddingMethod
@@ -57,7 +58,7 @@ def test_ranks_reassemble_to_the_full_layers(vocab, tp_size):
     ckpt = checkpoint(vocab)
     ranks = [Toy(vocab, TPContext(r, tp_size), bias=True) for r in range(tp_size)]
     for model in ranks:
-        load_weights(model, ckpt.items(), WeightMapping())  # strict: every element of every param written
+        stream_weights(model, ckpt.items(), WeightMapping(), device="cpu")  # strict: every element of every param written
     per = pad_vocab_size(vocab, tp_size) // tp_size
     for r, model in enumerate(ranks):
         for name in ckpt:
@@ -99,7 +100,7 @@ def test_wrong_shape_names_expected_and_received():
     with pytest.raises(ValueError, match=r"expected checkpoint shape \[97, 8\], received \[98, 8\]"):
         vocab_parallel_weight_loader(layer.weight, torch.zeros(98, DIM), num_embeddings=97, tp=TPContext(1, 2))
     with pytest.raises(WeightLoadError, match="embed_tokens.weight"):
-        load_weights(Toy(97), [("embed_tokens.weight", torch.zeros(97, DIM + 1))], WeightMapping())
+        stream_weights(Toy(97), [("embed_tokens.weight", torch.zeros(97, DIM + 1))], WeightMapping(), device="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -112,7 +113,7 @@ def test_tied_lm_head_shares_storage(dtype):
     assert [n for n, _ in model.named_parameters()] == ["embed_tokens.weight"]
     ckpt = checkpoint(vocab, dtype=dtype)
     skip_head = WeightMapping(skip=("lm_head.weight",))
-    load_weights(model, [("embed_tokens.weight", ckpt["embed_tokens.weight"]), ("lm_head.weight", ckpt["lm_head.weight"])], skip_head)
+    stream_weights(model, [("embed_tokens.weight", ckpt["embed_tokens.weight"]), ("lm_head.weight", ckpt["lm_head.weight"])], skip_head, device="cpu")
     hidden = torch.randn(4, DIM).to(dtype)
     per = model.lm_head.num_embeddings_per_partition
     expected = F.linear(hidden, ckpt["embed_tokens.weight"][per : 2 * per])
@@ -145,8 +146,8 @@ def _tp2_worker(vocab: int) -> int:
     assert (tp.rank, tp.size) == (dist.get_rank(), dist.get_world_size())
     ckpt = checkpoint(vocab)
     untied, tied = Toy(vocab, tp, bias=True), Toy(vocab, tp, tie=True)
-    load_weights(untied, ckpt.items(), WeightMapping())
-    load_weights(tied, [("embed_tokens.weight", ckpt["embed_tokens.weight"])], WeightMapping())
+    stream_weights(untied, ckpt.items(), WeightMapping(), device="cpu")
+    stream_weights(tied, [("embed_tokens.weight", ckpt["embed_tokens.weight"])], WeightMapping(), device="cpu")
     ids = torch.tensor([[0, vocab - 1, 50, 48], [49, 1, vocab - 2, 47]])
     hidden = torch.randn(2, 3, DIM, generator=torch.Generator().manual_seed(5))
     assert torch.equal(untied.embed_tokens(ids), F.embedding(ids, ckpt["embed_tokens.weight"]))

@@ -1,4 +1,4 @@
-"""WeightLoadSession / load_weights on a toy decoder made of the parallel linear layers."""
+"""WeightLoadSession and the `stream_weights` driver on a toy decoder made of the parallel linear layers."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from streamquant.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
-from streamquant.loading.session import (
-    DuplicateWeightError,
-    MissingWeightsError,
-    UnexpectedWeightError,
-    WeightLoadError,
-    WeightLoadSession,
-    load_weights,
-    process_weights_after_loading,
-)
+from streamquant.loading.errors import DuplicateWeightError, MissingWeightsError, UnexpectedWeightError, WeightLoadError
+from streamquant.loading.session import WeightLoadSession
+from streamquant.loading.streaming import stream_weights
 from streamquant.loading.mapping import MappingRule, WeightMapping
 from streamquant.parallel.context import TPContext
 from streamquant.quant.unquantized import UnquantizedLinearMethod
@@ -90,7 +84,7 @@ def test_every_rank_loads_exactly_its_shards(n, order):
     ckpt = checkpoint()
     for r in range(n):
         model = Toy(TPContext(r, n))
-        loaded = load_weights(model, [(name, ckpt[name]) for name in order], MAPPING)
+        loaded = stream_weights(model, [(name, ckpt[name]) for name in order], MAPPING, device="cpu").loaded
         assert loaded == {k for k in ckpt if "inv_freq" not in k}
         state = dict(model.named_parameters())
         expected = expected_state(ckpt, n, r)
@@ -100,7 +94,7 @@ def test_every_rank_loads_exactly_its_shards(n, order):
 
 
 def _load(ckpt, *, strict=True, model=None, mapping=MAPPING):
-    return load_weights(model or Toy(TPContext(1, 2)), list(ckpt.items()), mapping, strict=strict)
+    return stream_weights(model or Toy(TPContext(1, 2)), list(ckpt.items()), mapping, device="cpu", strict=strict).loaded
 
 
 def _missing_line(message: str, param: str) -> str:
@@ -153,7 +147,7 @@ def test_unexpected_tensor():
 def test_same_tensor_twice():
     ckpt = list(checkpoint().items())
     with pytest.raises(DuplicateWeightError, match=r"layers\.1\.mlp\.up_proj\.weight"):
-        load_weights(Toy(), ckpt + [("layers.1.mlp.up_proj.weight", torch.randn(INTER, HIDDEN))], MAPPING)
+        stream_weights(Toy(), ckpt + [("layers.1.mlp.up_proj.weight", torch.randn(INTER, HIDDEN))], MAPPING, device="cpu")
 
 
 def test_two_tensors_writing_the_same_region():
@@ -202,25 +196,38 @@ def test_session_step_by_step():
 
 
 class RecordingMethod(UnquantizedLinearMethod):
-    def __init__(self, seen):
-        self.seen = seen
+    def __init__(self, seen, arrived):
+        self.seen, self.arrived = seen, arrived
 
     def process_weights_after_loading(self, layer):
         assert not layer.weight.isnan().any()
-        self.seen.append(layer.prefix)
+        self.seen.append((layer, len(self.arrived)))
 
 
 class RecordingConfig:
     def __init__(self):
-        self.seen = []
+        self.seen, self.arrived = [], []
 
     def get_linear_method(self, prefix):
-        return RecordingMethod(self.seen)
+        return RecordingMethod(self.seen, self.arrived)
 
 
-def test_process_weights_after_loading_visits_every_layer_once():
+@pytest.mark.parametrize("hold_layers", [False, True])
+def test_each_layer_is_processed_once_when_complete_or_after_everything(hold_layers):
     config = RecordingConfig()
     model = Toy(TPContext(0, 2), quant_config=config)
-    _load(checkpoint(), model=model)
-    process_weights_after_loading(model)
-    assert len(config.seen) == 4 * LAYERS + 1
+    ckpt = checkpoint()
+
+    def source():
+        for name, tensor in ckpt.items():
+            config.arrived.append(name)
+            yield name, tensor
+
+    stream_weights(model, source(), MAPPING, device="cpu", hold_layers=hold_layers)
+    layers = [id(layer) for layer, _ in config.seen]
+    assert len(layers) == 4 * LAYERS + 1 and len(set(layers)) == len(layers)
+    when = {count for _, count in config.seen}
+    if hold_layers:  # the naive baseline: nothing is processed before the last tensor arrived
+        assert when == {len(ckpt)}
+    else:  # streaming: the first layers are processed while later tensors are still to come
+        assert min(when) < len(ckpt)

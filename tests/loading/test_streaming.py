@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.session import MissingWeightsError
+from streamquant.loading.errors import MissingWeightsError
 from streamquant.loading.streaming import StreamingLoadSession, stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel.context import TPContext
@@ -35,7 +35,7 @@ def meta_model(path):
 def eager_model(path):
     config = AutoConfig.from_pretrained(path)
     model = get_model_class(config)(config, tp=TPContext(), params_dtype=torch.float32)
-    model.load_weights(iterate_weights(path))
+    stream_weights(model, iterate_weights(path), model.weight_mapping, device="cpu")
     return model
 
 

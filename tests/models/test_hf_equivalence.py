@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig
 
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.session import process_weights_after_loading
+from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel.context import TPContext
 
@@ -32,8 +32,7 @@ def load_ours(path, dtype, tp: TPContext):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))
-    loaded = model.load_weights(iterate_weights(path))
-    process_weights_after_loading(model)
+    loaded = stream_weights(model, iterate_weights(path), model.weight_mapping, device="cpu").loaded
     return model.eval(), loaded
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamquant.api import UnsupportedQuantizationError, load_model
+from streamquant.api import load_model
+from streamquant.config import UnsupportedQuantizationError
 from streamquant.offline import quantize_checkpoint
 from streamquant.quant.math.code_format import INT8, MXFP8, mx_scales
 from streamquant.quant.scaled.config import ScaledConfig
@@ -167,7 +168,7 @@ def test_int4_is_weight_only_with_a_group_size_option(llama):
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.dtype == torch.int32 and qkv.weight.shape[-1] == qkv.checkpoint_params["weight"].shape[-1] // 8
     assert qkv.weight_scale.shape[-1] == 64 // 32
-    assert model.load_report.fp8_weight_bytes == sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.int32)
+    assert model.load_report.quantized_weight_bytes == sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.int32)
 
 
 def test_int4_needs_whole_words_per_rank():

@@ -124,13 +124,15 @@ def test_load_report_counts_fp8_bytes_and_error(checkpoints):
     model = load_model(checkpoints["llama"], quantization="fp8-block", measure_error=True)
     report = model.load_report
     fp8 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
-    assert report.quantization == "fp8-block" and report.fp8_weight_bytes == fp8 > 0
+    assert report.quantization == "fp8-block" and report.quantized_weight_bytes == fp8 > 0
     error = report.quantization_error
     assert error["weights"] == 2 * 7  # per layer: q, k, v, o, gate, up, down
     assert 20 < error["sqnr_db_min"] <= error["sqnr_db_median"] <= error["sqnr_db_max"] < 40
     unquantized = load_model(checkpoints["llama"])
-    assert unquantized.load_report.fp8_weight_bytes == 0 and unquantized.load_report.quantization is None
+    assert unquantized.load_report.quantized_weight_bytes == 0 and unquantized.load_report.quantization is None
     assert report.model_bytes < unquantized.load_report.model_bytes
+    with pytest.warns(DeprecationWarning, match="quantized_weight_bytes"):
+        assert report.fp8_weight_bytes == report.quantized_weight_bytes  # the old name, for one release
 
 
 def test_tied_lm_head_stays_the_unquantized_embedding(checkpoints):

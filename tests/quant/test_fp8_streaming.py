@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.session import NonFiniteWeightError
+from streamquant.loading.errors import NonFiniteWeightError
 from streamquant.loading.materialize import materialize_
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class

@@ -14,7 +14,7 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import iterate_weights
-from streamquant.loading.session import NonFiniteWeightError
+from streamquant.loading.errors import NonFiniteWeightError
 from streamquant.parallel.context import TPContext
 from streamquant.quant.torchao import TORCHAO_PRESETS, inner_tensors, quantized_weight
 from streamquant.reload import inference_tensors, reload_weights

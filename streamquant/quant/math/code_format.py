@@ -1,4 +1,4 @@
-"""The 8-bit code formats the online schemes store, and the scale rule of each.
+"""The code formats the scaled schemes store (fp8 e4m3, int8, int4, MXFP8), and the scale rule of each.
 
 A `CodeFormat` is a storage dtype and its constants:
   - float8_e4m3fn (max 448) / float8_e4m3fnuz (max 240): the fp8 schemes; codes are the float

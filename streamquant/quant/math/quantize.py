@@ -1,4 +1,4 @@
-"""Pure quantization math of the 8-bit schemes: amax, scales, quantize into a given output, dequantize.
+"""Pure quantization math of the scaled-code schemes: amax, scales, quantize into a given output, dequantize.
 
 The one formula, for every granularity (vLLM's online fp8 formula, with its floor applied to all):
 
@@ -138,7 +138,7 @@ def _check_local_grid(grid: torch.Tensor, w: torch.Tensor, window: Window, tile:
 
 
 def quantize_window_(
-    out_fp8: torch.Tensor,
+    out_codes: torch.Tensor,
     w_local: torch.Tensor,
     local_scale_grid: torch.Tensor,
     window: Window,
@@ -149,9 +149,9 @@ def quantize_window_(
     local_factors: torch.Tensor | None = None,
     fmt: CodeFormat | None = None,
 ) -> torch.Tensor:
-    """Write `clamp(w / scale, +-max).to(fp8)` into `out_fp8` in place (its storage is kept); returns it.
-    An int8 `out_fp8` gets `round(clamp(w / scale, +-max))` (half to even), then the exact cast; `max`
-    is `fmt.max` (default: the format of `out_fp8`'s dtype; int4 codes pass `code_format.INT4`).
+    """Write `clamp(w / scale, +-max).to(fp8)` into `out_codes` in place (its storage is kept); returns it.
+    An int8 `out_codes` gets `round(clamp(w / scale, +-max))` (half to even), then the exact cast; `max`
+    is `fmt.max` (default: the format of `out_codes`'s dtype; int4 codes pass `code_format.INT4`).
 
     `formula` other than STREAMQUANT runs that library's arithmetic (`formula.py`) with
     `local_factors` (default: the scales) as the kernel's divisor or multiplier, always eager and clamped.
@@ -165,10 +165,10 @@ def quantize_window_(
     eager code skips it (`_quantize_piece_unclamped`).
     """
     _check(w_local, window, tile, "weight")
-    if out_fp8.shape != w_local.shape:
-        raise ValueError(f"output shape {tuple(out_fp8.shape)} != weight shape {tuple(w_local.shape)}")
+    if out_codes.shape != w_local.shape:
+        raise ValueError(f"output shape {tuple(out_codes.shape)} != weight shape {tuple(w_local.shape)}")
     _check_local_grid(local_scale_grid, w_local, window, tile)
-    fmax = (fmt or CodeFormat(out_fp8.dtype)).max
+    fmax = (fmt or CodeFormat(out_codes.dtype)).max
     if torch.promote_types(w_local.dtype, torch.float32) != torch.float32:
         w_local = w_local.float()  # the formula divides in float32, never in float64
     base = (window.row0 // tile[0], window.col0 // tile[1])
@@ -178,13 +178,13 @@ def quantize_window_(
                          f"scales {tuple(local_scale_grid.shape)}")
     formula = formula_of(formula)
     streamquant = formula is Formula.STREAMQUANT
-    if not streamquant and not out_fp8.dtype.is_floating_point:
-        raise ValueError(f"formula {formula.value!r} writes fp8 codes; {out_fp8.dtype} codes take the streamquant formula")
+    if not streamquant and not out_codes.dtype.is_floating_point:
+        raise ValueError(f"formula {formula.value!r} writes fp8 codes; {out_codes.dtype} codes take the streamquant formula")
     op = {Formula.STREAMQUANT: native.DIVIDE, Formula.TRANSFORMERS: native.MULTIPLY}.get(formula, native.DIVIDE_ROUNDED)
     if op == native.DIVIDE_ROUNDED and w_local.dtype in (torch.bfloat16, torch.float16):
         factors = factors.to(w_local.dtype).float()  # the divisor in the weight's dtype, as `_quantize_piece_rounded`
-    if native.quantize_(out_fp8, w_local, factors, window, tile, fmax, op):
-        return out_fp8
+    if native.quantize_(out_codes, w_local, factors, window, tile, fmax, op):
+        return out_codes
     compiled = (compiled and streamquant and w_local.device.type == "cpu"
                 and w_local.numel() >= torch_kernels.COMPILED_MIN_ELEMENTS)
     step = _chunk_rows(w_local, window, compiled)
@@ -197,10 +197,10 @@ def quantize_window_(
         scratch = (_scratch(w_local[..., :step, :].numel(), 4 if streamquant else 8, w_local.device),)
     for offset, sub in _chunks(window, step):
         src = w_local[..., offset : offset + sub.rows, :]
-        dst = out_fp8[..., offset : offset + sub.rows, :]
+        dst = out_codes[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
             kernel(_view(src, piece), _scale_view(factors, piece, base), _view(dst, piece), fmax, *scratch)
-    return out_fp8
+    return out_codes
 
 
 def quantize_local_tiles_(out: torch.Tensor, w_local: torch.Tensor, local_scales_out: torch.Tensor, window: Window,

@@ -1,4 +1,5 @@
-"""The 8-bit schemes and their options: which layers get quantized methods, and with what settings.
+"""The scaled-code schemes (codes times scales: fp8, int8, int4, mxfp8) and their options: which layers
+get quantized methods, and with what settings.
 
 Schemes (the public names): "fp8" per-tensor weight scales, "fp8-channel" one scale per output
 channel, "fp8-block" 128x128 weight blocks (ceil-division grid for other shapes); "int8" symmetric
@@ -20,7 +21,7 @@ layers unquantized. `formula` picks the arithmetic (`formula.py`): streamquant's
 compressed-tensors' or transformers' bit for bit.
 
 The config is a frozen value except for `error_log`, a per-load record the load that made the
-config owns (`api.make_quant_config` makes one config per `load_model` call).
+config owns (`config.make_quant_config` makes one config per `load_model` call).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _fp8_dtype(value: torch.dtype | str | None, scheme: ScaledScheme) -> torch.d
 
 @dataclass(frozen=True)
 class ScaledConfig:
-    """A validated quantization config of one 8-bit scheme; `get_*_method(prefix)` picks each layer's method.
+    """A validated quantization config of one scaled-code scheme; `get_*_method(prefix)` picks each layer's method.
 
     `error_log`, when given, receives the quantization error of every weight (costs two passes).
     """

@@ -53,7 +53,7 @@ from streamquant.quant.scaled.weights import (
     ScaledWeightSpec,
     ShardLayout,
     create_scaled_weight,
-    derived_tensors,
+    ScaledWeights,
     quantize_layer_weight_,
     require_quantized,
     shard_layouts,
@@ -130,7 +130,7 @@ def scaled_matmul(
     return y.reshape(*lead, y.shape[-1])
 
 
-class ScaledLinearMethod:
+class ScaledLinearMethod(ScaledWeights):
     """Online fp8 for a linear layer: bf16 checkpoint weight in, fp8 `weight` + `weight_scale` out.
 
     One instance per layer (`create_weights` records the layer's TP context and shard layouts).
@@ -150,9 +150,6 @@ class ScaledLinearMethod:
         create_scaled_weight(layer, "weight", checkpoint_weight, self.spec)
         self.tp = tp  # the context the weight is split over (a replicated layer gets a single rank)
         self.layouts = shard_layouts(layer.logical_shards["weight"], self.spec.granularity)
-
-    def derived_tensors(self, layer) -> dict[str, torch.Tensor]:
-        return derived_tensors(layer)
 
     def process_weights_after_loading(self, layer) -> None:
         quantize_layer_weight_(layer, "weight", self.spec, self.tp, self.error_log)

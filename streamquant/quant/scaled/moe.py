@@ -14,7 +14,7 @@ from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.scaled.linear import scaled_matmul
 from streamquant.quant.scaled.weights import (
     ScaledWeightSpec,
-    derived_tensors,
+    ScaledWeights,
     create_scaled_weight,
     quantize_layer_weight_,
     require_quantized,
@@ -26,7 +26,7 @@ from streamquant.quant.experts import expert_weights, fused_experts
 WEIGHTS = ("w13_weight", "w2_weight")
 
 
-class ScaledMoEMethod:
+class ScaledMoEMethod(ScaledWeights):
     """Online fp8 for fused experts; one instance per layer."""
 
     def __init__(self, spec: ScaledWeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
@@ -43,9 +43,6 @@ class ScaledMoEMethod:
             create_scaled_weight(layer, name, checkpoint_weight, self.spec)
         self.tp = tp
         self.layouts = {name: shard_layouts(layer.logical_shards[name], self.spec.granularity) for name in WEIGHTS}
-
-    def derived_tensors(self, layer) -> dict[str, torch.Tensor]:
-        return derived_tensors(layer)
 
     def process_weights_after_loading(self, layer) -> None:
         for name in WEIGHTS:

@@ -4,17 +4,18 @@ For each quantized parameter `name` of a layer ("weight" for linear layers, "w13
 "w2_weight" for MoE experts) the layer holds:
   - `layer.checkpoint_params[name]`: a parameter in the checkpoint's dtype and the layer's sharded
     layout, with the layer's `weight_loader`. Loaders write it; it lives on `meta` (no memory)
-    except while its layer is being loaded: the load that materialized it releases it right after
-    `process_weights_after_loading` (`loading.session.release_checkpoint_params`).
+    except while its layer is being loaded: the load session materializes it at the layer's first
+    tensor and releases it right after `process_weights_after_loading` (`loading/contract.py`).
   - `layer.<name>`: the fp8 codes, same shape; `layer.<name>_scale`: float32 dequantization
     multipliers [..., S, C], the local tile grids of the layer's logical shards
     (`layer.logical_shards[name]`, e.g. q, k, v) stacked along rows.
-Codes and scales are created once (on `meta` when the model is built there), get storage the first
-time the layer is quantized, and every later quantization (a reload) writes into the same storage.
+Codes and scales are created once (on `meta` when the model is built there), get storage from the
+session before the layer is first quantized, and every later quantization (a reload) writes into the
+same storage. `ScaledWeights` answers the session's questions (`loading.contract.WeightMethod`).
 
 Pre-quantized sources (an fp8 checkpoint, trainer-side quantized weights): `layer.quantized_loaders`
 maps `name` and `name_scale` to loaders that write checkpoint codes and scale grids straight into
-those parameters, this rank's shard of each (`loading.session.module_loadables(quantized_source=True)`
+those parameters, this rank's shard of each (`loading.contract.module_loadables(quantized_source=True)`
 makes them the load targets instead of the checkpoint-format parameter). The codes parameter has the
 checkpoint parameter's class and layout attributes (`output_dim`, `tp`, ...) but no `weight_loader` of
 its own, so the same tensor-parallel loader narrows fp8 codes as it narrows bf16 weights; the scale
@@ -41,9 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from streamquant.loading.session import NonFiniteWeightError
-from streamquant.loading.materialize import materialize_
-from streamquant.loading.parameters import WeightShapeError, write_region
+from streamquant.loading.errors import NonFiniteWeightError
+from streamquant.loading.parameters import WeightLoader, WeightShapeError, write_region
 from streamquant.loading.region import Region
 from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
@@ -223,8 +223,6 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: ScaledWeight
     layouts = shard_layouts(layer.logical_shards[name], spec.granularity)
     if spec.fmt.zero_point:
         return _quantize_asymmetric_(layer, name, spec, tp, error_log, slot, layouts)
-    materialize_(codes, slot.device)
-    materialize_(scales, slot.device)
     # Plain aliases: torch.compile keeps weak references to its inputs, which would pin the
     # parameter objects (swap_tensors refuses to move a tensor with a weak reference).
     w, codes, scales = slot.detach(), codes.detach(), scales.detach()
@@ -257,8 +255,6 @@ def _quantize_asymmetric_(layer, name, spec: ScaledWeightSpec, tp: TPContext, er
     points per tile, int8 codes in a scratch buffer, packed into the int32 codes."""
     codes, scales, zeros = (getattr(layer, f"{name}{suffix}") for suffix in ("", "_scale", "_zero_point"))
     grids = _amax_grids(layer, name, slot, layouts, tp, measure=window_range)
-    for param in (codes, scales, zeros):
-        materialize_(param, slot.device)
     w, codes, scales, zeros = slot.detach(), codes.detach(), scales.detach(), zeros.detach()
     target = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     for lay, grid in zip(layouts, grids):
@@ -274,11 +270,20 @@ def _quantize_asymmetric_(layer, name, spec: ScaledWeightSpec, tp: TPContext, er
     return True
 
 
-def derived_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The codes, scales (and int4 zero points) of every quantized parameter of `layer`, by name
-    (what a reload writes)."""
-    return {derived: getattr(layer, derived) for name in layer.checkpoint_params
-            for derived in (name, f"{name}_scale", f"{name}_zero_point") if hasattr(layer, derived)}
+class ScaledWeights:
+    """The `loading.contract.WeightMethod` answers of the scaled methods (linear and MoE): the
+    checkpoint-format parameters `create_scaled_weight` registered, the loaders of pre-quantized codes
+    and scales, and the codes, scales (and int4 zero points) derived from the former."""
+
+    def checkpoint_params(self, layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return layer.checkpoint_params
+
+    def quantized_loaders(self, layer: torch.nn.Module) -> dict[str, WeightLoader]:
+        return getattr(layer, "quantized_loaders", {})  # int4 registers none: it loads from high precision only
+
+    def derived_tensors(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {derived: layer.get_parameter(derived) for name in layer.checkpoint_params
+                for derived in (name, f"{name}_scale", f"{name}_zero_point") if derived in layer._parameters}
 
 
 def require_quantized(layer: torch.nn.Module, name: str) -> None:

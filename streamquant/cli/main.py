@@ -1,5 +1,5 @@
 """The `streamquant` command line: `load`, `generate`, `demo`, `quantize` (`cli/quantize.py`) and
-`mismatch` (`cli/rollout.py`).
+`mismatch` (`cli/mismatch.py`).
 
 Every command is a function of a plain, picklable options dict that returns a JSON-able result
 dict (`run_command`), so the same code runs in this process, on the ranks `launch()` spawns for
@@ -24,16 +24,8 @@ from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resol
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.cli.input import check_device, check_json_path, count, positive_seconds, prompt_ids
 from streamquant.cli.output import print_summary, thin_timeline
-from streamquant.cli.rollout import (
-    add_mismatch_command,
-    add_sampling_flags,
-    print_mismatch,
-    prompts_as_batch,
-    read_prompts,
-    run_mismatch,
-    run_sequences,
-    sampling_params,
-)
+from streamquant.cli.mismatch import add_mismatch_command, print_mismatch, run_mismatch
+from streamquant.cli.rollout import add_sampling_flags, prompts_as_batch, read_prompts, run_sequences, sampling_params
 from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
 from streamquant.inference.generation import check_request, generate_with_logits
 from streamquant.parallel.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun

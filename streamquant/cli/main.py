@@ -23,10 +23,10 @@ from streamquant.api import DTYPE_NAMES, SUPPORTED_QUANTIZATION, UnsupportedQuan
 from streamquant.checkpoint.reader import CheckpointError, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.cli.input import check_device, check_json_path, count, positive_seconds, prompt_ids
-from streamquant.cli.output import print_summary, thin_timeline
+from streamquant.cli.output import print_summary, thin_timeline, write_json
 from streamquant.cli.mismatch import add_mismatch_command, print_mismatch, run_mismatch
 from streamquant.cli.rollout import add_sampling_flags, prompts_as_batch, read_prompts, run_sequences, sampling_params
-from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
+from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize
 from streamquant.inference.generation import check_request, generate_with_logits
 from streamquant.parallel.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
 from streamquant.loading.session import WeightLoadError

@@ -1,9 +1,16 @@
-"""What the `load`, `generate` and `demo` commands print (a summary, the naive-vs-streaming table) and
-the memory timeline they write to --json."""
+"""What the commands put out: the --json file every command writes, and what `load`, `generate` and
+`demo` print (a summary, the naive-vs-streaming table) and the memory timeline they write to --json."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def format_bytes(n: int) -> str:

@@ -13,6 +13,8 @@ import safetensors.torch
 import torch
 import transformers
 
+import streamquant.cli.demo as cli_demo
+import streamquant.cli.load as cli_load
 import streamquant.cli.main as cli
 from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
 
@@ -136,12 +138,12 @@ def test_generate_tp2_in_subprocess(checkpoint, reference, tmp_path):
 
 
 def test_demo_runs_without_arguments_beyond_cache(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "DEMO_SPEC", TINY_SPEC)  # the real demo model is ~400 MB
+    monkeypatch.setattr(cli_demo, "DEMO_SPEC", TINY_SPEC)  # the real demo model is ~400 MB
     out = tmp_path / "demo.json"
     assert cli.main(["demo", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert Path(result["checkpoint"]).parent == tmp_path / "cache"
-    assert len(result["tokens"]) == cli.DEMO_NEW_TOKENS and result["prompt_ids"] == list(cli.DEMO_PROMPT)
+    assert len(result["tokens"]) == cli_demo.DEMO_NEW_TOKENS and result["prompt_ids"] == list(cli_demo.DEMO_PROMPT)
     assert result["quantization"] == "fp8"  # the demo's default
     assert result["naive_equals_streaming"] is True
     assert result["naive"]["model_bytes"] == result["model_bytes"]
@@ -190,12 +192,12 @@ def test_bad_input_is_one_line_and_exit_2(kind, extra, message, checkpoint, refe
 def test_fp32_all_reduce_flag_reaches_the_tp_context(checkpoint, monkeypatch, flag, expected):
     """The flag becomes `TPContext.reduce_dtype` of the load (what it does: tests/models/test_tp_reduce_dtype.py)."""
     seen = []
-    real = cli.load_model
+    real = cli_load.load_model
 
     def recording(*args, tp=None, **kwargs):
         seen.append(tp)
         return real(*args, tp=tp, **kwargs)
 
-    monkeypatch.setattr(cli, "load_model", recording)
+    monkeypatch.setattr(cli_load, "load_model", recording)
     assert cli.main(["load", str(checkpoint), *flag]) == 0
     assert [tp.reduce_dtype for tp in seen] == [expected]

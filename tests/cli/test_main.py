@@ -18,7 +18,7 @@ import streamquant.cli.load as cli_load
 import streamquant.cli.main as cli
 from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository root, for the subprocess's PYTHONPATH
 PROMPT = [3, 17, 42, 9, 100]
 NEW_TOKENS = 6
 
@@ -126,6 +126,7 @@ def test_generate_matches_transformers(checkpoint, reference, tmp_path):
 
 def test_generate_tp2_in_subprocess(checkpoint, reference, tmp_path):
     out = tmp_path / "gen_tp2.json"
+    assert (REPO / "streamquant" / "cli" / "main.py").is_file()  # this tree, not an installed copy
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "streamquant", *generate_args(checkpoint, out, "--tp", "2")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -17,6 +17,7 @@ import streamquant.cli.demo as cli_demo
 import streamquant.cli.load as cli_load
 import streamquant.cli.main as cli
 from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
+from streamquant.memory import PeakMemorySampler
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root, for the subprocess's PYTHONPATH
 PROMPT = [3, 17, 42, 9, 100]
@@ -63,15 +64,29 @@ def test_help_lists_commands_and_flags(capsys):
     assert all(flag in text for flag in flags)
 
 
-def test_load_writes_json(checkpoint, tmp_path, capsys):
+def test_load_writes_json(checkpoint, tmp_path, capsys, monkeypatch):
+    peaks = []  # what the load's sampler measured (its own accuracy: tests/test_memory.py)
+
+    class Recording(PeakMemorySampler):
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            peaks.append(self.result)
+
+    monkeypatch.setattr(cli_load, "PeakMemorySampler", Recording)
     out = tmp_path / "load.json"
     assert cli.main(["load", str(checkpoint), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["checkpoint_bytes"] == sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
-    assert result["model_bytes"] > 0 and result["load_seconds"] > 0 and result["peak_memory_bytes"] >= 0
+    assert result["model_bytes"] > 0 and result["load_seconds"] > 0
+    (peak,) = peaks
+    # the loaded model is still resident at the sampler's last sample, so anonymous memory grew
+    assert result["peak_memory_bytes"] == peak.peak_bytes and peak.peak_bytes > 0
     assert result["peak_memory_method"] == "cpu_rss_anon_sampled_5ms"
-    assert result["file_backed_peak_bytes"] >= 0
-    assert "peak memory" in capsys.readouterr().out
+    assert peak.file_backed_peak_bytes is not None and result["file_backed_peak_bytes"] == peak.file_backed_peak_bytes
+    text = capsys.readouterr().out
+    assert "peak memory" in text
+    assert f"({result['file_backed_peak_bytes']:,} bytes)" in next(
+        line for line in text.splitlines() if line.startswith("file-backed peak"))
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "fp8-block", "int8", "mxfp8", "torchao:int8-weight-only"])

@@ -1,3 +1,4 @@
-"""The `streamquant` command line: `main` (the parser and the `load`, `generate`, `demo` commands),
-one module per other command (`quantize`, `rollout`), what commands accept (`input`) and print
-(`output`)."""
+"""The `streamquant` command line: one module per command (`load`, `generate`, `demo`, `quantize`,
+`mismatch`), `main` (the parser assembly, dispatch to this process or the tensor-parallel ranks, and
+the error lines), generate's `--prompts` rollouts (`rollout`), what commands accept (`input`) and
+what they put out (`output`)."""

@@ -1,9 +1,16 @@
-"""What the `load`, `generate` and `demo` commands print (a summary, the naive-vs-streaming table) and
-the memory timeline they write to --json."""
+"""What the commands put out: the --json file every command writes, and what `load`, `generate` and
+`demo` print (a summary, the naive-vs-streaming table) and the memory timeline they write to --json."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def format_bytes(n: int) -> str:
@@ -21,7 +28,7 @@ def print_summary(result: dict[str, Any]) -> None:
     if "file_backed_peak_bytes" in result:
         lines.append(("file-backed peak", format_bytes(result["file_backed_peak_bytes"])))
     if result.get("quantization"):
-        lines += [("quantization", result["quantization"]), ("fp8 weight bytes", format_bytes(result["fp8_weight_bytes"]))]
+        lines += [("quantization", result["quantization"]), ("quantized weight bytes", format_bytes(result["quantized_weight_bytes"]))]
     error = result.get("quantization_error")
     if error and error.get("weights"):
         lines.append(("weight SQNR dB", f"min {error['sqnr_db_min']:.1f}, median {error['sqnr_db_median']:.1f} "

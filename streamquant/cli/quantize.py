@@ -8,7 +8,6 @@ and leaves no destination behind.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from streamquant.config import DTYPE_NAMES
@@ -78,8 +77,3 @@ def print_quantize_summary(result: dict) -> None:
                                         f"over {error['weights']} weights"))
     for key, value in lines:
         print(f"{key:<16}{value}")
-
-
-def write_json(path: Path | None, result: dict) -> None:
-    if path is not None:
-        path.write_text(json.dumps(result, indent=2) + "\n")

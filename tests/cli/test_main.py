@@ -13,10 +13,13 @@ import safetensors.torch
 import torch
 import transformers
 
+import streamquant.cli.demo as cli_demo
+import streamquant.cli.load as cli_load
 import streamquant.cli.main as cli
 from streamquant.checkpoint.synthetic import TINY_SPEC, ensure_synthetic_checkpoint
+from streamquant.memory import PeakMemorySampler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository root, for the subprocess's PYTHONPATH
 PROMPT = [3, 17, 42, 9, 100]
 NEW_TOKENS = 6
 
@@ -61,15 +64,29 @@ def test_help_lists_commands_and_flags(capsys):
     assert all(flag in text for flag in flags)
 
 
-def test_load_writes_json(checkpoint, tmp_path, capsys):
+def test_load_writes_json(checkpoint, tmp_path, capsys, monkeypatch):
+    peaks = []  # what the load's sampler measured (its own accuracy: tests/test_memory.py)
+
+    class Recording(PeakMemorySampler):
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            peaks.append(self.result)
+
+    monkeypatch.setattr(cli_load, "PeakMemorySampler", Recording)
     out = tmp_path / "load.json"
     assert cli.main(["load", str(checkpoint), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["checkpoint_bytes"] == sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
-    assert result["model_bytes"] > 0 and result["load_seconds"] > 0 and result["peak_memory_bytes"] >= 0
+    assert result["model_bytes"] > 0 and result["load_seconds"] > 0
+    (peak,) = peaks
+    # the loaded model is still resident at the sampler's last sample, so anonymous memory grew
+    assert result["peak_memory_bytes"] == peak.peak_bytes and peak.peak_bytes > 0
     assert result["peak_memory_method"] == "cpu_rss_anon_sampled_5ms"
-    assert result["file_backed_peak_bytes"] >= 0
-    assert "peak memory" in capsys.readouterr().out
+    assert peak.file_backed_peak_bytes is not None and result["file_backed_peak_bytes"] == peak.file_backed_peak_bytes
+    text = capsys.readouterr().out
+    assert "peak memory" in text
+    assert f"({result['file_backed_peak_bytes']:,} bytes)" in next(
+        line for line in text.splitlines() if line.startswith("file-backed peak"))
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "fp8-block", "int8", "mxfp8", "torchao:int8-weight-only"])
@@ -78,14 +95,15 @@ def test_load_fp8_reports_quantization(checkpoint, tmp_path, capsys, scheme):
     assert cli.main(["load", str(checkpoint), "--quantization", scheme, "--measure-error", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["quantization"] == scheme
-    assert 0 < result["fp8_weight_bytes"] < result["model_bytes"]
+    assert 0 < result["quantized_weight_bytes"] < result["model_bytes"]
+    assert result["fp8_weight_bytes"] == result["quantized_weight_bytes"]  # the deprecated key, one more release
     error = result["quantization_error"]
     assert error["weights"] > 0 and 15 < error["sqnr_db_min"] <= error["sqnr_db_median"]
     timeline = result["memory_timeline"]
     assert timeline and all(len(sample) == 2 for sample in timeline)
     assert max(b for _, b in timeline) <= result["peak_memory_bytes"]
     text = capsys.readouterr().out
-    assert "weight SQNR dB" in text and "fp8 weight bytes" in text
+    assert "weight SQNR dB" in text and "quantized weight bytes" in text
 
 
 def test_load_int4_options_reach_the_config(checkpoint, tmp_path):
@@ -112,7 +130,7 @@ def test_unquantized_load_reports_no_quantization(checkpoint, tmp_path):
     out = tmp_path / "load.json"
     assert cli.main(["load", str(checkpoint), "--quantization", "none", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["quantization"] is None and result["fp8_weight_bytes"] == 0
+    assert result["quantization"] is None and result["quantized_weight_bytes"] == 0
     assert "quantization_error" not in result
 
 
@@ -124,6 +142,7 @@ def test_generate_matches_transformers(checkpoint, reference, tmp_path):
 
 def test_generate_tp2_in_subprocess(checkpoint, reference, tmp_path):
     out = tmp_path / "gen_tp2.json"
+    assert (REPO / "streamquant" / "cli" / "main.py").is_file()  # this tree, not an installed copy
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "streamquant", *generate_args(checkpoint, out, "--tp", "2")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -136,12 +155,12 @@ def test_generate_tp2_in_subprocess(checkpoint, reference, tmp_path):
 
 
 def test_demo_runs_without_arguments_beyond_cache(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "DEMO_SPEC", TINY_SPEC)  # the real demo model is ~400 MB
+    monkeypatch.setattr(cli_demo, "DEMO_SPEC", TINY_SPEC)  # the real demo model is ~400 MB
     out = tmp_path / "demo.json"
     assert cli.main(["demo", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert Path(result["checkpoint"]).parent == tmp_path / "cache"
-    assert len(result["tokens"]) == cli.DEMO_NEW_TOKENS and result["prompt_ids"] == list(cli.DEMO_PROMPT)
+    assert len(result["tokens"]) == cli_demo.DEMO_NEW_TOKENS and result["prompt_ids"] == list(cli_demo.DEMO_PROMPT)
     assert result["quantization"] == "fp8"  # the demo's default
     assert result["naive_equals_streaming"] is True
     assert result["naive"]["model_bytes"] == result["model_bytes"]
@@ -190,12 +209,12 @@ def test_bad_input_is_one_line_and_exit_2(kind, extra, message, checkpoint, refe
 def test_fp32_all_reduce_flag_reaches_the_tp_context(checkpoint, monkeypatch, flag, expected):
     """The flag becomes `TPContext.reduce_dtype` of the load (what it does: tests/models/test_tp_reduce_dtype.py)."""
     seen = []
-    real = cli.load_model
+    real = cli_load.load_model
 
     def recording(*args, tp=None, **kwargs):
         seen.append(tp)
         return real(*args, tp=tp, **kwargs)
 
-    monkeypatch.setattr(cli, "load_model", recording)
+    monkeypatch.setattr(cli_load, "load_model", recording)
     assert cli.main(["load", str(checkpoint), *flag]) == 0
     assert [tp.reduce_dtype for tp in seen] == [expected]

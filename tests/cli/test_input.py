@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import streamquant.cli.load as cli_load
 import streamquant.cli.main as cli
 from streamquant.api import load_model
 from streamquant.checkpoint.reader import CheckpointError, resolve_checkpoint
@@ -26,7 +27,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def loads(monkeypatch):
     """The load_model calls the CLI made (none, for errors caught up front)."""
     calls = []
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: calls.append(a) or pytest.fail("loaded"))
+    monkeypatch.setattr(cli_load, "load_model", lambda *a, **k: calls.append(a) or pytest.fail("loaded"))
     return calls
 
 

@@ -22,7 +22,8 @@ from streamquant.parallel.launch import LaunchError, launch
 from streamquant.parallel.context import TPContext
 from streamquant.reload import reload_weights
 from streamquant.rl.buckets import plan_buckets
-from streamquant.rl.sync import PeerLostError, SyncError, WeightReceiver, WeightSender
+from streamquant.rl.errors import PeerLostError, SyncError
+from streamquant.rl.sync import WeightReceiver, WeightSender
 
 from hf_cases import CASES, make_checkpoint
 

@@ -38,6 +38,8 @@ The inference model's tensor-parallel group is not the sync group (that one also
 trainer): pass it to `load_model(..., tp=TPContext(rank, size, group=tp_group))`; the default,
 the whole initialized world, would make the trainer a tensor-parallel rank.
 
+Failures: `SyncError` and `PeerLostError` (a peer died or went silent), in `rl/errors.py`.
+
 Limitations: one sender per group; a receiver that never calls `reload`/`receive` while the sender
 sends blocks the sender until the group's timeout.
 """
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,22 +55,14 @@ import torch
 import torch.distributed as dist
 
 from streamquant.offline import QuantizePlan, quantize_weights
-from streamquant.parallel.context import is_peer_failure
 from streamquant.reload import Reloader, reload_weights
 from streamquant.rl.buckets import ALIGN, Bucket, BucketBuffers, entry_view, plan_buckets
+from streamquant.rl.errors import PeerLostError, SyncError, lost_peer
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 PROTOCOL = 1
 
 T = TypeVar("T")
-
-
-class SyncError(RuntimeError):
-    """The sender could not send, or a receiver refused the weights (the message says which and why)."""
-
-
-class PeerLostError(SyncError):
-    """A peer of the sync group died or stopped answering (the group's timeout ran out)."""
 
 
 @dataclass(frozen=True)
@@ -99,19 +92,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-@contextmanager
-def _peers(who: str):
-    """A collective that fails because `who` died or stopped answering (the group's timeout) raises
-    SyncError naming them and this rank, instead of a backend error."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if isinstance(exc, SyncError) or not is_peer_failure(exc):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeerLostError(f"rank {dist.get_rank()}: lost {who} during the weight sync: {first}") from exc
-
-
 class WeightSender:
     """Broadcasts named tensors to every `WeightReceiver` of `group` (this process is global rank `src`)."""
 
@@ -131,7 +111,7 @@ class WeightSender:
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         """Send every tensor (e.g. `model.named_parameters()`); raises `SyncError` if a receiver refused them,
         or died or stopped answering (within the group's timeout)."""
-        with _peers("a receiving rank of the sync group"):
+        with lost_peer("a receiving rank of the sync group"):
             return self._send(named_tensors)
 
     def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
@@ -185,7 +165,7 @@ class WeightReceiver:
         the outcome is reported to the sender."""
         box: list[Any] = [None]
         sender = f"the sender (global rank {self.src})"
-        with _peers(sender):
+        with lost_peer(sender):
             dist.broadcast_object_list(box, src=self.src, group=self.group)
         header = box[0]
         if header.get("protocol") != PROTOCOL:
@@ -203,7 +183,7 @@ class WeightReceiver:
             raise
         finally:
             if not lost:  # with the sender gone, nobody would take the rest of the stream or the report
-                with _peers(sender):
+                with lost_peer(sender):
                     stream.close()  # receives any buckets the consumer did not ask for
                     _report(self.group, error)
 
@@ -226,7 +206,7 @@ class WeightReceiver:
         try:
             for i, bucket in enumerate(plan):
                 buf, work = inflight
-                with _peers(sender):
+                with lost_peer(sender):
                     work.wait()
                 inflight = None
                 if posted < len(plan):  # the other buffer's bucket was consumed: receive the next into it

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from streamquant.parallel.context import is_peer_failure
-from streamquant.parallel.launch import LaunchError, RankPool, _run_rank, free_port, launch, under_torchrun
+from streamquant.parallel.launch import LaunchError, RankPool, free_port, launch, under_torchrun
+from streamquant.parallel.rank import _run_rank
 
 REPO = Path(__file__).resolve().parents[1]
 

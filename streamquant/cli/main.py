@@ -36,7 +36,8 @@ from streamquant.cli.rollout import (
 )
 from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
 from streamquant.inference.generation import check_request, generate_with_logits
-from streamquant.parallel.launch import DEFAULT_TIMEOUT_S, LaunchError, init_from_env, launch, shutdown, under_torchrun
+from streamquant.parallel.launch import LaunchError, init_from_env, launch, shutdown, under_torchrun
+from streamquant.parallel.rank import DEFAULT_TIMEOUT_S
 from streamquant.loading.session import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler

@@ -36,8 +36,9 @@ from streamquant.cli.rollout import (
 )
 from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize, write_json
 from streamquant.inference.generation import check_request, generate_with_logits
-from streamquant.parallel.launch import LaunchError, init_from_env, launch, shutdown, under_torchrun
+from streamquant.parallel.launch import LaunchError, launch
 from streamquant.parallel.rank import DEFAULT_TIMEOUT_S
+from streamquant.parallel.torchrun import init_from_env, shutdown, under_torchrun
 from streamquant.loading.session import WeightLoadError
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler

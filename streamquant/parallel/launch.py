@@ -15,7 +15,7 @@ This module is the parent's side: the pool, collecting the ranks' reports, endin
 runs in each rank process (joining the group, the job loop, the reports) is `rank.py`.
 
 Under `torchrun` the processes already exist: `under_torchrun()` tells so from the environment and
-`init_from_env()` joins the group it describes.
+`init_from_env()` joins the group it describes (`torchrun.py`; re-exported here).
 
 Limitations: single node; `fn` and `args` must pickle with plain `pickle` (module-level functions;
 no multiprocessing queues or locks; tensors are copied to each rank, not shared); the free
@@ -25,27 +25,23 @@ take it in between (the group would then fail to start, loudly).
 
 from __future__ import annotations
 
-import os
 import pickle
 import queue
 import socket
 import threading
 from collections.abc import Callable
-from datetime import timedelta
 from multiprocessing.util import Finalize
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from streamquant.parallel.context import TPContext
 from streamquant.parallel.rank import DEFAULT_TIMEOUT_S, backend_for, serve
+from streamquant.parallel.torchrun import init_from_env, shutdown, under_torchrun
 
 __all__ = ["DEFAULT_TIMEOUT_S", "LaunchError", "RankPool", "backend_for", "free_port", "init_from_env", "launch",
            "shutdown", "under_torchrun"]
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 POLL_SECONDS = 0.2
 
 
@@ -186,24 +182,3 @@ def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = 
     job = pickle.dumps((fn, args))  # before any process starts
     with RankPool(tp_size, device=device, timeout_s=timeout_s) as pool:
         return pool._run(job)
-
-
-def under_torchrun() -> bool:
-    """True when the environment describes a process group (as `torchrun` sets it up)."""
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
-
-
-def init_from_env(device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> TPContext:
-    """Join the process group described by the environment (once) and return this rank's context."""
-    if not dist.is_initialized():
-        backend = backend_for(device)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
-    return TPContext.from_process_group()
-
-
-def shutdown() -> None:
-    """Destroy the default process group if one is initialized."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -1,18 +1,18 @@
 """One tensor-parallel rank: how it joins its process group and, in a `RankPool`, serves jobs.
 
-Joining: `backend_for(device)` is `gloo` for CPU and `nccl` for CUDA (rank r on GPU r); collectives
-wait at most `DEFAULT_TIMEOUT_S` for a peer unless told otherwise (gloo's own default is 30
-minutes): a rank that died or stopped answering then fails its peers with an error instead of a
-silent wait. `launch.init_from_env` joins with the same backend and timeout.
+Joining: `backend_for(device)` is `gloo` for CPU and `nccl` for CUDA; collectives wait at most
+`DEFAULT_TIMEOUT_S` for a peer unless told otherwise (gloo's own default is 30 minutes): a rank that
+died or stopped answering then fails its peers with an error instead of a silent wait.
+`torchrun.py` joins with the same backend and timeout.
 
 Serving (`serve`, the target of each process `launch.RankPool` spawns): join a fresh group over
-`tcp://127.0.0.1:<port>` (on CPU with cpu_count // N threads unless OMP_NUM_THREADS is set), then
-run each job from the rank's own queue (pickled `(fn, args)`; None ends the loop) and put one report
-per job on the shared results queue: `(rank, "ok", pickled result)` (rank 0's result only; the
-others send None) or `(rank, "error", (traceback text, pickled exception or None))`. A job that
-succeeded here is closed by a check that every rank finished it (`_in_step`), so a job that left
-unmatched collectives fails itself instead of the next one. A rank that finishes destroys its
-group; an idle rank ends once its parent process is gone.
+`tcp://127.0.0.1:<port>` (rank r on GPU r; on CPU with cpu_count // N threads unless
+OMP_NUM_THREADS is set), then run each job from the rank's own queue (pickled `(fn, args)`; None
+ends the loop) and put one report per job on the shared results queue: `(rank, "ok", pickled
+result)` (rank 0's result only; the others send None) or `(rank, "error", (traceback text, pickled
+exception or None))`. A job that succeeded here is closed by a check that every rank finished it
+(`_in_step`), so a job that left unmatched collectives fails itself instead of the next one. A rank
+that finishes destroys its group; an idle rank ends once its parent process is gone.
 
 Invariants: every exception a job raises, or the closing check, reaches the parent as a report
 (results are pickled on the rank, so one that cannot be pickled is the rank's error, not a lost

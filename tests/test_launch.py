@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 
 from streamquant.parallel.context import is_peer_failure
-from streamquant.parallel.launch import LaunchError, RankPool, _run_rank, free_port, launch, under_torchrun
+from streamquant.parallel.launch import LaunchError, RankPool, free_port, launch
+from streamquant.parallel.rank import _run_rank
+from streamquant.parallel.torchrun import under_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +73,7 @@ def test_under_torchrun_reads_environment(monkeypatch):
 
 def test_init_from_env_joins_the_described_group():
     code = (
-        "from streamquant.parallel.launch import init_from_env, shutdown\n"
+        "from streamquant.parallel.torchrun import init_from_env, shutdown\n"
         "import torch.distributed as dist\n"
         "tp = init_from_env()\n"
         "print(tp.rank, tp.size, dist.get_backend())\n"

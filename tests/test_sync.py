@@ -21,7 +21,9 @@ from streamquant.api import load_model
 from streamquant.parallel.launch import LaunchError, launch
 from streamquant.parallel.context import TPContext
 from streamquant.reload import reload_weights
-from streamquant.rl.sync import PeerLostError, SyncError, WeightReceiver, WeightSender, plan_buckets
+from streamquant.rl.buckets import plan_buckets
+from streamquant.rl.errors import PeerLostError, SyncError
+from streamquant.rl.sync import WeightReceiver, WeightSender
 
 from hf_cases import CASES, make_checkpoint
 

@@ -20,7 +20,7 @@ from streamquant.cli.output import thin_timeline
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.parallel.context import TPContext
-from streamquant.parallel.launch import DEFAULT_TIMEOUT_S
+from streamquant.parallel.rank import DEFAULT_TIMEOUT_S
 from streamquant.quant.math.formula import Formula
 from streamquant.quant.scaled.config import FP8_DTYPES, ActivationScheme
 

@@ -29,7 +29,8 @@ from streamquant.config import UnsupportedQuantizationError
 from streamquant.loading.errors import WeightLoadError
 from streamquant.models import UnsupportedArchitectureError
 from streamquant.parallel.context import is_peer_failure
-from streamquant.parallel.launch import LaunchError, init_from_env, launch, shutdown, under_torchrun
+from streamquant.parallel.launch import LaunchError, launch
+from streamquant.parallel.torchrun import init_from_env, shutdown, under_torchrun
 
 # Bad input, reported in one line. ValueError also covers sizes that do not fit (a --tp that does not
 # divide the heads); the named subclasses are listed for the reader.

@@ -11,8 +11,11 @@ other ranks (they would otherwise wait in a collective, the failed rank's group 
 Collectives time out after `timeout_s` (default 5 minutes, not gloo's 30): a rank that stops
 answering makes its peers fail within that time.
 
+This module is the parent's side: the pool, collecting the ranks' reports, ending the ranks. What
+runs in each rank process (joining the group, the job loop, the reports) is `rank.py`.
+
 Under `torchrun` the processes already exist: `under_torchrun()` tells so from the environment and
-`init_from_env()` joins the group it describes.
+`init_from_env()` joins the group it describes (`torchrun.py`; re-exported here).
 
 Limitations: single node; `fn` and `args` must pickle with plain `pickle` (module-level functions;
 no multiprocessing queues or locks; tensors are copied to each rank, not shared); the free
@@ -22,30 +25,24 @@ take it in between (the group would then fail to start, loudly).
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import pickle
 import queue
 import socket
 import threading
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from multiprocessing.util import Finalize
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from streamquant.parallel.context import TPContext
+from streamquant.parallel.rank import DEFAULT_TIMEOUT_S, backend_for, serve
+from streamquant.parallel.torchrun import init_from_env, shutdown, under_torchrun
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+__all__ = ["DEFAULT_TIMEOUT_S", "LaunchError", "RankPool", "backend_for", "free_port", "init_from_env", "launch",
+           "shutdown", "under_torchrun"]
+
 POLL_SECONDS = 0.2
-PARENT_CHECK_SECONDS = 1.0  # how often an idle pool rank checks that its parent still lives
-# Collectives wait at most this long for a peer (gloo's own default is 30 minutes): a rank that died
-# or stopped answering then fails the survivors with an error instead of a silent wait.
-DEFAULT_TIMEOUT_S = 300.0
 
 
 class LaunchError(RuntimeError):
@@ -60,104 +57,10 @@ class LaunchError(RuntimeError):
         self.unreported = unreported  # the other ranks that had not reported then (a silent peer is among them)
 
 
-def backend_for(device: str | torch.device) -> str:
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _picklable_exception(exc: BaseException) -> bytes | None:
-    try:
-        data = pickle.dumps(exc)
-        pickle.loads(data)  # some exceptions pickle but cannot be rebuilt (extra __init__ args)
-        return data
-    except Exception:
-        return None
-
-
-def _failure(rank: int, exc: BaseException) -> tuple:
-    """The message a rank sends for the exception being handled: its traceback and, if it pickles, itself."""
-    return rank, "error", (traceback.format_exc(), _picklable_exception(exc))
-
-
-def _run_rank(rank: int, fn: Callable, args: tuple) -> tuple:
-    """The message a rank sends back: its pickled result (rank 0 only) or its failure."""
-    try:
-        # Pickled here, not by the queue's feeder thread, so a result that cannot be pickled
-        # becomes this rank's error instead of a message that never arrives.
-        value = fn(*args)
-        return rank, "ok", pickle.dumps(value) if rank == 0 else None
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
-        return _failure(rank, exc)
-
-
-def _serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout_s: float) -> None:
-    """A rank's process: join the group once, then run each job from `jobs` (pickled `(fn, args)`;
-    None ends the loop) and report it on `results`."""
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        elif "OMP_NUM_THREADS" not in os.environ:
-            # N ranks each using every core would oversubscribe the CPU; split the cores.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout_s))
-    except BaseException as exc:  # noqa: BLE001
-        results.put(_failure(rank, exc))
-        return
-    parent = multiprocessing.parent_process()
-    try:
-        count = 0
-        while (job := _next_job(jobs, parent)) is not None:
-            count += 1
-            report = _run_rank(rank, lambda: _call(job), ())
-            if report[1] == "ok":
-                report = _in_step(rank, count, backend) or report
-            results.put(report)
-        if parent is None or parent.is_alive():
-            results.close()
-            results.join_thread()  # flushed before the group goes away, so every report reaches the parent
-        else:
-            results.cancel_join_thread()  # nobody reads them any more: a full pipe must not keep this rank
-    finally:
-        dist.destroy_process_group()
-
-
-def _in_step(rank: int, count: int, backend: str) -> tuple | None:
-    """After a job that succeeded here: None when every rank finished job `count` in step, else this
-    rank's failure report. A job that left the ranks' collectives out of step (one more on some rank)
-    fails itself here, instead of the next job waiting on a collective nobody else makes."""
-    try:
-        device = "cuda" if backend == "nccl" else "cpu"
-        lo, hi = torch.tensor([count], device=device), torch.tensor([count], device=device)
-        dist.all_reduce(lo, dist.ReduceOp.MIN)
-        dist.all_reduce(hi, dist.ReduceOp.MAX)
-        if int(lo) != count or int(hi) != count:
-            raise RuntimeError(f"after job {count} the ranks are out of step (jobs {int(lo)}..{int(hi)} in the "
-                               "closing check): the job left unmatched collectives")
-        return None
-    except BaseException as exc:  # noqa: BLE001 - reported as this job's failure
-        return _failure(rank, exc)
-
-
-def _next_job(jobs, parent) -> bytes | None:
-    """The next job, or None when the pool ends it or the `parent` process is gone (a killed parent
-    never sends None: its ranks must not wait for it forever)."""
-    while True:
-        try:
-            return jobs.get(timeout=PARENT_CHECK_SECONDS)
-        except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                return None
-
-
-def _call(job: bytes) -> Any:
-    fn, args = pickle.loads(job)
-    return fn(*args)
 
 
 def _collect(procs: list, results) -> Any:
@@ -226,7 +129,7 @@ class RankPool:
         self.results = ctx.Queue()
         self.jobs = [ctx.Queue() for _ in range(tp_size)]
         port = free_port()
-        self.procs = [ctx.Process(target=_serve, args=(r, tp_size, port, backend, self.jobs[r], self.results, timeout_s))
+        self.procs = [ctx.Process(target=serve, args=(r, tp_size, port, backend, self.jobs[r], self.results, timeout_s))
                       for r in range(tp_size)]
         self._lock = threading.Lock()  # one job at a time, whichever thread calls
         # A pool dropped, or alive at interpreter exit, without close(): its ranks are terminated. An
@@ -279,24 +182,3 @@ def launch(fn: Callable, tp_size: int, *args: Any, device: str | torch.device = 
     job = pickle.dumps((fn, args))  # before any process starts
     with RankPool(tp_size, device=device, timeout_s=timeout_s) as pool:
         return pool._run(job)
-
-
-def under_torchrun() -> bool:
-    """True when the environment describes a process group (as `torchrun` sets it up)."""
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
-
-
-def init_from_env(device: str | torch.device = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> TPContext:
-    """Join the process group described by the environment (once) and return this rank's context."""
-    if not dist.is_initialized():
-        backend = backend_for(device)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
-    return TPContext.from_process_group()
-
-
-def shutdown() -> None:
-    """Destroy the default process group if one is initialized."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

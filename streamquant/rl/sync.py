@@ -29,14 +29,16 @@ bytes of bf16 on the wire) and flags the stream; receivers install the codes and
 weights gives when the plan and the model agree on scheme and formula. The trainer holds the
 quantized copy of every tensor while sending (about half a bf16 model).
 
-Buffers are kept between sends (two of `bucket_bytes` per side, allocated at the first send); a
-tensor larger than `bucket_bytes` travels alone in a buffer of its own size. `dtype=` on the sender
-casts floating-point tensors while packing (e.g. fp32 master weights sent as bf16, no temporary); fp8
-codes are never cast.
+The bucket layout (the plan, alignment, the two reusable buffers per side, a tensor larger than
+`bucket_bytes` alone in a buffer of its own size) is `rl/buckets.py`; this module moves the buckets.
+`dtype=` on the sender casts floating-point tensors while packing (e.g. fp32 master weights sent as
+bf16, no temporary); fp8 codes are never cast.
 
 The inference model's tensor-parallel group is not the sync group (that one also holds the
 trainer): pass it to `load_model(..., tp=TPContext(rank, size, group=tp_group))`; the default,
 the whole initialized world, would make the trainer a tensor-parallel rank.
+
+Failures: `SyncError` and `PeerLostError` (a peer died or went silent), in `rl/errors.py`.
 
 Limitations: one sender per group; a receiver that never calls `reload`/`receive` while the sender
 sends blocks the sender until the group's timeout.
@@ -46,46 +48,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from streamquant.loading.materialize import FLAT_ALIGN, align_up, byte_view
 from streamquant.offline import QuantizePlan, quantize_weights
-from streamquant.parallel.context import is_peer_failure
 from streamquant.reload import Reloader, reload_weights
+from streamquant.rl.buckets import ALIGN, Bucket, BucketBuffers, entry_view, plan_buckets
+from streamquant.rl.errors import PeerLostError, SyncError, lost_peer
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-ALIGN = FLAT_ALIGN  # every tensor starts at a multiple of this many bytes in its bucket
 PROTOCOL = 1
 
 T = TypeVar("T")
-
-
-class SyncError(RuntimeError):
-    """The sender could not send, or a receiver refused the weights (the message says which and why)."""
-
-
-class PeerLostError(SyncError):
-    """A peer of the sync group died or stopped answering (the group's timeout ran out)."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    dtype: str  # e.g. "bfloat16" (torch attribute name)
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class Bucket:
-    nbytes: int
-    entries: tuple[Entry, ...]
 
 
 @dataclass(frozen=True)
@@ -98,64 +75,11 @@ class SyncStats:
     seconds: float
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None = None) -> list[Bucket]:
-    """Pack tensors, in order, into buckets of at most `bucket_bytes` (one bigger tensor: a bucket of its own)."""
-    buckets: list[Bucket] = []
-    entries: list[Entry] = []
-    used = 0
-    seen: set[str] = set()
-    for name, tensor in items:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name!r}: expected a tensor, got {type(tensor).__name__}")
-        if tensor.is_meta:
-            raise ValueError(f"{name!r} is on the meta device (no data to send)")
-        if name in seen:
-            raise ValueError(f"{name!r} appears twice in the tensors to send")
-        seen.add(name)
-        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype.itemsize > 1  # never fp8 codes
-        out_dtype = dtype if cast else tensor.dtype
-        nbytes = tensor.numel() * out_dtype.itemsize
-        start = align_up(used, ALIGN)
-        if entries and start + nbytes > bucket_bytes:
-            buckets.append(Bucket(used, tuple(entries)))
-            entries, start = [], 0
-        entries.append(Entry(name, _dtype_name(out_dtype), tuple(tensor.shape), start, nbytes))
-        used = start + nbytes
-    if entries:
-        buckets.append(Bucket(used, tuple(entries)))
-    return buckets
-
-
-def _view(buffer: torch.Tensor, entry: Entry) -> torch.Tensor:
-    return byte_view(buffer, entry.offset, entry.shape, getattr(torch, entry.dtype))
-
-
 def _default_device(group: dist.ProcessGroup | None) -> torch.device:
     """Buckets live where the backend moves data: CUDA for NCCL, host memory otherwise."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-class _Buffers:
-    """Two reusable flat buffers (ping-pong), grown when a plan needs more."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.slots: list[torch.Tensor | None] = [None, None]
-
-    def get(self, index: int, nbytes: int, bucket_bytes: int) -> torch.Tensor:
-        if nbytes > bucket_bytes:  # a tensor bigger than a bucket: its own buffer, not kept
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        slot = index % 2
-        buf = self.slots[slot]
-        if buf is None or buf.numel() < nbytes:
-            buf = self.slots[slot] = torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device)
-        return buf
 
 
 def _report(group: dist.ProcessGroup | None, error: str | None) -> list[str | None]:
@@ -166,19 +90,6 @@ def _report(group: dist.ProcessGroup | None, error: str | None) -> list[str | No
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-@contextmanager
-def _peers(who: str):
-    """A collective that fails because `who` died or stopped answering (the group's timeout) raises
-    SyncError naming them and this rank, instead of a backend error."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if isinstance(exc, SyncError) or not is_peer_failure(exc):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeerLostError(f"rank {dist.get_rank()}: lost {who} during the weight sync: {first}") from exc
 
 
 class WeightSender:
@@ -195,12 +106,12 @@ class WeightSender:
             raise ValueError(f"WeightSender(src={src}) created on global rank {dist.get_rank()}")
         self.group, self.src, self.bucket_bytes, self.dtype = group, src, bucket_bytes, dtype
         self.quantization = quantization
-        self.buffers = _Buffers(torch.device(device) if device is not None else _default_device(group))
+        self.buffers = BucketBuffers(torch.device(device) if device is not None else _default_device(group))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         """Send every tensor (e.g. `model.named_parameters()`); raises `SyncError` if a receiver refused them,
         or died or stopped answering (within the group's timeout)."""
-        with _peers("a receiving rank of the sync group"):
+        with lost_peer("a receiving rank of the sync group"):
             return self._send(named_tensors)
 
     def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
@@ -224,7 +135,7 @@ class WeightSender:
                     works[i % 2][1].wait()  # the buffer's previous bucket has left
                 buf = self.buffers.get(i, bucket.nbytes, self.bucket_bytes)
                 for entry in bucket.entries:
-                    _view(buf, entry).copy_(tensors[entry.name])  # casts to the entry's dtype if asked
+                    entry_view(buf, entry).copy_(tensors[entry.name])  # casts to the entry's dtype if asked
                 work = dist.broadcast(buf[:bucket.nbytes], src=self.src, group=self.group, async_op=True)
                 works[i % 2] = (buf, work)  # the buffer stays alive until its broadcast is done
         for pending in works:
@@ -246,7 +157,7 @@ class WeightReceiver:
             raise ValueError(f"WeightReceiver on global rank {src}, the sender's rank")
         self.group, self.src = group, src
         self.quantized = False  # set by each `receive` from the sender's header
-        self.buffers = _Buffers(torch.device(device) if device is not None else _default_device(group))
+        self.buffers = BucketBuffers(torch.device(device) if device is not None else _default_device(group))
 
     def receive(self, consume: Callable[[Iterator[tuple[str, torch.Tensor]]], T]) -> T:
         """Run `consume` on the received `(name, tensor)` stream; each tensor is a view into a bucket,
@@ -254,7 +165,7 @@ class WeightReceiver:
         the outcome is reported to the sender."""
         box: list[Any] = [None]
         sender = f"the sender (global rank {self.src})"
-        with _peers(sender):
+        with lost_peer(sender):
             dist.broadcast_object_list(box, src=self.src, group=self.group)
         header = box[0]
         if header.get("protocol") != PROTOCOL:
@@ -272,7 +183,7 @@ class WeightReceiver:
             raise
         finally:
             if not lost:  # with the sender gone, nobody would take the rest of the stream or the report
-                with _peers(sender):
+                with lost_peer(sender):
                     stream.close()  # receives any buckets the consumer did not ask for
                     _report(self.group, error)
 
@@ -295,13 +206,13 @@ class WeightReceiver:
         try:
             for i, bucket in enumerate(plan):
                 buf, work = inflight
-                with _peers(sender):
+                with lost_peer(sender):
                     work.wait()
                 inflight = None
                 if posted < len(plan):  # the other buffer's bucket was consumed: receive the next into it
                     inflight, posted = post(posted), posted + 1
                 for entry in bucket.entries:
-                    yield entry.name, _view(buf, entry)
+                    yield entry.name, entry_view(buf, entry)
         finally:
             if inflight is not None:
                 inflight[1].wait()

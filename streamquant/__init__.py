@@ -2,16 +2,16 @@
 
 Public API (see README.md):
     load_model(path, *, quantization=None, dtype=torch.bfloat16, device="cpu", tp=None, strict=True,
-               streaming=True, **fp8_options)
+               streaming=True, **options)
     reload_weights(model, weights, *, strict=True, atomic=False, staging_budget=None, quantized_source=None)
-    quantize_checkpoint(src, dst, quantization, *, format="compressed-tensors", workers=1, **fp8_options)
+    quantize_checkpoint(src, dst, quantization, *, format="compressed-tensors", workers=1, **options)
     (and `streamquant.offline`: QuantizePlan / quantize_weights, trainer-side quantization)
     (and `streamquant.rl.sync`: WeightSender / WeightReceiver, trainer -> inference over torch.distributed)
     generate(model, prompts, SamplingParams(...))  -> list[Completion] (rollouts; ragged prompts)
     generate(model, input_ids, max_new_tokens)     -> [B, T + max_new_tokens] ids (greedy)
     PeakMemorySampler(device)
-    (and `streamquant.parallel.launch.launch(fn, tp_size, *args, device="cpu")`: the module of that name
-    shadows any package attribute `launch`, so it is not re-exported)
+    (and `streamquant.parallel.launch.launch(fn, tp_size, *args, device="cpu")`: N tensor-parallel
+    ranks, one process each)
 
 The names above are resolved on first use (PEP 562), so importing one subpackage, e.g.
 `streamquant.layers`, does not pull in the checkpoint reader and transformers.

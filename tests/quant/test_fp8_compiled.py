@@ -7,15 +7,18 @@ both fp8 formats, misaligned (straddling) windows and batch dimensions.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from torch._inductor.compile_fx import compile_fx
 
 import streamquant.quant.math.torch_kernels as fp8_kernels
 import streamquant.quant.math.quantize as fp8_math
 from streamquant.quant.math.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
 from streamquant.quant.math.quantize import local_scales, quantize, quantize_window_, scale_from_amax, window_amax
-from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window
+from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window, tile_shape, window_pieces
 from streamquant.quant.math.native import build
 
 from .fp8_reference import bits, ref_quantize, to_f32
@@ -27,6 +30,50 @@ def compile_every_window(monkeypatch):
     The compiled path is the fallback of the pure-torch kernels: the native ones are switched off."""
     monkeypatch.setattr(fp8_kernels, "COMPILED_MIN_ELEMENTS", 0)
     monkeypatch.setenv(build.ENV, "torch")
+
+
+@pytest.fixture
+def compiled_kernel(monkeypatch):
+    """A spy on the compiled path, proving it ran: `torch.compile` (as `quantize_window_` calls it) records what
+    it was asked to compile (`compiled`) and counts the calls of the result (`calls`, one per piece), and the
+    inductor backend (the default one, wrapped) counts the runs of its generated code (`graph_runs`). Where a
+    piece ran any other way (the native or eager kernels, dynamo's silent fallback to eager after its
+    recompile limit) `graph_runs` falls short of `calls`, or `calls` of the pieces; `fullgraph=True` makes a
+    graph break an error. The dynamo cache is reset around each test: each test compiles its own cases
+    (a shared cache makes later tests hit the limit of 8 compilations of `_quantize_piece` and run eager)."""
+    spy = SimpleNamespace(compiled=[], calls=0, graph_runs=0)
+    real_compile = torch.compile
+
+    def counting_inductor(graph, example_inputs):
+        generated = compile_fx(graph, example_inputs)
+
+        def run(*args):
+            spy.graph_runs += 1
+            return generated(*args)
+
+        run._boxed_call = getattr(generated, "_boxed_call", False)  # the calling convention dynamo reads
+        return run
+
+    def spy_compile(fn, **kwargs):
+        spy.compiled.append(fn)
+        compiled = real_compile(fn, backend=counting_inductor, fullgraph=True, **kwargs)
+
+        def call(*args):
+            spy.calls += 1
+            return compiled(*args)
+
+        return call
+
+    torch.compiler.reset()
+    monkeypatch.setattr(fp8_math.torch, "compile", spy_compile)
+    yield spy
+    torch.compiler.reset()  # no entries of this test's backend left behind for later tests
+
+
+def assert_compiled_ran(spy, pieces: int) -> None:
+    assert pieces > 0 and spy.compiled and all(fn is fp8_kernels._quantize_piece for fn in spy.compiled)
+    assert spy.calls == pieces, (spy.calls, pieces)  # every piece through the compiled callable
+    assert spy.graph_runs == spy.calls, (spy.graph_runs, spy.calls)  # and every call ran inductor's code
 
 
 def hard_weight(shape, seed=0):
@@ -46,10 +93,12 @@ def hard_weight(shape, seed=0):
      (PerBlock((1, 32)), MXFP8)],
     ids=["tensor-e4m3fn", "row-e4m3fnuz", "block-e4m3fn", "row-int8", "mx-block-mxfp8"],
 )
-def test_compiled_quantize_is_bitwise_eager(granularity, fmt):
+def test_compiled_quantize_is_bitwise_eager(granularity, fmt, compiled_kernel):
     w = hard_weight((2, 300, 260))
     q_eager, s_eager = quantize(w, granularity, fmt)
+    assert compiled_kernel.compiled == []  # the reference is eager
     q_comp, s_comp = quantize(w, granularity, fmt, compiled=True)
+    assert_compiled_ran(compiled_kernel, len(window_pieces(Window(0, 0, 300, 260), tile_shape(granularity, (300, 260)))))
     assert torch.equal(s_comp, s_eager)
     assert torch.equal(q_comp.view(torch.uint8), q_eager.view(torch.uint8))
     tile = {PerTensor: (300, 260), PerRow: (1, 260)}.get(type(granularity), getattr(granularity, "block_size", None))
@@ -57,14 +106,16 @@ def test_compiled_quantize_is_bitwise_eager(granularity, fmt):
     np.testing.assert_array_equal(bits(q_comp[1]), codes)
 
 
-def test_compiled_straddling_window_is_bitwise_eager():
+def test_compiled_straddling_window_is_bitwise_eager(compiled_kernel):
     w = hard_weight((500, 300))
     window = Window(1000, 70, 1800, 600, rows=500, cols=300)  # starts and ends inside 128-blocks
     amax = window_amax(w, window, (128, 128))
     scales = local_scales(scale_from_amax(amax), window, (128, 128))
     eager = quantize_window_(torch.empty(w.shape, dtype=torch.float8_e4m3fn), w, scales, window, (128, 128))
+    assert compiled_kernel.compiled == []
     out = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     assert quantize_window_(out, w, scales, window, (128, 128), compiled=True) is out
+    assert_compiled_ran(compiled_kernel, len(window_pieces(window, (128, 128))))
     assert torch.equal(out.view(torch.uint8), eager.view(torch.uint8))
 
 

@@ -40,7 +40,7 @@ def compiled_kernel(monkeypatch):
     piece ran any other way (the native or eager kernels, dynamo's silent fallback to eager after its
     recompile limit) `graph_runs` falls short of `calls`, or `calls` of the pieces; `fullgraph=True` makes a
     graph break an error. The dynamo cache is reset around each test: each test compiles its own cases
-    (a shared cache makes later tests hit the limit of 8 compilations of `_quantize_piece` and run eager)."""
+    (a shared cache makes later tests hit the limit of 8 compilations of `quantize_piece` and run eager)."""
     spy = SimpleNamespace(compiled=[], calls=0, graph_runs=0)
     real_compile = torch.compile
 
@@ -71,7 +71,7 @@ def compiled_kernel(monkeypatch):
 
 
 def assert_compiled_ran(spy, pieces: int) -> None:
-    assert pieces > 0 and spy.compiled and all(fn is fp8_kernels._quantize_piece for fn in spy.compiled)
+    assert pieces > 0 and spy.compiled and all(fn is fp8_kernels.quantize_piece for fn in spy.compiled)
     assert spy.calls == pieces, (spy.calls, pieces)  # every piece through the compiled callable
     assert spy.graph_runs == spy.calls, (spy.graph_runs, spy.calls)  # and every call ran inductor's code
 
@@ -129,4 +129,4 @@ def test_windows_below_the_threshold_take_the_eager_kernel(monkeypatch):
     assert calls == []
     monkeypatch.setattr(fp8_kernels, "COMPILED_MIN_ELEMENTS", 300 * 260)
     assert torch.equal(quantize(w, PerTensor(), compiled=True)[0].view(torch.uint8), q.view(torch.uint8))
-    assert calls == [fp8_kernels._quantize_piece]
+    assert calls == [fp8_kernels.quantize_piece]

@@ -75,7 +75,7 @@ class CodeFormat:
     @property
     def scales_cover_amax(self) -> bool:
         """Whether `scale >= amax / max` always holds, so quantizing needs no clamp (see
-        `torch_kernels._quantize_piece_unclamped`); false for MX, whose floor-rounded scale saturates."""
+        `torch_kernels.quantize_piece_unclamped`); false for MX, whose floor-rounded scale saturates."""
         return not self.mx
 
 

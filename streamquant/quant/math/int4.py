@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from streamquant.quant.math.convert import fp8_to_float32
-from streamquant.quant.math.torch_kernels import _chunk_rows, _chunks, _grid_part, _scale_view, _view
+from streamquant.quant.math import torch_kernels
 from streamquant.quant.math.granularity import Window, grid_shape, window_pieces
 
 Q_MIN, Q_MAX = -8, 7
@@ -36,11 +36,11 @@ def window_range(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) -
     batch = tuple(w_local.shape[:-2])
     grid = torch.zeros((2,) + batch + grid_shape(tile, window.global_shape), dtype=torch.float32,
                        device=w_local.device)
-    for offset, sub in _chunks(window, _chunk_rows(w_local, window, False)):
+    for offset, sub in torch_kernels.chunks(window, torch_kernels.chunk_rows(w_local, window, False)):
         rows = w_local[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            view = _view(rows, piece)
-            hi, lo = _grid_part(grid[0], piece, (0, 0)), _grid_part(grid[1], piece, (0, 0))
+            view = torch_kernels.view(rows, piece)
+            hi, lo = torch_kernels.grid_part(grid[0], piece, (0, 0)), torch_kernels.grid_part(grid[1], piece, (0, 0))
             torch.maximum(hi, view.amax(dim=(-3, -1)).float(), out=hi)
             torch.maximum(lo, view.amin(dim=(-3, -1)).float().neg_(), out=lo)
     return grid
@@ -62,13 +62,13 @@ def quantize_window_asymmetric_(out: torch.Tensor, w_local: torch.Tensor, scales
     are this window's local tile grids."""
     base = (window.row0 // tile[0], window.col0 // tile[1])
     zeros = zero_points.float()
-    for offset, sub in _chunks(window, _chunk_rows(w_local, window, False)):
+    for offset, sub in torch_kernels.chunks(window, torch_kernels.chunk_rows(w_local, window, False)):
         src = w_local[..., offset : offset + sub.rows, :]
         dst = out[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            values = torch.div(_view(src, piece).float(), _scale_view(scales, piece, base)).round_()  # never in place
-            values.add_(_scale_view(zeros, piece, base)).clamp_(Q_MIN, Q_MAX)
-            _view(dst, piece).copy_(values)
+            values = torch.div(torch_kernels.view(src, piece).float(), torch_kernels.scale_view(scales, piece, base)).round_()  # never in place
+            values.add_(torch_kernels.scale_view(zeros, piece, base)).clamp_(Q_MIN, Q_MAX)
+            torch_kernels.view(dst, piece).copy_(values)
     return out
 
 
@@ -78,10 +78,10 @@ def dequantize_window_asymmetric(q: torch.Tensor, scales: torch.Tensor, zero_poi
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     base = (window.row0 // tile[0], window.col0 // tile[1])
     zeros = zero_points.float()
-    for offset, sub in _chunks(window, _chunk_rows(q, window, False)):
+    for offset, sub in torch_kernels.chunks(window, torch_kernels.chunk_rows(q, window, False)):
         src = q[..., offset : offset + sub.rows, :]
         dst = out[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            values = fp8_to_float32(_view(src, piece)).sub_(_scale_view(zeros, piece, base))
-            _view(dst, piece).copy_(values.mul_(_scale_view(scales, piece, base)))
+            values = fp8_to_float32(torch_kernels.view(src, piece)).sub_(torch_kernels.scale_view(zeros, piece, base))
+            torch_kernels.view(dst, piece).copy_(values.mul_(torch_kernels.scale_view(scales, piece, base)))
     return out

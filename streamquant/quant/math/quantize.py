@@ -46,21 +46,6 @@ import torch
 from streamquant.quant.math.code_format import E4M3FN, CodeFormat, mx_scales
 from streamquant.quant.math import native, torch_kernels
 from streamquant.quant.math.convert import fp8_to_float32
-from streamquant.quant.math.torch_kernels import (
-    FLOAT_BITS_AS_INT,
-    _abs_max,
-    _chunk_rows,
-    _chunks,
-    _grid_part,
-    _quantize_piece,
-    _quantize_piece_eager,
-    _quantize_piece_multiplied,
-    _quantize_piece_rounded,
-    _quantize_piece_unclamped,
-    _scale_view,
-    _scratch,
-    _view,
-)
 from streamquant.quant.math.formula import Formula, TileScales, formula_of, tile_scales
 from streamquant.quant.math.granularity import (
     Granularity,
@@ -74,7 +59,7 @@ from streamquant.quant.math.granularity import (
 
 def _check(w: torch.Tensor, window: Window, tile: tuple[int, int], what: str) -> None:
     check_tile(tile)
-    if what == "weight" and w.dtype not in dict(FLOAT_BITS_AS_INT):
+    if what == "weight" and w.dtype not in dict(torch_kernels.FLOAT_BITS_AS_INT):
         raise ValueError(f"can only quantize a bf16, fp16, fp32 or fp64 weight, got {w.dtype}")
     if w.dim() < 2 or tuple(w.shape[-2:]) != window.shape:
         raise ValueError(f"{what} of shape {tuple(w.shape)} does not match window {window.shape}: {window}")
@@ -91,13 +76,13 @@ def window_amax(w_local: torch.Tensor, window: Window, tile: tuple[int, int]) ->
     rows, cols = window.local_grid(tile)
     if native.amax_(grid[..., rows, cols], w_local, window, tile):
         return grid
-    step = _chunk_rows(w_local, window, False)
-    scratch = _scratch(w_local[..., :step, :].numel(), w_local.element_size(), w_local.device)
-    for offset, sub in _chunks(window, step):
+    step = torch_kernels.chunk_rows(w_local, window, False)
+    scratch = torch_kernels.scratch(w_local[..., :step, :].numel(), w_local.element_size(), w_local.device)
+    for offset, sub in torch_kernels.chunks(window, step):
         rows = w_local[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            target = _grid_part(grid, piece, (0, 0))
-            torch.maximum(target, _abs_max(_view(rows, piece), scratch), out=target)
+            target = torch_kernels.grid_part(grid, piece, (0, 0))
+            torch.maximum(target, torch_kernels.abs_max(torch_kernels.view(rows, piece), scratch), out=target)
     return grid
 
 
@@ -162,7 +147,7 @@ def quantize_window_(
     other devices run eager code either way.
     `scales_cover_amax=True` is the caller's promise that the scales came from `scale_from_amax`
     of amaxes at least the tiles' (as in `quantize`): the clamp is then provably a no-op and the
-    eager code skips it (`_quantize_piece_unclamped`).
+    eager code skips it (`torch_kernels.quantize_piece_unclamped`).
     """
     _check(w_local, window, tile, "weight")
     if out_codes.shape != w_local.shape:
@@ -182,24 +167,24 @@ def quantize_window_(
         raise ValueError(f"formula {formula.value!r} writes fp8 codes; {out_codes.dtype} codes take the streamquant formula")
     op = {Formula.STREAMQUANT: native.DIVIDE, Formula.TRANSFORMERS: native.MULTIPLY}.get(formula, native.DIVIDE_ROUNDED)
     if op == native.DIVIDE_ROUNDED and w_local.dtype in (torch.bfloat16, torch.float16):
-        factors = factors.to(w_local.dtype).float()  # the divisor in the weight's dtype, as `_quantize_piece_rounded`
+        factors = factors.to(w_local.dtype).float()  # the divisor in the weight's dtype, as `torch_kernels.quantize_piece_rounded`
     if native.quantize_(out_codes, w_local, factors, window, tile, fmax, op):
         return out_codes
     compiled = (compiled and streamquant and w_local.device.type == "cpu"
                 and w_local.numel() >= torch_kernels.COMPILED_MIN_ELEMENTS)
-    step = _chunk_rows(w_local, window, compiled)
+    step = torch_kernels.chunk_rows(w_local, window, compiled)
     if compiled:
-        kernel, scratch = torch.compile(_quantize_piece, dynamic=True), ()
+        kernel, scratch = torch.compile(torch_kernels.quantize_piece, dynamic=True), ()
     else:
-        kernel = {Formula.COMPRESSED_TENSORS: _quantize_piece_rounded,
-                  Formula.TRANSFORMERS: _quantize_piece_multiplied}.get(formula)
-        kernel = kernel or (_quantize_piece_unclamped if scales_cover_amax else _quantize_piece_eager)
-        scratch = (_scratch(w_local[..., :step, :].numel(), 4 if streamquant else 8, w_local.device),)
-    for offset, sub in _chunks(window, step):
+        kernel = {Formula.COMPRESSED_TENSORS: torch_kernels.quantize_piece_rounded,
+                  Formula.TRANSFORMERS: torch_kernels.quantize_piece_multiplied}.get(formula)
+        kernel = kernel or (torch_kernels.quantize_piece_unclamped if scales_cover_amax else torch_kernels.quantize_piece_eager)
+        scratch = (torch_kernels.scratch(w_local[..., :step, :].numel(), 4 if streamquant else 8, w_local.device),)
+    for offset, sub in torch_kernels.chunks(window, step):
         src = w_local[..., offset : offset + sub.rows, :]
         dst = out_codes[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            kernel(_view(src, piece), _scale_view(factors, piece, base), _view(dst, piece), fmax, *scratch)
+            kernel(torch_kernels.view(src, piece), torch_kernels.scale_view(factors, piece, base), torch_kernels.view(dst, piece), fmax, *scratch)
     return out_codes
 
 
@@ -239,12 +224,12 @@ def dequantize_window(
     if native.dequantize_(out, q, local_scale_grid, window, tile):
         return out
     base = (window.row0 // tile[0], window.col0 // tile[1])
-    for offset, sub in _chunks(window, _chunk_rows(q, window, False)):
+    for offset, sub in torch_kernels.chunks(window, torch_kernels.chunk_rows(q, window, False)):
         src = q[..., offset : offset + sub.rows, :]
         dst = out[..., offset : offset + sub.rows, :]
         for piece in window_pieces(sub, tile):
-            values = fp8_to_float32(_view(src, piece))
-            _view(dst, piece).copy_(values.mul_(_scale_view(local_scale_grid, piece, base)))
+            values = fp8_to_float32(torch_kernels.view(src, piece))
+            torch_kernels.view(dst, piece).copy_(values.mul_(torch_kernels.scale_view(local_scale_grid, piece, base)))
     return out
 
 

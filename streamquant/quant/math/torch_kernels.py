@@ -34,25 +34,25 @@ FLOAT_BITS_AS_INT = ((torch.bfloat16, torch.int16), (torch.float16, torch.int16)
                       (torch.float32, torch.int32), (torch.float64, torch.int64))
 
 
-def _view(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+def view(t: torch.Tensor, piece: Piece) -> torch.Tensor:
     """`t`'s piece as [..., row tiles, tile rows, col tiles, tile cols] (a view, never a copy)."""
     r, c = piece
     part = t[..., r.start : r.stop, c.start : c.stop]
     return part.unflatten(-2, (r.n, r.length)).unflatten(-1, (c.n, c.length))
 
 
-def _grid_part(grid: torch.Tensor, piece: Piece, base: tuple[int, int]) -> torch.Tensor:
+def grid_part(grid: torch.Tensor, piece: Piece, base: tuple[int, int]) -> torch.Tensor:
     """The piece's tiles [..., row tiles, col tiles] of a grid whose first tile is global tile `base`."""
     r, c = piece
     return grid[..., r.tile0 - base[0] : r.tile0 - base[0] + r.n, c.tile0 - base[1] : c.tile0 - base[1] + c.n]
 
 
-def _scale_view(grid: torch.Tensor, piece: Piece, base: tuple[int, int]) -> torch.Tensor:
-    """The piece's scales shaped [..., row tiles, 1, col tiles, 1] to broadcast over `_view`."""
-    return _grid_part(grid, piece, base).unsqueeze(-2).unsqueeze(-1)
+def scale_view(grid: torch.Tensor, piece: Piece, base: tuple[int, int]) -> torch.Tensor:
+    """The piece's scales shaped [..., row tiles, 1, col tiles, 1] to broadcast over `view`."""
+    return grid_part(grid, piece, base).unsqueeze(-2).unsqueeze(-1)
 
 
-def _chunk_rows(w: torch.Tensor, window: Window, whole: bool) -> int:
+def chunk_rows(w: torch.Tensor, window: Window, whole: bool) -> int:
     """Rows per chunk: the whole window when `whole` (compiled code needs no temporaries), else about
     CHUNK_ELEMENTS (CPU) or DEVICE_CHUNK_ELEMENTS (accelerators) elements, batch elements included."""
     if whole:
@@ -61,12 +61,12 @@ def _chunk_rows(w: torch.Tensor, window: Window, whole: bool) -> int:
     return max(1, min(window.rows, target // max(1, w[..., :1, :1].numel() * window.cols)))
 
 
-def _chunks(window: Window, step: int) -> list[tuple[int, Window]]:
+def chunks(window: Window, step: int) -> list[tuple[int, Window]]:
     """(local row offset, sub-window of `step` rows or fewer) covering the window."""
     return [(i, window.sub(i, min(i + step, window.rows))) for i in range(0, window.rows, step)]
 
 
-def _scratch(rows_elements: int, itemsize: int, device: torch.device) -> torch.Tensor:
+def scratch(rows_elements: int, itemsize: int, device: torch.device) -> torch.Tensor:
     """One flat byte buffer for a chunk's temporaries, reused by every chunk of a call: torch's
     mixed-dtype kernels would otherwise allocate (and glibc retain) float32 temporaries per chunk
     (measured: two 4 MiB temporaries per 2^20-element `torch.div(bf16, f32, out=fp8)`, +3% peak RSS
@@ -79,7 +79,7 @@ def _like(scratch: torch.Tensor, view: torch.Tensor, dtype: torch.dtype) -> torc
     return scratch.view(dtype)[: view.numel()].view(view.shape)
 
 
-def _abs_max(view: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def abs_max(view: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """max |x| over the tile dims of a piece view, as float32.
 
     Works on the bits with the sign cleared: for IEEE floats the order of non-negative values is
@@ -101,11 +101,11 @@ def _store(values: torch.Tensor, dst: torch.Tensor) -> None:
     dst.copy_(values if dst.dtype.is_floating_point else values.round_())
 
 
-def _quantize_piece_unclamped(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
+def quantize_piece_unclamped(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
                               scratch: torch.Tensor) -> None:
     """dst <- (src / scale) cast to fp8: division in float32 (in `scratch`), then the cast.
 
-    Bitwise `_quantize_piece` when every |src| / scale <= fmax * (1 + 2^-23), which holds when the
+    Bitwise `quantize_piece` when every |src| / scale <= fmax * (1 + 2^-23), which holds when the
     scales come from `scale_from_amax` of an amax at least the tile's: scale = fl(amax / fmax)
     is at most one rounding below amax / fmax, and values up to halfway to the next fp8 step
     (464 for e4m3fn, 248 for e4m3fnuz, 127.5 for int8) round to fmax exactly as the clamped value
@@ -116,28 +116,28 @@ def _quantize_piece_unclamped(src: torch.Tensor, scale: torch.Tensor, dst: torch
     _store(values, dst)
 
 
-def _quantize_piece_eager(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
+def quantize_piece_eager(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
                           scratch: torch.Tensor) -> None:
-    """`_quantize_piece` with its float32 temporary in `scratch`."""
+    """`quantize_piece` with its float32 temporary in `scratch`."""
     values = _like(scratch, src, torch.float32)
     values.copy_(src).div_(scale).clamp_(-fmax, fmax)
     _store(values, dst)
 
 
-def _quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float) -> None:
+def quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float) -> None:
     """dst <- clamp(src / scale, +-fmax) cast to dst's fp8 dtype (division in float32).
 
     `quantize_window_(compiled=True)` runs this through inductor on CPU only: its C++ output was
     verified bitwise against eager (IEEE division, the same fp8 rounding); its GPU output was not,
     and eager GPU code is memory bound anyway. Re-wrapping it in `torch.compile` on every call is
     cheap: dynamo caches the compiled code on the function's code object. The amax pass is never
-    compiled: the eager bit trick in `_abs_max` is faster than inductor's reduction.
+    compiled: the eager bit trick in `abs_max` is faster than inductor's reduction.
     """
     values = torch.div(src, scale).clamp_(-fmax, fmax)
     dst.copy_(values if dst.dtype.is_floating_point else values.round_())
 
 
-def _quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
+def quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
                             scratch: torch.Tensor) -> None:
     """dst <- clamp(src / scale computed in src's dtype, +-fmax) cast to fp8 (compressed-tensors' order).
 
@@ -152,7 +152,7 @@ def _quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.T
     dst.copy_(values.clamp_(-fmax, fmax))
 
 
-def _quantize_piece_multiplied(src: torch.Tensor, factor: torch.Tensor, dst: torch.Tensor, fmax: float,
+def quantize_piece_multiplied(src: torch.Tensor, factor: torch.Tensor, dst: torch.Tensor, fmax: float,
                                scratch: torch.Tensor) -> None:
     """dst <- clamp(src.float() * factor, +-fmax) cast to fp8 (transformers' FineGrainedFP8 order)."""
     values = _like(scratch, src, torch.float32)

@@ -3,7 +3,9 @@
 Joining: `backend_for(device)` is `gloo` for CPU and `nccl` for CUDA; collectives wait at most
 `DEFAULT_TIMEOUT_S` for a peer unless told otherwise (gloo's own default is 30 minutes): a rank that
 died or stopped answering then fails its peers with an error instead of a silent wait.
-`torchrun.py` joins with the same backend and timeout.
+Joining itself (every rank's process started and connected) may take up to `JOIN_TIMEOUT_S`
+whatever the collectives' timeout, since starting a process is seconds of imports on a loaded
+machine. `torchrun.py` joins with the same backend and timeout.
 
 Serving (`serve`, the target of each process `launch.RankPool` spawns): join a fresh group over
 `tcp://127.0.0.1:<port>` (rank r on GPU r; on CPU with cpu_count // N threads unless
@@ -37,6 +39,7 @@ PARENT_CHECK_SECONDS = 1.0  # how often an idle pool rank checks that its parent
 # Collectives wait at most this long for a peer (gloo's own default is 30 minutes): a rank that died
 # or stopped answering then fails the survivors with an error instead of a silent wait.
 DEFAULT_TIMEOUT_S = 300.0
+JOIN_TIMEOUT_S = 120.0  # the longest a rank waits for the others to join (start and connect)
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -77,8 +80,11 @@ def serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout_
         elif "OMP_NUM_THREADS" not in os.environ:
             # N ranks each using every core would oversubscribe the CPU; split the cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout_s))
+        # joining waits for the other ranks' processes to start (seconds of imports on a loaded machine),
+        # so it gets at least JOIN_TIMEOUT_S; the collectives get timeout_s
+        store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0,
+                              timeout=timedelta(seconds=max(timeout_s, JOIN_TIMEOUT_S)))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     except BaseException as exc:  # noqa: BLE001
         results.put(_failure(rank, exc))
         return

@@ -31,6 +31,7 @@ checkpoint in the same order, because finishing a layer may run a collective (am
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 
 import torch
@@ -280,7 +281,10 @@ def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
             session.load_all(weights)
             session.check_complete()
             session.finish_held()
-    except BaseException:
+    except BaseException as exc:
+        # the failed step's finished frames hold views of staged weights, which would pin them (and make
+        # releasing them fail, hiding `exc`): drop their locals first; the traceback keeps its lines
+        traceback.clear_frames(exc.__traceback__)
         session.abort()
         raise
     session.close(keep_pool=pool is not None)

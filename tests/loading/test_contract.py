@@ -139,3 +139,19 @@ def test_a_failed_load_releases_what_it_materialized():
     with pytest.raises(ValueError, match="no.such.tensor"):
         stream_weights(model, items, WeightMapping(), device="cpu")
     assert model.proj.staged["weight"].is_meta and model.proj.bias.is_meta and model.proj.weight.is_meta
+
+
+def test_an_unexpected_error_while_processing_is_raised_as_it_is_and_the_staging_released():
+    """A method that fails with views of its staged weight alive in its frame: the error is the
+    method's own (not a failure to release), and the staging goes back to `meta`."""
+
+    class Failing(Doubling):
+        def process_weights_after_loading(self, layer):
+            rows = layer.staged["weight"][:2]  # a view of the staged weight, alive in this frame
+            raise KeyError(f"bug in the method ({rows.shape[0]} rows)")
+
+    model = Model()
+    model.proj = Layer(Failing())
+    with pytest.raises(KeyError, match="bug in the method"):
+        stream_weights(model, _checkpoint().items(), WeightMapping(), device="cpu")
+    assert model.proj.staged["weight"].is_meta and model.proj.bias.is_meta

@@ -1,4 +1,4 @@
-"""Offline quantization: high-precision checkpoints or tensors in, fp8 checkpoint layout out.
+"""Offline quantization: high-precision checkpoints or tensors in, quantized checkpoint layout out.
 
 `quantize_checkpoint` (the `streamquant quantize` command) writes a checkpoint directory;
 `quantize_weights` does the same to an iterator of tensors (trainer-side quantization);

@@ -2,8 +2,8 @@
 
 Each load is checked with a NaN sentinel: inside the returned regions the parameter holds exactly
 the expected values (computed here with `torch.chunk`, not the library's narrowing), outside them
-it is untouched. Packed parameters live in test_packed_parameters.py, shape errors in
-test_shape_errors.py.
+it is untouched. Packed parameters live in test_parameters_packed.py, shape errors in
+test_parameters_shape_errors.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from streamquant.parallel.launch import LaunchError, RankPool, free_port, launch
 from streamquant.parallel.rank import _run_rank
 from streamquant.parallel.torchrun import under_torchrun
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def all_reduce_ranks(scale: float) -> dict:
@@ -159,7 +159,7 @@ def _alive(pid: int) -> bool:
 def test_the_ranks_of_a_killed_parent_end():
     code = ("import os, signal\n"
             "from streamquant.parallel.launch import RankPool\n"
-            "from test_launch import _pid_and_sum\n"
+            "from parallel.test_launch import _pid_and_sum\n"
             "pool = RankPool(2)\n"
             "print(*pool.run(_pid_and_sum, 1.0)[0], flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")  # no close(), no finalizer, no atexit
@@ -178,7 +178,7 @@ def test_an_unclosed_pool_does_not_hold_up_interpreter_exit():
     code = ("import tempfile, weakref\n"
             "weakref.finalize(tempfile, print)  # a finalizer made before multiprocessing's exit hook\n"
             "from streamquant.parallel.launch import RankPool\n"
-            "from test_launch import _pid_and_sum\n"
+            "from parallel.test_launch import _pid_and_sum\n"
             "pool = RankPool(2)\n"
             "print(pool.run(_pid_and_sum, 1.0)[1], flush=True)\n")  # exits without close()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}

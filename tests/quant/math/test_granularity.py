@@ -27,7 +27,7 @@ from streamquant.quant.math.quantize import (
 )
 from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window, grid_shape, segments, tile_shape
 
-from .fp8_reference import bits, ref_dequantize, ref_quantize, to_f32
+from ..fp8_reference import bits, ref_dequantize, ref_quantize, to_f32
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GRANULARITIES = [PerTensor(), PerRow(), PerBlock((128, 128)), PerBlock((16, 32)), PerBlock((5, 3))]

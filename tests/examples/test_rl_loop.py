@@ -11,7 +11,7 @@ import matplotlib.image
 
 from hf_cases import CASES, make_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import rl_loop  # noqa: E402
 

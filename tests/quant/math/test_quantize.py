@@ -19,7 +19,7 @@ from streamquant.quant.math.quantize import (
 )
 from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window
 
-from .fp8_reference import NUMPY_FP8, bits, constants, ref_dequantize, ref_quantize, to_f32
+from ..fp8_reference import NUMPY_FP8, bits, constants, ref_dequantize, ref_quantize, to_f32
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")  # every test on both kernel implementations
 

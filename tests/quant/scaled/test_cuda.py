@@ -16,7 +16,7 @@ from streamquant.memory import PeakMemorySampler
 
 from hf_cases import CASES, make_checkpoint
 
-from .fp8_model_helpers import SCHEMES, fp8_state
+from ..fp8_model_helpers import SCHEMES, fp8_state
 
 pytestmark = pytest.mark.gpu
 

@@ -28,8 +28,8 @@ from streamquant.quant.math.matmul import INT8_EXACT_DEPTH, INT_MM_CPU_MAX_ROWS,
 
 from hf_cases import CASES, make_checkpoint, write_variant
 
-from .fp8_model_helpers import checkpoint_pieces
-from .fp8_reference import ref_pack_int4, ref_quantize, ref_quantize_asymmetric, to_f32
+from ..fp8_model_helpers import checkpoint_pieces
+from ..fp8_reference import ref_pack_int4, ref_quantize, ref_quantize_asymmetric, to_f32
 
 both_kernels = pytest.mark.usefixtures("cpu_kernels")  # the test runs on the native and the pure-torch kernels
 

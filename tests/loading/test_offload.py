@@ -4,7 +4,7 @@ On CPU the host and the target are the same memory, so these tests check the mac
 taken from a separate host pool, each layer quantized through `quantize_placement` (copied to a
 target buffer, or quantized into host temporaries and copied into the layer's target tensors),
 with results bitwise equal to a load without offload, stable addresses across reloads, a bounded
-staging budget and failures that restore. Device memory is asserted in tests/quant/test_fp8_cuda.py.
+staging budget and failures that restore. Device memory is asserted in tests/quant/scaled/test_cuda.py.
 """
 
 from __future__ import annotations

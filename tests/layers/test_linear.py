@@ -22,7 +22,7 @@ from streamquant.layers.linear import (
 )
 from streamquant.parallel.context import TPContext
 
-from .helpers import SETTINGS, assert_written, expected_qkv, heads_of_rank
+from loading.helpers import SETTINGS, assert_written, expected_qkv, heads_of_rank
 
 TP_SIZES = [1, 2, 3, 4]
 

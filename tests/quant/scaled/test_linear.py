@@ -16,8 +16,8 @@ from streamquant.quant.math.quantize import quantize_window_, scale_from_amax, w
 from streamquant.quant.scaled.weights import ScaledWeightSpec, shard_layouts
 from streamquant.quant.math.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
 
-from .fp8_reference import ref_dequantize, ref_quantize, to_f32
-from .test_fp8_math import ref_tile
+from ..fp8_reference import ref_dequantize, ref_quantize, to_f32
+from ..math.test_quantize import ref_tile
 
 SHARD_ROWS = (160, 40, 40)  # q, k, v: the first spans two 128-row blocks, the others are partial blocks
 

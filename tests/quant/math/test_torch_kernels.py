@@ -18,7 +18,7 @@ from streamquant.quant.math.quantize import local_scales, quantize, quantize_win
 from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor, Window
 from streamquant.quant.math.native import build
 
-from .fp8_reference import bits, ref_quantize, to_f32
+from ..fp8_reference import bits, ref_quantize, to_f32
 
 
 @pytest.fixture(autouse=True)

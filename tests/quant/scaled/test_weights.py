@@ -25,7 +25,7 @@ from streamquant.quant.math.int4_pack import unpack_int4
 
 from hf_cases import CASE_IDS, CASES, make_checkpoint
 
-from .fp8_model_helpers import GRANULARITY, SCHEMES, fp8_state, quantized_modules
+from ..fp8_model_helpers import GRANULARITY, SCHEMES, fp8_state, quantized_modules
 
 NAN = float("nan")
 INT8_SENTINEL = -128

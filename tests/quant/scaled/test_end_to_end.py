@@ -18,7 +18,7 @@ from streamquant.api import load_model
 
 from hf_cases import CASE_IDS, CASES, hf_logits, make_checkpoint
 
-from .fp8_model_helpers import (
+from ..fp8_model_helpers import (
     FP8_SCHEMES,
     SCHEMES,
     check_against_reference,
@@ -30,7 +30,7 @@ from .fp8_model_helpers import (
 FP32_ATOL = 1e-4
 # Dynamic activations: ||ours - reference|| / ||reference|| over all logits. Each fp8 matmul adds
 # ~2.5% relative error (3 mantissa bits; exact per-matmul agreement is tested in
-# test_fp8_matmul.py); through two random decoder layers that measured <= 9.7% (dense) and
+# tests/quant/scaled/test_linear.py); through two random decoder layers that measured <= 9.7% (dense) and
 # <= 20% (MoE, where activation rounding also flips near-tied top-k routing decisions).
 ACT_RMS = 0.12
 MOE_ACT_RMS = 0.25

@@ -111,29 +111,6 @@ def test_sliding_window_matches_transformers_beyond_the_window(tmp_path, name, c
     assert [c.completion_ids for c in got] == hf_greedy(path, PROMPTS, 8)[1]
 
 
-def test_cli_generate_prompts_jsonl(checkpoints, tmp_path):
-    from streamquant.cli.main import main
-
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("[5, 9, 13]\n\n[3, 8]\n")
-    out = tmp_path / "r.json"
-    args = ["generate", str(checkpoints["llama"]), "--prompts", str(prompts), "--max-new-tokens", "4",
-            "--temperature", "0.7", "--top-k", "20", "--seed", "5", "--n", "2", "--logprobs", "0",
-            "--stop-token-ids", "", "--dtype", "float32", "--json", str(out)]
-    assert main(args) == 0
-    import json
-
-    sequences = json.loads(out.read_text())["sequences"]
-    assert [s["prompt_ids"] for s in sequences] == [[5, 9, 13]] * 2 + [[3, 8]] * 2
-    model = load_model(checkpoints["llama"], dtype="float32")
-    want = generate_sequences(model, [[5, 9, 13], [3, 8]], SamplingParams(
-        temperature=0.7, top_k=20, seed=5, n=2, logprobs=0, max_new_tokens=4, stop_token_ids=()))
-    assert [s["completion_ids"] for s in sequences] == [c.completion_ids for c in want]
-    assert all(len(s["logprobs"]) == 4 and s["finish_reason"] == "length" for s in sequences)
-    prompts.write_text("[5, 9]\n[1.5]\n")
-    assert main(args) == 2
-
-
 def test_dropping_finished_sequences_changes_no_sample(checkpoints):
     """Stop on the even ids: sequences end at different steps and leave the batch; every sample, logprob
     and finish reason is what the batch that keeps them computes."""

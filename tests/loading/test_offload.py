@@ -1,4 +1,5 @@
-"""CPU offload before quantization: bitwise the load without offload, composes with reload, clear option errors.
+"""CPU offload before quantization (`loading/offload.py`): bitwise the load without offload, composes with
+reload. (Its option errors: tests/test_config.py.)
 
 On CPU the host and the target are the same memory, so these tests check the machinery: staging
 taken from a separate host pool, each layer quantized through `quantize_placement` (copied to a
@@ -165,21 +166,3 @@ def test_cpu_quantization_leaves_the_target_untouched_when_a_layer_fails(checkpo
     session.abort()
     assert torch.equal(layer.weight.view(torch.uint8), before[0].view(torch.uint8))
     assert torch.equal(layer.weight_scale, before[1]) and layer.weight.data_ptr() == before[2]
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(offload_before_quant=True), "needs a quantization scheme"),
-    (dict(quantization="fp8", quantize_on="cpu"), "only applies with offload_before_quant=True"),
-    (dict(quantization="fp8", offload_before_quant=True, quantize_on="gpu"), "quantize_on must be one of device, cpu"),
-    (dict(quantization="fp8", offload_before_quant=True, streaming=False), "cannot be combined with streaming=False"),
-])
-def test_option_conflicts_fail_before_touching_the_checkpoint(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        load_model(tmp_path / "does-not-exist", **kwargs)
-
-
-def test_cpu_target_warns_that_offload_saves_nothing(checkpoints):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        load_model(checkpoints["llama-tied-mqa-llama3rope"], quantization="fp8", offload_before_quant=True)
-    assert any("saves nothing" in str(w.message) for w in caught)

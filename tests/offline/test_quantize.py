@@ -1,5 +1,6 @@
-"""`quantize_checkpoint` / `streamquant quantize`: all-or-nothing output, any number of workers gives the
-same bytes, shards bounded, non-weight files copied, bad input named before anything is written."""
+"""`quantize_checkpoint` (`offline/quantize.py`): all-or-nothing output, any number of workers gives the
+same bytes, shards bounded, non-weight files copied, bad input named before anything is written. The
+command line over it: tests/cli/test_quantize.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import json
 
 import pytest
 import safetensors.torch
-import torch
 from safetensors import safe_open
 
 from streamquant.checkpoint.synthetic import TINY_SPEC, write_synthetic_checkpoint
-from streamquant.cli.main import main
 from streamquant.formats import QuantizationConfigError
 from streamquant.models import UnsupportedArchitectureError
 from streamquant.offline import quantize_checkpoint
@@ -99,28 +98,3 @@ def test_bad_requests_fail_before_writing(source, tmp_path):
     quantize_checkpoint(source, tmp_path / "q", "fp8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(tmp_path / "q", out, "fp8")
-
-
-def test_cli_writes_the_report_and_names_bad_input(source, tmp_path, capsys):
-    report = tmp_path / "r.json"
-    assert main(["quantize", str(source), str(tmp_path / "q"), "--quantization", "fp8-block", "--format", "hf-fp8",
-                 "--max-shard-size", "200KB", "--measure-error", "--json", str(report)]) == 0
-    result = json.loads(report.read_text())
-    assert result["quantized_tensors"] == 14 and result["format"] == "hf-fp8" and result["shards"] >= 2
-    assert result["quantization_error"]["weights"] == 14 and result["quantization_error"]["sqnr_db_min"] > 25
-    assert result["bytes_out"] < result["bytes_in"]
-    capsys.readouterr()
-    assert main(["quantize", str(source), str(tmp_path / "q"), "--quantization", "fp8"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("streamquant: error: ") and "not empty" in err and len(err.splitlines()) == 1
-
-
-def test_cli_loads_a_pre_quantized_checkpoint_without_flags(source, tmp_path, capsys):
-    quantize_checkpoint(source, tmp_path / "q", "fp8-block", format="hf-fp8", formula="transformers")
-    out = tmp_path / "load.json"
-    assert main(["load", str(tmp_path / "q"), "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["quantization"] == "fp8-block"
-    assert main(["load", str(tmp_path / "q"), "--quantization", "fp8"]) == 2
-    assert "disagrees with the checkpoint" in capsys.readouterr().err
-    assert main(["load", str(source), "--formula", "transformers"]) == 2  # an fp8 option, nothing to quantize
-    assert "need a quantization scheme" in capsys.readouterr().err

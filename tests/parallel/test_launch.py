@@ -13,9 +13,7 @@ import torch
 import torch.distributed as dist
 
 from streamquant.parallel.context import is_peer_failure
-from streamquant.parallel.launch import LaunchError, RankPool, free_port, launch
-from streamquant.parallel.rank import _run_rank
-from streamquant.parallel.torchrun import under_torchrun
+from streamquant.parallel.launch import LaunchError, RankPool, launch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,42 +47,9 @@ def test_failure_on_a_rank_raises_with_its_traceback():
     assert "fail_on_rank_one" in err.traceback_text and "rank one has no such key" in str(err)
 
 
-def test_unpicklable_result_is_an_error_not_a_hang():
-    rank, status, (text, _) = _run_rank(0, lambda: (lambda: None), ())
-    assert (rank, status) == (0, "error") and "pickle" in text.lower()
-    assert _run_rank(1, lambda: (lambda: None), ())[1] == "ok"  # only rank 0's result travels
-
-
 def test_bad_sizes_rejected():
     with pytest.raises(ValueError, match="tp_size"):
         launch(all_reduce_ranks, 0, 1.0)
-
-
-def test_under_torchrun_reads_environment(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    assert not under_torchrun()
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "1")
-    assert under_torchrun()
-
-
-def test_init_from_env_joins_the_described_group():
-    code = (
-        "from streamquant.parallel.torchrun import init_from_env, shutdown\n"
-        "import torch.distributed as dist\n"
-        "tp = init_from_env()\n"
-        "print(tp.rank, tp.size, dist.get_backend())\n"
-        "shutdown()\n"
-        "print(dist.is_initialized())\n"
-    )
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["0", "1", "gloo", "False"]
 
 
 def _one_rank_goes_silent():

@@ -21,7 +21,6 @@ from streamquant.api import load_model
 from streamquant.parallel.launch import LaunchError, launch
 from streamquant.parallel.context import TPContext
 from streamquant.reload import reload_weights
-from streamquant.rl.buckets import plan_buckets
 from streamquant.rl.errors import PeerLostError, SyncError
 from streamquant.rl.sync import WeightReceiver, WeightSender
 
@@ -186,23 +185,6 @@ def test_protocol_round_trips_and_failures_keep_sender_and_receiver_in_step(rank
     assert "the sender failed before sending" in recv["sender-error"] and "'bf16' appears twice" in recv["sender-error"]
     assert recv["refused"] == "inference side says no"
     assert recv["early-stop"] == ["bf16"]
-
-
-@pytest.mark.parametrize("bucket_bytes", [64, 1000, 1 << 20])
-def test_plan_buckets_aligned_disjoint_and_bounded(bucket_bytes):
-    items = _mixed_tensors(0)
-    plan = plan_buckets(items, bucket_bytes, dtype=torch.bfloat16)
-    entries = [e for b in plan for e in b.entries]
-    assert [e.name for e in entries] == [n for n, _ in items]
-    for (name, t), e in zip(items, entries):
-        want = torch.bfloat16 if t.is_floating_point() and t.dtype.itemsize > 1 else t.dtype  # fp8 codes: never cast
-        assert e.dtype == str(want).removeprefix("torch.") and e.shape == tuple(t.shape)
-        assert e.nbytes == t.numel() * want.itemsize and e.offset % 64 == 0
-    for b in plan:
-        spans = sorted((e.offset, e.offset + e.nbytes) for e in b.entries)
-        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
-        assert b.nbytes == spans[-1][1]
-        assert b.nbytes <= bucket_bytes or len(b.entries) == 1
 
 
 def _silent_peer(who_stops: str):

@@ -2,8 +2,8 @@
 
 Exhaustive over every bf16 and every fp16 bit pattern (NaN and infinities included), random float32
 values over 60 decades, every code format and formula, every granularity, tensor-parallel windows that
-start and end inside tiles, batch dims, strided rows and short tails; and the fallback: a machine
-that cannot build them gets the torch kernels and one line saying so.
+start and end inside tiles, batch dims, strided rows and short tails. Building them, and the fallback
+of a machine that cannot: native/test_build.py.
 """
 
 from __future__ import annotations
@@ -170,45 +170,6 @@ def test_float64_and_accelerator_inputs_take_the_torch_kernels(monkeypatch):
     w = hard_weight((8, 8)).double()
     assert native.amax_(torch.zeros(1, 1), w, Window(0, 0, 8, 8), (8, 8)) is False
     assert fp8_math.window_amax(w, Window(0, 0, 8, 8), (8, 8)).item() == w.abs().max().item()
-
-
-@pytest.fixture
-def fresh_build(monkeypatch):
-    """`build._build` forgets its one result for the test (and afterwards)."""
-    build._build.cache_clear()
-    yield
-    build._build.cache_clear()
-
-
-def test_a_failed_build_falls_back_to_torch_and_says_so_once(fresh_build, monkeypatch, capsys):
-    def broken():
-        raise OSError("no compiler here")
-
-    monkeypatch.setattr(build, "_load", broken)
-    monkeypatch.setenv(build.ENV, "auto")
-    w = hard_weight((40, 30))
-    q1, s1 = fp8_math.quantize(w, PerRow())
-    q2, _ = fp8_math.quantize(w, PerRow())
-    err = capsys.readouterr().err
-    assert err.count("streamquant: native CPU kernels unavailable (no compiler here); using the pure-torch") == 1
-    monkeypatch.setenv(build.ENV, "torch")
-    assert_bitwise(q1, fp8_math.quantize(w, PerRow())[0])
-    monkeypatch.setenv(build.ENV, "native")
-    with pytest.raises(build.NativeKernelsUnavailable, match="no compiler here"):
-        fp8_math.quantize(w, PerRow())
-
-
-def test_kernel_choice_is_validated(monkeypatch):
-    monkeypatch.setenv(build.ENV, "fast")
-    with pytest.raises(ValueError, match="STREAMQUANT_CPU_KERNELS must be one of auto, native, torch, got 'fast'"):
-        build.cpu_kernels()
-
-
-def test_the_build_is_keyed_by_source_and_cpu(monkeypatch):
-    """A cache carried to another CPU (or an edited source) is never loaded: its directory name differs."""
-    tag = build.build_tag()
-    monkeypatch.setattr(build, "_cpu_signature", lambda: "flags : avx2 (another machine)")
-    assert build.build_tag() != tag
 
 
 @pytest.mark.parametrize("fmt", CODE_FORMATS, ids=lambda f: f"{f.dtype}-{f.bits}-mx{f.mx}")

@@ -1,7 +1,8 @@
 """The quantized matmul against an independent numpy reference: x and W quantized by `fp8_reference`
 (ml_dtypes), dequantized, multiplied in float64. Every code path (`torch._scaled_mm` row-wise, int8
 `torch._int_mm`, dequantize-then-matmul), every code format (fp8, int8, MXFP8), and fused layers
-whose logical shards have their own scales."""
+whose logical shards have their own scales. int8 W8A8 is bitwise the int64 numpy product scaled in the
+same order; int8 weight-only (W8A16, bf16) takes torch's int8 kernel within bf16 rounding."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 import streamquant.quant.scaled.linear as fp8_linear
 from streamquant.quant.scaled.linear import default_activation, scaled_matmul
 from streamquant.quant.math.code_format import E4M3FN, E4M3FNUZ, INT8, MXFP8
-from streamquant.quant.math.quantize import quantize_window_, scale_from_amax, window_amax
+from streamquant.quant.math.quantize import quantize, quantize_window_, scale_from_amax, window_amax
 from streamquant.quant.scaled.weights import ScaledWeightSpec, shard_layouts
 from streamquant.quant.math.granularity import LogicalShard, PerBlock, PerRow, PerTensor, Window
 
 from ..fp8_reference import ref_dequantize, ref_quantize, to_f32
 from ..math.test_quantize import ref_tile
+
+both_kernels = pytest.mark.usefixtures("cpu_kernels")  # the test runs on the native and the pure-torch kernels
 
 SHARD_ROWS = (160, 40, 40)  # q, k, v: the first spans two 128-row blocks, the others are partial blocks
 
@@ -78,3 +81,43 @@ def test_weight_only_is_linear_on_dequantized_weight(granularity, fmt):
     y = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(granularity, fmt), None)
     expected = torch.nn.functional.linear(x, torch.from_numpy(w_ref).float())
     assert torch.equal(y, expected)
+
+
+@both_kernels
+def test_int8_w8a8_matmul_is_bitwise_the_integer_product_scaled():
+    """W8A8: int32 accumulation (exact; numpy int64 here) then `* scale_x * scale_w` in float32."""
+    gen = torch.Generator().manual_seed(3)
+    rows, k = 48, 200
+    w, x, bias = torch.randn(rows, k, generator=gen), torch.randn(7, k, generator=gen), torch.randn(rows, generator=gen)
+    layouts = shard_layouts((LogicalShard("", Window(0, 0, rows, k)),), PerRow())
+    codes, scales = quantize(w, PerRow(), INT8)
+    y = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(PerRow(), INT8), PerRow(), bias)
+    xc, xs = ref_quantize(to_f32(x), (1, k), torch.int8)
+    wc, ws = ref_quantize(to_f32(w), (1, k), torch.int8)
+    np.testing.assert_array_equal(codes.view(torch.uint8).numpy(), wc)
+    acc = xc.view(np.int8).astype(np.int64) @ wc.view(np.int8).astype(np.int64).T
+    assert np.abs(acc).max() < 2 ** 31
+    expected = (acc.astype(np.float32) * xs) * ws.reshape(1, -1) + bias.numpy()
+    np.testing.assert_array_equal(y.numpy(), expected.astype(np.float32))
+
+
+def test_int8_weight_only_bf16_takes_the_int8_kernel_within_bf16_rounding():
+    """W8A16 on CPU in bf16: bitwise torch._weight_int8pack_mm on the layer's codes and bf16 row scales, and
+    as close to a float64 reference as dequantize-then-linear is (the output rounding dominates)."""
+    gen = torch.Generator().manual_seed(4)
+    rows, k = 96, 256
+    w, x = torch.randn(rows, k, generator=gen), torch.randn(5, 3, k, generator=gen).to(torch.bfloat16)
+    layouts = shard_layouts((LogicalShard("", Window(0, 0, rows, k)),), PerRow())
+    codes, scales = quantize(w, PerRow(), INT8)
+    y = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(PerRow(), INT8), None)
+    assert y.shape == (5, 3, rows) and y.dtype == torch.bfloat16
+    direct = torch._weight_int8pack_mm(x.reshape(-1, k), codes, scales[:, 0].to(torch.bfloat16)).reshape(5, 3, rows)
+    assert torch.equal(y, direct)
+    reference = x.double() @ (codes.double() * scales.double()).T
+    dequantized = torch.nn.functional.linear(x, (codes.float() * scales).to(torch.bfloat16)).double()
+    ours_err = ((y.double() - reference).norm() / reference.norm()).item()
+    assert ours_err <= 1.5 * ((dequantized - reference).norm() / reference.norm()).item()
+    # with a bias, or wider partial sums, the dequantize-then-linear path keeps its single rounding
+    bias = torch.randn(rows, generator=gen).to(torch.bfloat16)
+    with_bias = scaled_matmul(x, codes, scales, layouts, ScaledWeightSpec(PerRow(), INT8), None, bias)
+    assert torch.equal(with_bias, torch.nn.functional.linear(x, (codes.float() * scales).to(torch.bfloat16), bias))

@@ -1,4 +1,5 @@
-"""load_model and generate against transformers' own Llama (saved with save_pretrained, float32)."""
+"""load_model and generate against transformers' own Llama (saved with save_pretrained, float32). The
+validation of what a load is asked for (dtypes, schemes, options): tests/test_config.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import torch
 import transformers
 
 from streamquant.api import LoadReport, load_model
-from streamquant.config import DTYPE_NAMES, resolve_dtype
 from streamquant.inference.generation import generate, generate_with_logits
 from streamquant.loading.errors import UnexpectedWeightError
 
@@ -74,12 +74,6 @@ def test_tied_embeddings_counted_once(tmp_path):
         torch.testing.assert_close(model(PROMPT), hf(PROMPT).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(DTYPE_NAMES))
-def test_dtype_names(llama, name):
-    model = load_model(llama[0], dtype=name)
-    assert {p.dtype for p in model.parameters()} == {DTYPE_NAMES[name]}
-
-
 def test_package_exports_the_api():
     import streamquant
     from streamquant import api, memory
@@ -90,36 +84,6 @@ def test_package_exports_the_api():
     assert streamquant.LaunchError is launch.LaunchError and streamquant.PeakMemorySampler is memory.PeakMemorySampler
     with pytest.raises(AttributeError):
         streamquant.no_such_name
-
-
-def test_dtype_resolution():
-    assert resolve_dtype(torch.float16) is torch.float16
-    assert resolve_dtype("BF16") is torch.bfloat16
-    with pytest.raises(ValueError, match="float8"):
-        resolve_dtype("float8")
-
-
-def test_quantization_rejected_with_supported_values(llama):
-    with pytest.raises(ValueError, match=r"'int3'.*supported values: None, 'fp8', 'fp8-channel', 'fp8-block'"):
-        load_model(llama[0], quantization="int3")
-
-
-def test_fp8_options_validated_before_loading(llama):
-    with pytest.raises(TypeError, match="bogus.*accepted: fp8_dtype"):
-        load_model(llama[0], quantization="fp8", bogus=1)
-    with pytest.raises(ValueError, match="fp8_dtype must be one of"):
-        load_model(llama[0], quantization="fp8", fp8_dtype="e5m2")
-    with pytest.raises(ValueError, match="'dynamic'"):
-        load_model(llama[0], quantization="fp8", activation_scheme="static")
-    with pytest.raises(ValueError, match="not a valid regex"):
-        load_model(llama[0], quantization="fp8", ignore=["(unclosed"])
-    with pytest.raises(ValueError, match=r"ignore pattern 'q_proj' matches no linear or MoE layer.*qkv_proj"):
-        load_model(llama[0], quantization="fp8", ignore=["q_proj"])
-
-
-def test_unknown_option_named(llama):
-    with pytest.raises(TypeError, match="block_size, foo"):
-        load_model(llama[0], foo=1, block_size=2)
 
 
 def test_strict_flag_passed_through(tmp_path):

@@ -23,7 +23,6 @@ from streamquant.loading.streaming import stream_weights
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.parameters import WeightShapeError
 from streamquant.parallel.context import TPContext
-from streamquant.quant.experts import dense_expert_linears, fused_experts
 
 HIDDEN, MOE_INTERMEDIATE, EXPERTS, TOP_K = 16, 8, 6, 2
 FAMILIES = {"qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM), "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
@@ -124,40 +123,6 @@ def test_tensor_parallel_ranks_sum_to_full(hf, tp_size, fmt):
     up = torch.cat([w[:, i_p:] for w in w13], dim=1)
     assert torch.equal(torch.cat([gate, up], dim=1), mlp.experts.gate_up_proj)
     assert torch.equal(torch.cat([b.mlp.experts.w2_weight for b in ranks], dim=2), mlp.experts.down_proj)
-
-
-def test_fused_experts_matches_per_token_sum():
-    """Independent reference: for each token, the weighted sum of its experts' SwiGLU MLPs."""
-    torch.manual_seed(3)
-    n, e, h, i, k = 9, 5, 12, 6, 3
-    x, w13, w2 = torch.randn(n, h), torch.randn(e, 2 * i, h), torch.randn(e, h, i)
-    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
-    weights = torch.rand(n, k)
-    expected = torch.zeros(n, h)
-    for t in range(n):
-        for slot in range(k):
-            g, u = w13[ids[t, slot], :i] @ x[t], w13[ids[t, slot], i:] @ x[t]
-            expected[t] += weights[t, slot] * (w2[ids[t, slot]] @ (torch.nn.functional.silu(g) * u))
-    torch.testing.assert_close(fused_experts(x, weights, ids, *dense_expert_linears(w13, w2)), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_bf16_matches_transformers_experts_exactly(hf):
-    mlp = hf[0]
-    torch.manual_seed(4)
-    x = torch.randn(10, HIDDEN, dtype=torch.bfloat16)
-    w13, w2 = mlp.experts.gate_up_proj.bfloat16(), mlp.experts.down_proj.bfloat16()
-    logits = torch.nn.functional.linear(x, mlp.gate.weight.bfloat16())
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    weights, ids = torch.topk(probs, TOP_K, dim=-1)
-    weights = weights.to(torch.bfloat16)
-    experts = type(mlp.experts)(mlp.experts.config).bfloat16()
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(w13)
-        experts.down_proj.copy_(w2)
-        expected = experts(x, ids, weights)
-    got = fused_experts(x, weights, ids, *dense_expert_linears(w13, w2))
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, expected)
 
 
 def test_mapping_rules_route_names():

@@ -1,4 +1,5 @@
-"""RMSNorm / LayerNorm against transformers and torch.nn; the whole-tensor default loader."""
+"""RMSNorm / LayerNorm against transformers and torch.nn; their parameters are replicated and loaded whole
+(`default_weight_loader` itself: tests/loading/test_default_loader.py)."""
 
 import pytest
 import torch
@@ -6,8 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from streamquant.layers.norm import LayerNorm, RMSNorm
 from streamquant.loading.default_loader import default_weight_loader
-from streamquant.loading.parameters import BaseParameter, WeightShapeError
-from streamquant.loading.region import full_region
+from streamquant.loading.parameters import BaseParameter
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -60,12 +60,3 @@ def test_norm_parameters_are_replicated_base_parameters():
             assert type(p) is BaseParameter, name
             assert p.weight_loader is default_weight_loader
             assert not p.requires_grad
-
-
-def test_default_weight_loader_writes_whole_tensor_and_checks_shape():
-    param = BaseParameter(data=torch.full((4, 3), float("nan")), weight_loader=default_weight_loader)
-    loaded = randn(4, 3)
-    assert default_weight_loader(param, loaded, shard_id=None) == [full_region((4, 3))]
-    assert torch.equal(param.data, loaded)
-    with pytest.raises(WeightShapeError, match=r"expected shape \(4, 3\), received \(3, 4\)"):
-        default_weight_loader(param, loaded.T.contiguous())

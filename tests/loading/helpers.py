@@ -12,6 +12,7 @@ import math
 
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from streamquant.loading.parameters import (
     ColumnParameter,
@@ -24,6 +25,8 @@ from streamquant.parallel.context import TPContext
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # for a property already parametrized over the 5-7 parameter classes (so ~150 examples per property)
 PER_CLASS = settings(SETTINGS, max_examples=25)
+# region shapes of up to 3 dims (loading/test_region.py, test_coverage.py)
+SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=3)
 
 
 def nan_tensor(shape) -> torch.Tensor:
@@ -96,3 +99,13 @@ def expected_qkv(q, k, v, heads, kv_heads, head_size, n, r):
     def rows(t, total):
         return t.reshape(total, head_size, *t.shape[1:])[heads_of_rank(total, n, r)].reshape(-1, *t.shape[1:])
     return torch.cat([rows(q, heads), rows(k, kv_heads), rows(v, kv_heads)])
+
+
+@st.composite
+def boxes(draw, shape, allow_empty=False):
+    """A box of `shape`: non-empty in every dim (or, with `allow_empty`, possibly empty)."""
+    region = []
+    for n in shape:
+        lo = draw(st.integers(0, n if allow_empty else n - 1))
+        region.append((lo, draw(st.integers(lo if allow_empty else lo + 1, n))))
+    return tuple(region)

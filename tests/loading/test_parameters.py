@@ -2,8 +2,8 @@
 
 Each load is checked with a NaN sentinel: inside the returned regions the parameter holds exactly
 the expected values (computed here with `torch.chunk`, not the library's narrowing), outside them
-it is untouched. Packed parameters live in test_packed_parameters.py, shape errors in
-test_shape_errors.py.
+it is untouched. Packed parameters live in test_parameters_packed.py, shape errors in
+test_parameters_shape_errors.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamquant.loading.default_loader import default_weight_loader
 from streamquant.loading.parameters import (
     BaseParameter,
     BlockQuantScaleParameter,
@@ -118,15 +117,6 @@ def test_base_parameter_copies_whole_tensor_on_every_rank(shape, n, data):
     for load in loads:
         p = build(BaseParameter, shape, TPContext(rank, n))
         assert_written(p, load(p), ckpt)
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_default_weight_loader_copies_whole(n):
-    ckpt = torch.randn(3, 2)
-    p = build(BaseParameter, (3, 2), TPContext(n - 1, n))
-    assert_written(p, default_weight_loader(p, ckpt, shard_id="q", expert_id=3), ckpt)
-    with pytest.raises(WeightShapeError):
-        default_weight_loader(p, torch.randn(2, 3))
 
 
 @pytest.mark.parametrize("param_shape,loaded_shape", [((1,), ()), ((), (1,)), ((1, 1), (1,))])
@@ -269,4 +259,3 @@ def test_parameters_are_frozen_tensors_with_their_metadata():
     p = ModelWeightParameter(data=torch.zeros(2, 3), weight_loader=print, tp=tp, output_dim=0, input_dim=1)
     assert isinstance(p, torch.nn.Parameter) and not p.requires_grad
     assert (p.weight_loader, p.tp, p.output_dim, p.input_dim) == (print, tp, 0, 1)
-

@@ -21,7 +21,7 @@ from streamquant.reload import inference_tensors, reload_weights
 
 from hf_cases import CASES, make_checkpoint, write_variant
 
-from .test_fp8_streaming import corrupted_checkpoint
+from .scaled.test_weights import corrupted_checkpoint
 
 torchao = pytest.importorskip("torchao")  # in the `test` extra: a CI run without it is a broken install
 PRESETS = list(TORCHAO_PRESETS)

@@ -32,7 +32,7 @@ the single-piece quantization of the global weight.
 
 Kernels: on CPU the native C++ kernels (`quant/math/native`: one vectorized pass for the amax, one for
 the codes, one for dequantization) when they are built, else the pure-torch ones (`torch_kernels`);
-the two write the same bits (tests/quant/test_native_kernels.py), so callers never choose.
+the two write the same bits (tests/quant/math/test_native.py), so callers never choose.
 
 Leading dimensions of a weight (experts) are batch dimensions: each batch element is its own weight.
 Limitations: NaN / Inf weights propagate into NaN scales; the layer methods refuse them from the amax

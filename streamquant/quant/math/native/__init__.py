@@ -1,7 +1,7 @@
 """Native CPU kernels for the quantization pass: per-tile amax, codes, dequantization.
 
 `math.quantize` calls these for CPU tensors whenever `build.cpu_kernels()` has a module, and the pure-torch
-kernels of `torch_kernels.py` otherwise; the two are bitwise equal (tests/quant/test_native_kernels.py
+kernels of `torch_kernels.py` otherwise; the two are bitwise equal (tests/quant/math/test_native.py
 checks every bf16 and fp16 value and random float32 ones, for every code format and formula). Each
 function here returns False, doing nothing, when it does not apply (no module, a non-CPU tensor, a
 dtype or layout the C++ does not take), so the caller runs the torch path instead.

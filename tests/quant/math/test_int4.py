@@ -1,0 +1,38 @@
+"""Asymmetric int4 (`quant/math/int4.py`): scales, zero points, codes and dequantization against the
+numpy reference, with a zero row, an all-positive row and an all-negative row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamquant.quant.math.granularity import Window
+
+from ..fp8_reference import ref_quantize_asymmetric, to_f32
+
+both_kernels = pytest.mark.usefixtures("cpu_kernels")  # the test runs on the native and the pure-torch kernels
+
+
+@both_kernels
+@pytest.mark.parametrize("tile", [(1, 32), (1, 128), (1, 7)])
+def test_asymmetric_int4_equals_the_numpy_reference(tile):
+    from streamquant.quant.math.int4 import dequantize_window_asymmetric, quantize_window_asymmetric_, range_scales, window_range
+
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(40, 200, generator=gen) * torch.exp(torch.randn(40, 1, generator=gen) * 3)).to(torch.bfloat16)
+    w[3] = 0  # a zero row: the floor scale, zero point -8, codes -8, dequantized exactly 0
+    w[4] = w[4].abs()  # all positive: zero point -8 (lo = 0)
+    w[5] = -w[5].abs()  # all negative: zero point 7
+    window = Window(0, 0, *w.shape)
+    scales, zeros = range_scales(window_range(w, window, tile))
+    codes = quantize_window_asymmetric_(torch.empty(w.shape, dtype=torch.int8), w, scales, zeros, window, tile)
+    ref_codes, ref_scales, ref_zeros = ref_quantize_asymmetric(to_f32(w), tile)
+    np.testing.assert_array_equal(scales.numpy(), ref_scales)
+    np.testing.assert_array_equal(zeros.numpy(), ref_zeros)
+    np.testing.assert_array_equal(codes.view(torch.uint8).numpy(), ref_codes)
+    deq = dequantize_window_asymmetric(codes, scales, zeros, window, tile, torch.float32)
+    assert (deq[3] == 0).all() and (zeros[4] == -8).all() and (zeros[5] == 7).all()
+    err = (deq - w.float()).abs()
+    expanded = scales.repeat_interleave(tile[1], dim=1)[:, : w.shape[1]]
+    assert bool((err <= expanded * 0.5 * (1 + 1e-5) + 1e-30).all())  # half a step (range covers every value)

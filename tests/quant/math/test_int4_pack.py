@@ -1,0 +1,30 @@
+"""int4 packing (`quant/math/int4_pack.py`): code 8k + i of a row is the nibble `code + 8` at bits
+[4i, 4i + 4) of word k (against the numpy reference's packing), the round trip is exact, and a rank's
+input size must fill whole words."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamquant.quant.math.int4_pack import pack_int4, unpack_int4
+
+from ..fp8_reference import ref_pack_int4
+
+
+def test_int4_packing_is_the_documented_nibble_layout():
+    """Code 8k + i of a row is the nibble `code + 8` at bits [4i, 4i + 4) of word k; round trip exact."""
+    codes = torch.tensor([[-7, -1, 0, 1, 2, 3, 4, 7, 5, -5, 6, -6, 0, 0, 0, -7]], dtype=torch.int8)
+    words = pack_int4(codes)
+    expected = [sum((int(c) + 8) << (4 * i) for i, c in enumerate(codes[0, k * 8:(k + 1) * 8])) for k in range(2)]
+    assert words.view(torch.int32).tolist() == [[np.uint32(e).view(np.int32) for e in expected]]
+    assert torch.equal(unpack_int4(words), codes)
+    np.testing.assert_array_equal(words.numpy(), ref_pack_int4(codes.view(torch.uint8).numpy()))
+
+
+def test_int4_needs_whole_words_per_rank():
+    from streamquant.quant.math.int4_pack import packed_size
+
+    with pytest.raises(ValueError, match="input size 44 is not a multiple of 8"):
+        packed_size(44)

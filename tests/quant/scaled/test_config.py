@@ -1,0 +1,124 @@
+"""The scaled-code schemes (`quant/scaled/config.py`) and their options, end to end: the options that do
+not apply to a scheme are refused by name; MXFP8 has its own fp8 dtype and int8 none; int4 is weight-only
+with a group size; asymmetric int4 (zero points) equals the numpy reference on every logical weight, at
+TP=1 and TP=2, and reloads in place bitwise a cold load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamquant.api import load_model
+from streamquant.parallel.context import TPContext
+from streamquant.quant.math.code_format import INT8
+from streamquant.quant.math.granularity import PerBlock
+from streamquant.quant.scaled.config import ScaledConfig
+from streamquant.quant.scaled.weights import shard_layouts
+from streamquant.reload import inference_tensors, reload_weights
+
+from hf_cases import CASES, make_checkpoint, write_variant
+
+from ..fp8_model_helpers import checkpoint_pieces
+from ..fp8_reference import ref_pack_int4, ref_quantize_asymmetric, to_f32
+
+
+@pytest.mark.parametrize(("scheme", "options", "match"), [
+    ("int8", {"fp8_dtype": "e4m3fnuz"}, r"fp8_dtype='e4m3fnuz' does not apply to quantization='int8'"),
+    ("mxfp8", {"fp8_dtype": "e4m3fnuz"}, r"MXFP8 elements are e4m3fn"),
+    ("mxfp8", {"formula": "transformers"}, r"quantization='mxfp8' has the streamquant formula only"),
+    ("int8", {"formula": "compressed-tensors"}, r"quantization='int8' has the streamquant formula only"),
+])
+def test_options_that_do_not_apply_are_refused(scheme, options, match):
+    with pytest.raises(ValueError, match=match):
+        ScaledConfig(scheme, **options)
+
+
+def test_mxfp8_accepts_its_own_fp8_dtype_and_int8_has_none():
+    assert ScaledConfig("mxfp8", fp8_dtype="e4m3fn").fp8_dtype == torch.float8_e4m3fn
+    assert ScaledConfig("int8").fp8_dtype is None and ScaledConfig("int8").weight_spec.fmt == INT8
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_checkpoint(next(c for c in CASES if c.name == "llama"), tmp_path_factory.mktemp("code_formats"))
+
+
+def test_int4_is_weight_only_with_a_group_size_option(llama):
+    with pytest.raises(ValueError, match="int4' is weight-only"):
+        ScaledConfig("int4", activation_scheme="dynamic")
+    assert ScaledConfig("int4").activation is None and ScaledConfig("int4", group_size=32).granularity == PerBlock((1, 32))
+    with pytest.raises(ValueError, match="group_size applies to quantization='int4' only"):
+        load_model(llama, quantization="int8", group_size=64)
+    model = load_model(llama, quantization="int4", group_size=32)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.int32 and qkv.weight.shape[-1] == qkv.checkpoint_params["weight"].shape[-1] // 8
+    assert qkv.weight_scale.shape[-1] == 64 // 32
+    assert model.load_report.quantized_weight_bytes == sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.int32)
+
+
+def _asymmetric_state(path):
+    model = load_model(path, quantization="int4", symmetric=False, dtype=torch.float32,
+                       tp=TPContext.from_process_group() if torch.distributed.is_initialized() else None)
+    return {n: t.clone() for n, t in inference_tensors(model).items() if "weight" in n and "norm" not in n}
+
+
+def _asymmetric_all(path):
+    mine = _asymmetric_state(path)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+@pytest.fixture(scope="module")
+def asymmetric_cases(ranks, tmp_path_factory):
+    """{case: (checkpoint, TP=1 state, every TP=2 rank's state)}, both TP=2 cases in one job."""
+    root = tmp_path_factory.mktemp("asym")
+    paths = {name: make_checkpoint(next(c for c in CASES if c.name == name), root) for name in ("llama", "qwen3moe")}
+    states = ranks.run(_asymmetric_each, 2, paths)
+    return {name: (path, _asymmetric_state(path), states[name]) for name, path in paths.items()}
+
+
+def _asymmetric_each(paths):
+    return {name: _asymmetric_all(path) for name, path in paths.items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3moe"])
+def test_asymmetric_int4_model_equals_the_reference_and_tp2(asymmetric_cases, name):
+    """Every logical weight (q, k, v, gate, up, experts) against the numpy reference; TP=2 zero points
+    and scales are TP=1's (groups of 128 straddle down_proj's 48 + 48 split: the range is all-reduced)."""
+    path, whole, ranks = asymmetric_cases[name]
+    model = load_model(path, quantization="int4", symmetric=False, dtype=torch.float32)
+    modules = dict(model.named_modules())
+    compared = 0
+    for _, mod_name, pname, label, e, w in checkpoint_pieces(model, path):
+        module = modules[mod_name]
+        lay = {x.label: x for x in shard_layouts(module.logical_shards[pname], PerBlock((1, 128)))}[label]
+        codes, scales, zeros = (getattr(module, f"{pname}{s}") for s in ("", "_scale", "_zero_point"))
+        if e is not None:
+            codes, scales, zeros = codes[e], scales[e], zeros[e]
+        ref_codes, ref_scales, ref_zeros = ref_quantize_asymmetric(to_f32(w.float()), (1, 128))
+        np.testing.assert_array_equal(codes[lay.rows].numpy(), ref_pack_int4(ref_codes))
+        np.testing.assert_array_equal(scales[lay.scale_rows].numpy(), ref_scales)
+        np.testing.assert_array_equal(zeros[lay.scale_rows].numpy(), ref_zeros)
+        compared += 1
+    assert compared >= 8
+    checked = 0
+    for key, value in whole.items():  # row-parallel layers: every rank holds all rows of scales and zero points
+        if key.endswith(("_zero_point", "_scale")) and all(r[key].shape == value.shape for r in ranks):
+            assert all(torch.equal(r[key], value) for r in ranks), key
+            checked += 1
+    assert checked >= 4
+
+
+def test_asymmetric_int4_reloads_in_place_bitwise_a_cold_load(llama, tmp_path):
+    b = write_variant(llama, tmp_path / "b")
+    model = load_model(llama, quantization="int4", symmetric=False, group_size=32)
+    before = {n: t.data_ptr() for n, t in inference_tensors(model).items()}
+    reload_weights(model, b)
+    cold = load_model(b, quantization="int4", symmetric=False, group_size=32)
+    live, want = inference_tensors(model), inference_tensors(cold)
+    assert any(n.endswith("_zero_point") for n in live)
+    assert all(torch.equal(live[n], want[n]) for n in want) and {n: t.data_ptr() for n, t in live.items()} == before
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(model(ids), cold(ids))

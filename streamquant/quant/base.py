@@ -126,9 +126,10 @@ def check_ignore(ignore) -> tuple[str, ...]:
     """A config's `ignore` as a tuple of valid regexes (matched with `re.search` against layer prefixes)."""
     if isinstance(ignore, str):
         raise TypeError("ignore must be a sequence of regexes, not one string")
+    ignore = tuple(ignore)  # read once: a generator would be empty after the checks
     for pattern in ignore:
         try:
             re.compile(pattern)
         except re.error as e:
             raise ValueError(f"ignore pattern {pattern!r} is not a valid regex: {e}") from None
-    return tuple(ignore)
+    return ignore

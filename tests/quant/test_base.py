@@ -36,6 +36,7 @@ def test_unquantized_methods_are_direct_weights():
 def test_ignore_is_a_tuple_of_valid_regexes():
     assert check_ignore([r"mlp\.experts$", "o_proj"]) == (r"mlp\.experts$", "o_proj")
     assert check_ignore(()) == ()
+    assert check_ignore(p for p in ["o_proj", "down_proj"]) == ("o_proj", "down_proj")  # a generator, read once
     with pytest.raises(TypeError, match="ignore must be a sequence of regexes, not one string"):
         check_ignore("o_proj")
     with pytest.raises(ValueError, match=r"ignore pattern '\(unclosed' is not a valid regex"):

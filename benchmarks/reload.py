@@ -91,7 +91,8 @@ from streamquant.parallel.launch import launch  # noqa: E402
 from streamquant.loading.streaming import largest_layer_staging_bytes  # noqa: E402
 from streamquant.memory import PeakMemorySampler, read_rss, trim_heap  # noqa: E402
 from streamquant.quant.math.native import build  # noqa: E402
-from streamquant.reload import Reloader, inference_tensors, reload_weights  # noqa: E402
+from streamquant.loading.contract import inference_tensors  # noqa: E402
+from streamquant.reload import Reloader, reload_weights  # noqa: E402
 
 SCHEMES = ("fp8", "fp8-channel", "fp8-block", "none")
 KINDS = ("cold", "reload-disk", "reload-memory", "reload-shuffled", "reload-budget", "reload-atomic", "reloader",

@@ -39,7 +39,7 @@ from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensur
 from streamquant.inference.generation import generate_sequences
 from streamquant.parallel.launch import launch
 from streamquant.parallel.context import TPContext
-from streamquant.reload import inference_tensors
+from streamquant.loading.contract import inference_tensors
 from streamquant.inference.sampling import SamplingParams
 from streamquant.rl.sync import WeightReceiver, WeightSender
 

@@ -4,6 +4,9 @@ Public API (see README.md):
     load_model(path, *, quantization=None, dtype=torch.bfloat16, device="cpu", tp=None, strict=True,
                streaming=True, **options)
     reload_weights(model, weights, *, strict=True, atomic=False, staging_budget=None, quantized_source=None)
+    begin_update(model, *, atomic=False, expected=None) -> WeightUpdate: .load(name, tensor), .load_many(pairs),
+        .finish(expected_fingerprint=None), .abort()  (push-style refit; reload_weights is a pull over it)
+    weights_fingerprint(model) -> hex SHA-256 of the model's kernel-format tensors over its TP group
     quantize_checkpoint(src, dst, quantization, *, format="compressed-tensors", workers=1, **options)
     (and `streamquant.offline`: QuantizePlan / quantize_weights, trainer-side quantization)
     (and `streamquant.rl.sync`: WeightSender / WeightReceiver, trainer -> inference over torch.distributed)
@@ -38,6 +41,11 @@ _EXPORTS = MappingProxyType(
         "TPContext": "streamquant.parallel.context",
         "reload_weights": "streamquant.reload",
         "Reloader": "streamquant.reload",
+        "begin_update": "streamquant.update",
+        "WeightUpdate": "streamquant.update",
+        "WeightUpdateError": "streamquant.update",
+        "weights_fingerprint": "streamquant.fingerprint",
+        "weights_digests": "streamquant.fingerprint",
         "ModelNotReadyError": "streamquant.models.base",
         "quantize_checkpoint": "streamquant.offline",
         "QuantizeReport": "streamquant.offline",

@@ -1,6 +1,7 @@
 """`reload_weights`: new checkpoint-format weights into a loaded model, in place (the RL refit path).
 
-A reload is the cold load's own driver (`loading.streaming.stream_weights`) run on the live model: every fp8 layer gets
+A reload is a pull over the push-style update (`update.begin_update`): every tensor of the source is
+`load`ed, then `finish` commits; one path. It runs the cold load's own session on the live model: every fp8 layer gets
 its checkpoint-format copy back from the staging pool at its first tensor, the same weight loaders
 write it, and at its last element it is quantized INTO the codes and scales the model already
 holds (their storage and `data_ptr` never change, so captured CUDA graphs stay valid); unquantized
@@ -36,26 +37,16 @@ budget is a reference to the caller's tensor, which must not change until the re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
-from streamquant.loading.contract import derived_tensors, loadable_parameters
-from streamquant.loading.errors import (
-    DuplicateWeightError,
-    MissingWeightsError,
-    NonFiniteWeightError,
-    UnexpectedWeightError,
-    WeightLoadError,
-)
-from streamquant.loading.materialize import StagingPool, align_up, byte_view
-from streamquant.loading.streaming import staging_pool, stream_weights
-from streamquant.loading.validate import is_finite
-from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.formats.prequantized import reload_source
+from streamquant.loading.streaming import staging_pool
+from streamquant.snapshot import WeightSnapshot, model_device
+from streamquant.update import WeightUpdate
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 
@@ -65,28 +56,6 @@ def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(weights, (str, Path)):
         return iterate_weights(resolve_checkpoint(weights))
     return weights
-
-
-def _tracked(weights: Iterable[tuple[str, torch.Tensor]], seen: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """`weights`, recording each name as it is handed on (what a failure may have written)."""
-    for name, tensor in weights:
-        seen.append(name)
-        yield name, tensor
-
-
-def inference_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor a reload writes, by name: loadable parameters with storage, and the tensors quant
-    methods derive from checkpoint-format weights (`derived_tensors`: fp8 / int8 codes and scales, a
-    torchao weight's inner tensors)."""
-    out = {n: p for n, p in loadable_parameters(model).items() if not p.is_meta}
-    for mod_name, module in model.named_modules():
-        for name, tensor in derived_tensors(module).items():
-            out[f"{mod_name}.{name}"] = tensor
-    return out
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(t.device for t in model.parameters() if not t.is_meta)
 
 
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
@@ -108,45 +77,9 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     `model.weights_version` on success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
     `Reloader` keeps them for the next.
     """
-    snapshot = WeightSnapshot(model) if atomic else None
-    return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, snapshot=snapshot,
-                   staging_budget=staging_budget, transient_source=transient_source, pool=None,
+    return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, atomic=atomic,
+                   snapshot=None, staging_budget=staging_budget, transient_source=transient_source, pool=None,
                    check_finite=check_finite, quantized_source=quantized_source)
-
-
-class WeightSnapshot:
-    """One flat buffer holding a copy of every tensor a reload writes (`inference_tensors`).
-
-    `device` defaults to the model's; "cpu" for a CUDA model keeps the copy in pinned host memory
-    (no device memory, slower copies)."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None, *, save: bool = True):
-        tensors = inference_tensors(model)
-        model_device = _device(model)
-        device = torch.device(device) if device is not None else model_device
-        offsets, total = {}, 0
-        for name, t in tensors.items():
-            offsets[name] = total
-            total += align_up(t.numel() * t.element_size())
-        self.buffer = torch.empty(total, dtype=torch.uint8, device=device,
-                                  pin_memory=device.type == "cpu" and model_device.type == "cuda")
-        self.views = {n: byte_view(self.buffer, offsets[n], t.shape, t.dtype) for n, t in tensors.items()}
-        if save:
-            self.save(model)
-
-    def save(self, model: torch.nn.Module) -> None:
-        live = inference_tensors(model)
-        if live.keys() != self.views.keys():
-            raise ValueError("the model's tensors changed since this snapshot was made")
-        with torch.no_grad():
-            for name, t in live.items():
-                self.views[name].copy_(t)
-
-    def restore(self, model: torch.nn.Module) -> None:
-        live = inference_tensors(model)
-        with torch.no_grad():
-            for name, saved in self.views.items():
-                live[name].copy_(saved)
 
 
 class Reloader:
@@ -164,14 +97,14 @@ class Reloader:
         self.model, self.strict, self.staging_budget = model, strict, staging_budget
         self.check_finite = check_finite
         self.snapshot = WeightSnapshot(model, snapshot_device, save=False) if atomic else None
-        self.pool = staging_pool(_device(model), getattr(model, "offload_plan", None))
+        self.pool = staging_pool(model_device(model), getattr(model, "offload_plan", None))
 
     def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True,
                  transient_source: bool = False, quantized_source: bool | None = None) -> set[str]:
         if self.snapshot is not None:
             self.snapshot.save(self.model)
         return _reload(self.model, weights, checkpoint_format=checkpoint_format, strict=self.strict,
-                       snapshot=self.snapshot, staging_budget=self.staging_budget,
+                       atomic=self.snapshot is not None, snapshot=self.snapshot, staging_budget=self.staging_budget,
                        transient_source=transient_source, pool=self.pool, check_finite=self.check_finite,
                        quantized_source=quantized_source)
 
@@ -185,95 +118,19 @@ class Reloader:
         self.pool.clear()
 
 
-def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool,
+def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool, atomic: bool,
             snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
-            pool: StagingPool | None, check_finite: bool = True, quantized_source: bool | None = None) -> set[str]:
-    seen: list[str] = []
-    failure: Exception | None = None
+            pool, check_finite: bool, quantized_source: bool | None) -> set[str]:
+    """A pull over the push-style update: begin, load every tensor of the source, finish."""
+    if checkpoint_format:
+        tensors, quantized = reload_source(model, weights, quantized_source)
+    else:
+        tensors, quantized = _tensors(weights), False
+    update = WeightUpdate(model, atomic=atomic, strict=strict, checkpoint_format=checkpoint_format,
+                          quantized_source=quantized, staging_budget=staging_budget,
+                          transient_source=transient_source, check_finite=check_finite, snapshot=snapshot, pool=pool)
     try:
-        if checkpoint_format:
-            loaded = _stream(model, weights, strict=strict, staging_budget=staging_budget,
-                             transient_source=transient_source, pool=pool, check_finite=check_finite, seen=seen,
-                             quantized_source=quantized_source)
-        else:
-            loaded = _copy_processed(model, _tracked(_tensors(weights), seen), strict, check_finite)
-    except Exception as exc:
-        failure = exc
-    except BaseException as exc:  # KeyboardInterrupt & co.: fail closed at once, no collective after them
-        _fail(model, snapshot, seen, exc)
-        raise
-    failure = _agree(getattr(model, "tp", None), failure)
-    if failure is not None:
-        _fail(model, snapshot, seen, failure)
-        raise failure
-    model.weights_version += 1
-    model.not_ready_reason = None
-    return loaded
-
-
-def _stream(model: torch.nn.Module, weights: WeightSource, *, strict: bool, staging_budget: int | None,
-            transient_source: bool, pool: StagingPool | None, check_finite: bool, seen: list[str],
-            quantized_source: bool | None = None) -> set[str]:
-    """checkpoint_format=True: the cold load's streaming driver on the live model."""
-    tensors, quantized = reload_source(model, weights, quantized_source)
-    session = stream_weights(model, _tracked(tensors, seen), model.weight_mapping, device=_device(model),
-                             strict=strict, staging_budget=staging_budget, transient_source=transient_source,
-                             pool=pool, offload=None if quantized else getattr(model, "offload_plan", None),
-                             check_finite=check_finite, quantized_source=quantized)
-    return session.loaded
-
-
-def _agree(tp: TPContext | None, failure: Exception | None) -> Exception | None:
-    """Every tensor-parallel rank learns whether all ranks' reloads succeeded (one 1-element MIN
-    all-reduce); the error this rank must raise, or None when every rank succeeded. A reload commits
-    on all ranks or on none."""
-    if tp is None or tp.size == 1:
-        return failure
-    ok = torch.tensor([0 if failure is not None else 1], dtype=torch.int32)
-    all_reduce(ok, tp, dist.ReduceOp.MIN)
-    if failure is None and int(ok) == 0:
-        return WeightLoadError(f"tensor-parallel rank {tp.rank}: another rank's reload failed, so this rank's "
-                               "reload does not commit either")
-    return failure
-
-
-def _copy_processed(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], strict: bool,
-                    check_finite: bool) -> set[str]:
-    """checkpoint_format=False: copy tensors in the model's own format into place, checked exactly."""
-    targets = inference_tensors(model)
-    done: set[str] = set()
-    for name, tensor in weights:
-        target = targets.get(name)
-        if target is None:
-            if strict:
-                raise UnexpectedWeightError(f"{name!r} is not one of the model's tensors (checkpoint_format=False "
-                                            f"takes names like {next(iter(targets))!r})")
-            continue
-        if name in done:
-            raise DuplicateWeightError(f"{name!r} arrived twice")
-        if tensor.shape != target.shape or tensor.dtype != target.dtype:
-            raise WeightLoadError(f"{name!r}: expected {target.dtype} {list(target.shape)} (this rank's processed "
-                                  f"tensor), received {tensor.dtype} {list(tensor.shape)}")
-        if check_finite and not is_finite(tensor):
-            raise NonFiniteWeightError(f"{name!r} holds NaN or Inf; refusing to reload it")
-        with torch.no_grad():
-            target.copy_(tensor)
-        done.add(name)
-    absent = sorted(set(targets) - done)
-    if strict and absent:
-        raise MissingWeightsError(f"{len(absent)} tensor(s) never arrived: {', '.join(absent[:8])}"
-                                  + (" ..." if len(absent) > 8 else ""))
-    return done
-
-
-def _fail(model: torch.nn.Module, snapshot: WeightSnapshot | None, seen: list[str], exc: BaseException) -> None:
-    """Restore the snapshot (atomic) or, if anything was written, mark the model not ready."""
-    if snapshot is not None:
-        snapshot.restore(model)
-        return
-    if seen:
-        model.not_ready_reason = (
-            f"a reload failed after {len(seen)} checkpoint tensor(s) (first {seen[0]!r}) were written: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; the weights are a mix of "
-            "old and new; run a complete reload_weights"
-        )
+        update.load_many(tensors)
+    except Exception:  # noqa: BLE001  recorded in the update: finish agrees with the other ranks, then raises it
+        pass
+    return update.finish()

@@ -27,7 +27,7 @@ ROOMS = (
     ("formats",),
     ("config",),
     ("offline",),
-    ("api", "reload"),
+    ("fingerprint", "snapshot", "update", "api", "reload"),
     ("inference",),
     ("rl",),
     ("cli",),

@@ -22,7 +22,8 @@ from streamquant.models.base import ModelNotReadyError
 from streamquant.loading.streaming import largest_layer_staging_bytes
 from streamquant.parallel.context import TPContext
 from streamquant.loading.validate import is_finite as _finite
-from streamquant.reload import inference_tensors, reload_weights
+from streamquant.loading.contract import inference_tensors
+from streamquant.reload import reload_weights
 
 from hf_cases import CASES, make_checkpoint, write_variant
 
@@ -138,7 +139,7 @@ def test_failed_reload_fails_closed(pairs, tmp_path, scheme, edit, error):
     model = load_model(a, quantization=scheme)
     with pytest.raises(error):
         reload_weights(model, bad)
-    with pytest.raises(ModelNotReadyError, match="reload failed"):
+    with pytest.raises(ModelNotReadyError, match="update failed"):
         model(IDS)
     reload_weights(model, b)  # a complete reload makes it usable again, equal to a cold load
     assert_bitwise_equal(state(model), state(cold_b))

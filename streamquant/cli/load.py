@@ -15,6 +15,7 @@ import torch
 
 from streamquant.api import load_model
 from streamquant.config import DTYPE_NAMES, SUPPORTED_QUANTIZATION
+from streamquant.fingerprint import weights_fingerprint
 from streamquant.cli.input import positive_seconds
 from streamquant.cli.output import thin_timeline
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
@@ -131,5 +132,8 @@ def _load_result(options: dict[str, Any], report, peak) -> dict[str, Any]:
 
 
 def run_load(options: dict[str, Any]) -> dict[str, Any]:
-    """`load` in this process (or on this rank): the load measurements."""
-    return measured_load(options)[1]
+    """`load` in this process (or on this rank): the load measurements and, outside them, the model's
+    `weights_fingerprint` (a collective at TP > 1: every rank runs this)."""
+    model, result = measured_load(options)
+    result["weights_fingerprint"] = weights_fingerprint(model)
+    return result

@@ -117,6 +117,16 @@ def loadable_parameters(model: torch.nn.Module, quantized_source: bool = False) 
     return out
 
 
+def inference_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a reload writes, by name: loadable parameters with storage, and the tensors methods
+    derive from checkpoint-format weights (codes and scales, a torchao weight's inner tensors)."""
+    out: dict[str, torch.Tensor] = {n: p for n, p in loadable_parameters(model).items() if not p.is_meta}
+    for mod_name, module in model.named_modules():
+        for name, tensor in derived_tensors(module).items():
+            out[f"{mod_name}.{name}" if mod_name else name] = tensor
+    return out
+
+
 def release_staging(module: torch.nn.Module, pool: StagingPool | None = None) -> None:
     """Drop the storage of `module`'s checkpoint-format parameters (back to `meta`, or into `pool`)."""
     for param in staged_params(module).values():

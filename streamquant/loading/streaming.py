@@ -219,14 +219,22 @@ class StreamingLoadSession(WeightLoadSession):
         for name, tensor in items:
             self.load(name, tensor)
 
-    def load_all(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load everything; deferred tensors go last, grouped by layer so each completes at once."""
-        super().load_all(weights)
+    def complete(self) -> None:
+        """After the last tensor: load the deferred tensors, grouped by layer so each completes at
+        once; raise if anything is missing (strict); process held layers."""
         self.draining = True
         items, self.pending = sorted(self.pending, key=lambda item: self._owner_of(item[0])), []
         for name, tensor in items:
             super().load(name, tensor)
-        return self.loaded
+        self.check_complete()
+        self.finish_held()
+
+    def fail(self, exc: BaseException) -> None:
+        """After `exc`: release what this pass materialized for unfinished layers. The failed step's
+        finished frames hold views of staged weights, which would pin them (and make releasing them
+        fail, hiding `exc`): their locals are dropped first; the traceback keeps its lines."""
+        traceback.clear_frames(exc.__traceback__)
+        self.abort()
 
     def finish_held(self) -> None:
         """`hold_layers=True`: process every complete layer, in model order, now that all weights arrived."""
@@ -279,13 +287,9 @@ def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
     try:
         with torch.no_grad():
             session.load_all(weights)
-            session.check_complete()
-            session.finish_held()
+            session.complete()
     except BaseException as exc:
-        # the failed step's finished frames hold views of staged weights, which would pin them (and make
-        # releasing them fail, hiding `exc`): drop their locals first; the traceback keeps its lines
-        traceback.clear_frames(exc.__traceback__)
-        session.abort()
+        session.fail(exc)
         raise
     session.close(keep_pool=pool is not None)
     return session

@@ -53,7 +53,8 @@ class CausalLM(torch.nn.Module):
         self.tp = tp
         self.params_dtype = params_dtype
         self.weights_version = 0  # incremented by every successful `reload_weights`
-        self.not_ready_reason: str | None = None  # set by a failed non-atomic reload; forward refuses
+        self.not_ready_reason: str | None = None  # set during an update and by a failed non-atomic one; forward refuses
+        self.active_update = None  # the `update.WeightUpdate` in progress, if any (one at a time)
         self.offload_plan = None  # set by load_model(offload_before_quant=True); reloads stage the same way
 
     def compute_logits(self, input_ids, positions, kv_cache, start_pos) -> torch.Tensor:

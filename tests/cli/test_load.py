@@ -12,6 +12,8 @@ import torch
 
 import streamquant.cli.load as cli_load
 import streamquant.cli.main as cli
+from streamquant.api import load_model
+from streamquant.fingerprint import weights_fingerprint
 from streamquant.memory import PeakMemorySampler
 from streamquant.offline import quantize_checkpoint
 
@@ -48,6 +50,7 @@ def test_load_fp8_reports_quantization(checkpoint, tmp_path, capsys, scheme):
     result = json.loads(out.read_text())
     assert result["quantization"] == scheme
     assert 0 < result["quantized_weight_bytes"] < result["model_bytes"]
+    assert result["weights_fingerprint"] == weights_fingerprint(load_model(checkpoint, quantization=scheme))
     assert result["fp8_weight_bytes"] == result["quantized_weight_bytes"]  # the deprecated key, one more release
     error = result["quantization_error"]
     assert error["weights"] > 0 and 15 < error["sqnr_db_min"] <= error["sqnr_db_median"]

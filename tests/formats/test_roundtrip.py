@@ -19,7 +19,8 @@ from streamquant.parallel.context import TPContext
 from streamquant.quant.math.code_format import E4M3FN
 from streamquant.quant.math.quantize import dequantize, quantize
 from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor
-from streamquant.reload import inference_tensors, reload_weights
+from streamquant.loading.contract import inference_tensors
+from streamquant.reload import reload_weights
 
 # (scheme, format, formula): every format with every formula it may carry
 VARIANTS = [("fp8", "compressed-tensors", "compressed-tensors"), ("fp8-channel", "compressed-tensors", "streamquant"),

@@ -17,7 +17,8 @@ from streamquant.formats import get_format
 from streamquant.loading.errors import NonFiniteWeightError
 from streamquant.offline import QuantizePlan, quantize_checkpoint, quantize_weights
 from streamquant.parallel.context import TPContext
-from streamquant.reload import Reloader, inference_tensors, reload_weights
+from streamquant.loading.contract import inference_tensors
+from streamquant.reload import Reloader, reload_weights
 from streamquant.rl.sync import WeightReceiver, WeightSender
 
 

@@ -17,7 +17,8 @@ from streamquant.checkpoint.reader import iterate_weights
 from streamquant.loading.errors import NonFiniteWeightError
 from streamquant.parallel.context import TPContext
 from streamquant.quant.torchao import TORCHAO_PRESETS, inner_tensors, quantized_weight
-from streamquant.reload import inference_tensors, reload_weights
+from streamquant.loading.contract import inference_tensors
+from streamquant.reload import reload_weights
 
 from hf_cases import CASES, make_checkpoint, write_variant
 

@@ -15,7 +15,8 @@ from streamquant.quant.math.code_format import INT8
 from streamquant.quant.math.granularity import PerBlock
 from streamquant.quant.scaled.config import ScaledConfig
 from streamquant.quant.scaled.weights import shard_layouts
-from streamquant.reload import inference_tensors, reload_weights
+from streamquant.loading.contract import inference_tensors
+from streamquant.reload import reload_weights
 
 from hf_cases import CASES, make_checkpoint, write_variant
 

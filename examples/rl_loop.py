@@ -7,10 +7,12 @@ learns from their rollouts.
 Process 0 is the trainer: a transformers model (float32 master weights) taking REINFORCE steps on a
 synthetic reward (the share of even token ids in a completion). Processes 1..TP hold the fp8 model,
 one tensor-parallel group. Every step:
-  1. the trainer sends its weights (cast to bf16) with `WeightSender`; the inference ranks reload in
-     place (`WeightReceiver.reload(atomic=True)`): the refit seconds;
+  1. the trainer sends its weights (cast to bf16) with `WeightSender`; the inference ranks push each
+     received bucket into a weight update (`begin_update(atomic=True)`, `WeightReceiver.receive(update.load_many)`,
+     `update.finish()`: in place, committed on both ranks or neither): the refit seconds;
   2. check: the trainer also saved those bf16 weights; the inference ranks cold-load them with the same
-     scheme and compare every fp8 code and scale bit for bit with the refitted model;
+     scheme and compare the refitted model's `weights_fingerprint` (SHA-256 of every fp8 code and scale)
+     with the cold load's;
   3. the inference ranks sample rollouts with logprobs (`generate_sequences`; every rank computes the
      same samples, TP rank 0 sends them to the trainer): rollout tokens/s;
   4. the trainer scores the rollouts with its own model (`logp_train`) and reports the mismatch
@@ -34,12 +36,11 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from streamquant import load_model
+from streamquant import begin_update, load_model, weights_fingerprint
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
 from streamquant.inference.generation import generate_sequences
 from streamquant.parallel.launch import launch
 from streamquant.parallel.context import TPContext
-from streamquant.loading.contract import inference_tensors
 from streamquant.inference.sampling import SamplingParams
 from streamquant.rl.sync import WeightReceiver, WeightSender
 
@@ -103,13 +104,15 @@ def inference(args, tp_group) -> None:
     for step in range(args.steps):
         dist.barrier()
         start = time.perf_counter()
-        receiver.reload(model, atomic=True)
+        update = begin_update(model, atomic=True)
+        try:
+            receiver.receive(update.load_many)  # each bucket's tensors pushed in as they arrive
+        except Exception:  # noqa: BLE001  recorded in the update: finish() raises it once the ranks agreed
+            pass
+        update.finish()
         refit = time.perf_counter() - start
         cold = load_model(Path(args.scratch) / f"step{step}", quantization=args.quantization, tp=tp)
-        live, want = inference_tensors(model), inference_tensors(cold)
-        equal = live.keys() == want.keys() and all(
-            torch.equal(live[n].view(torch.uint8), want[n].view(torch.uint8)) if live[n].dtype.itemsize == 1
-            else torch.equal(live[n], want[n]) for n in live)
+        equal = weights_fingerprint(model) == weights_fingerprint(cold)
         del cold
         start = time.perf_counter()
         batch = prompts(model.config.vocab_size, args.prompts, args.prompt_length, step)

@@ -42,6 +42,7 @@ from streamquant.config import (
 from streamquant.checkpoint.reader import (
     checkpoint_bytes,
     checkpoint_shapes,
+    checkpoint_totals,
     iterate_weights,
     load_hf_config,
     resolve_checkpoint,
@@ -50,6 +51,7 @@ from streamquant.loading.contract import loadable_parameters
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel.context import TPContext, default_tp
+from streamquant.progress import progress_over, wants_progress
 from streamquant.formats.prequantized import prequantized_plan, prequantized_tensors
 from streamquant.quant.torchao import TorchaoConfig, inner_tensors
 
@@ -120,6 +122,7 @@ def load_model(
     offload_before_quant: bool = False,
     quantize_on: str | None = None,
     check_finite: bool = True,
+    progress: bool | None = None,
     **options: Any,
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
@@ -142,6 +145,8 @@ def load_model(
     Every checkpoint tensor must be bf16 / fp16 / fp32 / fp64 and free of NaN and Inf
     (`loading/validate.py`); `check_finite=False` skips the NaN / Inf pass over unquantized tensors
     (measured ~20% of a bf16 load, a few percent of an fp8 one; quantized weights stay checked).
+    `progress`: a bar of bytes and tensors on stderr (`streamquant/progress.py`); None (default): only
+    where stderr is a terminal, as `from_pretrained` does; only tensor-parallel rank 0 draws.
     The returned model is in eval mode and carries `model.load_report` (a `LoadReport`).
     """
     start = time.perf_counter()
@@ -170,16 +175,17 @@ def load_model(
     if strict:  # strict=False may load a partial checkpoint on purpose
         check_model_fits(model, loadable_parameters(model, prequantized is not None), shapes)
     check_ignore_patterns(model, quant_config)
-    weights = iterate_weights(checkpoint)
-    if prequantized is not None:
-        if not streaming or offload is not None:
-            raise ValueError("a pre-quantized checkpoint loads its fp8 codes directly: streaming=False and "
-                             "offload_before_quant=True do not apply")
-        weights = prequantized_tensors(weights, prequantized, params_dtype)
+    if prequantized is not None and (not streaming or offload is not None):
+        raise ValueError("a pre-quantized checkpoint loads its fp8 codes directly: streaming=False and "
+                         "offload_before_quant=True do not apply")
     model.prequantized = prequantized.checkpoint if prequantized is not None else None
-    stream_weights(model, weights, model.weight_mapping, device=device, strict=strict, check_finite=check_finite,
-                   staging_budget=staging_budget, offload=offload, quantized_source=prequantized is not None,
-                   hold_layers=not streaming)
+    with progress_over(iterate_weights(checkpoint), "load", enabled=wants_progress(progress, rank=tp.rank),
+                       totals=lambda: checkpoint_totals(checkpoint)) as weights:
+        if prequantized is not None:
+            weights = prequantized_tensors(weights, prequantized, params_dtype)
+        stream_weights(model, weights, model.weight_mapping, device=device, strict=strict, check_finite=check_finite,
+                       staging_budget=staging_budget, offload=offload, quantized_source=prequantized is not None,
+                       hold_layers=not streaming)
     _move_buffers_(model, torch.device(device))
     model.offload_plan = offload
     model.eval()

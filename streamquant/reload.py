@@ -37,12 +37,13 @@ budget is a reference to the caller's tensor, which must not change until the re
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
+from streamquant.checkpoint.reader import checkpoint_totals, iterate_weights, resolve_checkpoint
 from streamquant.loading.contract import derived_tensors, loadable_parameters
 from streamquant.loading.errors import (
     DuplicateWeightError,
@@ -56,6 +57,7 @@ from streamquant.loading.streaming import staging_pool, stream_weights
 from streamquant.loading.validate import is_finite
 from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.formats.prequantized import reload_source
+from streamquant.progress import WeightBar, counted, wants_progress
 
 WeightSource = str | Path | Iterable[tuple[str, torch.Tensor]]
 
@@ -92,7 +94,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
                    strict: bool = True, atomic: bool = False, staging_budget: int | None = None,
                    transient_source: bool = False, check_finite: bool = True,
-                   quantized_source: bool | None = None) -> set[str]:
+                   quantized_source: bool | None = None, progress: bool | None = None) -> set[str]:
     """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
 
     `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
@@ -104,14 +106,16 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     check of every incoming tensor (one `aminmax` pass each). `quantized_source=True`: the tensors are
     pre-quantized (fp8 codes and scales in checkpoint layout, e.g. from `offline.quantize_weights` or
     a `WeightSender(quantization=...)`) and are installed as they are, no high-precision staging; a
-    checkpoint directory says itself whether it is (its `quantization_config`). Increments
-    `model.weights_version` on success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
+    checkpoint directory says itself whether it is (its `quantization_config`). `progress`: a bar of
+    bytes and tensors on stderr (`streamquant/progress.py`); None (default): for a checkpoint directory
+    where stderr is a terminal, never for an iterable (a refit loop's every step); only tensor-parallel
+    rank 0 draws. Increments `model.weights_version` on success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
     `Reloader` keeps them for the next.
     """
     snapshot = WeightSnapshot(model) if atomic else None
     return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, snapshot=snapshot,
                    staging_budget=staging_budget, transient_source=transient_source, pool=None,
-                   check_finite=check_finite, quantized_source=quantized_source)
+                   check_finite=check_finite, quantized_source=quantized_source, progress=progress)
 
 
 class WeightSnapshot:
@@ -166,14 +170,14 @@ class Reloader:
         self.snapshot = WeightSnapshot(model, snapshot_device, save=False) if atomic else None
         self.pool = staging_pool(_device(model), getattr(model, "offload_plan", None))
 
-    def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True,
-                 transient_source: bool = False, quantized_source: bool | None = None) -> set[str]:
+    def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True, transient_source: bool = False,
+                 quantized_source: bool | None = None, progress: bool | None = None) -> set[str]:
         if self.snapshot is not None:
             self.snapshot.save(self.model)
         return _reload(self.model, weights, checkpoint_format=checkpoint_format, strict=self.strict,
                        snapshot=self.snapshot, staging_budget=self.staging_budget,
                        transient_source=transient_source, pool=self.pool, check_finite=self.check_finite,
-                       quantized_source=quantized_source)
+                       quantized_source=quantized_source, progress=progress)
 
     @property
     def held_bytes(self) -> int:
@@ -187,16 +191,19 @@ class Reloader:
 
 def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool,
             snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
-            pool: StagingPool | None, check_finite: bool = True, quantized_source: bool | None = None) -> set[str]:
+            pool: StagingPool | None, check_finite: bool = True, quantized_source: bool | None = None,
+            progress: bool | None = None) -> set[str]:
     seen: list[str] = []
     failure: Exception | None = None
     try:
-        if checkpoint_format:
-            loaded = _stream(model, weights, strict=strict, staging_budget=staging_budget,
-                             transient_source=transient_source, pool=pool, check_finite=check_finite, seen=seen,
-                             quantized_source=quantized_source)
-        else:
-            loaded = _copy_processed(model, _tracked(_tensors(weights), seen), strict, check_finite)
+        weights = resolve_checkpoint(weights) if isinstance(weights, (str, Path)) else weights
+        with _progress(model, weights, progress) as bar:
+            if checkpoint_format:
+                loaded = _stream(model, weights, strict=strict, staging_budget=staging_budget,
+                                 transient_source=transient_source, pool=pool, check_finite=check_finite, seen=seen,
+                                 quantized_source=quantized_source, bar=bar)
+            else:
+                loaded = _copy_processed(model, _tracked(bar(_tensors(weights)), seen), strict, check_finite)
     except Exception as exc:
         failure = exc
     except BaseException as exc:  # KeyboardInterrupt & co.: fail closed at once, no collective after them
@@ -213,14 +220,28 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
 
 def _stream(model: torch.nn.Module, weights: WeightSource, *, strict: bool, staging_budget: int | None,
             transient_source: bool, pool: StagingPool | None, check_finite: bool, seen: list[str],
-            quantized_source: bool | None = None) -> set[str]:
+            quantized_source: bool | None, bar) -> set[str]:
     """checkpoint_format=True: the cold load's streaming driver on the live model."""
     tensors, quantized = reload_source(model, weights, quantized_source)
-    session = stream_weights(model, _tracked(tensors, seen), model.weight_mapping, device=_device(model),
+    session = stream_weights(model, _tracked(bar(tensors), seen), model.weight_mapping, device=_device(model),
                              strict=strict, staging_budget=staging_budget, transient_source=transient_source,
                              pool=pool, offload=None if quantized else getattr(model, "offload_plan", None),
                              check_finite=check_finite, quantized_source=quantized)
     return session.loaded
+
+
+@contextmanager
+def _progress(model: torch.nn.Module, weights: WeightSource, progress: bool | None):
+    """A function that wraps the reload's tensors in its bar, if one is drawn (see `reload_weights`)."""
+    tp = getattr(model, "tp", None)
+    from_disk = isinstance(weights, Path)
+    enabled = wants_progress(progress, rank=tp.rank if tp is not None else 0) and (from_disk or progress is True)
+    if not enabled:
+        yield lambda tensors: tensors
+        return
+    totals = checkpoint_totals(weights) if from_disk else (None, None)
+    with WeightBar("reload", total_bytes=totals[1], total_tensors=totals[0]) as bar:
+        yield lambda tensors: counted(tensors, bar)
 
 
 def _agree(tp: TPContext | None, failure: Exception | None) -> Exception | None:

@@ -74,9 +74,18 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help=f"with --offload-before-quant: quantize each layer on the device (one bf16 layer there at a time) "
              f"or on the cpu (the device never holds bf16 weights) (default: {DEFAULT_QUANTIZE_ON})")
     add("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to FILE")
+    add_progress_flag(parser)
     add("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
         help=f"with --tp or torchrun: how long a collective waits for another rank before failing "
              f"(default: {DEFAULT_TIMEOUT_S:g})")
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """--no-progress: no bar (one is drawn on stderr only where stderr is a terminal; at --tp N by rank 0)."""
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="draw no progress bar (default: a bar of bytes and tensors on stderr where stderr is a "
+                             "terminal)")
+
 
 
 def add_load_command(commands) -> None:
@@ -104,7 +113,7 @@ def measured_load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, A
         model = load_model(
             options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"],
             streaming=options.get("streaming", True), offload_before_quant=options["offload_before_quant"],
-            quantize_on=options["quantize_on"], **_quantization_options(options),
+            quantize_on=options["quantize_on"], progress=options.get("progress"), **_quantization_options(options),
             tp=TPContext.from_process_group(reduce_dtype=torch.float32 if options.get("fp32_all_reduce") else None),
         )
     return model, _load_result(options, model.load_report, sampler.result)

@@ -110,6 +110,14 @@ def _copy_other_files(source: Path, destination: Path) -> None:
         shutil.copyfile(path, destination / relative)
 
 
+def written_config(raw: dict, quantization_config: dict, dtype: torch.dtype) -> dict:
+    """The source's config.json with the format's `quantization_config` and the dtype the tensors were written
+    in: transformers 5 reads `dtype`, older versions `torch_dtype`; each the source has is rewritten (neither:
+    `dtype` is added)."""
+    keys = [key for key in ("dtype", "torch_dtype") if key in raw] or ["dtype"]
+    return {**raw, **{key: str(dtype).removeprefix("torch.") for key in keys}, "quantization_config": quantization_config}
+
+
 def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, format: str = "compressed-tensors",
                         dtype: torch.dtype | str = torch.bfloat16, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
                         workers: int = 1, overwrite: bool = False, measure_error: bool = False,
@@ -122,7 +130,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
     floating-point tensors are written in and quantized from (as `load_model(dtype=...)` would).
     `measure_error=True` adds each quantized weight's SQNR (two more passes, their seconds apart).
     `progress`: a bar of the source's bytes and tensors on stderr (`streamquant/progress.py`); None
-    (default): only where stderr is a terminal.
+    (default): only where stderr is a terminal. The new `config.json` says `dtype` (and `torch_dtype`,
+    where the source has that older key) = the dtype the unquantized tensors were written in.
     """
     start = time.perf_counter()
     fmt = get_format(format)
@@ -162,7 +171,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
             if bar is not None:
                 bar.close()
         write_index(staging, [[s for g in shard for s in g] for shard in shards], names)
-        (staging / CONFIG_FILE).write_text(json.dumps({**raw, "quantization_config": quantization_config}, indent=2)
+        (staging / CONFIG_FILE).write_text(json.dumps(written_config(raw, quantization_config, model_dtype), indent=2)
                                            + "\n")
         _copy_other_files(source, staging)
         publish(staging, destination)

@@ -23,6 +23,7 @@ exist only for the layers in flight.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class LoadReport:
     quantization: str | None = None  # the scheme, None when unquantized
     quantized_weight_bytes: int = 0  # bytes of code tensors (fp8, int8, packed int4) on this rank, scales not included
     quantization_error: dict | None = None  # `QuantErrorLog.summary()` when measure_error=True (its own seconds)
+    checkpoint_elements: int = 0  # elements of every checkpoint tensor (x 2: the checkpoint's size in bf16)
 
     @property
     def fp8_weight_bytes(self) -> int:
@@ -197,5 +199,6 @@ def load_model(
         quantization=quant_config.name if isinstance(quant_config, TorchaoConfig) else quantization,
         quantized_weight_bytes=quantized_weight_bytes(model),
         quantization_error=error_log.summary() if error_log else None,
+        checkpoint_elements=sum(math.prod(shape) for shape in shapes.values()),
     )
     return model

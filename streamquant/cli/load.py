@@ -17,6 +17,7 @@ from streamquant.api import load_model
 from streamquant.config import DTYPE_NAMES, SUPPORTED_QUANTIZATION
 from streamquant.cli.input import positive_seconds
 from streamquant.cli.output import thin_timeline
+from streamquant.cli.plot import PLOT_EXTRA
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.parallel.context import TPContext
@@ -87,6 +88,11 @@ def add_progress_flag(parser: argparse.ArgumentParser) -> None:
                              "terminal)")
 
 
+def add_plot_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                        help=f"draw the memory timeline of the load to FILE.png (needs matplotlib: {PLOT_EXTRA}; "
+                             f"default: {default})")
+
 
 def add_load_command(commands) -> None:
     load = commands.add_parser("load", help="load a checkpoint; report its size, load time and peak memory")
@@ -95,6 +101,7 @@ def add_load_command(commands) -> None:
     load.add_argument("--measure-error", action="store_true",
                       help="with --quantization: also measure each quantized weight's SQNR (two more passes over "
                            "the weights; their seconds are reported apart, not in load seconds)")
+    add_plot_flag(load, "none")
 
 
 def _quantization_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +130,7 @@ def _load_result(options: dict[str, Any], report, peak) -> dict[str, Any]:
     result = {
         "checkpoint": str(options["path"]),
         "checkpoint_bytes": report.checkpoint_bytes,
+        "checkpoint_bf16_bytes": 2 * report.checkpoint_elements,
         "model_bytes": report.model_bytes,
         "load_seconds": report.load_seconds,
         "peak_memory_bytes": peak.peak_bytes,
@@ -131,6 +139,8 @@ def _load_result(options: dict[str, Any], report, peak) -> dict[str, Any]:
     if peak.file_backed_peak_bytes is not None:
         result["file_backed_peak_bytes"] = peak.file_backed_peak_bytes
     result["memory_timeline"] = thin_timeline(peak.timeline, TIMELINE_POINTS)
+    if peak.file_backed_peak_bytes is not None:
+        result["file_backed_timeline"] = thin_timeline(peak.file_backed_timeline, TIMELINE_POINTS)
     result["quantization"] = report.quantization
     result["quantized_weight_bytes"] = report.quantized_weight_bytes
     result["fp8_weight_bytes"] = report.quantized_weight_bytes  # the old key: deprecated, removed in 0.3

@@ -1,7 +1,8 @@
 """`load_model`: the one orchestrator that turns a checkpoint into a ready, evaluated model.
 
 Data flows one way: resolve the checkpoint -> read its HF config -> pick the model class -> build
-the model on `meta` (no memory) -> stream `iterate_weights` through `loading.streaming.stream_weights`,
+the model on `meta` (no memory) -> stream `iterate_weights` (counted on a progress bar where one is drawn,
+`progress.py`) through `loading.streaming.stream_weights`,
 which gives each module storage on the target device at its first tensor and runs its quant method's
 `process_weights_after_loading` at its last (strict by default) -> move buffers computed at build
 time to the device -> `eval()`. A parameter never written (only possible with `strict=False`) stays

@@ -1,7 +1,8 @@
 """`load_model`: the one orchestrator that turns a checkpoint into a ready, evaluated model.
 
 Data flows one way: resolve the checkpoint -> read its HF config -> pick the model class -> build
-the model on `meta` (no memory) -> stream `iterate_weights` through `loading.streaming.stream_weights`,
+the model on `meta` (no memory) -> stream `iterate_weights` (counted on a progress bar where one is drawn,
+`progress.py`) through `loading.streaming.stream_weights`,
 which gives each module storage on the target device at its first tensor and runs its quant method's
 `process_weights_after_loading` at its last (strict by default) -> move buffers computed at build
 time to the device -> `eval()`. A parameter never written (only possible with `strict=False`) stays
@@ -23,6 +24,7 @@ exist only for the layers in flight.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from streamquant.config import (
 from streamquant.checkpoint.reader import (
     checkpoint_bytes,
     checkpoint_shapes,
+    checkpoint_totals,
     iterate_weights,
     load_hf_config,
     resolve_checkpoint,
@@ -50,6 +53,7 @@ from streamquant.loading.contract import loadable_parameters
 from streamquant.loading.streaming import stream_weights
 from streamquant.models import get_model_class
 from streamquant.parallel.context import TPContext, default_tp
+from streamquant.progress import progress_over, wants_progress
 from streamquant.formats.prequantized import prequantized_plan, prequantized_tensors
 from streamquant.quant.torchao import TorchaoConfig, inner_tensors
 
@@ -63,6 +67,7 @@ class LoadReport:
     quantization: str | None = None  # the scheme, None when unquantized
     quantized_weight_bytes: int = 0  # bytes of code tensors (fp8, int8, packed int4) on this rank, scales not included
     quantization_error: dict | None = None  # `QuantErrorLog.summary()` when measure_error=True (its own seconds)
+    checkpoint_elements: int = 0  # elements of every checkpoint tensor (x 2: the checkpoint's size in bf16)
 
     @property
     def fp8_weight_bytes(self) -> int:
@@ -120,6 +125,7 @@ def load_model(
     offload_before_quant: bool = False,
     quantize_on: str | None = None,
     check_finite: bool = True,
+    progress: bool | None = None,
     **options: Any,
 ) -> torch.nn.Module:
     """Load the checkpoint at `path` (directory or hub id) into streamquant's model for it.
@@ -142,6 +148,8 @@ def load_model(
     Every checkpoint tensor must be bf16 / fp16 / fp32 / fp64 and free of NaN and Inf
     (`loading/validate.py`); `check_finite=False` skips the NaN / Inf pass over unquantized tensors
     (measured ~20% of a bf16 load, a few percent of an fp8 one; quantized weights stay checked).
+    `progress`: a bar of bytes and tensors on stderr (`streamquant/progress.py`); None (default): only
+    where stderr is a terminal, as `from_pretrained` does; only tensor-parallel rank 0 draws.
     The returned model is in eval mode and carries `model.load_report` (a `LoadReport`).
     """
     start = time.perf_counter()
@@ -170,16 +178,17 @@ def load_model(
     if strict:  # strict=False may load a partial checkpoint on purpose
         check_model_fits(model, loadable_parameters(model, prequantized is not None), shapes)
     check_ignore_patterns(model, quant_config)
-    weights = iterate_weights(checkpoint)
-    if prequantized is not None:
-        if not streaming or offload is not None:
-            raise ValueError("a pre-quantized checkpoint loads its fp8 codes directly: streaming=False and "
-                             "offload_before_quant=True do not apply")
-        weights = prequantized_tensors(weights, prequantized, params_dtype)
+    if prequantized is not None and (not streaming or offload is not None):
+        raise ValueError("a pre-quantized checkpoint loads its fp8 codes directly: streaming=False and "
+                         "offload_before_quant=True do not apply")
     model.prequantized = prequantized.checkpoint if prequantized is not None else None
-    stream_weights(model, weights, model.weight_mapping, device=device, strict=strict, check_finite=check_finite,
-                   staging_budget=staging_budget, offload=offload, quantized_source=prequantized is not None,
-                   hold_layers=not streaming)
+    with progress_over(iterate_weights(checkpoint), "load", enabled=wants_progress(progress, rank=tp.rank),
+                       totals=lambda: checkpoint_totals(checkpoint)) as weights:
+        if prequantized is not None:
+            weights = prequantized_tensors(weights, prequantized, params_dtype)
+        stream_weights(model, weights, model.weight_mapping, device=device, strict=strict, check_finite=check_finite,
+                       staging_budget=staging_budget, offload=offload, quantized_source=prequantized is not None,
+                       hold_layers=not streaming)
     _move_buffers_(model, torch.device(device))
     model.offload_plan = offload
     model.eval()
@@ -191,5 +200,6 @@ def load_model(
         quantization=quant_config.name if isinstance(quant_config, TorchaoConfig) else quantization,
         quantized_weight_bytes=quantized_weight_bytes(model),
         quantization_error=error_log.summary() if error_log else None,
+        checkpoint_elements=sum(math.prod(shape) for shape in shapes.values()),
     )
     return model

@@ -7,7 +7,8 @@
   see the CUDA context, the allocator's cached-but-free blocks or other libraries' memory.
 - CPU (method "cpu_rss_anon_sampled_5ms", Linux only): a daemon thread reads `RssAnon` and
   `RssFile` from `/proc/self/status` every ~5 ms, plus one sample at entry, at exit and on each
-  `sample()` call. `peak_bytes` is the highest anonymous RSS minus the value at entry;
+  `sample()` call; `timeline` and `file_backed_timeline` keep every sample (the memory picture of
+  `streamquant load --plot`). `peak_bytes` is the highest anonymous RSS minus the value at entry;
   `file_backed_peak_bytes` is the same for file-backed pages (mmapped checkpoints, which stay
   resident while any tensor views them). They are never summed.
 
@@ -46,7 +47,8 @@ class MemoryPeak:
     peak_bytes: int  # highest (anonymous, on CPU) memory above the entry level
     baseline_bytes: int  # the level at entry (allocated on CUDA, RssAnon on CPU)
     file_backed_peak_bytes: int | None  # CPU only: highest RssFile above the entry level
-    timeline: tuple[tuple[float, int], ...]  # (seconds since entry, bytes above entry); CPU only
+    timeline: tuple[tuple[float, int], ...]  # (seconds since entry, anonymous bytes above entry); CPU only
+    file_backed_timeline: tuple[tuple[float, int], ...] = ()  # the same samples' file-backed bytes; CPU only
 
 
 def read_rss() -> tuple[int, int]:
@@ -91,6 +93,7 @@ class PeakMemorySampler:
         self._baseline = (0, 0)
         self._peak = (0, 0)
         self._timeline: list[tuple[float, int]] = []
+        self._file_timeline: list[tuple[float, int]] = []
 
     @property
     def method(self) -> str:
@@ -130,6 +133,7 @@ class PeakMemorySampler:
                 baseline_bytes=self._baseline[0],
                 file_backed_peak_bytes=max(self._peak[1] - self._baseline[1], 0),
                 timeline=tuple(self._timeline),
+                file_backed_timeline=tuple(self._file_timeline),
             )
 
     def sample(self) -> None:
@@ -138,7 +142,9 @@ class PeakMemorySampler:
             return
         anon, file = read_rss()
         with self._lock:
-            self._timeline.append((time.perf_counter() - self._start, anon - self._baseline[0]))
+            seconds = time.perf_counter() - self._start
+            self._timeline.append((seconds, anon - self._baseline[0]))
+            self._file_timeline.append((seconds, file - self._baseline[1]))
             self._peak = (max(self._peak[0], anon), max(self._peak[1], file))
 
     def _run(self) -> None:

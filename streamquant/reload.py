@@ -38,13 +38,15 @@ budget is a reference to the caller's tensor, which must not change until the re
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from streamquant.checkpoint.reader import iterate_weights, resolve_checkpoint
+from streamquant.checkpoint.reader import checkpoint_totals, iterate_weights, resolve_checkpoint
 from streamquant.formats.prequantized import reload_source
 from streamquant.loading.streaming import staging_pool
+from streamquant.progress import WeightBar, counted, wants_progress
 from streamquant.snapshot import WeightSnapshot, model_device
 from streamquant.update import WeightUpdate
 
@@ -61,7 +63,7 @@ def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
                    strict: bool = True, atomic: bool = False, staging_budget: int | None = None,
                    transient_source: bool = False, check_finite: bool = True,
-                   quantized_source: bool | None = None) -> set[str]:
+                   quantized_source: bool | None = None, progress: bool | None = None) -> set[str]:
     """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
 
     `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
@@ -73,13 +75,15 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     check of every incoming tensor (one `aminmax` pass each). `quantized_source=True`: the tensors are
     pre-quantized (fp8 codes and scales in checkpoint layout, e.g. from `offline.quantize_weights` or
     a `WeightSender(quantization=...)`) and are installed as they are, no high-precision staging; a
-    checkpoint directory says itself whether it is (its `quantization_config`). Increments
-    `model.weights_version` on success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
+    checkpoint directory says itself whether it is (its `quantization_config`). `progress`: a bar of
+    bytes and tensors on stderr (`streamquant/progress.py`); None (default): for a checkpoint directory
+    where stderr is a terminal, never for an iterable (a refit loop's every step); only tensor-parallel
+    rank 0 draws. Increments `model.weights_version` on success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
     `Reloader` keeps them for the next.
     """
     return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, atomic=atomic,
                    snapshot=None, staging_budget=staging_budget, transient_source=transient_source, pool=None,
-                   check_finite=check_finite, quantized_source=quantized_source)
+                   check_finite=check_finite, quantized_source=quantized_source, progress=progress)
 
 
 class Reloader:
@@ -99,14 +103,14 @@ class Reloader:
         self.snapshot = WeightSnapshot(model, snapshot_device, save=False) if atomic else None
         self.pool = staging_pool(model_device(model), getattr(model, "offload_plan", None))
 
-    def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True,
-                 transient_source: bool = False, quantized_source: bool | None = None) -> set[str]:
+    def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True, transient_source: bool = False,
+                 quantized_source: bool | None = None, progress: bool | None = None) -> set[str]:
         if self.snapshot is not None:
             self.snapshot.save(self.model)
         return _reload(self.model, weights, checkpoint_format=checkpoint_format, strict=self.strict,
                        atomic=self.snapshot is not None, snapshot=self.snapshot, staging_budget=self.staging_budget,
                        transient_source=transient_source, pool=self.pool, check_finite=self.check_finite,
-                       quantized_source=quantized_source)
+                       quantized_source=quantized_source, progress=progress)
 
     @property
     def held_bytes(self) -> int:
@@ -120,8 +124,9 @@ class Reloader:
 
 def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool, atomic: bool,
             snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
-            pool, check_finite: bool, quantized_source: bool | None) -> set[str]:
+            pool, check_finite: bool, quantized_source: bool | None, progress: bool | None) -> set[str]:
     """A pull over the push-style update: begin, load every tensor of the source, finish."""
+    weights = resolve_checkpoint(weights) if isinstance(weights, (str, Path)) else weights
     if checkpoint_format:
         tensors, quantized = reload_source(model, weights, quantized_source)
     else:
@@ -129,8 +134,23 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
     update = WeightUpdate(model, atomic=atomic, strict=strict, checkpoint_format=checkpoint_format,
                           quantized_source=quantized, staging_budget=staging_budget,
                           transient_source=transient_source, check_finite=check_finite, snapshot=snapshot, pool=pool)
-    try:
-        update.load_many(tensors)
-    except Exception:  # noqa: BLE001  recorded in the update: finish agrees with the other ranks, then raises it
-        pass
-    return update.finish()
+    with _progress(model, weights, progress) as bar:
+        try:
+            update.load_many(bar(tensors))
+        except Exception:  # noqa: BLE001  recorded in the update: finish agrees with the other ranks, then raises it
+            pass
+        return update.finish()
+
+
+@contextmanager
+def _progress(model: torch.nn.Module, weights: WeightSource, progress: bool | None):
+    """A function that wraps the reload's tensors in its bar, if one is drawn (see `reload_weights`)."""
+    tp = getattr(model, "tp", None)
+    from_disk = isinstance(weights, Path)
+    enabled = wants_progress(progress, rank=tp.rank if tp is not None else 0) and (from_disk or progress is True)
+    if not enabled:
+        yield lambda tensors: tensors
+        return
+    totals = checkpoint_totals(weights) if from_disk else (None, None)
+    with WeightBar("reload", total_bytes=totals[1], total_tensors=totals[0]) as bar:
+        yield lambda tensors: counted(tensors, bar)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "streamquant"
 # prefix names a module's room (`quant.math` before `quant`).
 ROOMS = (
     ("quant.math",),
-    ("parallel", "memory"),
+    ("parallel", "memory", "progress"),
     ("checkpoint",),
     ("loading",),
     ("quant",),

@@ -60,6 +60,10 @@ def test_file_backed_pages_reported_separately(tmp_path):
     assert checksum == size // mmap.PAGESIZE
     assert sampler.result.file_backed_peak_bytes >= size - MIB
     assert sampler.result.peak_bytes < SLACK
+    # the file-backed timeline has the anonymous one's samples (same times) and reaches the file-backed peak
+    anon, file_backed = sampler.result.timeline, sampler.result.file_backed_timeline
+    assert [t for t, _ in file_backed] == [t for t, _ in anon] and anon
+    assert max(b for _, b in file_backed) == sampler.result.file_backed_peak_bytes
 
 
 def test_interval_named_in_method():

@@ -211,6 +211,22 @@ def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def checkpoint_totals(path: str | os.PathLike) -> tuple[int, int]:
+    """(tensors, bytes of tensor data) that `iterate_weights` yields, from the safetensors headers (`.bin`:
+    mmapped): a progress bar's totals."""
+    tensors = nbytes = 0
+    for file in checkpoint_files(path):
+        if file.suffix != ".safetensors":
+            sizes = [t.numel() * t.element_size() for _, t in _iterate_bin(file)]
+            tensors, nbytes = tensors + len(sizes), nbytes + sum(sizes)
+            continue
+        with _open_safetensors(file) as handle:
+            tensors += len(handle.keys())
+        with open(file, "rb") as raw:  # 8-byte header length, the header, then the tensors' bytes without gaps
+            nbytes += file.stat().st_size - 8 - int.from_bytes(raw.read(8), "little")
+    return tensors, nbytes
+
+
 def checkpoint_bytes(path: str | os.PathLike) -> int:
     """Total size on disk of the weight files, headers included (sum of file sizes)."""
     return sum(file.stat().st_size for file in checkpoint_files(path))

@@ -54,16 +54,16 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name}: only {devices} {device.type} device(s) here")
 
 
-def check_json_path(path: Path | None) -> None:
-    """Raise ValueError if the results could not be written to `path` (checked before loading, not after)."""
+def check_json_path(path: Path | None, flag: str = "--json") -> None:
+    """Raise ValueError if `flag`'s file could not be written to `path` (checked before loading, not after)."""
     if path is None:
         return
     if path.is_dir():
-        raise ValueError(f"--json {path} is a directory; give a file name")
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
     if not path.parent.is_dir():
-        raise ValueError(f"--json {path}: folder {path.parent} does not exist")
+        raise ValueError(f"{flag} {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"--json {path}: permission denied")
+        raise ValueError(f"{flag} {path}: permission denied")
 
 
 def positive_seconds(text: str) -> float:

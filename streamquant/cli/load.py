@@ -18,6 +18,7 @@ from streamquant.config import DTYPE_NAMES, SUPPORTED_QUANTIZATION
 from streamquant.fingerprint import weights_fingerprint
 from streamquant.cli.input import positive_seconds
 from streamquant.cli.output import thin_timeline
+from streamquant.cli.plot import PLOT_EXTRA
 from streamquant.loading.offload import DEFAULT_QUANTIZE_ON, QUANTIZE_ON
 from streamquant.memory import PeakMemorySampler
 from streamquant.parallel.context import TPContext
@@ -75,9 +76,23 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         help=f"with --offload-before-quant: quantize each layer on the device (one bf16 layer there at a time) "
              f"or on the cpu (the device never holds bf16 weights) (default: {DEFAULT_QUANTIZE_ON})")
     add("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to FILE")
+    add_progress_flag(parser)
     add("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
         help=f"with --tp or torchrun: how long a collective waits for another rank before failing "
              f"(default: {DEFAULT_TIMEOUT_S:g})")
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """--no-progress: no bar (one is drawn on stderr only where stderr is a terminal; at --tp N by rank 0)."""
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="draw no progress bar (default: a bar of bytes and tensors on stderr where stderr is a "
+                             "terminal)")
+
+
+def add_plot_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                        help=f"draw the memory timeline of the load to FILE.png (needs matplotlib: {PLOT_EXTRA}; "
+                             f"default: {default})")
 
 
 def add_load_command(commands) -> None:
@@ -87,6 +102,7 @@ def add_load_command(commands) -> None:
     load.add_argument("--measure-error", action="store_true",
                       help="with --quantization: also measure each quantized weight's SQNR (two more passes over "
                            "the weights; their seconds are reported apart, not in load seconds)")
+    add_plot_flag(load, "none")
 
 
 def _quantization_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +121,7 @@ def measured_load(options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, A
         model = load_model(
             options["path"], quantization=options["quantization"], dtype=options["dtype"], device=options["device"],
             streaming=options.get("streaming", True), offload_before_quant=options["offload_before_quant"],
-            quantize_on=options["quantize_on"], **_quantization_options(options),
+            quantize_on=options["quantize_on"], progress=options.get("progress"), **_quantization_options(options),
             tp=TPContext.from_process_group(reduce_dtype=torch.float32 if options.get("fp32_all_reduce") else None),
         )
     return model, _load_result(options, model.load_report, sampler.result)
@@ -115,6 +131,7 @@ def _load_result(options: dict[str, Any], report, peak) -> dict[str, Any]:
     result = {
         "checkpoint": str(options["path"]),
         "checkpoint_bytes": report.checkpoint_bytes,
+        "checkpoint_bf16_bytes": 2 * report.checkpoint_elements,
         "model_bytes": report.model_bytes,
         "load_seconds": report.load_seconds,
         "peak_memory_bytes": peak.peak_bytes,
@@ -123,6 +140,8 @@ def _load_result(options: dict[str, Any], report, peak) -> dict[str, Any]:
     if peak.file_backed_peak_bytes is not None:
         result["file_backed_peak_bytes"] = peak.file_backed_peak_bytes
     result["memory_timeline"] = thin_timeline(peak.timeline, TIMELINE_POINTS)
+    if peak.file_backed_peak_bytes is not None:
+        result["file_backed_timeline"] = thin_timeline(peak.file_backed_timeline, TIMELINE_POINTS)
     result["quantization"] = report.quantization
     result["quantized_weight_bytes"] = report.quantized_weight_bytes
     result["fp8_weight_bytes"] = report.quantized_weight_bytes  # the old key: deprecated, removed in 0.3

@@ -18,12 +18,13 @@ import sys
 from typing import Any
 
 from streamquant.checkpoint.reader import CheckpointError
-from streamquant.cli.demo import add_demo_command, demo_options, print_demo, run_demo
+from streamquant.cli.demo import add_demo_command, demo_options, demo_plot_path, print_demo, run_demo, write_demo_plot
 from streamquant.cli.generate import add_generate_command, generate_options, run_generate
 from streamquant.cli.input import check_device, check_json_path
 from streamquant.cli.load import add_load_command, run_load
 from streamquant.cli.mismatch import add_mismatch_command, print_mismatch, run_mismatch
 from streamquant.cli.output import print_summary, write_json
+from streamquant.cli.plot import plot_load, require_matplotlib
 from streamquant.cli.quantize import add_quantize_command, print_quantize_summary, run_quantize
 from streamquant.config import UnsupportedQuantizationError
 from streamquant.loading.errors import WeightLoadError
@@ -69,7 +70,7 @@ def run_command(options: dict[str, Any]) -> dict[str, Any]:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed flags of `load`, `generate` or `demo` as the options dict its run takes."""
-    options = {k: v for k, v in vars(args).items() if k not in ("json", "cache_dir")}
+    options = {k: v for k, v in vars(args).items() if k not in ("json", "cache_dir", "plot")}
     if options["quantization"] == "none":
         options["quantization"] = None
     if args.command == "demo":
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_device(args.device)
         check_json_path(args.json)
+        if getattr(args, "plot", None) is not None:  # load and demo: refused before the load, not after it
+            require_matplotlib()
+            check_json_path(args.plot, "--plot")
         result = _dispatch(_options(args))
     except LaunchError as exc:
         line = _launch_error_line(exc)
@@ -150,4 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     (print_demo if args.command == "demo" else print_summary)(result)
     write_json(args.json, result)
+    if args.command == "demo":
+        print(write_demo_plot(result, demo_plot_path(args)))
+    elif getattr(args, "plot", None) is not None:
+        print(f"{'memory plot':<18}{plot_load(result, args.plot)}")
     return 0

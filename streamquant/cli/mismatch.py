@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from streamquant.cli.input import count
+from streamquant.cli.load import add_progress_flag
 from streamquant.cli.rollout import read_prompts
 from streamquant.inference.sampling import SamplingParams
 from streamquant.rl.mismatch import mismatch
@@ -25,6 +26,7 @@ def add_mismatch_command(commands) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default="bfloat16", help="the reference (trainer) dtype (default: bfloat16)")
     m.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the numbers as JSON to FILE")
+    add_progress_flag(m)
 
 
 def run_mismatch(args: argparse.Namespace) -> dict:
@@ -32,7 +34,7 @@ def run_mismatch(args: argparse.Namespace) -> dict:
                             stop_token_ids=())
     prompts = read_prompts(args.prompts) if args.prompts is not None else None
     schemes = [s.strip() for s in args.quantization.split(",") if s.strip()]
-    return mismatch(args.path, schemes, prompts=prompts, params=params, dtype=args.dtype)
+    return mismatch(args.path, schemes, prompts=prompts, params=params, dtype=args.dtype, progress=args.progress)
 
 
 def print_mismatch(result: dict) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from streamquant.config import DTYPE_NAMES
 from streamquant.cli.input import byte_size, count
+from streamquant.cli.load import add_progress_flag
 from streamquant.formats import DEFAULT_FORMAT, FORMATS
 from streamquant.offline import quantize_checkpoint
 from streamquant.offline.plan import OFFLINE_SCHEMES
@@ -46,6 +47,7 @@ def add_quantize_command(commands) -> None:
     add("--measure-error", action="store_true",
         help="also measure each quantized weight's SQNR (two more passes; its seconds are reported apart)")
     add("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON to FILE")
+    add_progress_flag(q)
 
 
 def run_quantize(args: argparse.Namespace) -> dict:
@@ -54,7 +56,7 @@ def run_quantize(args: argparse.Namespace) -> dict:
         options["ignore"] = args.ignore
     report = quantize_checkpoint(args.src, args.dst, args.quantization, format=args.format, dtype=args.dtype,
                                  max_shard_size=args.max_shard_size, workers=args.workers, overwrite=args.overwrite,
-                                 measure_error=args.measure_error, **options)
+                                 measure_error=args.measure_error, progress=args.progress, **options)
     return report.to_json()
 
 

@@ -31,8 +31,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     add("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
     add("--seed", type=int, default=None, help="seed of the per-sequence generators (default: random)")
     add("--n", type=count, default=1, help="completions per prompt (default 1)")
-    add("--logprobs", type=int, default=None, metavar="K",
-        help="return each sampled token's logprob (0), and the K most likely tokens' (K > 0)")
+    add("--logprobs", type=int, nargs="?", const=0, default=None, metavar="K",
+        help="return each sampled token's logprob; with K > 0 also the K most likely tokens' (a bare --logprobs "
+             "means 0, as vLLM's logprobs=0: the sampled token's only)")
     add("--stop-token-ids", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=None, metavar="IDS",
         help="comma-separated ids that end a sequence (default: the config's eos ids)")
 

@@ -7,10 +7,11 @@ planned from the source headers (`checkpoint/writer.py`). Memory: one tensor's c
 dtype (only when the source dtype differs) plus its fp8 codes and a few MB of scratch per worker,
 whatever the model or shard size; the source's pages are file-backed (page cache), counted apart.
 
-`workers=N` runs N processes, each quantizing a consecutive run of the source tensors (about equal
-bytes) and writing their bytes at offsets planned up front, so the files are bitwise the same for
+`workers=N` runs N processes (`jobs.py`), each quantizing a consecutive run of the source tensors (about
+equal bytes) and writing their bytes at offsets planned up front, so the files are bitwise the same for
 every N. Workers are forked and run one intra-op thread each (so use up to one worker per core); with
-one worker the run stays in this process and uses torch's threads. The run is all-or-nothing: it writes into a hidden sibling of `dst`
+one worker the run stays in this process and uses torch's threads. `progress` draws one bar over the
+source's bytes and tensors, whatever N. The run is all-or-nothing: it writes into a hidden sibling of `dst`
 and renames it onto `dst` at the end; a failure (or Ctrl-C) removes the partial output. A non-empty
 `dst` is refused unless `overwrite=True`. Besides the weights it writes `config.json` with the
 format's `quantization_config` and copies every other non-weight file (tokenizer, generation config).
@@ -21,9 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import safetensors
@@ -33,7 +32,6 @@ from streamquant.config import resolve_dtype
 from streamquant.checkpoint.reader import CONFIG_FILE, CheckpointError, checkpoint_files, load_hf_config, resolve_checkpoint
 from streamquant.checkpoint.writer import (
     SAFETENSORS_DTYPES,
-    ShardFiles,
     TensorSpec,
     check_destination,
     create_shard,
@@ -45,33 +43,14 @@ from streamquant.checkpoint.writer import (
 )
 from streamquant.formats import get_format
 from streamquant.memory import PeakMemorySampler
-from streamquant.offline.plan import QuantizedTensor, QuantizePlan
-from streamquant.offline.tensors import cast, quantize_tensor
+from streamquant.offline.jobs import Unit, WriteJob, run_jobs, split_units
+from streamquant.offline.plan import QuantizePlan
+from streamquant.progress import WeightBar, wants_progress
 from streamquant.quant.error_log import QuantErrorLog
-from streamquant.quant.math.quantize import dequantize
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default shard size
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _DTYPE_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One source tensor and what it becomes."""
-
-    file: str
-    name: str
-    rule: QuantizedTensor | None
-    outputs: tuple[TensorSpec, ...]
-
-
-@dataclass(frozen=True)
-class WriteJob:
-    """Units one writer quantizes, and where every output goes (file, byte offset)."""
-
-    units: tuple[Unit, ...]
-    offsets: dict[str, tuple[str, int]]
-    measure_error: bool
 
 
 def _source_units(directory: Path, plan: QuantizePlan) -> tuple[list[Unit], dict[str, tuple[int, ...]], int]:
@@ -92,60 +71,6 @@ def _source_units(directory: Path, plan: QuantizePlan) -> tuple[list[Unit], dict
                 outputs = rule.outputs(shape, out_dtype, plan.fmt) if rule else [TensorSpec(name, out_dtype, shape)]
                 units.append(Unit(str(file), name, rule, tuple(outputs)))
     return units, shapes, nbytes
-
-
-def write_units(job: WriteJob, plan: QuantizePlan, threads: int | None = None) -> dict:
-    """Quantize and write one job's units; returns the writer's peak memory and (measure_error) errors."""
-    if threads:
-        torch.set_num_threads(threads)
-    log = QuantErrorLog()
-    files = ShardFiles(job.offsets)
-    with PeakMemorySampler("cpu") as sampler:
-        handles: dict[str, object] = {}
-        try:
-            for unit in job.units:
-                if unit.file not in handles:
-                    handles[unit.file] = safetensors.safe_open(unit.file, framework="pt")
-                tensor = handles[unit.file].get_tensor(unit.name)
-                if unit.rule is None:
-                    files.write(unit.outputs[0], cast(tensor, plan.dtype))
-                    continue
-                out = quantize_tensor(unit.name, tensor, unit.rule, plan)
-                files.write(unit.outputs[0], out.codes)
-                files.write(unit.outputs[1], out.disk_scales)
-                if job.measure_error:
-                    _record_error(log, unit, out)
-                del out, tensor
-        finally:
-            files.close()
-            handles.clear()
-    peak = sampler.result
-    return {"peak_anon_bytes": peak.peak_bytes, "peak_file_bytes": peak.file_backed_peak_bytes,
-            "errors": log.entries, "error_seconds": log.seconds}
-
-
-def split_units(units: list[Unit], parts: int) -> list[list[Unit]]:
-    """Consecutive runs of units with about equal input bytes (each writer reads its files in order)."""
-    sizes = [sum(spec.nbytes for spec in unit.outputs) for unit in units]
-    total, out, acc = sum(sizes), [[] for _ in range(parts)], 0
-    for unit, size in zip(units, sizes):
-        out[min(parts - 1, acc * parts // max(1, total))].append(unit)
-        acc += size
-    return [part for part in out if part]
-
-
-def _record_error(log: QuantErrorLog, unit: Unit, out) -> None:
-    start = time.perf_counter()
-    ref = out.weight.float()
-    noise = dequantize(out.codes, out.scales, unit.rule.spec.granularity, torch.float32).sub_(ref)
-    log.record(unit.name, float(ref.square().sum(dtype=torch.float64)), float(noise.square_().sum(dtype=torch.float64)))
-    log.seconds += time.perf_counter() - start
-
-
-def _worker(job: WriteJob, plan_args: tuple, threads: int) -> dict:
-    """A worker process: rebuild the (meta) plan, write its units."""
-    torch.set_num_threads(threads)
-    return write_units(job, QuantizePlan(*plan_args[:4], **plan_args[4]), threads)
 
 
 @dataclass(frozen=True)
@@ -185,20 +110,18 @@ def _copy_other_files(source: Path, destination: Path) -> None:
         shutil.copyfile(path, destination / relative)
 
 
-def _run_jobs(jobs: list[WriteJob], plan: QuantizePlan, plan_args: tuple, workers: int) -> list[dict]:
-    if workers == 1:
-        return [write_units(job, plan) for job in jobs]
-    # forked workers start at once (no import of torch again: spawned ones took ~2 s each here); each
-    # runs ONE intra-op thread, which also keeps OpenMP out of the forked children (libgomp's thread
-    # pool does not survive a fork): the workers are the parallelism
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-        return list(pool.map(_worker, jobs, [plan_args] * len(jobs), [1] * len(jobs)))
+def written_config(raw: dict, quantization_config: dict, dtype: torch.dtype) -> dict:
+    """The source's config.json with the format's `quantization_config` and the dtype the tensors were written
+    in: transformers 5 reads `dtype`, older versions `torch_dtype`; each the source has is rewritten (neither:
+    `dtype` is added)."""
+    keys = [key for key in ("dtype", "torch_dtype") if key in raw] or ["dtype"]
+    return {**raw, **{key: str(dtype).removeprefix("torch.") for key in keys}, "quantization_config": quantization_config}
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, format: str = "compressed-tensors",
                         dtype: torch.dtype | str = torch.bfloat16, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
                         workers: int = 1, overwrite: bool = False, measure_error: bool = False,
-                        **options) -> QuantizeReport:
+                        progress: bool | None = None, **options) -> QuantizeReport:
     """Write an fp8 checkpoint of `src` to `dst` (see the module docstring); returns a `QuantizeReport`.
 
     `quantization`: "fp8", "fp8-channel" or "fp8-block"; `format`: "compressed-tensors" (default) or
@@ -206,6 +129,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
     `formula`, `activation_scheme`, `block_size`, `fp8_dtype`: e4m3fn only). `dtype`: the model dtype
     floating-point tensors are written in and quantized from (as `load_model(dtype=...)` would).
     `measure_error=True` adds each quantized weight's SQNR (two more passes, their seconds apart).
+    `progress`: a bar of the source's bytes and tensors on stderr (`streamquant/progress.py`); None
+    (default): only where stderr is a terminal. The new `config.json` says `dtype` (and `torch_dtype`,
+    where the source has that older key) = the dtype the unquantized tensors were written in.
     """
     start = time.perf_counter()
     fmt = get_format(format)
@@ -231,6 +157,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
     check_destination(destination, overwrite)
     shards = plan_shards([list(u.outputs) for u in units], max_shard_size)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    bar = WeightBar("quantize", total_bytes=bytes_in, total_tensors=len(units)) if wants_progress(progress) else None
     with PeakMemorySampler("cpu") as sampler, staging_directory(destination) as staging:
         offsets = {}
         for file, shard in zip(names, shards):
@@ -238,9 +165,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
             offsets.update({name: (str(staging / file), offset) for name, offset in at.items()})
         jobs = [WriteJob(tuple(part), {s.name: offsets[s.name] for u in part for s in u.outputs}, measure_error)
                 for part in split_units(units, int(workers))]
-        results = _run_jobs(jobs, plan, plan_args, int(workers))
+        try:
+            results = run_jobs(jobs, plan, plan_args, int(workers), bar)
+        finally:
+            if bar is not None:
+                bar.close()
         write_index(staging, [[s for g in shard for s in g] for shard in shards], names)
-        (staging / CONFIG_FILE).write_text(json.dumps({**raw, "quantization_config": quantization_config}, indent=2)
+        (staging / CONFIG_FILE).write_text(json.dumps(written_config(raw, quantization_config, model_dtype), indent=2)
                                            + "\n")
         _copy_other_files(source, staging)
         publish(staging, destination)

@@ -62,18 +62,21 @@ def compare(reference: list[torch.Tensor], rollout: list[torch.Tensor], completi
 
 def mismatch(path, schemes: Sequence[str] = ("fp8", "fp8-channel", "fp8-block"), *,
              prompts: Sequence[Sequence[int]] | None = None, params: SamplingParams | None = None,
-             weight_only: bool = True, dtype: str | torch.dtype = "bfloat16", device: str = "cpu") -> dict:
-    """{"runs": {name: numbers}} for every scheme (and "<scheme>+weight-only" with `weight_only`)."""
+             weight_only: bool = True, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+             progress: bool | None = None) -> dict:
+    """{"runs": {name: numbers}} for every scheme (and "<scheme>+weight-only" with `weight_only`); `progress`:
+    each load's bar (`load_model(progress=)`)."""
     params = params or SamplingParams(temperature=1.0, max_new_tokens=32, seed=0, stop_token_ids=())
     if params.greedy:
         raise ValueError("the probe samples: give a temperature > 0")
-    reference = load_model(path, dtype=dtype, device=device)
+    reference = load_model(path, dtype=dtype, device=device, progress=progress)
     prompts = [list(p) for p in prompts] if prompts is not None else default_prompts(reference.config.vocab_size)
     variants = [(s, {}) for s in schemes] + ([(f"{s}+weight-only", {"activation_scheme": "none"}) for s in schemes]
                                              if weight_only else [])
     runs = {}
     for name, options in variants:
-        model = load_model(path, quantization=name.split("+")[0], dtype=dtype, device=device, **options)
+        model = load_model(path, quantization=name.split("+")[0], dtype=dtype, device=device, progress=progress,
+                           **options)
         sequences = generate_sequences(model, prompts, params)
         used = [s.prompt_ids for s in sequences]
         completions = [s.completion_ids for s in sequences]

@@ -38,6 +38,11 @@ The inference model's tensor-parallel group is not the sync group (that one also
 trainer): pass it to `load_model(..., tp=TPContext(rank, size, group=tp_group))`; the default,
 the whole initialized world, would make the trainer a tensor-parallel rank.
 
+Progress (`streamquant/progress.py`): the sender draws a bar of bytes and tensors per send where its
+stderr is a terminal (`progress=None`, the default; `False`: never), cleared when the send ends so a
+refit loop does not stack one line per step; a receiver draws one only when asked (`progress=True`,
+or None: where its stderr is a terminal), since in one terminal the sender's bar already says it.
+
 Failures: `SyncError` and `PeerLostError` (a peer died or went silent), in `rl/errors.py`.
 
 Limitations: one sender per group; a receiver that never calls `reload`/`receive` while the sender
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,6 +61,7 @@ import torch
 import torch.distributed as dist
 
 from streamquant.offline import QuantizePlan, quantize_weights
+from streamquant.progress import WeightBar, counted, wants_progress
 from streamquant.reload import Reloader, reload_weights
 from streamquant.rl.buckets import ALIGN, Bucket, BucketBuffers, entry_view, plan_buckets
 from streamquant.rl.errors import PeerLostError, SyncError, lost_peer
@@ -97,7 +104,8 @@ class WeightSender:
 
     def __init__(self, group: dist.ProcessGroup | None = None, src: int = 0, *,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, quantization: QuantizePlan | None = None):
+                 device: torch.device | str | None = None, quantization: QuantizePlan | None = None,
+                 progress: bool | None = None):
         if bucket_bytes < ALIGN:
             raise ValueError(f"bucket_bytes must be at least {ALIGN}, got {bucket_bytes}")
         if dtype is not None and not dtype.is_floating_point:
@@ -105,7 +113,7 @@ class WeightSender:
         if dist.get_rank() != src:
             raise ValueError(f"WeightSender(src={src}) created on global rank {dist.get_rank()}")
         self.group, self.src, self.bucket_bytes, self.dtype = group, src, bucket_bytes, dtype
-        self.quantization = quantization
+        self.quantization, self.progress = quantization, progress
         self.buffers = BucketBuffers(torch.device(device) if device is not None else _default_device(group))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
@@ -127,35 +135,57 @@ class WeightSender:
         dist.broadcast_object_list([{"protocol": PROTOCOL, "error": None, "bucket_bytes": self.bucket_bytes,
                                      "plan": plan, "quantized": self.quantization is not None}],
                                    src=self.src, group=self.group)
-        tensors = dict(items)
-        works: list[Any] = [None, None]
-        with torch.no_grad():
-            for i, bucket in enumerate(plan):
-                if works[i % 2] is not None:
-                    works[i % 2][1].wait()  # the buffer's previous bucket has left
-                buf = self.buffers.get(i, bucket.nbytes, self.bucket_bytes)
-                for entry in bucket.entries:
-                    entry_view(buf, entry).copy_(tensors[entry.name])  # casts to the entry's dtype if asked
-                work = dist.broadcast(buf[:bucket.nbytes], src=self.src, group=self.group, async_op=True)
-                works[i % 2] = (buf, work)  # the buffer stays alive until its broadcast is done
-        for pending in works:
-            if pending is not None:
-                pending[1].wait()
+        with _sync_bar(self.progress, "send", plan, leave=False) as bar:
+            self._broadcast(plan, dict(items), bar)
         refused = [f"rank {r}: {e}" for r, e in enumerate(_report(self.group, None)) if e is not None]
         if refused:
             raise SyncError("receiver(s) refused the weights: " + "; ".join(refused))
         return SyncStats(len(items), sum(e.nbytes for b in plan for e in b.entries), len(plan),
                          time.perf_counter() - start)
 
+    def _broadcast(self, plan: list[Bucket], tensors: dict[str, torch.Tensor], bar: WeightBar | None) -> None:
+        """The buckets, packed and broadcast two at a time; `bar` moves as each has left."""
+        works: list[Any] = [None, None]
+        with torch.no_grad():
+            for i, bucket in enumerate(plan):
+                if works[i % 2] is not None:
+                    _sent(*works[i % 2], bar)  # the buffer's previous bucket has left
+                buf = self.buffers.get(i, bucket.nbytes, self.bucket_bytes)
+                for entry in bucket.entries:
+                    entry_view(buf, entry).copy_(tensors[entry.name])  # casts to the entry's dtype if asked
+                work = dist.broadcast(buf[:bucket.nbytes], src=self.src, group=self.group, async_op=True)
+                works[i % 2] = (buf, work, bucket)  # the buffer stays alive until its broadcast is done
+        for pending in works:
+            if pending is not None:
+                _sent(*pending, bar)
+
+
+def _sent(buf: torch.Tensor, work: Any, bucket: Bucket, bar: WeightBar | None) -> None:
+    """Wait until `bucket` (in `buf`, kept alive until now) has left; count it on `bar`."""
+    work.wait()
+    if bar is not None:
+        bar.update(sum(e.nbytes for e in bucket.entries), len(bucket.entries))
+
+
+@contextmanager
+def _sync_bar(progress: bool | None, desc: str, plan: list[Bucket], leave: bool) -> Iterator[WeightBar | None]:
+    """The bar of one send or receive (None where none is drawn), its totals from the plan."""
+    if not wants_progress(progress):
+        yield None
+        return
+    tensors, nbytes = sum(len(b.entries) for b in plan), sum(e.nbytes for b in plan for e in b.entries)
+    with WeightBar(desc, total_bytes=nbytes, total_tensors=tensors, leave=leave) as bar:
+        yield bar
+
 
 class WeightReceiver:
     """Receives what a `WeightSender` (global rank `src` of `group`) sends."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, src: int = 0, *,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, progress: bool | None = False):
         if dist.get_rank() == src:
             raise ValueError(f"WeightReceiver on global rank {src}, the sender's rank")
-        self.group, self.src = group, src
+        self.group, self.src, self.progress = group, src, progress
         self.quantized = False  # set by each `receive` from the sender's header
         self.buffers = BucketBuffers(torch.device(device) if device is not None else _default_device(group))
 
@@ -175,17 +205,18 @@ class WeightReceiver:
         self.quantized = bool(header.get("quantized"))  # the stream is pre-quantized fp8 codes and scales
         stream = self._stream(header["plan"], header["bucket_bytes"], sender)
         error, lost = None, False
-        try:
-            return consume(stream)
-        except BaseException as exc:
-            error = _describe(exc)
-            lost = isinstance(exc, PeerLostError)
-            raise
-        finally:
-            if not lost:  # with the sender gone, nobody would take the rest of the stream or the report
-                with lost_peer(sender):
-                    stream.close()  # receives any buckets the consumer did not ask for
-                    _report(self.group, error)
+        with _sync_bar(self.progress, "receive", header["plan"], leave=False) as bar:
+            try:
+                return consume(counted(stream, bar) if bar is not None else stream)
+            except BaseException as exc:
+                error = _describe(exc)
+                lost = isinstance(exc, PeerLostError)
+                raise
+            finally:
+                if not lost:  # with the sender gone, nobody would take the rest of the stream or the report
+                    with lost_peer(sender):
+                        stream.close()  # receives any buckets the consumer did not ask for
+                        _report(self.group, error)
 
     def reload(self, target: torch.nn.Module | Reloader, **reload_options: Any) -> set[str]:
         """`reload_weights(model, <the sent tensors>, **reload_options)`, or `reloader(<the sent tensors>)`

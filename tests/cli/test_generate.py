@@ -1,6 +1,6 @@
 """`streamquant generate` (`cli/generate.py`): the greedy tokens and the last prompt position's logits
 equal transformers', in this process and at TP=2 through `python -m streamquant` (rank 0 holds a shard
-and alone prints)."""
+and alone prints; stderr, a pipe, gets no progress bar)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,4 @@ def test_generate_tp2_in_subprocess(checkpoint, reference, tmp_path):
     full_bytes = sum(p.numel() for p in reference["model"].parameters()) * 4
     assert result["model_bytes"] < full_bytes  # rank 0 holds a shard
     assert proc.stdout.count("generated ids") == 1  # only rank 0 prints
+    assert "tensors]" not in proc.stderr  # stderr is a pipe here: no progress bar (one on a terminal: test_load_progress.py)

@@ -4,10 +4,13 @@ command line over it: tests/cli/test_quantize.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import safetensors.torch
+import torch
+import transformers
 from safetensors import safe_open
 
 from streamquant.checkpoint.synthetic import TINY_SPEC, write_synthetic_checkpoint
@@ -98,3 +101,25 @@ def test_bad_requests_fail_before_writing(source, tmp_path):
     quantize_checkpoint(source, tmp_path / "q", "fp8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(tmp_path / "q", out, "fp8")
+
+
+@pytest.mark.parametrize(("key", "dtype", "want"), [("dtype", None, "bfloat16"), ("torch_dtype", None, "bfloat16"),
+                                                    ("dtype", "float32", "float32"), (None, None, "bfloat16")])
+def test_config_names_the_dtype_the_tensors_were_written_in(tmp_path, key, dtype, want):
+    """A float32 checkpoint quantized with the default --dtype gets bf16 tensors, and its config says so under the
+    key the source used (transformers 5's `dtype`, older `torch_dtype`; neither: `dtype`)."""
+    src = tmp_path / "fp32"
+    write_synthetic_checkpoint(src, dataclasses.replace(TINY_SPEC, dtype=torch.float32))
+    config = json.loads((src / "config.json").read_text())
+    assert config.pop("dtype") == "float32" and "torch_dtype" not in config
+    if key is not None:
+        config[key] = "float32"
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, "fp8", **({"dtype": dtype} if dtype else {}))
+    written = json.loads((out / "config.json").read_text())
+    assert written[key or "dtype"] == want and ({"dtype", "torch_dtype"} & set(written)) == {key or "dtype"}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    with safe_open(out / index["weight_map"]["model.norm.weight"], "pt") as handle:  # an unquantized tensor
+        assert str(handle.get_tensor("model.norm.weight").dtype) == f"torch.{want}"
+    assert transformers.AutoConfig.from_pretrained(out).dtype == getattr(torch, want)

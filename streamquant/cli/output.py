@@ -28,7 +28,8 @@ def print_summary(result: dict[str, Any]) -> None:
     if "file_backed_peak_bytes" in result:
         lines.append(("file-backed peak", format_bytes(result["file_backed_peak_bytes"])))
     if result.get("quantization"):
-        lines += [("quantization", result["quantization"]), ("quantized weight bytes", format_bytes(result["quantized_weight_bytes"]))]
+        lines += [("quantization", result["quantization"]),
+                  ("quantized weight bytes", format_bytes(result["quantized_weight_bytes"]))]
     error = result.get("quantization_error")
     if error and error.get("weights"):
         lines.append(("weight SQNR dB", f"min {error['sqnr_db_min']:.1f}, median {error['sqnr_db_median']:.1f} "
@@ -40,8 +41,9 @@ def print_summary(result: dict[str, Any]) -> None:
                                    "max-new-tokens); all of them in --json"))
     if "tokens" in result:
         lines += [("prompt ids", result["prompt_ids"]), ("generated ids", result["tokens"])]
+    width = max(len(key) for key, _ in lines) + 2  # labels in one column, however long the longest
     for key, value in lines:
-        print(f"{key:<18}{value}")
+        print(f"{key:<{width}}{value}")
     if "naive" in result:
         _print_comparison(result)
 

@@ -31,12 +31,15 @@ def test_summary_names_each_measurement_once(capsys):
               "sequences": [{"finish_reason": "stop"}, {"finish_reason": "length"}, {"finish_reason": "length"}],
               "prompt_ids": [1, 2], "tokens": [3, 4]}
     print_summary(result)
-    text = capsys.readouterr().out
-    assert "file-backed peak  1.0 MiB (1,048,576 bytes)" in text and "quantization      fp8" in text
-    assert "quantized weight bytes0.5 MiB" in text  # the label is as wide as the column
-    assert "weight SQNR dB    min 30.0, median 31.1 over 14 weights (0.500 s, not in load seconds)" in text
-    assert "sequences         3 (1 stopped, 2 at max-new-tokens)" in text
-    assert "generated ids     [3, 4]" in text
+    lines = capsys.readouterr().out.splitlines()
+    width = len("quantized weight bytes") + 2  # one column of labels, two spaces past the longest
+    rows = {line[:width].rstrip(): line[width:] for line in lines}
+    assert all(line[width - 2:width] == "  " and line[width] != " " for line in lines)
+    assert rows["file-backed peak"] == "1.0 MiB (1,048,576 bytes)" and rows["quantization"] == "fp8"
+    assert rows["quantized weight bytes"] == "0.5 MiB (524,288 bytes)"
+    assert rows["weight SQNR dB"] == "min 30.0, median 31.1 over 14 weights (0.500 s, not in load seconds)"
+    assert rows["sequences"].startswith("3 (1 stopped, 2 at max-new-tokens)")
+    assert rows["generated ids"] == "[3, 4]"
 
 
 def test_demo_table_compares_naive_and_streaming(capsys):

@@ -66,6 +66,12 @@ def select_rows(names: list[str], only: str | None, always: tuple[str, ...]) -> 
     return [n for n in names if n.partition(":")[0] in kinds]
 
 
+def completed_runs(name: str, runs: list[dict]) -> tuple[list[dict], dict | None]:
+    """The repeats of row `name` that succeeded, and the row to report instead when none did (its last error)."""
+    ok = [r for r in runs if "error" not in r]
+    return ok, (None if ok else {"name": name, "error": runs[-1]["error"], "repeats": len(runs)})
+
+
 def interleaved(names: list[str], repeats: int, run) -> dict[str, list[dict]]:
     """`run(name)` `repeats` times per name, round-robin (every row's first repeat, then every row's
     second, ...), so that a slow spell of a shared machine spreads over all rows instead of biasing

@@ -68,7 +68,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, interleaved, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import banner, completed_runs, interleaved, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import torch  # noqa: E402
 
@@ -214,9 +214,9 @@ def spawn_one(name: str, spec: str, device: str = "cpu") -> dict:
 
 def summarize(name: str, runs: list[dict]) -> dict:
     """Max peak and median time over the repeats of one configuration."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return {"name": name, "error": runs[-1]["error"], "repeats": len(runs)}
+    ok, failed = completed_runs(name, runs)
+    if failed:
+        return failed
     worst = max(ok, key=lambda r: r["peak_bytes"])  # its timeline, model bytes and method are reported
     row = {**worst, "name": name, "repeats": len(ok),
            "file_backed_peak_bytes": max(r["file_backed_peak_bytes"] or 0 for r in ok),

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, interleaved, machine_info, spawn, write_results  # noqa: E402  (benchmarks/common.py)
+from common import banner, completed_runs, interleaved, machine_info, spawn, write_results  # noqa: E402  (benchmarks/common.py)
 
 from streamquant.api import load_model  # noqa: E402
 from streamquant.checkpoint.synthetic import BENCH_SPECS, default_cache_dir, ensure_synthetic_checkpoint  # noqa: E402
@@ -89,9 +89,9 @@ def run_one(name: str, path: Path) -> dict:
 def summarize(results: dict[str, list[dict]], schemes: list[str]) -> tuple[list[dict], dict]:
     rows = []
     for name, runs in results.items():
-        ok = [r for r in runs if "error" not in r]
-        if not ok:
-            rows.append({"name": name, "error": runs[-1]["error"]})
+        ok, failed = completed_runs(name, runs)
+        if failed:
+            rows.append(failed)
             continue
         seconds = [r["load_seconds"] for r in ok]
         median = statistics.median(seconds)

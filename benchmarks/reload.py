@@ -77,7 +77,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, interleaved, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import banner, completed_runs, interleaved, machine_info, parse_schemes, select_rows, spawn  # noqa: E402  (benchmarks/common.py, beside this script)
 
 import safetensors  # noqa: E402
 import safetensors.torch  # noqa: E402
@@ -246,9 +246,9 @@ def run_one(name: str, a: Path, b: Path, device: str = "cpu") -> dict:
 
 def summarize(name: str, runs: list[dict]) -> dict:
     """Median time, max peaks over the repeats; equals_cold / addresses_unchanged must hold in all."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return {"name": name, "error": runs[-1]["error"], "repeats": len(runs)}
+    ok, failed = completed_runs(name, runs)
+    if failed:
+        return failed
     row = {**max(ok, key=lambda r: r["peak_bytes"]), "name": name, "repeats": len(ok),
            "seconds": statistics.median(r["seconds"] for r in ok), "seconds_all": [r["seconds"] for r in ok],
            "peak_bytes_all": [r["peak_bytes"] for r in ok], "loadavg_1m_all": [r["loadavg_1m"] for r in ok],

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # measure this working tree, whatever is installed
 
-from common import banner, interleaved, machine_info, spawn, write_results  # noqa: E402
+from common import banner, completed_runs, interleaved, machine_info, spawn, write_results  # noqa: E402
 
 MARKER = "SCHEMES_BENCH "
 WEIGHT_ONLY = {"activation_scheme": "none"}
@@ -110,9 +110,9 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     """Median of every measured number per row, then the ratios to the bf16 row and to the copy floor."""
     rows = []
     for name, runs in results.items():
-        ok = [r for r in runs if "error" not in r]
-        if not ok:
-            rows.append({"name": name, "error": runs[-1]["error"]})
+        ok, failed = completed_runs(name, runs)
+        if failed:
+            rows.append(failed)
             continue
         row = {"name": name, "repeats": len(ok)}
         for key in ok[0]:

@@ -36,8 +36,7 @@ def weights_digests(model: torch.nn.Module) -> dict[str, str]:
     return {name: tensor_digest(t) for name, t in sorted(inference_tensors(model).items())}
 
 
-def _rank_digest(model: torch.nn.Module, digests: dict[str, str]) -> bytes:
-    tensors = inference_tensors(model)
+def _rank_digest(tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> bytes:
     lines = [f"{name} {str(tensors[name].dtype).removeprefix('torch.')} {list(tensors[name].shape)} {digest}"
              for name, digest in sorted(digests.items())]
     return hashlib.sha256("\n".join(lines).encode()).digest()
@@ -46,7 +45,10 @@ def _rank_digest(model: torch.nn.Module, digests: dict[str, str]) -> bytes:
 def weights_fingerprint(model: torch.nn.Module, digests: dict[str, str] | None = None) -> str:
     """Hex SHA-256 of the whole model over its tensor-parallel group (see the module doc). A collective
     at TP > 1: every rank of the group calls it. `digests`: this rank's `weights_digests`, if at hand."""
-    rank_digest = _rank_digest(model, digests if digests is not None else weights_digests(model))
+    tensors = inference_tensors(model)
+    if digests is None:
+        digests = {name: tensor_digest(t) for name, t in tensors.items()}
+    rank_digest = _rank_digest(tensors, digests)
     tp: TPContext | None = getattr(model, "tp", None)
     if tp is None or tp.size == 1:
         return hashlib.sha256(rank_digest).hexdigest()

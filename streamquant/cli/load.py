@@ -151,8 +151,10 @@ def _load_result(options: dict[str, Any], report, peak) -> dict[str, Any]:
 
 
 def run_load(options: dict[str, Any]) -> dict[str, Any]:
-    """`load` in this process (or on this rank): the load measurements and, outside them, the model's
-    `weights_fingerprint` (a collective at TP > 1: every rank runs this)."""
+    """`load` in this process (or on this rank): the load measurements and, outside them and only for
+    --json (it reads every byte of the model once), the model's `weights_fingerprint` (a collective at
+    TP > 1: every rank runs this)."""
     model, result = measured_load(options)
-    result["weights_fingerprint"] = weights_fingerprint(model)
+    if options.get("fingerprint"):
+        result["weights_fingerprint"] = weights_fingerprint(model)
     return result

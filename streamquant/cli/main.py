@@ -73,6 +73,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = {k: v for k, v in vars(args).items() if k not in ("json", "cache_dir", "plot")}
     if options["quantization"] == "none":
         options["quantization"] = None
+    options["fingerprint"] = args.json is not None  # load --json writes weights_fingerprint
     if args.command == "demo":
         return demo_options(options, args)
     if args.command == "generate":

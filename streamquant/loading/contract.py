@@ -56,15 +56,20 @@ class QuantizedLayer(Protocol):
     quant_method: WeightMethod
 
 
+# What `WeightMethod` asks of a method, checked by name: `isinstance` against a runtime-checkable
+# Protocol costs ~20 us, and a load or a refit asks for every module's method several times.
+WEIGHT_METHOD_NAMES = ("checkpoint_params", "quantized_loaders", "derived_tensors", "process_weights_after_loading")
+
+
 def method_of(module: torch.nn.Module) -> WeightMethod | None:
-    """`module`'s quant method, or None for a module that loads its parameters itself (norms, ...)."""
-    if not isinstance(module, QuantizedLayer):
+    """`module`'s quant method (a `QuantizedLayer`'s), or None for a module that loads its parameters
+    itself (norms, ...)."""
+    method = getattr(module, "quant_method", None)
+    if method is None:
         return None
-    method = module.quant_method
-    if not isinstance(method, WeightMethod):
+    if not all(callable(getattr(method, name, None)) for name in WEIGHT_METHOD_NAMES):
         raise TypeError(f"{type(module).__name__}.quant_method ({type(method).__name__}) does not implement "
-                        "WeightMethod (checkpoint_params, quantized_loaders, derived_tensors, "
-                        "process_weights_after_loading)")
+                        f"WeightMethod ({', '.join(WEIGHT_METHOD_NAMES)})")
     return method
 
 

@@ -158,9 +158,11 @@ class StreamingLoadSession(WeightLoadSession):
                     method.process_weights_after_loading(module)
             except NonFiniteWeightError as e:
                 raise self.name_source(mod_name, e) from None
-            self.since_trim += staging_bytes(module)
-            release_staging(module, self.pool)
-            self.staged_bytes -= self._staging_bytes(mod_name)
+            released = self._staging_bytes(mod_name)  # what this session gave the staging (none for codes)
+            for param in staged:
+                release_(param, self.pool)
+            self.since_trim += released
+            self.staged_bytes -= released
             if self.staging_device.type == "cpu" and self.since_trim >= self.trim_every:
                 trim_heap()
                 self.since_trim = 0

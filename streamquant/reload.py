@@ -38,7 +38,6 @@ budget is a reference to the caller's tensor, which must not change until the re
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,7 +45,7 @@ import torch
 from streamquant.checkpoint.reader import checkpoint_totals, iterate_weights, resolve_checkpoint
 from streamquant.formats.prequantized import reload_source
 from streamquant.loading.streaming import staging_pool
-from streamquant.progress import WeightBar, counted, wants_progress
+from streamquant.progress import progress_over, wants_progress
 from streamquant.snapshot import WeightSnapshot, model_device
 from streamquant.update import WeightUpdate
 
@@ -134,23 +133,13 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
     update = WeightUpdate(model, atomic=atomic, strict=strict, checkpoint_format=checkpoint_format,
                           quantized_source=quantized, staging_budget=staging_budget,
                           transient_source=transient_source, check_finite=check_finite, snapshot=snapshot, pool=pool)
-    with _progress(model, weights, progress) as bar:
+    tp = getattr(model, "tp", None)
+    from_disk = isinstance(weights, Path)  # an iterable (a refit loop's every step) only when asked
+    enabled = wants_progress(progress, rank=tp.rank if tp is not None else 0) and (from_disk or progress is True)
+    with progress_over(tensors, "reload", enabled=enabled,
+                       totals=(lambda: checkpoint_totals(weights)) if from_disk else None) as counted_tensors:
         try:
-            update.load_many(bar(tensors))
+            update.load_many(counted_tensors)
         except Exception:  # noqa: BLE001  recorded in the update: finish agrees with the other ranks, then raises it
             pass
         return update.finish()
-
-
-@contextmanager
-def _progress(model: torch.nn.Module, weights: WeightSource, progress: bool | None):
-    """A function that wraps the reload's tensors in its bar, if one is drawn (see `reload_weights`)."""
-    tp = getattr(model, "tp", None)
-    from_disk = isinstance(weights, Path)
-    enabled = wants_progress(progress, rank=tp.rank if tp is not None else 0) and (from_disk or progress is True)
-    if not enabled:
-        yield lambda tensors: tensors
-        return
-    totals = checkpoint_totals(weights) if from_disk else (None, None)
-    with WeightBar("reload", total_bytes=totals[1], total_tensors=totals[0]) as bar:
-        yield lambda tensors: counted(tensors, bar)

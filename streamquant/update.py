@@ -127,9 +127,7 @@ class WeightUpdate:
                                      staging_budget, transient_source, check_finite)
         self.written: list[str] = []  # names handed to the session (what a failure may have written)
         self.failure: BaseException | None = None
-        self.reason_before = model.not_ready_reason
-        model.active_update = self
-        model.not_ready_reason = "a weight update is in progress: its weights are mixed until finish()"
+        model.active_update = self  # forward refuses until finish or abort: the weights are mixed
 
     def _session(self, strict, checkpoint_format, quantized_source, staging_budget, transient_source, check_finite):
         if not checkpoint_format:
@@ -237,16 +235,13 @@ class WeightUpdate:
         self.session.fail(failure)
         self.model.active_update = None
         if self.snapshot is not None:
-            self.snapshot.restore(self.model)
-            self.model.not_ready_reason = self.reason_before
+            self.snapshot.restore(self.model)  # exactly as before, readiness included
         elif self.written:
             first = str(failure).splitlines()[0] if str(failure) else ""
             self.model.not_ready_reason = (
                 f"a weight update failed after {len(self.written)} checkpoint tensor(s) (first {self.written[0]!r}) "
                 f"were written: {type(failure).__name__}: {first}; the weights are a mix of old and new; run a "
                 "complete update (reload_weights or begin_update ... finish)")
-        else:
-            self.model.not_ready_reason = self.reason_before
 
 
 def begin_update(model: torch.nn.Module, *, atomic: bool = False, expected: Iterable[str] | None = None,

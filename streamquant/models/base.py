@@ -53,8 +53,8 @@ class CausalLM(torch.nn.Module):
         self.tp = tp
         self.params_dtype = params_dtype
         self.weights_version = 0  # incremented by every successful `reload_weights`
-        self.not_ready_reason: str | None = None  # set during an update and by a failed non-atomic one; forward refuses
-        self.active_update = None  # the `update.WeightUpdate` in progress, if any (one at a time)
+        self.not_ready_reason: str | None = None  # set by a failed non-atomic update; forward refuses
+        self.active_update = None  # the `update.WeightUpdate` in progress, if any (one at a time); forward refuses
         self.offload_plan = None  # set by load_model(offload_before_quant=True); reloads stage the same way
 
     def compute_logits(self, input_ids, positions, kv_cache, start_pos) -> torch.Tensor:
@@ -67,6 +67,8 @@ class CausalLM(torch.nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
+        if self.active_update is not None:
+            raise ModelNotReadyError("a weight update is in progress: its weights are mixed until finish()")
         if self.not_ready_reason is not None:
             raise ModelNotReadyError(self.not_ready_reason)
         if input_ids.dim() != 2:

@@ -32,7 +32,8 @@ class QuantizedCheckpoint:
 
     `scale_suffix`: the name of a weight's scale tensor beside `X.weight` ("weight_scale" or
     "weight_scale_inv"); `formula`: the arithmetic a reload of this model uses (the writer's, when
-    it recorded one, else the format's own library's)."""
+    it recorded one, else the format's own library's). int4 only: `group_size`, `symmetric` (False:
+    zero points), `act_order` (a group index per input column, `X.weight_g_idx`)."""
 
     format: str
     scheme: ScaledScheme
@@ -41,6 +42,9 @@ class QuantizedCheckpoint:
     scale_suffix: str
     block_size: tuple[int, int] = (128, 128)
     ignore: tuple[str, ...] = ()
+    group_size: int | None = None
+    symmetric: bool = True
+    act_order: bool = False
 
     @property
     def options(self) -> dict:
@@ -48,6 +52,8 @@ class QuantizedCheckpoint:
         options = {"activation_scheme": self.activation_scheme.value, "formula": self.formula.value}
         if self.scheme is ScaledScheme.FP8_BLOCK:
             options["block_size"] = self.block_size
+        if self.scheme is ScaledScheme.INT4:
+            options.update(group_size=self.group_size, symmetric=self.symmetric, act_order=self.act_order)
         return options
 
 

@@ -11,16 +11,18 @@ Per quantized linear `X`: `X.weight` F8_E4M3 and `X.weight_scale`, a dequantizat
 the compressed-tensors formula (that library's own layout), in float32 otherwise (a bf16 copy of a
 float32 scale would no longer be the scale the codes were made with).
 
-Read: `float-quantized` and `naive-quantized` with those strategies and dynamic (or no) input
-activations; older versions' extra fields are tolerated. Refused, naming the field: static
-activations (`input_scale`), output activations, int / 4-bit / asymmetric weights, group or
-tensor-group strategies, several config groups that disagree, other formats.
+Read: `float-quantized` and `naive-quantized` fp8 with those strategies and dynamic (or no) input
+activations; `int-quantized` / `naive-quantized` int8 and `pack-quantized` int4
+(`compressed_tensors_int.py` says which); older versions' extra fields are tolerated. Refused, naming
+the field: static activations (`input_scale`), output activations, asymmetric fp8, group or
+tensor-group fp8 strategies, several config groups that disagree, other formats.
 """
 
 from __future__ import annotations
 
 import torch
 
+from streamquant.formats.compressed_tensors_int import read_int_group
 from streamquant.formats.base import (
     FORMULA_KEY,
     QuantizationConfigError,
@@ -33,7 +35,9 @@ from streamquant.quant.math.formula import Formula
 
 NAME = "compressed-tensors"
 STRATEGIES = {ScaledScheme.FP8: "tensor", ScaledScheme.FP8_CHANNEL: "channel", ScaledScheme.FP8_BLOCK: "block"}
-READ_FORMATS = ("float-quantized", "naive-quantized")
+READ_FORMATS = ("float-quantized", "naive-quantized", "int-quantized", "pack-quantized")
+FORMAT_TYPES = {"float-quantized": ("float",), "naive-quantized": ("float", "int"), "int-quantized": ("int",),
+                "pack-quantized": ("int",)}  # weights.type each format holds
 
 
 class CompressedTensorsFormat:
@@ -74,28 +78,40 @@ class CompressedTensorsFormat:
         status = config.get("quantization_status", "compressed")
         if status not in ("compressed", "frozen"):
             raise QuantizationConfigError(f"quantization_config.quantization_status = {status!r}: only compressed "
-                                          "checkpoints hold fp8 codes")
+                                          "checkpoints hold quantized codes")
         groups = field(config, "config_groups", "", required=True)
         if not isinstance(groups, dict) or not groups:
             raise QuantizationConfigError("quantization_config.config_groups is empty")
-        parsed = {self._group(name, group) for name, group in groups.items()}
+        parsed = {self._group(name, group, fmt) for name, group in groups.items()}
         if len(parsed) != 1:
             raise QuantizationConfigError(f"quantization_config.config_groups disagree ({len(parsed)} different "
                                           "schemes); streamquant loads one scheme per model")
-        scheme, activation, block = parsed.pop()
+        scheme, activation, block, int4 = parsed.pop()
         ignore = field(config, "ignore", "", default=[])
-        return QuantizedCheckpoint(NAME, scheme, activation, recorded_formula(config, Formula.COMPRESSED_TENSORS),
-                                   self.scale_suffix, block, tuple(ignore))
+        integer = scheme in (ScaledScheme.INT8, ScaledScheme.INT4)  # streamquant's formula only (a reload's)
+        formula = recorded_formula(config, Formula.STREAMQUANT if integer else Formula.COMPRESSED_TENSORS)
+        return QuantizedCheckpoint(NAME, scheme, activation, formula, self.scale_suffix, block, tuple(ignore),
+                                   *(int4 or ()))
 
-    def _group(self, name: str, group: dict) -> tuple[ScaledScheme, ActivationScheme, tuple[int, int]]:
+    def _group(self, name: str, group: dict, fmt: str) -> tuple:
+        """(scheme, activations, block, int4's (group_size, symmetric, act_order) or None) of one config group."""
         where = f".config_groups.{name}"
         weights = field(group, "weights", where, required=True)
-        for key, want in (("num_bits", 8), ("type", "float"), ("symmetric", True)):
+        kind = weights.get("type", "float" if fmt in ("float-quantized", "naive-quantized") else "int")
+        if kind not in FORMAT_TYPES[fmt]:
+            raise QuantizationConfigError(f"quantization_config{where}.weights.type = {kind!r} does not fit "
+                                          f"quantization_config.format = {fmt!r} (which holds "
+                                          f"{' or '.join(FORMAT_TYPES[fmt])} weights)")
+        if weights.get("dynamic", False):
+            raise QuantizationConfigError(f"quantization_config{where}.weights.dynamic = true is not supported")
+        if group.get("output_activations"):
+            raise QuantizationConfigError(f"quantization_config{where}.output_activations is not supported")
+        if kind == "int":
+            return read_int_group(weights, group.get("input_activations"), fmt, where)
+        for key, want in (("num_bits", 8), ("symmetric", True)):
             if weights.get(key, want) != want:
                 raise QuantizationConfigError(f"quantization_config{where}.weights.{key} = {weights.get(key)!r}: "
                                               f"only {want!r} (fp8 e4m3, symmetric) is supported")
-        if weights.get("dynamic", False):
-            raise QuantizationConfigError(f"quantization_config{where}.weights.dynamic = true is not supported")
         strategy = weights.get("strategy", "tensor")
         by_strategy = {v: k for k, v in STRATEGIES.items()}
         if strategy not in by_strategy:
@@ -103,9 +119,7 @@ class CompressedTensorsFormat:
                                           f"supported (supported: {', '.join(by_strategy)})")
         scheme = by_strategy[strategy]
         block = tuple(weights.get("block_structure") or (128, 128))
-        if group.get("output_activations"):
-            raise QuantizationConfigError(f"quantization_config{where}.output_activations is not supported")
-        return scheme, self._activation(group.get("input_activations"), scheme, block, where), block
+        return scheme, self._activation(group.get("input_activations"), scheme, block, where), block, None
 
     def _activation(self, args: dict | None, scheme: ScaledScheme, block: tuple, where: str) -> ActivationScheme:
         if not args:

@@ -12,6 +12,10 @@ compressed-tensors' asymmetric int formula (range including 0, `q_min - min / sc
 in float32 with streamquant's floor instead of an epsilon. A zero group gets the floor scale and zero
 point -8 + 0 = -8, so its codes are -8 and dequantize to exactly 0.
 
+Act order (GPTQ's `desc_act`, compressed-tensors' `actorder="group"`): the columns of one group are
+scattered over the input; `dequantize_grouped` takes each column's group from its group index
+(`g_idx`), `(q - zero[:, g_idx[j]]) * scale[:, g_idx[j]]`, symmetric codes with no zero point.
+
 Tensor parallelism as for every scheme: `window_range` gives this rank's [hi, lo] per tile of the
 global grid (0 where the rank holds nothing, which never changes a range that always includes 0);
 the ranks all-reduce it with MAX; every rank then derives the same scales and zero points.
@@ -85,3 +89,14 @@ def dequantize_window_asymmetric(q: torch.Tensor, scales: torch.Tensor, zero_poi
             values = fp8_to_float32(torch_kernels.view(src, piece)).sub_(torch_kernels.scale_view(zeros, piece, base))
             torch_kernels.view(dst, piece).copy_(values.mul_(torch_kernels.scale_view(scales, piece, base)))
     return out
+
+
+def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, g_idx: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """`(q - zero[..., g]) * scale[..., g]` for every column j with g = g_idx[..., j], in `dtype` (rounded once):
+    q int8 [..., rows, cols], scales float32 and zero points int8 [..., rows, groups], g_idx [..., cols]."""
+    index = g_idx.long().unsqueeze(-2).expand(*q.shape)
+    values = q.float()
+    if zero_points is not None:
+        values.sub_(torch.gather(zero_points, -1, index).float())
+    return values.mul_(torch.gather(scales, -1, index)).to(dtype)

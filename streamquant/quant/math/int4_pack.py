@@ -2,7 +2,9 @@
 
 A symmetric int4 code q in [-7, 7] is stored as the nibble `q + 8` (offset binary, 1..15; 0 is never
 written), element 8k + i of a row in bits [4i, 4i + 4) of int32 k: compressed-tensors'
-`pack-quantized` layout for signed 4-bit weights (GPTQ's order). Pure torch, no state.
+`pack-quantized` layout for signed 4-bit weights (GPTQ's order). `pack_int4_rows` packs along the
+second-to-last dimension instead (eight rows per int32: compressed-tensors' asymmetric zero points,
+codes -8..7 stored as nibbles 0..15). Pure torch, no state.
 """
 
 from __future__ import annotations
@@ -35,3 +37,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 4 * PACK_FACTOR, 4, dtype=torch.int32, device=packed.device)
     nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
     return (nibbles - OFFSET).to(torch.int8).flatten(-2)
+
+
+def pack_int4_rows(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 values in [-8, 7], [..., m, n] -> int32 [..., m / 8, n]: row 8k + i in bits [4i, 4i + 4) of row k."""
+    packed = pack_int4(codes.transpose(-1, -2)).transpose(-1, -2)
+    return packed.contiguous() if out is None else out.copy_(packed)
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., m / 8, n] -> int8 [..., m, n] (the inverse of `pack_int4_rows`)."""
+    return unpack_int4(packed.transpose(-1, -2)).transpose(-1, -2)

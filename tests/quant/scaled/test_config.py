@@ -14,6 +14,7 @@ from streamquant.parallel.context import TPContext
 from streamquant.quant.math.code_format import INT8
 from streamquant.quant.math.granularity import PerBlock
 from streamquant.quant.scaled.config import ScaledConfig
+from streamquant.quant.math.int4_pack import unpack_int4_rows
 from streamquant.quant.scaled.weights import shard_layouts
 from streamquant.loading.contract import inference_tensors
 from streamquant.reload import reload_weights
@@ -96,6 +97,7 @@ def test_asymmetric_int4_model_equals_the_reference_and_tp2(asymmetric_cases, na
         module = modules[mod_name]
         lay = {x.label: x for x in shard_layouts(module.logical_shards[pname], PerBlock((1, 128)))}[label]
         codes, scales, zeros = (getattr(module, f"{pname}{s}") for s in ("", "_scale", "_zero_point"))
+        zeros = unpack_int4_rows(zeros)  # stored eight rows per int32 (compressed-tensors' layout)
         if e is not None:
             codes, scales, zeros = codes[e], scales[e], zeros[e]
         ref_codes, ref_scales, ref_zeros = ref_quantize_asymmetric(to_f32(w.float()), (1, 128))

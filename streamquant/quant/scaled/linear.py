@@ -111,7 +111,8 @@ def scaled_matmul(
     if activation is None:
         if spec.fmt == INT8 and int8_weight_only_applies(x, bias, out_dtype):
             return int8_weight_only_linear(x, codes, row_scales(scales, layouts))
-        return linear(x, dequantize_weight(codes, scales, layouts, out_dtype, zero_points, g_idx), bias, out_dtype)
+        # the weight in x.dtype, as at TP=1: wider partial sums must not change the weight itself
+        return linear(x, dequantize_weight(codes, scales, layouts, x.dtype, zero_points, g_idx), bias, out_dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     rowwise = isinstance(spec.granularity, (PerTensor, PerRow)) and isinstance(activation, PerRow)

@@ -7,14 +7,16 @@
     scales (zero points, group indices) are loaded as they are (no high-precision weight is ever
     materialized, no requantization; fused q/k/v and gate/up keep one scale grid per logical weight);
   - a quantizable layer without scales (a format's `ignore` list) stays in the model dtype: it is
-    given to the fp8 config as an `ignore` pattern;
+    given to the quant config as an `ignore` pattern;
   - a layer streamquant always keeps in high precision (embeddings, LM head, MoE router) whose
     checkpoint tensor is quantized anyway (llm-compressor quantizes `embed_tokens` although its
-    `targets` say Linear) is DEQUANTIZED on the way in (`codes.float() * scale`, in the model dtype);
+    `targets` say Linear) is DEQUANTIZED on the way in (`codes.float() * scale`, in the model dtype;
+    packed int4 there is refused);
   - a layer with some weights quantized and some not is refused, naming it.
-`prequantized_tensors` is that journey: scale names normalized to `weight_scale` (hf-fp8 calls them
-`weight_scale_inv`), stray quantized tensors dequantized (each held, as a zero-copy reference, until
-its partner arrives). `reload_source` gives a reload the same view of a checkpoint directory (which
+`prequantized_tensors` is that journey: each `X.weight_shape` checked against its packed codes and
+dropped (the models' mappings take `X.weight_packed` as the codes `X.weight` and hf-fp8's
+`X.weight_scale_inv` as `X.weight_scale`: `WeightMapping.leaf_aliases`), stray quantized tensors
+dequantized (each held, as a zero-copy reference, until its partner arrives). `reload_source` gives a reload the same view of a checkpoint directory (which
 says itself whether it is pre-quantized) or of an iterable the caller says is.
 """
 
@@ -144,13 +146,10 @@ def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
     return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}
 
 
-RENAMED = {"weight_scale_inv": "weight_scale", PACKED: "weight"}
-
-
 def normalized_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pre-quantized tensors named as the loaders take them (hf-fp8's `X.weight_scale_inv` ->
-    `X.weight_scale`, compressed-tensors' `X.weight_packed` -> `X.weight`); every `X.weight_shape`
-    checked against its `X.weight_packed` and dropped (the codes' own shape is what loads)."""
+    """Pre-quantized tensors as the loaders take them: every `X.weight_shape` checked against its
+    `X.weight_packed` and dropped (the codes' own shape is what loads). (The models' mappings take
+    `X.weight_packed` and `X.weight_scale_inv` as `X.weight` / `X.weight_scale`: `leaf_aliases`.)"""
     declared: dict[str, torch.Tensor] = {}  # module -> its weight_shape, until its packed codes arrive
     packed: dict[str, tuple[int, int]] = {}  # module -> the [out, in] its packed codes hold, until its shape arrives
     for name, tensor in weights:
@@ -162,7 +161,7 @@ def normalized_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tu
         if module in declared and module in packed:
             _check_weight_shape(module, declared.pop(module), packed.pop(module))
         if leaf != "weight_shape":
-            yield (f"{module}.{RENAMED[leaf]}" if leaf in RENAMED else name), tensor
+            yield name, tensor
     if declared:
         raise QuantizationConfigError(f"weight_shape without packed codes ({PACKED}) beside it: "
                                       f"{sorted(f'{m}.weight_shape' for m in declared)}")

@@ -121,12 +121,10 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 def expert_mapping_rules() -> tuple[MappingRule, ...]:
     """Checkpoint names -> `experts.w13_weight` / `experts.w2_weight`, per-expert and fused formats."""
-    suffixes = {"weight_scale": "weight_scale", "weight_scale_inv": "weight_scale",  # both formats' names
-                "weight_zero_point": "weight_zero_point", "weight_g_idx": "weight_g_idx"}
     scales = tuple(  # pre-quantized checkpoints: each expert projection's scales, zero points, group indices
-        MappingRule.make(f"experts.{{expert}}.{proj}.{suffix}", f"experts.{param}_{target}", shard_id=shard)
+        MappingRule.make(f"experts.{{expert}}.{proj}.{suffix}", f"experts.{param}_{suffix}", shard_id=shard)
         for proj, param, shard in (("gate_proj", "w13", "w1"), ("up_proj", "w13", "w3"), ("down_proj", "w2", "w2"))
-        for suffix, target in suffixes.items())
+        for suffix in ("weight_scale", "weight_zero_point", "weight_g_idx"))
     return scales + (
         MappingRule.make("experts.{expert}.gate_proj.weight", "experts.w13_weight", shard_id="w1"),
         MappingRule.make("experts.{expert}.up_proj.weight", "experts.w13_weight", shard_id="w3"),

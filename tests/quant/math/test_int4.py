@@ -36,3 +36,23 @@ def test_asymmetric_int4_equals_the_numpy_reference(tile):
     err = (deq - w.float()).abs()
     expanded = scales.repeat_interleave(tile[1], dim=1)[:, : w.shape[1]]
     assert bool((err <= expanded * 0.5 * (1 + 1e-5) + 1e-30).all())  # half a step (range covers every value)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_act_order_dequantization_takes_each_columns_group(zero):
+    """`(q - zero[:, g]) * scale[:, g]` for g = g_idx[j], against a per-column numpy loop; rounded once."""
+    from streamquant.quant.math.int4 import dequantize_grouped
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-8, 8, (2, 6, 16), generator=g, dtype=torch.int8)
+    scales = torch.rand(2, 6, 4, generator=g) + 0.01
+    zeros = torch.randint(-8, 8, (2, 6, 4), generator=g, dtype=torch.int8) if zero else None
+    g_idx = torch.stack([torch.randperm(16, generator=g) // 4 for _ in range(2)]).to(torch.int32)
+    got = dequantize_grouped(q, scales, zeros, g_idx, torch.bfloat16)
+    expected = np.empty((2, 6, 16), dtype=np.float32)
+    for e in range(2):
+        for j in range(16):
+            k = int(g_idx[e, j])
+            z = zeros[e, :, k].numpy().astype(np.float32) if zero else 0
+            expected[e, :, j] = (q[e, :, j].numpy().astype(np.float32) - z) * scales[e, :, k].numpy()
+    assert torch.equal(got, torch.from_numpy(expected).bfloat16())

@@ -28,3 +28,18 @@ def test_int4_needs_whole_words_per_rank():
 
     with pytest.raises(ValueError, match="input size 44 is not a multiple of 8"):
         packed_size(44)
+
+
+def test_rows_pack_as_compressed_tensors_packs_zero_points():
+    """`pack_int4_rows` is compressed-tensors' `pack_to_int32(..., packed_dim=0)` (its zero points), bit for bit."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    from streamquant.quant.math.int4_pack import pack_int4_rows, unpack_int4_rows
+
+    values = torch.randint(-8, 8, (2, 24, 5), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    words = pack_int4_rows(values)
+    assert words.shape == (2, 3, 5) and torch.equal(words, pack_to_int32(values, 4, packed_dim=0))
+    assert torch.equal(unpack_int4_rows(words), values)
+    assert torch.equal(unpack_from_int32(words[0], 4, torch.Size((24, 5)), packed_dim=0), values[0])
+    codes = values.transpose(-1, -2).contiguous()  # [2, 5, 24]: and the codes along the input
+    assert torch.equal(pack_int4(codes), pack_to_int32(codes, 4))

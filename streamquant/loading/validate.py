@@ -58,7 +58,7 @@ def check_codes(name: str, tensor: torch.Tensor, dtype: torch.dtype, *, finite: 
     bit of exponent and mantissa set; e4m3fnuz: 0x80)."""
     if tensor.dtype != dtype:
         raise WeightDtypeError(f"checkpoint tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                               f"the codes of a pre-quantized weight it loads into are {str(dtype).removeprefix('torch.')}")
+                               f"the codes of a pre-quantized weight it loads into must be {str(dtype).removeprefix('torch.')}")
     if finite and tensor.numel() and dtype.is_floating_point:
         bits = tensor.view(torch.uint8)
         nan = (bits & 0x7F) == 0x7F if dtype == torch.float8_e4m3fn else bits == 0x80

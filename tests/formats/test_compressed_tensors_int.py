@@ -97,7 +97,7 @@ TENSOR_CASES = [
     ("int4", _edit(f"{LAYER}.weight_packed", lambda t: t[:, :-1]), WeightLoadError,
      r"'model\.layers\.0\.mlp\.down_proj\.weight_packed' \(shape \[64, 11\]\) does not fit parameter"),
     ("int4", _edit(f"{LAYER}.weight_packed", lambda t: t.to(torch.int64)), WeightDtypeError,
-     r"down_proj\.weight_packed' has dtype int64; the codes of a pre-quantized weight it loads into are int32"),
+     r"down_proj\.weight_packed' has dtype int64; the codes of a pre-quantized weight it loads into must be int32"),
     ("int4", _edit(f"{LAYER}.weight_scale", lambda t: t[:, :-1]), WeightLoadError,
      r"scale of shape \[64, 5\] is not the \[64, 6\] grid of a \[64, 96\] weight in groups of 16"),
     ("int4", _edit(f"{LAYER}.weight_zero_point", lambda t: t[:-1]), WeightLoadError,
@@ -105,7 +105,7 @@ TENSOR_CASES = [
     ("actorder", _edit("model.layers.1.self_attn.k_proj.weight_g_idx", lambda t: t + 1), WeightLoadError,
      r"k_proj\.weight_g_idx.*group indices must lie in \[0, 2\), got \[1, 2\]"),
     ("int8", _edit(f"{LAYER}.weight", lambda t: t.to(torch.int32)), WeightDtypeError,
-     r"down_proj\.weight' has dtype int32; the codes of a pre-quantized weight it loads into are int8"),
+     r"down_proj\.weight' has dtype int32; the codes of a pre-quantized weight it loads into must be int8"),
 ]
 
 

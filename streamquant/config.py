@@ -70,7 +70,9 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfi
     "transformers": whose fp8 arithmetic, see `quant/math/formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
     the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
     scales: one small collective per row-parallel matmul, see `quant/scaled/linear.py`), `measure_error`
-    (record per-weight SQNR). Every option is validated here.
+    (record per-weight SQNR), `group_size` / `symmetric` / `act_order` (int4: input elements per scale, zero
+    points, a group index per input column -- what a pre-quantized GPTQ-style checkpoint sets). Every option
+    is validated here.
 
     torchao (`quant/torchao.py`): `quantization` a preset name ("torchao:int8-weight-only", ...)
     or a torchao `AOBaseConfig` object; options `ignore` and `measure_error`.

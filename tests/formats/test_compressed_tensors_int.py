@@ -131,3 +131,14 @@ def test_packed_int4_for_a_layer_kept_in_high_precision_is_refused(int_checkpoin
     safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(QuantizationConfigError, match="'model.embed_tokens' stays in high precision.*packed int4"):
         load_model(out)
+
+
+def test_weight_only_int8_reads_from_naive_quantized(int_checkpoints, tmp_path):
+    """W8A16 as `naive-quantized` (no activations): the same tensors, weight-only int8."""
+    def weight_only(config):
+        config["format"] = "naive-quantized"
+        group(config).update(input_activations=None, format="naive-quantized")
+    model = load_model(variant(int_checkpoints, tmp_path, "int8", weight_only))
+    assert model.prequantized.activation_scheme is ActivationScheme.NONE
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    assert torch.equal(model(ids), load_model(int_checkpoints / "int8", activation_scheme="none")(ids))

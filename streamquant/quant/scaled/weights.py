@@ -258,12 +258,12 @@ def _quantize_asymmetric_(layer, name, spec: ScaledWeightSpec, tp: TPContext, er
     w, codes, scales, zeros = slot.detach(), codes.detach(), scales.detach(), zeros.detach()
     target = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     for lay, grid in zip(layouts, grids):
-        tile_scales, tile_zeros = range_scales(grid)
+        tile_scales, tile_zeros = range_scales(grid, spec.formula, w.dtype)
         local, local_zeros = scales[..., lay.scale_rows, :], zeros[..., lay.scale_rows, :]
         local.copy_(local_scales(tile_scales, lay.window, lay.tile))
         local_zeros.copy_(local_scales(tile_zeros, lay.window, lay.tile))
         quantize_window_asymmetric_(target[..., lay.rows, :], w[..., lay.rows, :], local, local_zeros, lay.window,
-                                    lay.tile)
+                                    lay.tile, spec.formula)
     pack_int4(target, out=codes)
     if error_log is not None:
         record_error(layer, name, slot, target, layouts, tp, error_log)

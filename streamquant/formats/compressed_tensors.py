@@ -157,7 +157,7 @@ def _config_group(config: ScaledConfig) -> tuple[dict, dict | None, str]:
         int4 = scheme is ScaledScheme.INT4
         weights = {"num_bits": 4 if int4 else 8, "type": "int", "symmetric": config.symmetric, "dynamic": False,
                    "strategy": "group" if int4 else "channel", "group_size": config.group_size if int4 else None,
-                   "actorder": None, "observer": "minmax"}
+                   "actorder": None, "observer": "memoryless_minmax"}
         if not config.symmetric:
             weights["zp_dtype"] = "torch.int8"
         activations = ({"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",

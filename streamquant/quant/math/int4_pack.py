@@ -11,6 +11,8 @@ points: rows padded to whole words with the stored value 0. Pure torch, no state
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 PACK_FACTOR = 8  # 4-bit codes per int32
@@ -28,15 +30,24 @@ def packed_size(n: int, what: str = "input size", bits: int = 4) -> int:
 
 def pack_int32(codes: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 codes in [-2^(bits-1), 2^(bits-1)), [..., n] -> int32 [..., n * bits / 32] (into `out` when given);
-    `bits` 4 or 8."""
+    `bits` 4 or 8. Little-endian hosts build the words' bytes (two nibbles, or one code, per byte) and view
+    them as int32 (one pass over the codes); big-endian ones shift and or the words arithmetically."""
     if bits not in (4, 8):
         raise ValueError(f"codes of 4 or 8 bits pack into int32 words, not {bits}")
     per_word = 32 // bits
-    words = (codes.to(torch.int32) + (1 << (bits - 1))).unflatten(-1, (packed_size(codes.shape[-1], bits=bits),
-                                                                       per_word))
-    result = words[..., 0].clone() if out is None else out.copy_(words[..., 0])
+    words = packed_size(codes.shape[-1], bits=bits)
+    if sys.byteorder == "little" and codes.dtype == torch.int8:
+        # flat: a size-1 dim's stride may be anything, which a view as wider elements refuses
+        stored = codes.contiguous().view(torch.uint8).reshape(-1) ^ (1 << (bits - 1))  # code + offset, low bits
+        if bits == 4:  # byte pairs as int16 (element 2k in the low byte): low nibbles of both into one byte
+            pairs = stored.view(torch.int16)
+            stored = ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).to(torch.uint8)
+        result = stored.view(torch.int32).view(*codes.shape[:-1], words)
+        return result if out is None else out.copy_(result)
+    values = (codes.to(torch.int32) + (1 << (bits - 1))).unflatten(-1, (words, per_word))
+    result = values[..., 0].clone() if out is None else out.copy_(values[..., 0])
     for i in range(1, per_word):
-        result |= words[..., i] << (bits * i)
+        result |= values[..., i] << (bits * i)
     return result
 
 

@@ -32,7 +32,7 @@ def test_int4_needs_whole_words_per_rank():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [16, 13])  # rows not filling the last word of a row-packing
+@pytest.mark.parametrize("rows", [16, 13, 1])  # rows not filling the last word of a row-packing; one row
 def test_words_and_row_packing_are_compressed_tensors_packing(bits, rows):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -41,6 +41,8 @@ def test_words_and_row_packing_are_compressed_tensors_packing(bits, rows):
     assert torch.equal(pack_int32(codes, bits), pack_to_int32(codes, bits))
     assert torch.equal(pack_rows(codes, bits), pack_to_int32(codes, bits, packed_dim=0))
     assert pack_rows(codes.to("meta"), bits).shape == pack_to_int32(codes, bits, packed_dim=0).shape  # plans: no data
+    part = codes[:, 8:16]  # a strided view; a size-1 dim when rows == 1
+    assert torch.equal(pack_int32(part, bits), pack_to_int32(part.contiguous(), bits))
 
 
 def test_eight_bit_words_need_whole_words():

@@ -1,15 +1,27 @@
 """The compressed-tensors format (what llm-compressor writes and vLLM loads): read and write.
 
-Write: `quantization_config = {"quant_method": "compressed-tensors", "format": "float-quantized"
-(or "naive-quantized" for weight-only), "quantization_status": "compressed", "config_groups":
-{"group_0": {"targets": ["Linear"], "weights": ..., "input_activations": ...}}, "ignore": [HF module
-names kept in high precision]}`. Weight args: 8-bit float, symmetric, static; strategy "tensor",
-"channel" or "block" (+ "block_structure"). Activations: dynamic per "token" for tensor / channel
-weights, dynamic "group" of the block's columns for block weights, or none (weight-only).
-Per quantized linear `X`: `X.weight` F8_E4M3 and `X.weight_scale`, a dequantization multiplier shaped
-[1] (tensor), [out, 1] (channel) or the ceil-division block grid; stored in the weight's dtype with
-the compressed-tensors formula (that library's own layout), in float32 otherwise (a bf16 copy of a
-float32 scale would no longer be the scale the codes were made with).
+Write: `quantization_config = {"quant_method": "compressed-tensors", "format": F, "quantization_status":
+"compressed", "config_groups": {"group_0": {"targets": ["Linear"], "weights": ..., "input_activations":
+..., "format": F}}, "ignore": [HF module names kept in high precision]}`, per scheme:
+  - fp8 (F = "float-quantized", "naive-quantized" for weight-only): 8-bit float, symmetric, static
+    weights; strategy "tensor", "channel" or "block" (+ "block_structure"). Activations: dynamic per
+    "token" for tensor / channel weights, dynamic "group" of the block's columns for block weights.
+    Per linear `X`: `X.weight` F8_E4M3 and `X.weight_scale` shaped [1], [out, 1] or the block grid.
+  - int8 (W8A8, F = "int-quantized"): 8-bit int, symmetric, strategy "channel"; activations 8-bit int,
+    symmetric, dynamic per "token". `X.weight` I8 [out, in], `X.weight_scale` [out, 1]. Weight-only
+    int8 (W8A16) is what that library writes for it, F = "pack-quantized": `X.weight_packed` I32
+    [out, in / 4] (four codes + 128 per word), `X.weight_scale` [out, 1], `X.weight_shape`.
+  - int4 (W4A16, F = "pack-quantized"): 4-bit int, strategy "group" with `group_size`, `symmetric`
+    (asymmetric adds `"zp_dtype": "torch.int8"`), `actorder` null, no activations. `X.weight_packed`
+    I32 [out, in / 8] (`int4_pack`: code + 8 per nibble, along the input), `X.weight_scale` [out,
+    in / group_size], asymmetric `X.weight_zero_point` I32 [ceil(out / 8), in / group_size] (packed
+    along the OUTPUT dim, zero point + 8), `X.weight_shape` I64 [2] = [out, in]. The library's group
+    strategy needs whole groups: an input size the group size does not divide is refused, naming
+    the tensor.
+Scales are dequantization multipliers, stored in the weight's dtype with the compressed-tensors
+formula (that library's own layout; exact, as the formula made them in that dtype), in float32
+otherwise (a bf16 copy of a float32 scale would no longer be the scale the codes were made with).
+Where each formula differs from that library's: `quant/math/formula.py` and `quant/math/int4.py`.
 
 Read: `float-quantized` and `naive-quantized` fp8 with those strategies and dynamic (or no) input
 activations; `int-quantized` / `naive-quantized` int8 and `pack-quantized` int4
@@ -27,11 +39,14 @@ from streamquant.formats.base import (
     FORMULA_KEY,
     QuantizationConfigError,
     QuantizedCheckpoint,
+    QuantizedWeight,
     field,
     recorded_formula,
+    sibling_name,
 )
-from streamquant.quant.scaled.config import ActivationScheme, ScaledScheme
+from streamquant.quant.scaled.config import ActivationScheme, ScaledConfig, ScaledScheme
 from streamquant.quant.math.formula import Formula
+from streamquant.quant.math.int4_pack import pack_int32, pack_rows
 
 NAME = "compressed-tensors"
 STRATEGIES = {ScaledScheme.FP8: "tensor", ScaledScheme.FP8_CHANNEL: "channel", ScaledScheme.FP8_BLOCK: "block"}
@@ -44,31 +59,33 @@ class CompressedTensorsFormat:
     name = NAME
     scale_suffix = "weight_scale"
 
-    def write_config(self, scheme: ScaledScheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
-                     ignore: list[str], formula: Formula) -> dict:
-        weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
-                   "strategy": STRATEGIES[scheme], "group_size": None}
-        if scheme is ScaledScheme.FP8_BLOCK:
-            weights["block_structure"] = list(block_size)
-        activations = None
-        if activation_scheme is ActivationScheme.DYNAMIC:
-            activations = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
-                           "strategy": "group" if scheme is ScaledScheme.FP8_BLOCK else "token",
-                           "group_size": block_size[1] if scheme is ScaledScheme.FP8_BLOCK else None}
-        fmt = "float-quantized" if activations is not None else "naive-quantized"
+    def write_config(self, config: ScaledConfig, ignore: list[str]) -> dict:
+        weights, activations, fmt = _config_group(config)
         return {"quant_method": NAME, "format": fmt, "quantization_status": "compressed",
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                               "input_activations": activations, "output_activations": None,
                                               "format": fmt}},
-                "ignore": list(ignore), "kv_cache_scheme": None, FORMULA_KEY: formula.value}
+                "ignore": list(ignore), "kv_cache_scheme": None, FORMULA_KEY: config.formula.value}
 
-    def scale_to_disk(self, scales: torch.Tensor, scheme: ScaledScheme, weight_dtype: torch.dtype,
-                      formula: Formula) -> torch.Tensor:
-        if scheme is ScaledScheme.FP8:
+    def disk_tensors(self, name: str, weight: QuantizedWeight, config: ScaledConfig,
+                     weight_dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+        scales = weight.scales
+        if config.scheme is ScaledScheme.FP8:
             scales = scales.reshape(*scales.shape[:-2], 1)
-        if formula is Formula.COMPRESSED_TENSORS and weight_dtype in (torch.bfloat16, torch.float16):
-            return scales.to(weight_dtype)  # exact: the formula made them in that dtype
-        return scales
+        if config.formula is Formula.COMPRESSED_TENSORS and weight_dtype in (torch.bfloat16, torch.float16):
+            scales = scales.to(weight_dtype)  # exact: the formula made them in that dtype
+        scale = (sibling_name(name, "weight_scale"), scales)
+        bits = _packed_bits(config)
+        if bits is None:
+            return [(name, weight.codes), scale]
+        shape = tuple(weight.codes.shape)
+        if config.scheme is ScaledScheme.INT4 and shape[-1] % config.group_size:
+            raise ValueError(f"tensor {name!r}: input size {shape[-1]} is not a multiple of group_size "
+                             f"{config.group_size} (compressed-tensors' group strategy needs whole groups)")
+        out = [(sibling_name(name, "weight_packed"), pack_int32(weight.codes, bits)), scale]
+        if weight.zero_points is not None:
+            out.append((sibling_name(name, "weight_zero_point"), pack_rows(weight.zero_points, bits)))
+        return out + [(sibling_name(name, "weight_shape"), torch.tensor(shape[-2:], dtype=torch.int64))]
 
     def read_config(self, config: dict) -> QuantizedCheckpoint:
         fmt = field(config, "format", "", default="float-quantized")
@@ -88,8 +105,7 @@ class CompressedTensorsFormat:
                                           "schemes); streamquant loads one scheme per model")
         scheme, activation, block, int4 = parsed.pop()
         ignore = field(config, "ignore", "", default=[])
-        integer = scheme in (ScaledScheme.INT8, ScaledScheme.INT4)  # streamquant's formula only (a reload's)
-        formula = recorded_formula(config, Formula.STREAMQUANT if integer else Formula.COMPRESSED_TENSORS)
+        formula = recorded_formula(config, Formula.COMPRESSED_TENSORS)  # a reload re-quantizes as the writer did
         return QuantizedCheckpoint(NAME, scheme, activation, formula, self.scale_suffix, block, tuple(ignore),
                                    *(int4 or ()))
 
@@ -136,6 +152,39 @@ class CompressedTensorsFormat:
                                           f"supported; streamquant quantizes activations per {want}"
                                           + (f" of {block[1]}" if want == "group" else ""))
         return ActivationScheme.DYNAMIC
+
+
+def _packed_bits(config: ScaledConfig) -> int | None:
+    """Bits per code of the `pack-quantized` layouts (int4; weight-only int8), None for unpacked codes."""
+    if config.scheme is ScaledScheme.INT4:
+        return 4
+    if config.scheme is ScaledScheme.INT8 and config.activation_scheme is ActivationScheme.NONE:
+        return 8
+    return None
+
+
+def _config_group(config: ScaledConfig) -> tuple[dict, dict | None, str]:
+    """(weights, input_activations, format) of the one config group streamquant writes (module doc)."""
+    scheme, dynamic = config.scheme, config.activation_scheme is ActivationScheme.DYNAMIC
+    if scheme in (ScaledScheme.INT8, ScaledScheme.INT4):
+        int4 = scheme is ScaledScheme.INT4
+        weights = {"num_bits": 4 if int4 else 8, "type": "int", "symmetric": config.symmetric, "dynamic": False,
+                   "strategy": "group" if int4 else "channel", "group_size": config.group_size if int4 else None,
+                   "actorder": None, "observer": "memoryless_minmax"}
+        if not config.symmetric:
+            weights["zp_dtype"] = "torch.int8"
+        activations = ({"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token",
+                        "group_size": None} if dynamic else None)
+        return weights, activations, "pack-quantized" if _packed_bits(config) else "int-quantized"
+    block = scheme is ScaledScheme.FP8_BLOCK
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": STRATEGIES[scheme],
+               "group_size": None}
+    if block:
+        weights["block_structure"] = list(config.block_size)
+    activations = ({"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                    "strategy": "group" if block else "token", "group_size": config.block_size[1] if block else None}
+                   if dynamic else None)
+    return weights, activations, "float-quantized" if dynamic else "naive-quantized"
 
 
 COMPRESSED_TENSORS = CompressedTensorsFormat()

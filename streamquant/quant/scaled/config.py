@@ -20,7 +20,8 @@ Linear layers and MoE experts are quantized; embeddings, the LM head, norms and 
 (built without a quant config) stay in the model dtype. `ignore` regexes (`re.search` over the
 module name, e.g. "model.layers.0.self_attn.qkv_proj" -- streamquant's fused names) keep matching
 layers unquantized. `formula` picks the arithmetic (`formula.py`): streamquant's own (default), or
-compressed-tensors' or transformers' bit for bit.
+compressed-tensors' or transformers' bit for bit (fp8 schemes: all three; int8 and int4: streamquant
+or compressed-tensors, whose integer codes span -128..127 / -8..7; mxfp8: streamquant only).
 
 The config is a frozen value except for `error_log`, a per-load record the load that made the
 config owns (`config.make_quant_config` makes one config per `load_model` call).
@@ -133,9 +134,12 @@ class ScaledConfig:
         object.__setattr__(self, "ignore", check_ignore(self.ignore))
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
         object.__setattr__(self, "formula", formula_of(self.formula))
-        if self.formula is not Formula.STREAMQUANT and self.scheme in (ScaledScheme.INT8, ScaledScheme.MXFP8, ScaledScheme.INT4):
-            raise ValueError(f"formula={self.formula.value!r} reproduces another library's fp8 arithmetic; "
+        if self.formula is not Formula.STREAMQUANT and self.scheme is ScaledScheme.MXFP8:
+            raise ValueError(f"formula={self.formula.value!r} reproduces another library's arithmetic; "
                              f"quantization={self.scheme.value!r} has the streamquant formula only")
+        if self.formula is Formula.TRANSFORMERS and self.scheme in (ScaledScheme.INT8, ScaledScheme.INT4):
+            raise ValueError(f"formula='transformers' reproduces transformers' fp8 arithmetic; quantization="
+                             f"{self.scheme.value!r} takes formula 'streamquant' or 'compressed-tensors'")
 
     @property
     def granularity(self) -> Granularity:

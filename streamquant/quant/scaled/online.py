@@ -24,7 +24,7 @@ from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.math.formula import Formula, formula_of
 from streamquant.quant.math.int4 import quantize_window_asymmetric_, range_scales, window_range
-from streamquant.quant.math.int4_pack import pack_int4, pack_int4_rows
+from streamquant.quant.math.int4_pack import pack_int4, pack_rows
 from streamquant.quant.math.quantize import (formula_scales, local_scales, quantize_local_tiles_, quantize_window_,
                                              window_amax)
 from streamquant.quant.scaled.readback import record_error
@@ -100,7 +100,7 @@ def quantize_layer_weight_(layer: torch.nn.Module, name: str, spec: ScaledWeight
     layouts = shard_layouts(layer.logical_shards[name], spec.granularity)
     stored = scale_layouts(layouts, spec)
     if spec.fmt.zero_point:
-        _quantize_asymmetric_(layer, name, tp, error_log, slot, layouts, stored)
+        _quantize_asymmetric_(layer, name, spec, tp, error_log, slot, layouts, stored)
     else:
         _quantize_symmetric_(layer, name, spec, tp, error_log, slot, layouts, stored)
     _set_group_index_(layer, name, layouts)
@@ -137,7 +137,8 @@ def _quantize_symmetric_(layer, name, spec: ScaledWeightSpec, tp: TPContext, err
         record_error(layer, name, slot, target, layouts, tp, error_log, torch.cat(used, dim=-2))
 
 
-def _quantize_asymmetric_(layer, name, tp: TPContext, error_log, slot, layouts, stored) -> None:
+def _quantize_asymmetric_(layer, name, spec: ScaledWeightSpec, tp: TPContext, error_log, slot, layouts,
+                          stored) -> None:
     """Asymmetric int4 (`int4.py`): range grids, scales and zero points per tile, int8 codes in a
     scratch buffer packed into the int32 codes, zero points packed eight rows per int32."""
     codes, scales, zeros = (getattr(layer, f"{name}{suffix}") for suffix in ("", "_scale", "_zero_point"))
@@ -147,14 +148,14 @@ def _quantize_asymmetric_(layer, name, tp: TPContext, error_log, slot, layouts, 
     zeros_int8 = torch.empty(scales.shape, dtype=torch.int8, device=w.device)
     used, used_zeros = [], []
     for lay, keep, grid in zip(layouts, stored, grids):
-        tile_scales, tile_zeros = range_scales(grid)
+        tile_scales, tile_zeros = range_scales(grid, spec.formula, w.dtype)
         local, local_zeros = _store(scales, lay, keep, tile_scales), _store(zeros_int8, lay, keep, tile_zeros)
         quantize_window_asymmetric_(target[..., lay.rows, :], w[..., lay.rows, :], local, local_zeros, lay.window,
-                                    lay.tile)
+                                    lay.tile, spec.formula)
         used.append(local)
         used_zeros.append(local_zeros)
     pack_int4(target, out=codes)
-    pack_int4_rows(zeros_int8, out=zeros)
+    pack_rows(zeros_int8, 4, out=zeros)
     if error_log is not None:
         record_error(layer, name, slot, target, layouts, tp, error_log, torch.cat(used, dim=-2),
                      torch.cat(used_zeros, dim=-2))

@@ -133,11 +133,16 @@ def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
     return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}
 
 
+def normalized_scale_name(name: str) -> str:
+    """hf-fp8's `X.weight_scale_inv` -> `X.weight_scale` (what the loaders take); any other name unchanged."""
+    module, _, leaf = name.rpartition(".")
+    return f"{module}.weight_scale" if leaf == "weight_scale_inv" else name
+
+
 def normalized_scale_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Pre-quantized tensors with hf-fp8's `X.weight_scale_inv` named `X.weight_scale` (what the loaders take)."""
     for name, tensor in weights:
-        module, _, leaf = name.rpartition(".")
-        yield (f"{module}.weight_scale" if leaf == "weight_scale_inv" else name), tensor
+        yield normalized_scale_name(name), tensor
 
 
 def checkpoint_source(checkpoint: Path, model, dtype: torch.dtype) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:

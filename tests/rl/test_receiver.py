@@ -24,6 +24,7 @@ from streamquant.reload import reload_weights
 from streamquant.rl.delta import Encoding
 from streamquant.rl.errors import SyncError
 from streamquant.rl.sync import WeightReceiver, WeightSender
+from streamquant.update import FingerprintMismatchError
 
 from hf_cases import CASES, make_checkpoint
 
@@ -126,7 +127,7 @@ class Tampering(WeightSender):
 
     def _payload(self, items, base):
         payload, sync, digests, changes = super()._payload(items, base)
-        if base is not None and self.mode:
+        if (base is not None or self.copy is None) and self.mode:  # a delta, or any send without delta=True
             name, data = payload[0]
             if self.mode == "payload":
                 data = data.clone()
@@ -183,3 +184,29 @@ def test_a_tampered_delta_fails_closed_naming_the_tensor(ranks, tmp_path, mode):
     assert message.startswith("rank 1: checkpoint tensor 'model.embed_tokens.weight'")
     assert unchanged  # atomic: the model as before the refused sync
     assert received[0] is True and received[2] is True  # equal to a cold load before and after
+
+
+def _plain_with_digests():
+    """No delta: `fingerprint=True` alone attaches digests; the first tensor's is wrong."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [(f"w{i}", torch.randn(50, generator=g).bfloat16()) for i in range(4)]
+    if dist.get_rank() == 0:
+        sender = Tampering(src=0, bucket_bytes=BUCKET, fingerprint=True)
+        sender.mode = "digest"
+        try:
+            sender.send(tensors)
+        except SyncError as exc:
+            refused = str(exc)
+        return refused, sender.send(tensors).tensors  # the next send passes its check
+    receiver = WeightReceiver(src=0)
+    with pytest.raises(FingerprintMismatchError, match="rank 1: checkpoint tensor 'w0'"):
+        receiver.receive(lambda stream: [n for n, _ in stream])
+    assert receiver.receive(lambda stream: [n for n, _ in stream]) == [n for n, _ in tensors]
+    return None
+
+
+def test_digests_without_delta_are_checked_too(ranks):
+    refused, sent = ranks.run(_plain_with_digests, 1 + 1)
+    assert refused.startswith("receiver(s) refused the weights: rank 1: FingerprintMismatchError: rank 1: "
+                              "checkpoint tensor 'w0'")
+    assert sent == 4

@@ -3,13 +3,18 @@ learns from their rollouts.
 
     python examples/rl_loop.py                      # the demo checkpoint, 3 steps, TP=2 fp8-block
     python examples/rl_loop.py --checkpoint DIR --steps 5 --quantization fp8 --json out.json
+    python examples/rl_loop.py --delta --lr 1e-5       # fp8 codes quantized on the trainer, only changes sent
 
 Process 0 is the trainer: a transformers model (float32 master weights) taking REINFORCE steps on a
 synthetic reward (the share of even token ids in a completion). Processes 1..TP hold the fp8 model,
 one tensor-parallel group. Every step:
   1. the trainer sends its weights (cast to bf16) with `WeightSender`; the inference ranks push each
-     received bucket into a weight update (`begin_update(atomic=True)`, `WeightReceiver.receive(update.load_many)`,
-     `update.finish()`: in place, committed on both ranks or neither): the refit seconds;
+     received bucket into a weight update (`begin_update(atomic=True)`, `update.load_many` on the
+     `WeightReceiver.receive` stream, `update.finish()`: in place, committed on both ranks or neither): the
+     refit seconds. With `--delta` the trainer quantizes (`QuantizePlan`, the inference scheme) and sends
+     only the fp8 codes, scales and bf16 values that changed since the last step (`WeightSender(delta=True)`;
+     the first step is a full send); each rank rebuilds them in its copy of the last sync, checks them
+     against the trainer's SHA-256 digests, and loads only the changed tensors (`begin_update(expected=...)`);
   2. check: the trainer also saved those bf16 weights; the inference ranks cold-load them with the same
      scheme and compare the refitted model's `weights_fingerprint` (SHA-256 of every fp8 code and scale)
      with the cold load's;
@@ -37,7 +42,10 @@ import torch
 import torch.distributed as dist
 
 from streamquant import begin_update, load_model, weights_fingerprint
+from streamquant.checkpoint.reader import load_hf_config
 from streamquant.checkpoint.synthetic import DEMO_SPEC, default_cache_dir, ensure_synthetic_checkpoint
+from streamquant.formats import get_format
+from streamquant.offline import QuantizePlan
 from streamquant.inference.generation import generate_sequences
 from streamquant.parallel.launch import launch
 from streamquant.parallel.context import TPContext
@@ -69,7 +77,13 @@ def trainer(args, world_tp_group) -> list[dict]:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    sender, rows = WeightSender(src=0, dtype=torch.bfloat16), []
+    if args.delta:  # codes and scales made on the trainer, in the inference ranks' scheme; only changes sent
+        plan = QuantizePlan(load_hf_config(args.checkpoint), args.quantization, get_format("compressed-tensors"),
+                            torch.bfloat16)
+        sender = WeightSender(src=0, quantization=plan, delta=True)
+    else:
+        sender = WeightSender(src=0, dtype=torch.bfloat16)
+    rows = []
     for step in range(args.steps):
         save_bf16(model, Path(args.checkpoint), Path(args.scratch) / f"step{step}")
         dist.barrier()
@@ -90,6 +104,7 @@ def trainer(args, world_tp_group) -> list[dict]:
         loss.backward()
         optimizer.step()
         rows.append({"step": step, "refit_seconds": result["refit_seconds"], "sent_mib": stats.bytes / 2**20,
+                     "delta": stats.delta,
                      "equals_cold_load": result["equals_cold_load"], "rollout_tokens_per_s": result["tokens_per_s"],
                      "mismatch": sum(gaps) / len(gaps), "reward": sum(rewards) / len(rewards)})
     return rows
@@ -104,12 +119,7 @@ def inference(args, tp_group) -> None:
     for step in range(args.steps):
         dist.barrier()
         start = time.perf_counter()
-        update = begin_update(model, atomic=True)
-        try:
-            receiver.receive(update.load_many)  # each bucket's tensors pushed in as they arrive
-        except Exception:  # noqa: BLE001  recorded in the update: finish() raises it once the ranks agreed
-            pass
-        update.finish()
+        receiver.receive(lambda tensors: push(model, receiver, tensors), model=model)
         refit = time.perf_counter() - start
         cold = load_model(Path(args.scratch) / f"step{step}", quantization=args.quantization, tp=tp)
         equal = weights_fingerprint(model) == weights_fingerprint(cold)
@@ -122,6 +132,17 @@ def inference(args, tp_group) -> None:
                   "tokens_per_s": sum(len(s.completion_ids) for s in sequences) / seconds,
                   "sequences": [dataclasses.asdict(s) for s in sequences]} if tp.rank == 0 else None
         dist.gather_object(result, None, dst=0)
+
+
+def push(model, receiver: WeightReceiver, tensors) -> set[str]:
+    """One weight update fed by the receiver's stream: every tensor, or (a delta into this model) the
+    changed ones, which `receiver.expected` names; committed on every rank or none."""
+    update = begin_update(model, atomic=True, expected=receiver.expected, quantized_source=receiver.quantized)
+    try:
+        update.load_many(tensors)  # each bucket's tensors pushed in as they arrive
+    except Exception:  # noqa: BLE001  recorded in the update: finish() raises it once the ranks agreed
+        pass
+    return update.finish()
 
 
 def _rank(args) -> list[dict] | None:
@@ -142,6 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--prompt-length", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--delta", action="store_true",
+                        help="quantize on the trainer and send only the fp8 codes, scales and values that changed")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=Path("rl_loop.png"),
                         help="PNG of refit seconds, rollout tokens/s and mismatch per step (needs matplotlib)")
@@ -150,9 +173,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="rl-loop-") as scratch:
         args.scratch = scratch
         rows = launch(_rank, args.tp + 1, args, timeout_s=600)
-    print(f"{'step':>4}{'refit s':>9}{'sent MiB':>10}{'equal cold':>11}{'tok/s':>8}{'mismatch':>10}{'reward':>8}")
+    print(f"{'step':>4}{'refit s':>9}{'sent MiB':>10}{'sync':>6}{'equal cold':>11}{'tok/s':>8}{'mismatch':>10}"
+          f"{'reward':>8}")
     for r in rows:
-        print(f"{r['step']:>4}{r['refit_seconds']:>9.3f}{r['sent_mib']:>10.1f}{str(r['equals_cold_load']):>11}"
+        print(f"{r['step']:>4}{r['refit_seconds']:>9.3f}{r['sent_mib']:>10.3f}{'delta' if r['delta'] else 'full':>6}"
+              f"{str(r['equals_cold_load']):>11}"
               f"{r['rollout_tokens_per_s']:>8.1f}{r['mismatch']:>10.4f}{r['reward']:>8.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -62,7 +62,8 @@ def _tensors(weights: WeightSource) -> Iterable[tuple[str, torch.Tensor]]:
 def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool = True,
                    strict: bool = True, atomic: bool = False, staging_budget: int | None = None,
                    transient_source: bool = False, check_finite: bool = True,
-                   quantized_source: bool | None = None, progress: bool | None = None) -> set[str]:
+                   quantized_source: bool | None = None, expected: Iterable[str] | None = None,
+                   progress: bool | None = None) -> set[str]:
     """Write `weights` into `model` in place; returns the checkpoint names loaded (see the module doc).
 
     `weights`: a checkpoint directory / hub id, or an iterable of `(name, tensor)` in checkpoint
@@ -74,7 +75,9 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     check of every incoming tensor (one `aminmax` pass each). `quantized_source=True`: the tensors are
     pre-quantized (codes and scales in checkpoint layout, e.g. from `offline.quantize_weights` or
     a `WeightSender(quantization=...)`) and are installed as they are, no high-precision staging; a
-    checkpoint directory says itself whether it is (its `quantization_config`). `progress`: a bar of
+    checkpoint directory says itself whether it is (its `quantization_config`). `expected`: the
+    checkpoint names `weights` holds when it updates only some tensors (`begin_update(expected=)`: each
+    must arrive, nothing else may; default: every tensor the model takes). `progress`: a bar of
     bytes and tensors on stderr (`streamquant/progress.py`); None (default): for a checkpoint directory
     where stderr is a terminal, never for an iterable (a refit loop's every step); only tensor-parallel
     rank 0 draws. Increments `model.weights_version` on success. One-shot: the atomic snapshot and the staging buffers are allocated for this call;
@@ -82,7 +85,7 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     """
     return _reload(model, weights, checkpoint_format=checkpoint_format, strict=strict, atomic=atomic,
                    snapshot=None, staging_budget=staging_budget, transient_source=transient_source, pool=None,
-                   check_finite=check_finite, quantized_source=quantized_source, progress=progress)
+                   check_finite=check_finite, quantized_source=quantized_source, expected=expected, progress=progress)
 
 
 class Reloader:
@@ -103,13 +106,14 @@ class Reloader:
         self.pool = staging_pool(model_device(model), getattr(model, "offload_plan", None))
 
     def __call__(self, weights: WeightSource, *, checkpoint_format: bool = True, transient_source: bool = False,
-                 quantized_source: bool | None = None, progress: bool | None = None) -> set[str]:
+                 quantized_source: bool | None = None, expected: Iterable[str] | None = None,
+                 progress: bool | None = None) -> set[str]:
         if self.snapshot is not None:
             self.snapshot.save(self.model)
         return _reload(self.model, weights, checkpoint_format=checkpoint_format, strict=self.strict,
                        atomic=self.snapshot is not None, snapshot=self.snapshot, staging_budget=self.staging_budget,
                        transient_source=transient_source, pool=self.pool, check_finite=self.check_finite,
-                       quantized_source=quantized_source, progress=progress)
+                       quantized_source=quantized_source, expected=expected, progress=progress)
 
     @property
     def held_bytes(self) -> int:
@@ -123,16 +127,18 @@ class Reloader:
 
 def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format: bool, strict: bool, atomic: bool,
             snapshot: WeightSnapshot | None, staging_budget: int | None, transient_source: bool,
-            pool, check_finite: bool, quantized_source: bool | None, progress: bool | None) -> set[str]:
+            pool, check_finite: bool, quantized_source: bool | None, expected: Iterable[str] | None,
+            progress: bool | None) -> set[str]:
     """A pull over the push-style update: begin, load every tensor of the source, finish."""
     weights = resolve_checkpoint(weights) if isinstance(weights, (str, Path)) else weights
     if checkpoint_format:
         tensors, quantized = reload_source(model, weights, quantized_source)
     else:
         tensors, quantized = _tensors(weights), False
-    update = WeightUpdate(model, atomic=atomic, strict=strict, checkpoint_format=checkpoint_format,
-                          quantized_source=quantized, staging_budget=staging_budget,
-                          transient_source=transient_source, check_finite=check_finite, snapshot=snapshot, pool=pool)
+    update = WeightUpdate(model, atomic=atomic, expected=expected, strict=strict,
+                          checkpoint_format=checkpoint_format, quantized_source=quantized,
+                          staging_budget=staging_budget, transient_source=transient_source, check_finite=check_finite,
+                          snapshot=snapshot, pool=pool)
     tp = getattr(model, "tp", None)
     from_disk = isinstance(weights, Path)  # an iterable (a refit loop's every step) only when asked
     enabled = wants_progress(progress, rank=tp.rank if tp is not None else 0) and (from_disk or progress is True)

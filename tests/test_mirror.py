@@ -26,6 +26,9 @@ ALLOWED = {
     "models/llama.py": "Llama, Mistral, Qwen2 and Qwen3 logits against transformers: tests/models/test_hf_equivalence.py",
     "models/opt.py": "OPT logits against transformers: tests/models/test_hf_equivalence.py",
     "models/qwen_moe.py": "Qwen2-MoE and Qwen3-MoE logits against transformers: tests/models/test_hf_equivalence.py",
+    "rl/protocol.py": "what rl/sync.py and rl/receiver.py share (the protocol version, the report collective, "
+                      "SyncStats, the bar of a plan): every sync of tests/rl/test_sync.py, test_sync_progress.py "
+                      "(the bars) and test_receiver.py (SyncStats of deltas)",
     "quant/scaled/moe.py": "ScaledMoEMethod needs a streaming load to fill it: the MoE cases of "
                            "tests/quant/scaled/test_end_to_end.py (codes and scales of every expert against the "
                            "numpy reference, logits) and test_weights.py (TP=2 bitwise TP=1)",

@@ -49,6 +49,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def wire_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `tensor` travels in: `dtype` for floating-point tensors wider than a byte (never fp8 codes)."""
+    cast = dtype is not None and tensor.is_floating_point() and tensor.dtype.itemsize > 1
+    return dtype if cast else tensor.dtype
+
+
 def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype | None = None) -> list[Bucket]:
     """Pack tensors, in order, into buckets of at most `bucket_bytes` (one bigger tensor: a bucket of its own)."""
     buckets: list[Bucket] = []
@@ -63,8 +69,7 @@ def plan_buckets(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, dtype
         if name in seen:
             raise ValueError(f"{name!r} appears twice in the tensors to send")
         seen.add(name)
-        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype.itemsize > 1  # never fp8 codes
-        out_dtype = dtype if cast else tensor.dtype
+        out_dtype = wire_dtype(tensor, dtype)
         nbytes = tensor.numel() * out_dtype.itemsize
         start = align_up(used, ALIGN)
         if entries and start + nbytes > bucket_bytes:

@@ -1,4 +1,4 @@
-"""Trainer -> inference weight sync over `torch.distributed`: flat buckets of mixed dtypes.
+"""Trainer -> inference weight sync over `torch.distributed`: flat buckets of mixed dtypes, or only what changed.
 
 The RL refit path without a disk in between. The trainer's process runs a `WeightSender`, every
 inference rank a `WeightReceiver`, all in one process group (gloo for CPU buckets, NCCL for CUDA
@@ -13,9 +13,9 @@ ones); each inference rank takes its tensor-parallel shards from the full tensor
     receiver.reload(model, atomic=True)               # = reload_weights(model, <received>, ...)
 
 Protocol of one `send`: (1) a header broadcast as a Python object -- the plan (name, dtype, shape,
-bucket, offset of every tensor) or the sender's error; (2) the buckets, each one `broadcast` of a
-flat uint8 buffer, double-buffered on both sides (bucket i+1 travels while bucket i is packed /
-consumed); (3) a report gathered from every rank: each receiver's error or None, so the trainer
+bucket, offset of every tensor), the sync's id and digests (below), or the sender's error; (2) the
+buckets, each one `broadcast` of a flat uint8 buffer, double-buffered on both sides (bucket i+1
+travels while bucket i is packed / consumed); (3) a report gathered from every rank: each receiver's error or None, so the trainer
 learns that (and why) an inference rank refused the weights. The receiver hands out views into its
 buckets; they are valid until the consumer asks for the next tensor, so `reload` tells
 `reload_weights` to copy any tensor it defers (`transient_source=True`). If the consumer fails
@@ -28,6 +28,27 @@ bytes of bf16 on the wire) and flags the stream; receivers install the codes and
 (`reload_weights(quantized_source=True)`), bitwise what receiver-side quantization of the same
 weights gives when the plan and the model agree on scheme and formula. The trainer holds the
 quantized copy of every tensor while sending (about half a bf16 model).
+
+Delta sync: `WeightSender(quantization=plan, delta=True)` keeps what it sent last (`rl/replica.py`)
+and then sends only what changed: for each tensor, nothing, the changed elements' positions and
+values, a bitmap and values, or the whole tensor, whichever is smallest (`rl/delta.py`; an Adam step
+changes about 0.2-2% of the fp8 codes). Every receiver keeps the same copy (host memory, the whole
+unsharded state) and rebuilds each changed tensor in it; `reload(model)` loads only the changed ones
+(`begin_update(expected=...)`). Before a delta the sender asks (one more header and one gather of a
+flag per receiver) whether every receiver's copy is the sync the delta builds on; if any is not
+(a receiver restarted: a fresh `WeightReceiver`; one refused or stopped early last time) the sync is
+a full one. A receiver whose model no longer holds its last sync (reloaded from elsewhere since)
+takes the delta but loads every tensor from its copy. Works for any wire dtype; without
+`quantization=` (bf16 deltas) the receiver loads every tensor, since receiver-side quantization
+needs whole layers.
+
+Digests (`fingerprint=True`, the default with `delta=True`): the header carries the SHA-256 of every
+tensor as sent (full, checkpoint format; after this sync); each receiver hashes what it received or
+rebuilt and fails closed on a mismatch (`FingerprintMismatchError` naming the tensor and the rank)
+before loading that tensor; unchanged tensors are compared by the digests kept with the copy. This
+checks the checkpoint-format tensors, not the model: the receiver's kernel layout (its shards,
+`weights_fingerprint`) is not known on the sender. Cost: one SHA-256 pass over the changed tensors
+on each side (about 1-2 GB/s per core).
 
 The bucket layout (the plan, alignment, the two reusable buffers per side, a tensor larger than
 `bucket_bytes` alone in a buffer of its own size) is `rl/buckets.py`; this module moves the buckets.
@@ -45,58 +66,36 @@ or None: where its stderr is a terminal), since in one terminal the sender's bar
 
 Failures: `SyncError` and `PeerLostError` (a peer died or went silent), in `rl/errors.py`.
 
+The receiving side is `rl/receiver.py` (re-exported here); what both sides share, `rl/protocol.py`.
+
 Limitations: one sender per group; a receiver that never calls `reload`/`receive` while the sender
-sends blocks the sender until the group's timeout.
+sends blocks the sender until the group's timeout; a delta goes to every receiver or to none (one
+restarted receiver makes the sync full for all).
 """
 
 from __future__ import annotations
 
+import pickle
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from streamquant.fingerprint import tensor_digest
 from streamquant.offline import QuantizePlan, quantize_weights
-from streamquant.progress import WeightBar, counted, wants_progress
-from streamquant.reload import Reloader, reload_weights
-from streamquant.rl.buckets import ALIGN, Bucket, BucketBuffers, entry_view, plan_buckets
-from streamquant.rl.errors import PeerLostError, SyncError, lost_peer
+from streamquant.progress import WeightBar
+from streamquant.rl.buckets import ALIGN, Bucket, BucketBuffers, entry_view, plan_buckets, wire_dtype
+from streamquant.rl.delta import Change
+from streamquant.rl.errors import SyncError, lost_peer
+from streamquant.rl.protocol import PROTOCOL, SyncStats, default_device, describe, report, sync_bar
+from streamquant.rl.receiver import WeightReceiver
+from streamquant.rl.replica import SentCopy
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "SyncStats", "WeightReceiver", "WeightSender"]
 
 DEFAULT_BUCKET_BYTES = 64 << 20
-PROTOCOL = 1
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class SyncStats:
-    """What one `send` moved."""
-
-    tensors: int
-    bytes: int
-    buckets: int
-    seconds: float
-
-
-def _default_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Buckets live where the backend moves data: CUDA for NCCL, host memory otherwise."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _report(group: dist.ProcessGroup | None, error: str | None) -> list[str | None]:
-    reports: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(reports, error, group=group)
-    return reports
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class WeightSender:
@@ -105,43 +104,88 @@ class WeightSender:
     def __init__(self, group: dist.ProcessGroup | None = None, src: int = 0, *,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, quantization: QuantizePlan | None = None,
-                 progress: bool | None = None):
+                 delta: bool = False, fingerprint: bool | None = None, progress: bool | None = None):
         if bucket_bytes < ALIGN:
             raise ValueError(f"bucket_bytes must be at least {ALIGN}, got {bucket_bytes}")
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype= casts floating-point tensors; {dtype} is not a floating-point dtype")
+        if dtype is not None and quantization is not None:
+            raise ValueError(f"dtype={dtype} with quantization=: the plan sets the dtypes (its dtype "
+                             f"{quantization.dtype} for what it keeps in high precision, float32 scales), and dtype= "
+                             "would cast the scales too")
         if dist.get_rank() != src:
             raise ValueError(f"WeightSender(src={src}) created on global rank {dist.get_rank()}")
         self.group, self.src, self.bucket_bytes, self.dtype = group, src, bucket_bytes, dtype
         self.quantization, self.progress = quantization, progress
-        self.buffers = BucketBuffers(torch.device(device) if device is not None else _default_device(group))
+        self.copy = SentCopy() if delta else None  # what the last sync sent (delta=True)
+        self.fingerprint = delta if fingerprint is None else fingerprint
+        self.buffers = BucketBuffers(torch.device(device) if device is not None else default_device(group))
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         """Send every tensor (e.g. `model.named_parameters()`); raises `SyncError` if a receiver refused them,
         or died or stopped answering (within the group's timeout)."""
         with lost_peer("a receiving rank of the sync group"):
-            return self._send(named_tensors)
+            try:
+                return self._send(named_tensors)
+            except BaseException:
+                if self.copy is not None:
+                    self.copy.acknowledged = False  # the receivers' copies are unknown: the next sync is full
+                raise
+
+    def _header(self, header: dict) -> int:
+        """Broadcast one header object; its pickled bytes."""
+        dist.broadcast_object_list([{"protocol": PROTOCOL, "error": None, **header}], src=self.src, group=self.group)
+        return len(pickle.dumps(header))
+
+    def _items(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """The tensors as they travel: quantized (`quantization=`), in their wire dtype where they are
+        compared or hashed (`delta`, `fingerprint`; otherwise cast while packing)."""
+        items = [(name, tensor.detach()) for name, tensor in named_tensors]
+        if self.quantization is not None:
+            items = list(quantize_weights(items, self.quantization))
+        if self.copy is not None or self.fingerprint:
+            items = [(name, t.to(wire_dtype(t, self.dtype))) for name, t in items]
+        return items
 
     def _send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
-        start = time.perf_counter()
+        start, header_bytes, delta = time.perf_counter(), 0, False
         try:
-            items = [(name, tensor.detach()) for name, tensor in named_tensors]
-            if self.quantization is not None:
-                items = list(quantize_weights(items, self.quantization))
-            plan = plan_buckets(items, self.bucket_bytes, self.dtype)
+            items = self._items(named_tensors)
+            base = self.copy.base_for(items) if self.copy is not None else None
         except BaseException as exc:
-            dist.broadcast_object_list([{"protocol": PROTOCOL, "error": _describe(exc)}], src=self.src, group=self.group)
+            self._header({"error": describe(exc)})
             raise
-        dist.broadcast_object_list([{"protocol": PROTOCOL, "error": None, "bucket_bytes": self.bucket_bytes,
-                                     "plan": plan, "quantized": self.quantization is not None}],
-                                   src=self.src, group=self.group)
-        with _sync_bar(self.progress, "send", plan, leave=False) as bar:
-            self._broadcast(plan, dict(items), bar)
-        refused = [f"rank {r}: {e}" for r, e in enumerate(_report(self.group, None)) if e is not None]
+        if base is not None:  # may every receiver take a delta on `base`?
+            header_bytes += self._header({"ask": base})
+            delta = all(answer for answer in report(self.group, None) if answer is not None)
+        try:
+            payload, sync, digests, changes = self._payload(items, base if delta else None)
+            plan = plan_buckets(payload, self.bucket_bytes, self.dtype)
+        except BaseException as exc:
+            self._header({"error": describe(exc)})
+            raise
+        header_bytes += self._header({"bucket_bytes": self.bucket_bytes, "plan": plan, "sync": sync,
+                                      "digests": digests, "quantized": self.quantization is not None})
+        with sync_bar(self.progress, "send", plan, leave=False) as bar:
+            self._broadcast(plan, dict(payload), bar)
+        refused = [f"rank {r}: {e}" for r, e in enumerate(report(self.group, None)) if e is not None]
         if refused:
             raise SyncError("receiver(s) refused the weights: " + "; ".join(refused))
-        return SyncStats(len(items), sum(e.nbytes for b in plan for e in b.entries), len(plan),
-                         time.perf_counter() - start)
+        if self.copy is not None:
+            self.copy.acknowledged = True
+        return SyncStats(len(payload), header_bytes + sum(e.nbytes for b in plan for e in b.entries), len(plan),
+                         time.perf_counter() - start, header_bytes, delta, tuple(changes))
+
+    def _payload(self, items: list[tuple[str, torch.Tensor]], base: tuple[str, int] | None
+                 ) -> tuple[list[tuple[str, torch.Tensor]], dict | None, dict[str, str] | None, list[Change]]:
+        """(what travels, the sync header, the digests, the changes): every tensor, or (`base`) the changes."""
+        if self.copy is None:
+            return items, None, ({n: tensor_digest(t) for n, t in items} if self.fingerprint else None), []
+        if base is None:
+            digests = self.copy.full(items, self.fingerprint)
+            return items, {"id": self.copy.id}, digests, []
+        changes, payloads, digests = self.copy.delta(items, self.fingerprint)
+        return payloads, {"id": self.copy.id, "base": base, "changes": changes}, digests, changes
 
     def _broadcast(self, plan: list[Bucket], tensors: dict[str, torch.Tensor], bar: WeightBar | None) -> None:
         """The buckets, packed and broadcast two at a time; `bar` moves as each has left."""
@@ -165,88 +209,3 @@ def _sent(buf: torch.Tensor, work: Any, bucket: Bucket, bar: WeightBar | None) -
     work.wait()
     if bar is not None:
         bar.update(sum(e.nbytes for e in bucket.entries), len(bucket.entries))
-
-
-@contextmanager
-def _sync_bar(progress: bool | None, desc: str, plan: list[Bucket], leave: bool) -> Iterator[WeightBar | None]:
-    """The bar of one send or receive (None where none is drawn), its totals from the plan."""
-    if not wants_progress(progress):
-        yield None
-        return
-    tensors, nbytes = sum(len(b.entries) for b in plan), sum(e.nbytes for b in plan for e in b.entries)
-    with WeightBar(desc, total_bytes=nbytes, total_tensors=tensors, leave=leave) as bar:
-        yield bar
-
-
-class WeightReceiver:
-    """Receives what a `WeightSender` (global rank `src` of `group`) sends."""
-
-    def __init__(self, group: dist.ProcessGroup | None = None, src: int = 0, *,
-                 device: torch.device | str | None = None, progress: bool | None = False):
-        if dist.get_rank() == src:
-            raise ValueError(f"WeightReceiver on global rank {src}, the sender's rank")
-        self.group, self.src, self.progress = group, src, progress
-        self.quantized = False  # set by each `receive` from the sender's header
-        self.buffers = BucketBuffers(torch.device(device) if device is not None else _default_device(group))
-
-    def receive(self, consume: Callable[[Iterator[tuple[str, torch.Tensor]]], T]) -> T:
-        """Run `consume` on the received `(name, tensor)` stream; each tensor is a view into a bucket,
-        valid until the next one is requested. The stream is drained even if `consume` fails, and
-        the outcome is reported to the sender."""
-        box: list[Any] = [None]
-        sender = f"the sender (global rank {self.src})"
-        with lost_peer(sender):
-            dist.broadcast_object_list(box, src=self.src, group=self.group)
-        header = box[0]
-        if header.get("protocol") != PROTOCOL:
-            raise SyncError(f"sender speaks protocol {header.get('protocol')}, this receiver {PROTOCOL}")
-        if header["error"] is not None:
-            raise SyncError(f"the sender failed before sending: {header['error']}")
-        self.quantized = bool(header.get("quantized"))  # the stream is pre-quantized fp8 codes and scales
-        stream = self._stream(header["plan"], header["bucket_bytes"], sender)
-        error, lost = None, False
-        with _sync_bar(self.progress, "receive", header["plan"], leave=False) as bar:
-            try:
-                return consume(counted(stream, bar) if bar is not None else stream)
-            except BaseException as exc:
-                error = _describe(exc)
-                lost = isinstance(exc, PeerLostError)
-                raise
-            finally:
-                if not lost:  # with the sender gone, nobody would take the rest of the stream or the report
-                    with lost_peer(sender):
-                        stream.close()  # receives any buckets the consumer did not ask for
-                        _report(self.group, error)
-
-    def reload(self, target: torch.nn.Module | Reloader, **reload_options: Any) -> set[str]:
-        """`reload_weights(model, <the sent tensors>, **reload_options)`, or `reloader(<the sent tensors>)`
-        for a `Reloader`; deferred tensors are copied out of the bucket (`transient_source=True`)."""
-        if isinstance(target, Reloader):
-            return self.receive(lambda tensors: target(tensors, transient_source=True,
-                                                       quantized_source=self.quantized, **reload_options))
-        return self.receive(lambda tensors: reload_weights(target, tensors, transient_source=True,
-                                                           quantized_source=self.quantized, **reload_options))
-
-    def _stream(self, plan: list[Bucket], bucket_bytes: int, sender: str) -> Iterator[tuple[str, torch.Tensor]]:
-        def post(i: int) -> tuple[torch.Tensor, Any]:
-            buf = self.buffers.get(i, plan[i].nbytes, bucket_bytes)
-            return buf, dist.broadcast(buf[:plan[i].nbytes], src=self.src, group=self.group, async_op=True)
-
-        inflight = post(0) if plan else None
-        posted = 1
-        try:
-            for i, bucket in enumerate(plan):
-                buf, work = inflight
-                with lost_peer(sender):
-                    work.wait()
-                inflight = None
-                if posted < len(plan):  # the other buffer's bucket was consumed: receive the next into it
-                    inflight, posted = post(posted), posted + 1
-                for entry in bucket.entries:
-                    yield entry.name, entry_view(buf, entry)
-        finally:
-            if inflight is not None:
-                inflight[1].wait()
-            while posted < len(plan):
-                post(posted)[1].wait()
-                posted += 1

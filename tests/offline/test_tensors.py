@@ -68,6 +68,23 @@ def test_trainer_side_quantized_reload_equals_receiver_side(pair, scheme, fmt, f
     assert model.weights_version == 1
 
 
+def test_a_partial_pre_quantized_reload_takes_the_expected_tensors(pair):
+    """`expected=` in hf-fp8 naming (`weight_scale_inv`, renamed on the way in): layer 1 becomes B's, the rest stays A's."""
+    a, b = pair
+    plan = QuantizePlan(load_hf_config(a), "fp8-block", get_format("hf-fp8"), torch.bfloat16, formula="transformers")
+    layer1 = [(n, t) for n, t in quantize_weights(iterate_weights(b), plan) if n.startswith("model.layers.1.")]
+    assert any(n.endswith("weight_scale_inv") for n, _ in layer1)
+    model = load_model(a, quantization="fp8-block", formula="transformers")
+    loaded = reload_weights(model, layer1, quantized_source=True, expected=[n for n, _ in layer1])
+    assert len(loaded) == len(layer1)
+    got = state(model)
+    want_a, want_b = state(load_model(a, quantization="fp8-block", formula="transformers")), \
+        state(load_model(b, quantization="fp8-block", formula="transformers"))
+    mixed = {k: (want_b if k.startswith("model.layers.1.") else want_a)[k] for k in want_a}
+    assert_same(got, mixed)
+    assert any(not torch.equal(want_a[k], want_b[k]) for k in want_a if k.startswith("model.layers.1."))
+
+
 def test_reload_from_an_fp8_checkpoint_directory_and_with_a_reloader(pair, tmp_path):
     a, b = pair
     quantize_checkpoint(b, tmp_path / "b8", "fp8-channel")
@@ -119,6 +136,13 @@ def _sync(root_a, root_b, scheme, tp_size):
     assert_same(state(got), state(want))
     assert_same(state(receiver_side), state(want))
     return None
+
+
+def test_a_sender_refuses_dtype_with_quantization(pair):
+    """The plan sets the dtypes; dtype= would cast the float32 scales to bf16 as well."""
+    plan = QuantizePlan(load_hf_config(pair[0]), "fp8", get_format("compressed-tensors"), torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype=torch.bfloat16 with quantization=: .* would cast the scales"):
+        WeightSender(src=0, dtype=torch.bfloat16, quantization=plan)
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])

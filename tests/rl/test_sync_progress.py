@@ -9,7 +9,7 @@ import io
 import torch
 import torch.distributed as dist
 
-import streamquant.rl.sync as sync
+import streamquant.rl.protocol as protocol
 from streamquant.progress import WeightBar
 from streamquant.rl.sync import WeightReceiver, WeightSender
 
@@ -32,7 +32,7 @@ def _sync_with_bars():
             super().__init__(*args, stream=io.StringIO(), **kwargs)
             bars.append(self)
 
-    original, sync.WeightBar = sync.WeightBar, Recorded
+    original, protocol.WeightBar = protocol.WeightBar, Recorded
     try:
         if dist.get_rank() == 0:
             stats = [WeightSender(src=0, bucket_bytes=1024, progress=progress).send(_tensors()) for progress in
@@ -40,7 +40,7 @@ def _sync_with_bars():
         else:
             stats = [WeightReceiver(src=0, progress=True).receive(_count), WeightReceiver(src=0).receive(_count)]
     finally:
-        sync.WeightBar = original
+        protocol.WeightBar = original
     shown = [(b.bar.desc, b.bar.n, b.bar.total, b.tensors, b.total_tensors, b.bar.fp.getvalue()) for b in bars]
     gathered = [None, None]
     dist.all_gather_object(gathered, (stats, shown))
@@ -49,7 +49,7 @@ def _sync_with_bars():
 
 def test_sender_and_receiver_bars_count_the_whole_send(ranks):
     (sent, sender_bars), (received, receiver_bars) = ranks.run(_sync_with_bars, 2)
-    nbytes, tensors = sent[0].bytes, sent[0].tensors
+    nbytes, tensors = sent[0].bytes - sent[0].header_bytes, sent[0].tensors  # the bars count the buckets
     assert received == [tensors, tensors] and sent[0].buckets > 3  # many buckets, each counted as it left
     (send,), (receive,) = sender_bars, receiver_bars  # the second send drew nothing on either side
     assert send[:5] == ("send", nbytes, nbytes, tensors, tensors)

@@ -2,8 +2,9 @@
 
 Loads the same synthetic bf16 Llama checkpoint (BENCH_SPEC: 28 layers of hidden 1024, ~1 GB; `--spec
 demo`: 12 layers, ~400 MB; `--spec 7b-2layer`: two layers of Qwen2-7B's shapes, hidden 3584 /
-intermediate 18944, ~1 GB; `--spec 7b`: all 28 such layers, ~15 GB; several, comma-separated, in one
-run with their repeats interleaved, each with its own bf16 floor) on CPU as
+intermediate 18944, ~1 GB; `--spec 7b`: all 28 such layers, ~15 GB; `--spec deepseek-v3-3layer`: three layers of
+DeepSeek-V3's shapes, one dense and two MoE of 16 experts, ~5.8 GB; several, comma-separated, in one run with
+their repeats interleaved, each with its own bf16 floor) on CPU as
   bf16                  streamquant unquantized: the time floor the time ratios divide by;
   naive:<q>             streamquant `streaming=False`: whole bf16 model first, then quantize;
   streaming:<q>         streamquant quantize-on-load (the native CPU kernels, where they build);
@@ -22,6 +23,7 @@ run with their repeats interleaved, each with its own bf16 floor) on CPU as
   prequantized:<q>      load_model of the fp8 checkpoint `streamquant quantize` made of the same checkpoint
                         (compressed-tensors, written once before any timing, cached beside it): codes and
                         scales loaded as they are, nothing quantized;
+  prequantized-hf:fp8-block  the same from the hf-fp8 checkpoint (`weight_scale_inv`, DeepSeek's own format);
   transformers+torchao  from_pretrained with TorchAoConfig(Float8WeightOnlyConfig()).
 An exception in a load, or a crashed child, is recorded as the row's error instead of stopping the run.
 
@@ -90,7 +92,8 @@ PEAK_TARGET, TIME_TARGET, MONOTONIC_NOISE, TIMELINE_POINTS = 1.10, 1.2, 0.02, 20
 def config_names(schemes: list[str]) -> list[str]:
     """Every configuration, in table order."""
     kinds = ("naive", "streaming", "torch-kernels", *OFFLOAD, "compiled", *ORDERS, "prequantized")
-    return ["bf16", *(f"{kind}:{q}" for kind in kinds for q in schemes), TRANSFORMERS]
+    hf_fp8 = ["prequantized-hf:fp8-block"] if "fp8-block" in schemes else []  # the format stores block scales only
+    return ["bf16", *(f"{kind}:{q}" for kind in kinds for q in schemes), *hf_fp8, TRANSFORMERS]
 
 
 def reordered(kind: str):
@@ -141,14 +144,17 @@ def timeline_stats(timeline: tuple[tuple[float, int], ...]) -> dict:
             "timeline": [(round(timeline[i][0], 4), round(timeline[i][1] / MIB, 2)) for i in keep]}
 
 
-def prequantized_checkpoint(path: Path, scheme: str) -> Path:
-    """`streamquant quantize` output of `path` for `scheme`, made once and cached beside it."""
+def prequantized_checkpoint(path: Path, scheme: str, fmt: str = "compressed-tensors") -> Path:
+    """`streamquant quantize` output of `path` for `scheme` in format `fmt`, made once and cached beside it."""
     from streamquant.offline import quantize_checkpoint
 
-    target = path.parent / f"{path.name}-{scheme}-compressed-tensors"
+    target = path.parent / f"{path.name}-{scheme}-{fmt}"
     if not (target / "config.json").exists():
-        quantize_checkpoint(path, target, scheme, overwrite=True)
+        quantize_checkpoint(path, target, scheme, format=fmt, overwrite=True)
     return target
+
+
+PREQUANTIZED_FORMATS = {"prequantized": "compressed-tensors", "prequantized-hf": "hf-fp8"}
 
 
 def load_once(name: str, path: Path, device: str = "cpu") -> tuple[torch.nn.Module, float]:
@@ -163,8 +169,8 @@ def load_once(name: str, path: Path, device: str = "cpu") -> tuple[torch.nn.Modu
                                                      device_map=device)
         return model, time.perf_counter() - start
     kind, _, scheme = name.partition(":")
-    if kind == "prequantized":
-        fp8_path = prequantized_checkpoint(path, scheme)  # exists already: made by the parent
+    if kind in PREQUANTIZED_FORMATS:
+        fp8_path = prequantized_checkpoint(path, scheme, PREQUANTIZED_FORMATS[kind])  # made by the parent
         start = time.perf_counter()
         return load_model(fp8_path, device=device), time.perf_counter() - start
     if kind == "torch-kernels":  # this child runs the pure-torch kernels (read per call)
@@ -283,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="synthetic checkpoint(s), comma-separated, measured in one run with repeats interleaved: "
                              "bench (28 layers, hidden 1024, ~1 GB bf16), demo (12 layers, ~400 MB), 7b-2layer (two "
                              "layers of Qwen2-7B's shapes, hidden 3584 / intermediate 18944, ~1 GB) or 7b (all 28 "
-                             "such layers, vocab 152064, ~15.2 GB: needs ~16 GB free memory and disk)")
+                             "such layers, vocab 152064, ~15.2 GB: needs ~16 GB free memory and disk) or "
+                             "deepseek-v3-3layer (three layers of DeepSeek-V3's shapes, one dense and two MoE of 16 "
+                             "experts, ~5.8 GB: the naive row needs ~9 GB free)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh child processes per configuration (default 3)")
     parser.add_argument("--schemes", default="fp8", help=f"comma-separated subset of {','.join(SCHEMES)} for the "
                                                          "naive/streaming/compiled rows (default fp8)")
@@ -312,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     keys = [f"{spec}/{name}" for spec in specs for name in names]
     for key in keys:  # fp8 checkpoints for the prequantized rows, before any timing
         spec_name, _, row_name = key.partition("/")
-        if row_name.startswith("prequantized:"):
-            prequantized_checkpoint(paths[spec_name], row_name.partition(":")[2])
+        kind, _, scheme = row_name.partition(":")
+        if kind in PREQUANTIZED_FORMATS:
+            prequantized_checkpoint(paths[spec_name], scheme, PREQUANTIZED_FORMATS[kind])
     runs = interleaved(keys, args.repeats, lambda key: spawn_one(key.split("/")[1], key.split("/")[0], args.device))
     results = {}
     for spec in specs:

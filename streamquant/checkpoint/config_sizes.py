@@ -5,7 +5,7 @@ A `config.json` is input like any other: a layer count of a billion would build 
 first tensor. `check_config_sizes` refuses such configs from the checkpoint's headers alone (no
 tensor data is read), naming the field:
   - every size field present (layers, hidden, intermediate, vocab, heads, kv heads, head_dim,
-    experts, MoE intermediate sizes, max positions) is a positive integer;
+    experts, MoE intermediate sizes, max positions, DeepSeek's latent ranks and head parts) is a positive integer;
   - heads divide the hidden size (unless `head_dim` is given) and kv heads divide the heads;
   - no size other than `max_position_embeddings` exceeds both the largest dimension of any
     checkpoint tensor and the number of tensors (a hidden size, vocabulary or intermediate size is
@@ -28,7 +28,8 @@ from streamquant.checkpoint.reader import CheckpointError
 
 SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
                "num_key_value_heads", "head_dim", "num_experts", "moe_intermediate_size",
-               "shared_expert_intermediate_size", "ffn_dim", "word_embed_proj_dim", "max_position_embeddings")
+               "shared_expert_intermediate_size", "ffn_dim", "word_embed_proj_dim", "max_position_embeddings",
+               "n_routed_experts", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 UNBOUNDED = ("max_position_embeddings",)  # not a tensor dimension for rotary models
 PADDING_SLACK = 1.05  # relative: vocabulary padding (at most 64 * tp - 1 rows) and replicas of small tensors
 ABSOLUTE_SLACK = 2**16  # elements: the same for tiny models

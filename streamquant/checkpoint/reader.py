@@ -16,7 +16,9 @@ Invariants:
   paths, no ``..``, no folder symlinked outside; a symlinked shard file, as in the Hugging Face
   cache, is followed), ``config.json`` is parsed with ``trust_remote_code=False`` (an ``auto_map``
   that would need the checkpoint's code is refused, never prompted for), and ``.bin`` files are
-  unpickled with ``weights_only=True`` (a pickle that wants more is refused).
+  unpickled with ``weights_only=True`` (a pickle that wants more is refused). A ``model_type`` in
+  ``CONFIG_ALIASES`` (Kimi K2's ``kimi_k2``, whose shipped configuration code is DeepSeek-V3's) is
+  parsed with the transformers configuration class it aliases, its ``auto_map`` ignored.
 
 Limitations: ``.bin`` files must use torch's zipfile format (the default since torch 1.6),
 because mmap loading needs it. Duplicate tensor names across files are passed through; the
@@ -37,6 +39,9 @@ import torch
 import transformers
 
 CONFIG_FILE = "config.json"
+# model_type -> the transformers model type whose configuration class parses it (the checkpoint ships the same
+# class as its own code: Kimi K2's `configuration_deepseek.DeepseekV3Config`)
+CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
@@ -238,6 +243,10 @@ def load_hf_config(path: str | os.PathLike) -> transformers.PreTrainedConfig:
     _require_config(directory)
     auto_map = _auto_map(directory)
     try:  # never the checkpoint's own Python: no prompt, no import of its code, whatever config.json says
+        raw = json.loads((directory / CONFIG_FILE).read_text())
+        alias = CONFIG_ALIASES.get(raw.get("model_type")) if isinstance(raw, dict) else None
+        if alias is not None:
+            return transformers.CONFIG_MAPPING[alias].from_dict({k: v for k, v in raw.items() if k != "auto_map"})
         return transformers.AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 -- parsing a user's file: any failure is a malformed config
         if auto_map:

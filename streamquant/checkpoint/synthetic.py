@@ -2,7 +2,9 @@
 
 Owns: the ``SyntheticSpec`` value and its presets, writing ``config.json`` plus sharded
 safetensors (``model-0000i-of-0000N.safetensors`` and ``model.safetensors.index.json``) with the
-exact tensor names and shapes of HF ``LlamaForCausalLM``, and a spec-keyed cache of them.
+exact tensor names and shapes of HF ``LlamaForCausalLM`` (or ``DeepseekV3ForCausalLM``: its names and
+shapes read off transformers' own model built on ``meta``, expert stacks split into the per-expert
+names checkpoints use), and a spec-keyed cache of them.
 
 Invariants:
 - A tensor's values depend only on (seed, tensor name, shape, dtype): not on sharding or order.
@@ -13,7 +15,7 @@ Invariants:
   and written shard by shard (the serializer may buffer the shard once more).
 - An index is always written, even for a single shard.
 
-Limitations: Llama only. Weights are random with a realistic scale (matrices N(0, 0.02), norms
+Limitations: Llama and DeepSeek-V3 only. Weights are random with a realistic scale (matrices N(0, 0.02), norms
 1 + N(0, 0.02)), so outputs are meaningless. A tensor larger than ``max_shard_bytes`` gets a
 shard of its own.
 """
@@ -21,6 +23,7 @@ shard of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +38,7 @@ import transformers
 FORMAT_VERSION = 1  # bump when generated content changes, so cached checkpoints are rebuilt
 MARKER_FILE = "streamquant-synthetic.json"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "DeepseekV3ForCausalLM")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INIT_STD = 0.02
 
@@ -56,6 +59,8 @@ class SyntheticSpec:
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
     max_shard_bytes: int = 256 * 2**20
+    # further config.json fields as sorted (name, value) pairs (DeepSeek-V3: latent ranks, experts, groups)
+    extra_config: tuple[tuple[str, int | float | bool | None], ...] = ()
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -79,6 +84,10 @@ class SyntheticSpec:
     def to_json_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["dtype"] = str(self.dtype).removeprefix("torch.")
+        if not self.extra_config:  # absent when empty: the cache keys of the Llama specs stay as they were
+            del values["extra_config"]
+        else:
+            values["extra_config"] = dict(self.extra_config)
         return values
 
     def cache_key(self) -> str:
@@ -96,8 +105,18 @@ QWEN2_7B_2LAYER_SPEC = SyntheticSpec(num_layers=2, hidden_size=3584, intermediat
 QWEN2_7B_SPEC = SyntheticSpec(num_layers=28, hidden_size=3584, intermediate_size=18944, num_heads=28,
                               num_kv_heads=4, vocab_size=152064,
                               max_shard_bytes=4 * 2**30)  # Qwen2-7B's shapes (Llama layout), about 15.2 GB
-# Named presets of the benchmarks (`--spec NAME`): the small default shapes and real 7B shapes.
-BENCH_SPECS = {"demo": DEMO_SPEC, "bench": BENCH_SPEC, "7b-2layer": QWEN2_7B_2LAYER_SPEC, "7b": QWEN2_7B_SPEC}
+# DeepSeek-V3's layer shapes (hidden 7168, 128 heads, q / kv latent ranks 1536 / 512, dense MLP 18432, experts of
+# 2048 in 8 groups, a shared expert) in 3 layers: one dense, two MoE of 16 experts (of 256); a 32000 vocabulary (of
+# 129280). About 5.8 GB in bf16 (the real model: 1.3 TB): what fits a 24 GB machine with a naive load's room.
+DEEPSEEK_V3_3LAYER_SPEC = SyntheticSpec(
+    architecture="DeepseekV3ForCausalLM", num_layers=3, hidden_size=7168, intermediate_size=18432, num_heads=128,
+    num_kv_heads=128, vocab_size=32000, extra_config=(
+        ("first_k_dense_replace", 1), ("kv_lora_rank", 512), ("moe_intermediate_size", 2048), ("n_group", 8),
+        ("n_routed_experts", 16), ("n_shared_experts", 1), ("num_experts_per_tok", 8), ("q_lora_rank", 1536),
+        ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64), ("topk_group", 4), ("v_head_dim", 128)))
+# Named presets of the benchmarks (`--spec NAME`): the small default shapes, real 7B shapes, DeepSeek-V3's.
+BENCH_SPECS = {"demo": DEMO_SPEC, "bench": BENCH_SPEC, "7b-2layer": QWEN2_7B_2LAYER_SPEC, "7b": QWEN2_7B_SPEC,
+               "deepseek-v3-3layer": DEEPSEEK_V3_3LAYER_SPEC}
 TINY_SPEC = SyntheticSpec(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4,
                           num_kv_heads=2, vocab_size=512, max_position_embeddings=256,
                           max_shard_bytes=256 * 1024)  # under 1 MB, four shards
@@ -105,6 +124,8 @@ TINY_SPEC = SyntheticSpec(num_layers=2, hidden_size=128, intermediate_size=256, 
 
 def _layout(spec: SyntheticSpec) -> list[tuple[str, tuple[int, ...], float]]:
     """(name, shape, mean) of every tensor, in HF module order; std is always INIT_STD."""
+    if spec.architecture != "LlamaForCausalLM":
+        return list(_transformers_layout(spec))
     h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
     entries = [("model.embed_tokens.weight", (spec.vocab_size, h), 0.0)]
     for i in range(spec.num_layers):
@@ -126,6 +147,26 @@ def _layout(spec: SyntheticSpec) -> list[tuple[str, tuple[int, ...], float]]:
     return entries
 
 
+@functools.lru_cache(maxsize=4)  # building the meta model takes seconds at real sizes; a spec is a frozen value
+def _transformers_layout(spec: SyntheticSpec) -> tuple[tuple[str, tuple[int, ...], float], ...]:
+    """The layout of transformers' own model for the spec's config (built on meta: no memory); 1-D norm
+    weights have mean 1. Expert stacks (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I], as
+    transformers 5 holds them) are written as checkpoints store them: `experts.{e}.{gate,up,down}_proj.weight`."""
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(spec))
+    entries = []
+    for name, tensor in model.state_dict().items():
+        stem, _, leaf = name.rpartition("experts.")
+        if stem and leaf in ("gate_up_proj", "down_proj") and tensor.dim() == 3:
+            experts, rows, cols = tensor.shape
+            projs = (("down_proj", rows),) if leaf == "down_proj" else (("gate_proj", rows // 2), ("up_proj", rows // 2))
+            entries += [(f"{stem}experts.{e}.{proj}.weight", (n, cols), 0.0) for e in range(experts) for proj, n in projs]
+            continue
+        norm = tensor.dim() == 1 and "norm" in name.rpartition(".")[0].rpartition(".")[2]
+        entries.append((name, tuple(tensor.shape), 1.0 if norm else 0.0))
+    return tuple(entries)
+
+
 def tensor_shapes(spec: SyntheticSpec) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor the checkpoint holds, in HF module order."""
     return {name: shape for name, shape, _ in _layout(spec)}
@@ -137,14 +178,15 @@ def total_bytes(spec: SyntheticSpec) -> int:
     return sum(itemsize * torch.Size(shape).numel() for shape in tensor_shapes(spec).values())
 
 
-def hf_config(spec: SyntheticSpec) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
+def hf_config(spec: SyntheticSpec) -> transformers.PreTrainedConfig:
+    config_class = transformers.LlamaConfig if spec.architecture == "LlamaForCausalLM" else transformers.DeepseekV3Config
+    return config_class(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=spec.tie_word_embeddings, dtype=spec.dtype,
-        architectures=[spec.architecture],
+        architectures=[spec.architecture], **dict(spec.extra_config),
     )
 
 

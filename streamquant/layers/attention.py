@@ -20,6 +20,10 @@ Invariants:
 - Sliding window (`sliding_window=W`, per layer): a query sees the W most recent slots, itself
   included, as transformers does; the cache still holds every position.
 
+- Keys and values may differ in size (`KVCache(value_size=...)`): multi-head latent attention
+  (`mla.py`) caches its latent and its rotated rope key as one shared "head" of two sizes, and
+  computes with keys and values of different head sizes (`Attention.attend`).
+
 Limitations: no paged cache; no attention sinks, no logit soft-capping.
 """
 
@@ -44,13 +48,16 @@ class LayerKVCache:
         return self.k.shape[1]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new k/v [B, T, Hkv, D] at `start_pos`; return all keys/values [B, start_pos + T, Hkv, D]."""
+        """Write the new k [B, T, Hkv, D] and v [B, T, Hkv, Dv] at `start_pos`; return all keys/values
+        [B, start_pos + T, Hkv, D / Dv]."""
         end = start_pos + k.shape[1]
         if start_pos < 0 or end > self.max_len:
             raise ValueError(f"positions [{start_pos}, {end}) do not fit a KV cache of length {self.max_len}")
-        if k.shape != v.shape or k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
+        if (k.shape[:3] != v.shape[:3] or k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]
+                or v.shape[3:] != self.v.shape[3:]):
             raise ValueError(
-                f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit a KV cache of shape {tuple(self.k.shape)}"
+                f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit a KV cache of shapes {tuple(self.k.shape)} / "
+                f"{tuple(self.v.shape)}"
             )
         self.k[:, start_pos:end] = k
         self.v[:, start_pos:end] = v
@@ -58,7 +65,8 @@ class LayerKVCache:
 
 
 class KVCache:
-    """Static keys/values for every layer of a model: [num_layers, B, max_len, Hkv, D] each."""
+    """Static keys/values for every layer of a model: [num_layers, B, max_len, Hkv, D] each (values
+    [..., value_size] when given)."""
 
     def __init__(
         self,
@@ -70,10 +78,11 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device | str | None = None,
+        value_size: int | None = None,
     ):
-        shape = (num_layers, batch_size, max_len, num_kv_heads, head_size)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_layers, batch_size, max_len, num_kv_heads)
+        self.k = torch.zeros((*shape, head_size), dtype=dtype, device=device)
+        self.v = torch.zeros((*shape, value_size or head_size), dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0  # positions written by every layer so far; advanced by the model
         self.key_mask: torch.Tensor | None = None  # [B, max_len] bool once `mask_keys` was called
@@ -153,14 +162,21 @@ class Attention(nn.Module):
         kv_cache: LayerKVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
-        batch, num_tokens = q.shape[:2]
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)
         elif start_pos != 0:
             raise ValueError(f"start_pos={start_pos} needs a kv_cache holding the earlier positions")
+        key_mask = kv_cache.key_mask if kv_cache is not None else None
+        return self.attend(q, k, v, key_mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, T, H, D] over every key so far, k [B, S, Hkv, D] and v [B, S, Hkv, Dv] (the new tokens
+        last; `key_mask` [B, >= S] the cache's) -> [B, T, H * Dv]."""
+        batch, num_tokens = q.shape[:2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, heads, T, D]
         num_keys = k.shape[2]
-        key_mask = kv_cache.key_mask[:, :num_keys] if kv_cache is not None and kv_cache.key_mask is not None else None
+        key_mask = key_mask[:, :num_keys] if key_mask is not None else None
         mask = attention_mask(num_tokens, num_keys, q.device, key_mask, self.sliding_window)
         # is_causal aligns the mask top-left, which is only right when queries and keys coincide.
         out = F.scaled_dot_product_attention(
@@ -172,7 +188,7 @@ class Attention(nn.Module):
             scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return out.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_size)
+        return out.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * v.shape[-1])
 
     def extra_repr(self) -> str:
         window = f", sliding_window={self.sliding_window}" if self.sliding_window else ""

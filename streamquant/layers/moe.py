@@ -1,4 +1,4 @@
-"""Fused MoE experts layer (Qwen2-MoE / Qwen3-MoE): routing, expert weights, their loader and names.
+"""Fused MoE experts layer (Qwen MoE, DeepSeek V2 / V3): routing, expert weights, their loader and names.
 
 `FusedMoE` holds all experts of one MoE block as two parameters created by its quant method:
 `w13_weight` [E, 2 * I/tp, H] (gate rows, then up rows) and `w2_weight` [E, H, I/tp]. Every rank
@@ -19,7 +19,13 @@ input is split in packed units). Their scales, zero points and group indices hav
 (`loading/tiled.py`), reached by the rules below for `weight_scale`, `weight_zero_point`, `weight_g_idx`.
 
 Routing mirrors transformers 5.23's `Qwen2MoeTopKRouter` exactly: softmax in float32, top-k,
-optional renormalization, weights cast back to the router logits' dtype.
+optional renormalization, weights cast back to the router logits' dtype. With a `GroupedTopK` the
+layer routes as DeepSeek does instead (`grouped_topk`: transformers 5.25's `DeepseekV3TopkRouter` and
+`DeepseekV2TopkRouter`, op for op): sigmoid (V3) or softmax (V2) scores in float32, experts chosen
+within the `topk_group` best of `num_expert_group` groups (a group's score: the sum of its two best
+scores plus `e_score_correction_bias` when the model has that bias (V3), else its best score (V2)),
+the chosen experts weighted by their uncorrected scores, optionally renormalized, times
+`routed_scaling_factor`; the weights stay in float32, as transformers keeps them.
 
 Limitation: `expert_mapping_rules` must come before any dense `gate_proj -> gate_up_proj` rule in a
 model's mapping (first match wins, and the dense rule also matches `experts.3.gate_proj.weight`).
@@ -28,6 +34,7 @@ model's mapping (first match wins, and the dense rule also matches `experts.3.ga
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -119,6 +126,46 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights.to(router_logits.dtype), ids
 
 
+@dataclass(frozen=True)
+class GroupedTopK:
+    """DeepSeek's group-limited routing (vLLM's `use_grouped_topk` options); see the module doc."""
+
+    num_expert_group: int = 1
+    topk_group: int = 1
+    scoring_func: str = "sigmoid"  # "sigmoid" (DeepSeek-V3) or "softmax" (V2)
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        if not 0 < self.topk_group <= self.num_expert_group:
+            raise ValueError(f"topk_group {self.topk_group} must be in [1, n_group = {self.num_expert_group}]")
+
+
+def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, routing: GroupedTopK,
+                 e_score_correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's routing (module doc): (float32 weights [N, K], ids [N, K]) from router logits [N, E]."""
+    logits = router_logits.float()
+    scores = logits.sigmoid() if routing.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    num_tokens, num_experts = scores.shape
+    groups = routing.num_expert_group
+    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias
+    grouped = choice.view(num_tokens, groups, num_experts // groups)
+    if e_score_correction_bias is None:
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=routing.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routing.routed_scaling_factor, ids
+
+
 def expert_mapping_rules() -> tuple[MappingRule, ...]:
     """Checkpoint names -> `experts.w13_weight` / `experts.w2_weight`, per-expert and fused formats."""
     scales = tuple(  # pre-quantized checkpoints: each expert projection's scales, zero points, group indices
@@ -150,10 +197,14 @@ class FusedMoE(torch.nn.Module):
         params_dtype: torch.dtype | None = None,
         prefix: str = "",
         reduce_results: bool = True,
+        grouped: GroupedTopK | None = None,
     ):
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"{prefix}: top_k {top_k} must be in [1, {num_experts}] (the number of experts)")
+        if grouped is not None and num_experts % grouped.num_expert_group:
+            raise ValueError(f"{prefix}: {num_experts} experts do not split into n_group = {grouped.num_expert_group}")
+        self.grouped = grouped
         self.num_experts = num_experts
         self.top_k = top_k
         self.hidden_size = hidden_size
@@ -176,10 +227,18 @@ class FusedMoE(torch.nn.Module):
             self, num_experts, hidden_size, self.intermediate_size_per_partition, self.params_dtype, tp, loader
         )
 
-    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    def route(self, router_logits: torch.Tensor, e_score_correction_bias: torch.Tensor | None = None):
+        """(weights [N, K], expert ids [N, K]) of the configured routing (module doc)."""
+        logits = router_logits.reshape(-1, self.num_experts)
+        if self.grouped is None:
+            return select_experts(logits, self.top_k, self.renormalize)
+        return grouped_topk(logits, self.top_k, self.renormalize, self.grouped, e_score_correction_bias)
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor,
+                e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = hidden.shape
         hidden = hidden.reshape(-1, self.hidden_size)
-        topk_weights, topk_ids = select_experts(router_logits.reshape(-1, self.num_experts), self.top_k, self.renormalize)
+        topk_weights, topk_ids = self.route(router_logits, e_score_correction_bias)
         wide = self.tp.partial_sum_dtype(hidden.dtype) if self.reduce_results else None
         if wide is not None:  # the experts' outputs reduced in `tp.reduce_dtype` inside (quant/math/matmul.py)
             sums = PartialSums(wide, lambda t: all_reduce(t, self.tp))

@@ -15,8 +15,14 @@ Invariants:
 - With `rotary_dim < head_size` the rotation applies to the first `rotary_dim` channels of each
   head and the rest pass through unchanged (HF's partial-rotary models).
 
+- `interleaved=True` (DeepSeek's `rope_interleave`: the rotary channels are pairs (x0, x1), (x2, x3),
+  ... each turned by one frequency) takes the even channels, then the odd ones, and rotates that
+  NeoX-style: the output stays in that de-interleaved order, as transformers' DeepSeek-V3 returns it
+  (q and k alike, so q . k is the interleaved rotation's); the same bits, since `a + (-b) * s` is
+  `a - b * s` exactly.
+
 Limitations: rope types default, linear, dynamic, yarn, llama3 and longrope only; no per-layer-type
-rope parameters (nested dicts), no multimodal rope, no interleaved (GPT-J style) rotation.
+rope parameters (nested dicts), no multimodal rope.
 Dynamic NTK and longrope are stateless: the frequencies depend only on this call's largest
 position. That equals HF for a fresh module and for non-decreasing positions (prefill then
 decode); HF additionally keeps a grown dynamic-NTK cache for later, shorter calls above the
@@ -44,6 +50,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat(((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass), dim=-1)
 
 
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """`[x0, x1, x2, x3, ...] -> [x0, x2, ..., x1, x3, ...]` over the last dimension (pairs to halves)."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
 def _check_shapes(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
     batch, tokens = q.shape[:2]
     ok = positions.dim() == 2 and positions.shape[0] in (1, batch) and positions.shape[1] == tokens
@@ -69,6 +80,7 @@ class RotaryEmbedding(nn.Module):
         self.head_size = head_size
         self.rotary_dim = rotary_dim
         self.attention_scaling = float(attention_scaling)
+        self.interleaved = False  # set by `get_rope(interleaved=True)`: pairs of channels (module doc)
         # The model's activation dtype, recorded only: cos/sin follow q's dtype per call, as in HF.
         self.dtype = dtype
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
@@ -91,12 +103,15 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [B, T, H, D] and k [B, T, Hkv, D] at `positions` [B, T] (or [1, T], shared by the batch)."""
         _check_shapes(positions, q, k)
+        if self.interleaved:
+            q, k = deinterleave(q), deinterleave(k)
         cos, sin = self.cos_sin(positions, q.dtype)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def extra_repr(self) -> str:
-        return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, scaling={self.attention_scaling}"
+        interleaved = ", interleaved" if self.interleaved else ""
+        return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, scaling={self.attention_scaling}{interleaved}"
 
 
 class DynamicNTKRotaryEmbedding(RotaryEmbedding):
@@ -165,8 +180,9 @@ ROPE_BUILDERS = {
 }
 
 
-def get_rope(head_size: int, hf_config, *, dtype: torch.dtype) -> RotaryEmbedding:
-    """The rotary embedding a transformers 5 config describes (`config.rope_parameters`)."""
+def get_rope(head_size: int, hf_config, *, dtype: torch.dtype, interleaved: bool = False) -> RotaryEmbedding:
+    """The rotary embedding a transformers 5 config describes (`config.rope_parameters`); `interleaved`:
+    DeepSeek's pairwise channel layout (module doc)."""
     params = getattr(hf_config, "rope_parameters", None)
     if not params or "rope_theta" not in params:
         raise ValueError(
@@ -182,4 +198,7 @@ def get_rope(head_size: int, hf_config, *, dtype: torch.dtype) -> RotaryEmbeddin
             f"rope config gives rotary dim {rope.rotary_dim}, but head size {head_size} with "
             f"partial_rotary_factor {params.get('partial_rotary_factor', 1.0)} needs {_rotary_dim(head_size, params)}"
         )
+    if interleaved and rope.rotary_dim != head_size:
+        raise ValueError(f"interleaved rotary needs the whole head rotated (rotary dim {rope.rotary_dim}, head {head_size})")
+    rope.interleaved = interleaved
     return rope

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from streamquant.models.deepseek_v3 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from streamquant.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from streamquant.models.opt import OPTForCausalLM
 from streamquant.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
@@ -14,6 +15,8 @@ MODEL_REGISTRY = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,  # also Kimi K2
 }
 
 

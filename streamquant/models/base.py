@@ -18,23 +18,30 @@ from streamquant.parallel.context import TPContext
 
 @dataclass(frozen=True)
 class AttentionGeometry:
-    """Per-rank attention sizes, needed to allocate a KV cache."""
+    """Per-rank attention sizes, needed to allocate a KV cache (`value_size`: None, the head size)."""
 
     num_layers: int
     num_kv_heads: int
     head_size: int
+    value_size: int | None = None
+
+
+def gate_up_rules() -> tuple[MappingRule, ...]:
+    """gate/up -> gate_up_proj."""
+    return (
+        MappingRule.make("gate_proj", "gate_up_proj", shard_id=0),
+        MappingRule.make("up_proj", "gate_up_proj", shard_id=1),
+    )
 
 
 def stacked_rules(prefix: str = "") -> tuple[MappingRule, ...]:
-    """q/k/v -> qkv_proj and gate/up -> gate_up_proj (under an optional segment prefix)."""
+    """q/k/v -> qkv_proj (under an optional segment prefix) and gate/up -> gate_up_proj."""
     p = f"{prefix}." if prefix else ""
     return (
         MappingRule.make(f"{p}q_proj", f"{p}qkv_proj", shard_id="q"),
         MappingRule.make(f"{p}k_proj", f"{p}qkv_proj", shard_id="k"),
         MappingRule.make(f"{p}v_proj", f"{p}qkv_proj", shard_id="v"),
-        MappingRule.make("gate_proj", "gate_up_proj", shard_id=0),
-        MappingRule.make("up_proj", "gate_up_proj", shard_id=1),
-    )
+    ) + gate_up_rules()
 
 
 class ModelNotReadyError(RuntimeError):
@@ -82,4 +89,5 @@ class CausalLM(torch.nn.Module):
         """An empty KV cache for this rank's heads, on the model's device and dtype."""
         g = self.geometry
         device = next(self.parameters()).device
-        return KVCache(g.num_layers, batch_size, max_len, g.num_kv_heads, g.head_size, dtype=self.params_dtype, device=device)
+        return KVCache(g.num_layers, batch_size, max_len, g.num_kv_heads, g.head_size, dtype=self.params_dtype,
+                       device=device, value_size=g.value_size)

@@ -1,7 +1,8 @@
 """The Llama decoder family: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
 
 One decoder definition serves all four; the differences are a frozen `DecoderSpec` read from the
-HF config. MoE families reuse `LlamaAttention` and `LlamaDecoderLayer` with another MLP.
+HF config. Other families reuse `LlamaDecoderLayer` and `LlamaForCausalLM` with another MLP
+(`make_mlp`: the MoE families) or another attention (`make_attention`: DeepSeek's latent attention).
 Sliding-window attention follows the config (`layer_sliding_window`): Mistral's `sliding_window` on
 every layer, Qwen's on the layers its `layer_types` names.
 """
@@ -114,12 +115,11 @@ class LlamaAttention(torch.nn.Module):
 
 
 class LlamaDecoderLayer(torch.nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); `attn(positions, x, kv_cache, start_pos)`."""
 
-    def __init__(self, config, spec: DecoderSpec, mlp: torch.nn.Module, *, build: Build, prefix: str,
-                 layer_idx: int = 0):
+    def __init__(self, config, attn: torch.nn.Module, mlp: torch.nn.Module, *, build: Build):
         super().__init__()
-        self.self_attn = LlamaAttention(config, spec, build=build, prefix=f"{prefix}.self_attn", layer_idx=layer_idx)
+        self.self_attn = attn
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=build.params_dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=build.params_dtype)
@@ -132,14 +132,14 @@ class LlamaDecoderLayer(torch.nn.Module):
 class LlamaModel(torch.nn.Module):
     """Embedding, decoder layers, final norm (HF's `model.*` names)."""
 
-    def __init__(self, config, spec: DecoderSpec, make_mlp, *, build: Build):
+    def __init__(self, config, make_attention, make_mlp, *, build: Build):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, tp=build.tp, quant_config=build.quant_config,
             params_dtype=build.params_dtype, prefix="model.embed_tokens")
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(config, spec, make_mlp(i, f"model.layers.{i}.mlp"), build=build, prefix=f"model.layers.{i}",
-                              layer_idx=i)
+            LlamaDecoderLayer(config, make_attention(i, f"model.layers.{i}.self_attn"),
+                              make_mlp(i, f"model.layers.{i}.mlp"), build=build)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=build.params_dtype)
@@ -158,7 +158,8 @@ class LlamaForCausalLM(CausalLM):
                  params_dtype: torch.dtype = torch.bfloat16):
         super().__init__(hf_config, tp, params_dtype)
         build = Build(tp, quant_config, params_dtype)
-        self.model = LlamaModel(hf_config, self.decoder_spec(hf_config), lambda i, p: self.make_mlp(i, p, build), build=build)
+        self.model = LlamaModel(hf_config, lambda i, p: self.make_attention(i, p, build),
+                                lambda i, p: self.make_mlp(i, p, build), build=build)
         self.lm_head = ParallelLMHead(
             hf_config.vocab_size, hf_config.hidden_size, tp=tp, quant_config=quant_config, params_dtype=params_dtype,
             prefix="lm_head")
@@ -167,10 +168,9 @@ class LlamaForCausalLM(CausalLM):
             self.lm_head.tie_weights(self.model.embed_tokens)
         self.weight_mapping = WeightMapping(
             rules=self.mapping_rules(),
-            skip=("rotary_emb.inv_freq",) + (("lm_head.weight",) if tied else ()),
+            skip=self.skipped_names() + (("lm_head.weight",) if tied else ()),
         )
-        attn = self.model.layers[0].self_attn
-        self.geometry = AttentionGeometry(hf_config.num_hidden_layers, attn.num_kv_heads, attn.head_dim)
+        self.geometry = self.attention_geometry()
 
     @staticmethod
     def decoder_spec(config) -> DecoderSpec:
@@ -179,6 +179,17 @@ class LlamaForCausalLM(CausalLM):
 
     def mapping_rules(self):
         return stacked_rules()
+
+    def skipped_names(self) -> tuple[str, ...]:
+        """Checkpoint tensors the model has no parameter for, by design (patterns of `WeightMapping.skip`)."""
+        return ("rotary_emb.inv_freq",)
+
+    def attention_geometry(self) -> AttentionGeometry:
+        attn = self.model.layers[0].self_attn
+        return AttentionGeometry(self.config.num_hidden_layers, attn.num_kv_heads, attn.head_dim)
+
+    def make_attention(self, layer_idx: int, prefix: str, build: Build) -> torch.nn.Module:
+        return LlamaAttention(self.config, self.decoder_spec(self.config), build=build, prefix=prefix, layer_idx=layer_idx)
 
     def make_mlp(self, layer_idx: int, prefix: str, build: Build) -> torch.nn.Module:
         spec = self.decoder_spec(self.config)

@@ -95,7 +95,7 @@ def write_units(job: WriteJob, plan: QuantizePlan, threads: int | None = None,
 def _write_unit(files: ShardFiles, unit: Unit, tensor: torch.Tensor, plan: QuantizePlan,
                 log: QuantErrorLog | None) -> None:
     if unit.rule is None:
-        files.write(unit.outputs[0], cast(tensor, plan.dtype))
+        files.write(unit.outputs[0], cast(tensor, unit.outputs[0].dtype))
         return
     out = quantize_tensor(unit.name, tensor, unit.rule, plan)
     for spec, (name, value) in zip(unit.outputs, out.disk, strict=True):

@@ -5,7 +5,7 @@ memory, no weights) with the same quant config an online `load_model(quantizatio
 and asks it, for each checkpoint tensor: which parameter does its name map to, and does that
 parameter's layer quantize it (its method stages it: `loading.contract.staged_params`)? So the offline and
 online paths keep the same weights in high precision (embeddings, LM head, norms, MoE routers,
-`ignore` matches), by construction. A tensor that maps to no parameter (and is not one the model
+`ignore` matches), by construction, and in the dtype the model keeps them in (`dtype_of`). A tensor that maps to no parameter (and is not one the model
 skips, such as `rotary_emb.inv_freq`) is refused, as a strict load refuses it.
 
 `QuantizedTensor.outputs` gives a quantized tensor's output names, dtypes and shapes (codes, scales
@@ -97,6 +97,15 @@ class QuantizePlan:
                              f"({', '.join(s.label for s in module.logical_shards[leaf])}); offline quantization "
                              "needs them as separate tensors (each gets its own scales)")
         return QuantizedTensor(name, module.quant_method.spec, self.config)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype an unquantized (`rule` None) floating-point tensor is written in: its parameter's in the model, which is
+        the plan's dtype except where the model keeps a parameter wider (DeepSeek's float32 router)."""
+        if self.mapping.should_skip(name):
+            return self.dtype
+        module, leaf, _ = self._target(name)
+        param = dict(module.named_parameters(recurse=False)).get(leaf) if module is not None else None
+        return param.dtype if param is not None and param.dtype.is_floating_point else self.dtype
 
     def expand(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """`(name, tensor)`, or for a fused MoE tensor its per-expert projections (see the module doc)."""

@@ -67,8 +67,10 @@ def _source_units(directory: Path, plan: QuantizePlan) -> tuple[list[Unit], dict
                 shapes[name] = shape
                 nbytes += TensorSpec(name, dtype, shape).nbytes
                 rule = plan.rule(name)
-                out_dtype = plan.dtype if dtype.is_floating_point else dtype
-                outputs = rule.outputs(shape, out_dtype, plan.fmt) if rule else [TensorSpec(name, out_dtype, shape)]
+                if rule is not None:
+                    outputs = rule.outputs(shape, plan.dtype, plan.fmt)
+                else:
+                    outputs = [TensorSpec(name, plan.dtype_of(name) if dtype.is_floating_point else dtype, shape)]
                 units.append(Unit(str(file), name, rule, tuple(outputs)))
     return units, shapes, nbytes
 

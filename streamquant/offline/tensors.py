@@ -4,7 +4,8 @@ the `quantize` command and trainer-side quantization (`WeightSender(quantization
 `quantize_weights(weights, plan)` turns `(name, high-precision tensor)` pairs into the format's tensors
 of each quantized weight (codes and scales; int4 in compressed-tensors: packed codes, scales, zero
 points, shape) in the plan's format and naming (`QuantizePlan`, `CheckpointFormat.disk_tensors`);
-tensors the plan keeps in high precision pass through, cast to the plan's dtype; fused MoE expert
+tensors the plan keeps in high precision pass through, cast to the plan's dtype
+(`QuantizePlan.dtype_of`); fused MoE expert
 tensors come out per expert (`QuantizePlan.expand`). The codes and scales are bitwise
 what an online `load_model(quantization=..., formula=...)` computes for the same weight (same
 formula, same tiles of the same logical weight), which is what makes a pre-quantized load or reload
@@ -57,6 +58,6 @@ def quantize_weights(weights: Iterable[tuple[str, torch.Tensor]], plan: Quantize
         for name, tensor in plan.expand(fused_name, fused):
             rule = plan.rule(name)
             if rule is None:
-                yield name, cast(tensor, plan.dtype)
+                yield name, cast(tensor, plan.dtype_of(name))
                 continue
             yield from quantize_tensor(name, tensor, rule, plan).disk

@@ -111,3 +111,16 @@ def test_a_bin_pickle_that_wants_code_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin holds more than tensors") as info:
         list(iterate_weights(directory))
     assert "\n" not in str(info.value)
+
+
+def test_kimi_k2_config_is_parsed_as_deepseek_v3_without_its_code(tmp_path):
+    """Kimi K2 names model_type "kimi_k2" and ships DeepSeek-V3's configuration class as its own code: parsed by
+    transformers' DeepseekV3Config, nothing of the checkpoint imported."""
+    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "n_group": 1, "topk_group": 1,
+              "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}, "hidden_size": 64,
+              "num_attention_heads": 4, "kv_lora_rank": 16}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "configuration_deepseek.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    parsed = load_hf_config(tmp_path)
+    assert type(parsed).__name__ == "DeepseekV3Config" and parsed.architectures == ["DeepseekV3ForCausalLM"]
+    assert (parsed.n_group, parsed.kv_lora_rank, parsed.qk_rope_head_dim) == (1, 16, 64)

@@ -9,9 +9,11 @@ import safetensors
 import torch
 import transformers
 
+from streamquant.api import load_model
 from streamquant.checkpoint.reader import checkpoint_files, iterate_weights, load_hf_config
 from streamquant.checkpoint.synthetic import (
     BENCH_SPEC,
+    DEEPSEEK_V3_3LAYER_SPEC,
     DEMO_SPEC,
     MARKER_FILE,
     TINY_SPEC,
@@ -174,3 +176,21 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("STREAMQUANT_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "streamquant"
+
+
+def test_deepseek_layout_is_transformers_checkpoint_layout(tmp_path):
+    """Names and shapes as transformers' own save_pretrained writes them (per-expert names), and streamquant
+    loads it strictly; the benchmark preset has DeepSeek-V3's layer shapes."""
+    extra = dict(DEEPSEEK_V3_3LAYER_SPEC.extra_config, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+                 qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=16)
+    spec = dataclasses.replace(DEEPSEEK_V3_3LAYER_SPEC, hidden_size=32, intermediate_size=48, num_heads=4,
+                               num_kv_heads=4, vocab_size=64, extra_config=tuple(sorted(extra.items())))
+    path = write_synthetic_checkpoint(tmp_path / "ckpt", spec)
+    transformers.DeepseekV3ForCausalLM(load_hf_config(path)).save_pretrained(tmp_path / "hf")
+    expected = {n: tuple(t.shape) for n, t in iterate_weights(tmp_path / "hf")}
+    assert tensor_shapes(spec) == expected == {n: tuple(t.shape) for n, t in iterate_weights(path)}
+    assert "model.layers.2.mlp.experts.15.up_proj.weight" in expected
+    model = load_model(path, quantization="fp8-block")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+    assert 5.5e9 <= total_bytes(DEEPSEEK_V3_3LAYER_SPEC) <= 6.0e9
+    assert tensor_shapes(DEEPSEEK_V3_3LAYER_SPEC)["model.layers.1.self_attn.kv_b_proj.weight"] == (128 * 256, 512)

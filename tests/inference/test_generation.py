@@ -20,7 +20,8 @@ NEW = 6
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    return {c.name: make_checkpoint(c, root) for c in CASES if c.name in ("llama", "qwen3", "qwen2moe", "opt")}
+    return {c.name: make_checkpoint(c, root) for c in CASES
+            if c.name in ("llama", "qwen3", "qwen2moe", "opt", "deepseek-v3")}
 
 
 def hf_greedy(path, prompts, new):
@@ -40,7 +41,7 @@ def hf_logprobs(hf, prompt, completion):
     return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(completion)]
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2moe", "opt"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2moe", "opt", "deepseek-v3"])  # deepseek: the latent cache
 def test_ragged_greedy_equals_transformers_and_logprobs_match(checkpoints, case):
     model = load_model(checkpoints[case], dtype="float32")
     got = generate(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=NEW, stop_token_ids=(), logprobs=0))

@@ -88,3 +88,21 @@ def test_cache_bounds_and_shape_errors():
         Attention(H, D, 2, scale=1.0)(q, k, v, start_pos=1)
     with pytest.raises(ValueError, match="grouped"):
         Attention(H, D, 3, scale=1.0)
+
+
+def test_values_of_another_size_are_cached_and_attended():
+    """Keys [.., D] and values [.., Dv] (latent attention): the cache holds each at its size, and a decode
+    step over the cache equals the full forward, against the reference."""
+    cache = KVCache(1, B, 6, 2, D, dtype=torch.float32, value_size=3)
+    assert cache.k.shape[-1] == D and cache.v.shape[-1] == 3
+    q, k, _ = qkv(5, 2)
+    v = torch.randn(B, 5, 2, 3, generator=torch.Generator().manual_seed(7))
+    attn = Attention(H, D, 2, scale=0.3)
+    full = attn(q, k, v)
+    assert full.shape == (B, 5, H * 3)
+    torch.testing.assert_close(full, reference(q, k, v, 0.3).float())
+    layer = cache.layer(0)
+    attn(q[:, :4], k[:, :4], v[:, :4], layer, start_pos=0)
+    torch.testing.assert_close(attn(q[:, 4:], k[:, 4:], v[:, 4:], layer, start_pos=4), full[:, 4:])
+    with pytest.raises(ValueError, match="do not fit a KV cache of shapes"):
+        layer.update(k[:, :1], k[:, :1], start_pos=0)  # values of the key size

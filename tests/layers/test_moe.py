@@ -1,4 +1,5 @@
-"""FusedMoE against transformers' Qwen2-MoE / Qwen3-MoE sparse blocks (tiny configs, CPU, float32).
+"""FusedMoE against transformers' Qwen2-MoE / Qwen3-MoE sparse blocks (tiny configs, CPU, float32), and
+DeepSeek's grouped routing against transformers' DeepSeek-V3 / V2 routers.
 
 Weights come from a real transformers model in both formats a load can see: per expert, as
 `save_pretrained` writes them, and fused (`experts.gate_up_proj` / `experts.down_proj`), as
@@ -14,10 +15,13 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (DeepseekV2Config, DeepseekV3Config, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from streamquant.layers.linear import ReplicatedLinear
-from streamquant.layers.moe import FusedMoE, expert_mapping_rules, moe_weight_loader
+from streamquant.layers.moe import FusedMoE, GroupedTopK, expert_mapping_rules, grouped_topk, moe_weight_loader
 from streamquant.loading.errors import DuplicateWeightError, MissingWeightsError, WeightLoadError
 from streamquant.loading.streaming import stream_weights
 from streamquant.loading.mapping import WeightMapping
@@ -200,3 +204,48 @@ def test_forward_keeps_leading_dims_and_validates_top_k():
         p.data.normal_()
     x, logits = torch.randn(2, 3, HIDDEN), torch.randn(2, 3, EXPERTS)
     torch.testing.assert_close(moe(x, logits), moe(x.reshape(6, HIDDEN), logits.reshape(6, EXPERTS)).reshape(2, 3, HIDDEN))
+
+
+ROUTERS = {  # (transformers router, its config's routing options, ours)
+    "v3-groups": (DeepseekV3TopkRouter, DeepseekV3Config, dict(n_group=4, topk_group=2, norm_topk_prob=True),
+                  GroupedTopK(4, 2, "sigmoid", 2.5)),
+    "v3-one-group": (DeepseekV3TopkRouter, DeepseekV3Config, dict(n_group=1, topk_group=1, norm_topk_prob=False),
+                     GroupedTopK(1, 1, "sigmoid", 2.5)),
+    "v2-group-limited": (DeepseekV2TopkRouter, DeepseekV2Config,
+                         dict(n_group=4, topk_group=2, topk_method="group_limited_greedy"), GroupedTopK(4, 2, "softmax", 2.5)),
+    "v2-greedy": (DeepseekV2TopkRouter, DeepseekV2Config, dict(topk_method="greedy"), GroupedTopK(1, 1, "softmax", 2.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_grouped_topk_is_deepseeks_router(name):
+    """Weights (float32) and expert ids bitwise transformers' (its V2 router never renormalizes)."""
+    router_cls, config_cls, options, routing = ROUTERS[name]
+    config = config_cls(hidden_size=HIDDEN, num_attention_heads=2, n_routed_experts=16, num_experts_per_tok=4,
+                        routed_scaling_factor=2.5,
+                        **options)
+    router = router_cls(config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=g))
+        if hasattr(router, "e_score_correction_bias"):
+            router.e_score_correction_bias.copy_(0.1 * torch.randn(16, generator=g))
+    x = torch.randn(64, HIDDEN, generator=g, dtype=torch.bfloat16)
+    _, want_weights, want_ids = router(x)
+    bias = getattr(router, "e_score_correction_bias", None)
+    renormalize = bool(options.get("norm_topk_prob", False))
+    weights, ids = grouped_topk(torch.nn.functional.linear(x.float(), router.weight), 4, renormalize, routing, bias)
+    assert weights.dtype == torch.float32 and torch.equal(ids, want_ids) and torch.equal(weights, want_weights)
+    if routing.num_expert_group > 1:  # the limit matters: every token's experts sit in at most topk_group groups
+        assert all(len(set((row // 4).tolist())) <= 2 for row in ids)
+        assert not torch.equal(ids, grouped_topk(torch.nn.functional.linear(x.float(), router.weight), 4, renormalize,
+                                                 GroupedTopK(1, 1, routing.scoring_func, 2.5), bias)[1])
+
+
+def test_grouped_routing_options_are_checked():
+    with pytest.raises(ValueError, match="topk_group 3 must be in"):
+        GroupedTopK(2, 3)
+    with pytest.raises(ValueError, match="scoring_func"):
+        GroupedTopK(scoring_func="tanh")
+    with pytest.raises(ValueError, match="6 experts do not split into n_group = 4"):
+        FusedMoE(EXPERTS, TOP_K, HIDDEN, MOE_INTERMEDIATE, renormalize=True, grouped=GroupedTopK(4, 2))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from transformers import LlamaConfig, Phi3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_apply_rotary_pos_emb
@@ -145,3 +146,19 @@ def test_positions_shared_by_the_batch_broadcast():
     got_q, got_k = rope(shared, q, k)
     want_q, want_k = rope(shared.expand(2, 5), q, k)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interleaved_pairs_equal_deepseek_bitwise(dtype):
+    """DeepSeek's `rope_interleave`: transformers' own interleaved rotation, bit for bit (yarn scaling)."""
+    config = llama_config(ROPE_SCALINGS["yarn_mscale"])
+    q, k = qk(dtype)
+    positions = torch.arange(3, 8).expand(2, 5)
+    ours = get_rope(HEAD, config, dtype=dtype, interleaved=True)
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions)
+    want = apply_rotary_pos_emb_interleave(q, k, cos, sin, unsqueeze_dim=2)
+    got = ours(positions, q, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="interleaved rotary needs the whole head"):
+        get_rope(HEAD, Phi3Config(hidden_size=4 * HEAD, num_attention_heads=4, partial_rotary_factor=0.5),
+                 dtype=dtype, interleaved=True)

@@ -32,6 +32,15 @@ def _case(name, config_cls, model_cls, **kw) -> Case:
 
 
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+# DeepSeek-V3's shapes scaled down: latent attention (q low rank), one dense layer then MoE layers with
+# 8 experts in 4 groups (2 chosen) and a shared expert; yarn rope with both mscales, as DeepSeek configures it
+DEEPSEEK_V3 = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                   v_head_dim=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
+                   topk_group=2, first_k_dense_replace=1, moe_intermediate_size=32, routed_scaling_factor=2.5,
+                   tie_word_embeddings=False,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.9,
+                                    "mscale_all_dim": 1.0, "original_max_position_embeddings": 32,
+                                    "beta_fast": 32, "beta_slow": 1})
 CASES = [
     _case("llama", "LlamaConfig", "LlamaForCausalLM"),
     _case("llama-tied-mqa-llama3rope", "LlamaConfig", "LlamaForCausalLM", tie_word_embeddings=True,
@@ -45,6 +54,7 @@ CASES = [
           norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False, **MOE),
     _case("qwen3moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", norm_topk_prob=True, head_dim=16,
           tie_word_embeddings=False, **MOE),
+    _case("deepseek-v3", "DeepseekV3Config", "DeepseekV3ForCausalLM", **DEEPSEEK_V3),
     Case("opt", "OPTConfig", "OPTForCausalLM", tuple(sorted(dict(
         vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=128, word_embed_proj_dim=64).items()))),
@@ -56,10 +66,13 @@ CASE_IDS = [c.name for c in CASES]
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random: weights ~N(0, 0.05^2)·√(64/fan_in)-ish, norms 1 ± 0.1, biases ±0.1."""
+    """Every parameter random: weights ~N(0, 0.05^2)·√(64/fan_in)-ish, norms 1 ± 0.1, biases ±0.1; so are
+    saved float buffers (DeepSeek-V3's e_score_correction_bias, zero at init), as biases."""
     g = torch.Generator().manual_seed(seed)
+    saved = model.state_dict()
+    buffers = [(n, b) for n, b in model.named_buffers() if n in saved and b.is_floating_point()]
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *buffers]:
             noise = torch.randn(p.shape, generator=g)
             if p.dim() == 1 and ("norm" in name or "layernorm" in name):
                 p.copy_(1 + 0.1 * noise)
@@ -82,7 +95,9 @@ def make_checkpoint(case: Case, root: Path) -> Path:
 
 
 def hf_logits(path: Path, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # eager experts: the per-expert loop streamquant's experts mirror (DeepSeek-V3's default, grouped_mm,
+    # sums in another order: bf16 logits about 1% apart, float32 ones equal within 1e-5)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager")
     model.eval()
     with torch.no_grad():
         return model(input_ids).logits.float()

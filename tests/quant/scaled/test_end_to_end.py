@@ -34,6 +34,11 @@ FP32_ATOL = 1e-4
 # <= 20% (MoE, where activation rounding also flips near-tied top-k routing decisions).
 ACT_RMS = 0.12
 MOE_ACT_RMS = 0.25
+# DeepSeek-V3's group-limited sigmoid routing (2 of 8 experts within 2 of 4 groups, on a random router)
+# reroutes more near-tied tokens under fp8 / mxfp8 activation rounding: measured up to 0.35 with up to
+# a few of the 22 tokens rerouted (0.106 with the routing held to the weight-only model's); int8
+# activations reroute none (0.03-0.04).
+DEEPSEEK_ACT_RMS = 0.45
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +107,8 @@ def test_dynamic_activation_logits_within_tolerance(checkpoints, dequantized, na
     ref = dequantized[name, scheme]
     relative_rms = ((ours - ref).norm() / ref.norm()).item()
     assert torch.isfinite(ours).all()
-    assert relative_rms <= (MOE_ACT_RMS if "moe" in name else ACT_RMS), relative_rms
+    bound = DEEPSEEK_ACT_RMS if name.startswith("deepseek") else MOE_ACT_RMS if "moe" in name else ACT_RMS
+    assert relative_rms <= bound, relative_rms
 
 
 def test_ignore_keeps_matching_layers_unquantized(checkpoints):

@@ -59,8 +59,10 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(DTYPE_NAMES)}")
 
 
-def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfig | TorchaoConfig | None:
-    """The quant config for scheme `quantization` with its `options` (None: unquantized).
+def make_quant_config(quantization: Any, options: dict[str, Any],
+                      device: str | torch.device | None = None) -> ScaledConfig | TorchaoConfig | None:
+    """The quant config for scheme `quantization` with its `options` (None: unquantized), for a model on
+    `device` (None: not known; int4's CPU kernel copy is off for a device other than the CPU).
 
     Options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"; not for int8 / mxfp8), `activation_scheme` ("dynamic"
     default, "none" for weight-only), `ignore` (regexes over module names), `block_size`
@@ -101,6 +103,10 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfi
     for int4_only in ("group_size", "int4_kernel"):
         if int4_only in options and quantization != ScaledScheme.INT4.value:
             raise ValueError(f"{int4_only} applies to quantization='int4' only, not {quantization!r}")
+    if quantization == ScaledScheme.INT4.value and device is not None and torch.device(device).type != "cpu":
+        if options.get("int4_kernel"):
+            raise ValueError(f"int4_kernel=True needs a CPU target (torch's CPU int4 kernel), not device={str(device)!r}")
+        options["int4_kernel"] = False  # the copy would never serve there: no memory for it
     error_log = QuantErrorLog() if options.pop("measure_error", False) else None
     return ScaledConfig(ScaledScheme(quantization), error_log=error_log, **options)
 

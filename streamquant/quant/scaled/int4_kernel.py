@@ -9,7 +9,8 @@ as two non-persistent buffers, `weight_int4pack` (uint8 [N, K / 2]) and
 the state dict, snapshots, fingerprints or processed-tensor updates): their bytes depend on the CPU
 torch dispatches to. Memory: 0.5 byte per weight plus 4 bytes per group beside the int4 tensors'
 0.5 byte plus 5 (asymmetric) bytes per group: about 1.06 bytes per weight in all at group 128,
-against 2 in bf16. `int4_kernel=False` (`ScaledConfig`) keeps only the int4 tensors and dequantizes.
+against 2 in bf16. `int4_kernel=False` (`ScaledConfig`; the default for a model loaded onto another
+device than the CPU, `config.make_quant_config`) keeps only the int4 tensors and dequantizes.
 
 Kept current, in the same storage (addresses unchanged):
   - `build_` runs at the end of every `process_weights_after_loading` (load, reload, pre-quantized
@@ -20,7 +21,8 @@ Kept current, in the same storage (addresses unchanged):
     A write that bypasses the version counter outside a load (`.data`, raw storage) is not seen.
 
 Serves a call when the layer's weight converted (`refusal`: int4 on the CPU, groups of 32-256 along
-the input aligned with this rank's columns, rows a multiple of 16, no activation-order `weight_g_idx`)
+the input aligned with this rank's columns, rows a multiple of 16, no activation-order `weight_g_idx`,
+not made under `torch.inference_mode()`)
 and the call has bf16 activations on the CPU and a bf16 result (not a row-parallel layer's float32
 partial sums). Everything else dequantizes (`scaled.linear`). MoE experts always dequantize.
 """
@@ -47,13 +49,15 @@ class Int4CpuKernel:
 
     def sources(self, layer: torch.nn.Module) -> list[torch.Tensor]:
         names = (self.name, f"{self.name}_scale", f"{self.name}_zero_point")
-        return [layer.get_parameter(n) for n in names if n in layer._parameters]
+        return [layer._parameters[n] for n in names if n in layer._parameters]
 
     def refusal(self, layer: torch.nn.Module) -> str | None:
         """Why this layer's weight cannot go to the kernel; None when it can."""
         codes = getattr(layer, self.name)
         if codes.dtype != torch.int32 or codes.device.type != "cpu":
             return f"int4 codes of dtype {codes.dtype} on {codes.device} (the kernel takes int32 words on the CPU)"
+        if any(t.is_inference() for t in self.sources(layer)):
+            return "int4 tensors made under torch.inference_mode() have no version counter to follow their writes"
         if f"{self.name}_g_idx" in layer._parameters or f"{self.name}_g_idx" in layer._buffers:
             return "activation order (g_idx): groups are not runs of consecutive input columns"
         for lay in self.layouts:

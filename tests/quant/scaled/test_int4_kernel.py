@@ -200,3 +200,13 @@ def test_the_copy_is_not_an_inference_tensor(checkpoints):
     assert weights_fingerprint(kernel) == weights_fingerprint(plain)
     extra = sum(t.numel() * t.element_size() for t in kernel_buffers(kernel).values())
     assert kernel.load_report.model_bytes == plain.load_report.model_bytes + extra
+
+
+def test_a_model_loaded_under_inference_mode_dequantizes(checkpoints):
+    """Inference tensors have no version counter, so the copy could not follow their writes: no copy."""
+    a, _ = checkpoints
+    with torch.inference_mode():
+        model = load_model(a, quantization="int4")
+        qkv = model.model.layers[0].self_attn.qkv_proj
+        assert "inference_mode" in qkv.quant_method.kernel.refusal(qkv) and not kernel_buffers(model)
+        assert torch.equal(model(IDS), load_model(a, quantization="int4", int4_kernel=False)(IDS))

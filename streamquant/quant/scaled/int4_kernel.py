@@ -7,24 +7,24 @@ readback, fingerprints, snapshots and the format writers read them. torch's CPU 
 as two non-persistent buffers, `weight_int4pack` (uint8 [N, K / 2]) and
 `weight_int4pack_scales_and_zeros` (bf16 [K / group, N, 2]). They are not inference tensors (not in
 the state dict, snapshots, fingerprints or processed-tensor updates): their bytes depend on the CPU
-torch dispatches to. Memory: 0.5 byte per weight plus 4 bytes per group beside the int4 tensors'
-0.5 byte plus 5 (asymmetric) bytes per group: about 1.06 bytes per weight in all at group 128,
-against 2 in bf16. `int4_kernel=False` (`ScaledConfig`; the default for a model loaded onto another
+torch dispatches to. Memory: 0.5 byte per weight plus 4 bytes per group, beside the int4 tensors'
+0.5 byte per weight plus 4 (asymmetric: 5) bytes per group: about 1.06 bytes per weight in all at
+group 128, against 2 in bf16. `int4_kernel=False` (`ScaledConfig`; the default for a model loaded onto another
 device than the CPU, `config.make_quant_config`) keeps only the int4 tensors and dequantizes.
 
 Kept current, in the same storage (addresses unchanged):
   - `build_` runs at the end of every `process_weights_after_loading` (load, reload, pre-quantized
     codes): the load session's loaders write through `.data`, which no version counter sees.
   - every other in-place write of the int4 tensors (an atomic update's restore, a processed-tensor
-    update, a `copy_` by hand) bumps their version counter: `linear` compares the versions and
+    update, a `copy_` by hand) bumps their version counter: `serves` compares the versions and
     storage addresses the copy was built from with the live ones and rebuilds before multiplying.
     A write that bypasses the version counter outside a load (`.data`, raw storage) is not seen.
 
 Serves a call when the layer's weight converted (`refusal`: int4 on the CPU, groups of 32-256 along
 the input aligned with this rank's columns, rows a multiple of 16, no activation-order `weight_g_idx`,
-not made under `torch.inference_mode()`)
-and the call has bf16 activations on the CPU and a bf16 result (not a row-parallel layer's float32
-partial sums). Everything else dequantizes (`scaled.linear`). MoE experts always dequantize.
+not made under `torch.inference_mode()`) and the call has bf16 activations on the CPU and a bf16
+result (not a row-parallel layer's float32 partial sums). A bias is added to the kernel's bf16 product (one rounding more than `F.linear`'s, within
+the tests' bound). Everything else dequantizes (`scaled.linear`). MoE experts always dequantize.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ machine only add time):
   demo:<path>     the demo checkpoint (`DEMO_SPEC`: 12 Llama layers, hidden 1024, intermediate 2816,
                   vocab 32000): model MiB (`load_report.model_bytes`), decode tokens/s at batch 1 (greedy,
                   after a 16-token prompt: `(N - 1) / (t(N new tokens) - t(1 new token))`, so the
-                  prompt's prefill is not in it; fastest of 2 and of 3 calls), and the logits of a fixed [1, 32] sequence against
+                  prompt's prefill is not in it; fastest of 2 and of 3 calls), prefill tokens/s (one
+                  forward over 256 tokens, fastest of 2), and the logits of a fixed [1, 32] sequence against
                   the bf16 model's and the int4-dequantize model's (relative Frobenius error);
   layers:<path>   the linear layers of a 7B Llama decoder layer, one at a time, batch 1: [4096, 4096]
                   (q, k, v, o), [11008, 4096] (gate, up), [4096, 11008] (down), each a streamquant
@@ -45,6 +46,7 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 LAYER_SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
 LAYERS_7B, PER_LAYER_7B = 32, {"4096x4096": 4, "11008x4096": 2, "4096x11008": 1}
 GROUP = 128
+PREFILL = 256  # prompt tokens of the demo's prefill row (the kernel's cost grows with the rows; bf16's less)
 
 
 def _fastest_seconds(fn, calls: int) -> float:
@@ -83,7 +85,10 @@ def run_demo(name: str, path: str, new: int, logits_dir: Path) -> dict:
         many = _fastest_seconds(lambda: generate(model, prompt, new), 2)
         sequence = torch.randint(0, DEMO_SPEC.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
         torch.save(model(sequence).float(), _logits_file(logits_dir, name))
-    return {"model_bytes": model.load_report.model_bytes, "decode_tokens_per_s": (new - 1) / (many - one)}
+        long = torch.randint(0, DEMO_SPEC.vocab_size, (1, PREFILL), generator=torch.Generator().manual_seed(4))
+        prefill = _fastest_seconds(lambda: model(long), 2)
+    return {"model_bytes": model.load_report.model_bytes, "decode_tokens_per_s": (new - 1) / (many - one),
+            "prefill_tokens_per_s": PREFILL / prefill}
 
 
 def run_layers(path: str, calls: int) -> dict:
@@ -153,14 +158,14 @@ def print_table(rows: list[dict]) -> None:
     layers = [r for r in rows if r["name"].startswith("layers:")]
     fmt = lambda v: f"{v:>12.4g}" if isinstance(v, (int, float)) else f"{'-':>12}"  # noqa: E731
     if demo:
-        head = ["model MiB", "decode t/s", "/ bf16", "err vs bf16", "err vs deq"]
+        head = ["model MiB", "decode t/s", "/ bf16", "prefill t/s", "err vs bf16", "err vs deq"]
         print(f"{'demo (batch 1)':<28}" + "".join(f"{h:>12}" for h in head))
         for r in demo:
             if "error" in r:
                 print(f"{r['name']:<28}  error: {r['error'][:100]}")
                 continue
             cells = [r["model_bytes"] / 2**20, r["decode_tokens_per_s"], r.get("speed_over_bf16"),
-                     r.get("logits_rel_err_vs_bf16"), r.get("logits_rel_err_vs_int4-dequantize")]
+                     r["prefill_tokens_per_s"], r.get("logits_rel_err_vs_bf16"), r.get("logits_rel_err_vs_int4-dequantize")]
             print(f"{r['name']:<28}" + "".join(fmt(c) for c in cells))
     if layers:
         head = [*(f"ms {s}" for s in LAYER_SHAPES), "B/weight", "7B lin t/s", "/ bf16"]

@@ -16,8 +16,10 @@ torch (checked on 2.13) multiplies by int4 weights on the CPU with
   - refused by torch: N not a multiple of 16, a group size other than 32, 64, 128 or 256, K not a
     multiple of the group size; x must be 2-D and contiguous (`int4_kernel_linear` reshapes).
   - x may be bf16, fp16 or float32 (scales in the same dtype), but only bf16 is fast: on the 2-core
-    AMD EPYC test machine, 4096x4096 at 1 row took 0.49 ms in bf16 (a bf16 `F.linear`: 1.87 ms;
-    dequantize-then-`F.linear`: ~77 ms), 14.5 ms in float32, 25.6 ms in fp16. So it is used with bf16 only.
+    AMD EPYC test machine (AVX-512 BF16), 4096x4096 at 1 row took 0.44-0.49 ms in bf16 (a bf16
+    `F.linear`: 1.3-1.9 ms; dequantize-then-`F.linear`: 75-86 ms), 14.5 ms in float32, 25.6 ms in
+    fp16. So it is used with bf16 only. Its cost grows with the rows (~0.19 ms per row there, bf16
+    GEMM ~0.08): past ~600 rows dequantize-then-GEMM would be faster (`benchmarks/int4_decode.py`).
 
 streamquant's int4 codes (`int4_pack.py`) store the nibble `code + 8`, which is exactly the kernel's
 unsigned value, so the nibbles go over unchanged and:

@@ -13,7 +13,7 @@ Invariants: the tensor-parallel context is either given or read once from the in
 `torch.distributed` group, and handed to the model constructor; nothing else reads the group.
 
 Pre-quantized checkpoints (`config.json` has a `quantization_config`): the checkpoint decides the
-scheme (`formats/prequantized.py`), and the session loads its fp8 codes and scales straight into the fp8
+scheme (`formats/prequantized.py`: fp8, int8 or int4), and the session loads its codes and scales straight into the quantized
 layers (`quantized_source=True`): nothing is quantized and no high-precision weight exists.
 
 Quantization: `make_quant_config` is the single place that turns a scheme name ("fp8",
@@ -179,7 +179,7 @@ def load_model(
         check_model_fits(model, loadable_parameters(model, prequantized is not None), shapes)
     check_ignore_patterns(model, quant_config)
     if prequantized is not None and (not streaming or offload is not None):
-        raise ValueError("a pre-quantized checkpoint loads its fp8 codes directly: streaming=False and "
+        raise ValueError("a pre-quantized checkpoint loads its codes directly: streaming=False and "
                          "offload_before_quant=True do not apply")
     model.prequantized = prequantized.checkpoint if prequantized is not None else None
     with progress_over(iterate_weights(checkpoint), "load", enabled=wants_progress(progress, rank=tp.rank),

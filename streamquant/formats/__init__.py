@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from streamquant.formats.base import CheckpointFormat, QuantizationConfigError, QuantizedCheckpoint
+from streamquant.formats.base import CheckpointFormat, QuantizationConfigError, QuantizedCheckpoint, QuantizedWeight
 from streamquant.formats.compressed_tensors import COMPRESSED_TENSORS
 from streamquant.formats.hf_fp8 import HF_FP8
 
@@ -41,4 +41,4 @@ def read_quantization_config(config: dict | None) -> QuantizedCheckpoint | None:
 
 
 __all__ = ["DEFAULT_FORMAT", "FORMATS", "CheckpointFormat", "QuantizationConfigError", "QuantizedCheckpoint",
-           "get_format", "read_quantization_config"]
+           "QuantizedWeight", "get_format", "read_quantization_config"]

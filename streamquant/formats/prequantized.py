@@ -1,20 +1,22 @@
-"""Loading a pre-quantized (fp8) checkpoint: which layers keep fp8 codes, and the tensors' journey in.
+"""Loading a pre-quantized checkpoint (fp8, int8, int4): which layers keep codes, and the tensors' journey in.
 
 `plan_prequantized(model_class, hf_config, checkpoint, shapes)` reads the checkpoint's tensor names
 (headers only) against the model's own weight mapping, on a `meta` model:
   - a layer whose checkpoint weights all have a scale beside them (`X.weight_scale` or
-    `X.weight_scale_inv`) is an fp8 layer: its codes and scales are loaded as they are (no
-    high-precision weight is ever materialized, no requantization; fused q/k/v and gate/up keep
-    one scale grid per logical weight);
+    `X.weight_scale_inv`), or are packed int4 (`X.weight_packed`), is a quantized layer: its codes and
+    scales (zero points, group indices) are loaded as they are (no high-precision weight is ever
+    materialized, no requantization; fused q/k/v and gate/up keep one scale grid per logical weight);
   - a quantizable layer without scales (a format's `ignore` list) stays in the model dtype: it is
-    given to the fp8 config as an `ignore` pattern;
+    given to the quant config as an `ignore` pattern;
   - a layer streamquant always keeps in high precision (embeddings, LM head, MoE router) whose
     checkpoint tensor is quantized anyway (llm-compressor quantizes `embed_tokens` although its
-    `targets` say Linear) is DEQUANTIZED on the way in (`codes.float() * scale`, in the model dtype);
+    `targets` say Linear) is DEQUANTIZED on the way in (`codes.float() * scale`, in the model dtype;
+    packed int4 there is refused);
   - a layer with some weights quantized and some not is refused, naming it.
-`prequantized_tensors` is that journey: scale names normalized to `weight_scale` (hf-fp8 calls them
-`weight_scale_inv`), stray quantized tensors dequantized (each held, as a zero-copy reference, until
-its partner arrives). `reload_source` gives a reload the same view of a checkpoint directory (which
+`prequantized_tensors` is that journey: each `X.weight_shape` checked against its packed codes and
+dropped (the models' mappings take `X.weight_packed` as the codes `X.weight` and hf-fp8's
+`X.weight_scale_inv` as `X.weight_scale`: `WeightMapping.leaf_aliases`), stray quantized tensors
+dequantized (each held, as a zero-copy reference, until its partner arrives). `reload_source` gives a reload the same view of a checkpoint directory (which
 says itself whether it is pre-quantized) or of an iterable the caller says is.
 """
 
@@ -38,6 +40,8 @@ from streamquant.quant.math.quantize import dequantize
 from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
+PACKED = "weight_packed"  # compressed-tensors' int4 codes, eight per int32 along the input
+PACK_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,16 @@ def plan_prequantized(model: torch.nn.Module, checkpoint: QuantizedCheckpoint,
     """The plan for `model`: a meta model built to plan a load, or the live model of a reload."""
     modules = dict(model.named_modules())
     status: dict[str, dict[str, bool]] = {}
+    packed = set()
     for name in shapes:
-        if not name.endswith(".weight") or model.weight_mapping.should_skip(name):
+        module, _, leaf = name.rpartition(".")
+        name = f"{module}.weight"
+        if leaf not in ("weight", PACKED) or model.weight_mapping.should_skip(name):
             continue
         target = model.weight_mapping.map(name)[0].rpartition(".")[0]
-        status.setdefault(target, {})[name] = _scale_name(name[: -len(".weight")], shapes) is not None
+        status.setdefault(target, {})[name] = leaf == PACKED or _scale_name(module, shapes) is not None
+        if leaf == PACKED:
+            packed.add(module)
     ignore, stray = [], set()
     for target, sources in sorted(status.items()):
         quantized = set(sources.values())
@@ -72,6 +81,10 @@ def plan_prequantized(model: torch.nn.Module, checkpoint: QuantizedCheckpoint,
         if not getattr(module, "uses_quant_config", False):
             if True in quantized:
                 stray.update(n[: -len(".weight")] for n in sources)
+                if stray & packed:
+                    raise QuantizationConfigError(f"layer {target!r} stays in high precision in streamquant, but the "
+                                                  f"checkpoint holds packed int4 codes for it ({sorted(stray & packed)});"
+                                                  " dequantizing int4 on the way in is not supported")
         elif quantized == {False}:
             ignore.append(f"^{re.escape(target)}$")
     return PrequantizedLoad(checkpoint, tuple(ignore), frozenset(stray))
@@ -87,8 +100,8 @@ def _granularity(codes: torch.Tensor, scale: torch.Tensor, checkpoint: Quantized
 
 def prequantized_tensors(weights: Iterable[tuple[str, torch.Tensor]], plan: PrequantizedLoad,
                          dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors as the model's fp8 loaders take them (see the module docstring)."""
-    return normalized_scale_names(_dequantize_strays(weights, plan, dtype))
+    """The checkpoint's tensors as the model's quantized loaders take them (see the module docstring)."""
+    return normalized_names(_dequantize_strays(weights, plan, dtype))
 
 
 def _dequantize_strays(weights: Iterable[tuple[str, torch.Tensor]], plan: PrequantizedLoad,
@@ -112,7 +125,7 @@ def _dequantize_strays(weights: Iterable[tuple[str, torch.Tensor]], plan: Prequa
 
 def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
                       options: dict[str, Any]) -> tuple[PrequantizedLoad | None, str | None, dict[str, Any]]:
-    """(plan, scheme, fp8 options) for a checkpoint whose config.json has a `quantization_config`.
+    """(plan, scheme, quantization options) for a checkpoint whose config.json has a `quantization_config`.
 
     The checkpoint decides the scheme: `quantization` must be None or agree. Options the user gives
     override the checkpoint's (`activation_scheme`, `formula` -- which a reload quantizes with), except
@@ -133,11 +146,35 @@ def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
     return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}
 
 
-def normalized_scale_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pre-quantized tensors with hf-fp8's `X.weight_scale_inv` named `X.weight_scale` (what the loaders take)."""
+def normalized_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pre-quantized tensors as the loaders take them: every `X.weight_shape` checked against its
+    `X.weight_packed` and dropped (the codes' own shape is what loads). (The models' mappings take
+    `X.weight_packed` and `X.weight_scale_inv` as `X.weight` / `X.weight_scale`: `leaf_aliases`.)"""
+    declared: dict[str, torch.Tensor] = {}  # module -> its weight_shape, until its packed codes arrive
+    packed: dict[str, tuple[int, int]] = {}  # module -> the [out, in] its packed codes hold, until its shape arrives
     for name, tensor in weights:
         module, _, leaf = name.rpartition(".")
-        yield (f"{module}.weight_scale" if leaf == "weight_scale_inv" else name), tensor
+        if leaf == "weight_shape":
+            declared[module] = tensor
+        elif leaf == PACKED:
+            packed[module] = (tensor.shape[-2], tensor.shape[-1] * PACK_FACTOR) if tensor.dim() >= 2 else ()
+        if module in declared and module in packed:
+            _check_weight_shape(module, declared.pop(module), packed.pop(module))
+        if leaf != "weight_shape":
+            yield name, tensor
+    if declared:
+        raise QuantizationConfigError(f"weight_shape without packed codes ({PACKED}) beside it: "
+                                      f"{sorted(f'{m}.weight_shape' for m in declared)}")
+
+
+def _check_weight_shape(module: str, declared: torch.Tensor, packed: tuple[int, ...]) -> None:
+    shape = [int(n) for n in declared.flatten()] if not declared.is_floating_point() else None
+    if shape != list(packed):
+        hint = (f"; an input size not a multiple of {PACK_FACTOR} does not pack into whole int32 words"
+                if shape and len(shape) == 2 and shape[1] % PACK_FACTOR else "")
+        raise QuantizationConfigError(f"{module}.weight_shape is {shape if shape else declared.tolist()}, but "
+                                      f"{module}.{PACKED} holds a {list(packed)} weight ({PACK_FACTOR} int4 codes "
+                                      f"per int32){hint}")
 
 
 def checkpoint_source(checkpoint: Path, model, dtype: torch.dtype) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
@@ -163,4 +200,4 @@ def reload_source(model: torch.nn.Module, weights: str | Path | Iterable[tuple[s
             raise WeightLoadError(f"quantized_source={quantized_source}, but {weights} is "
                                   + ("" if found else "not ") + "a pre-quantized checkpoint")
         return tensors, found
-    return (normalized_scale_names(weights), True) if quantized_source else (weights, False)
+    return (normalized_names(weights), True) if quantized_source else (weights, False)

@@ -1,27 +1,31 @@
 """The CPU int4 kernel's copy of an int4 linear layer's weight: derived from its codes, kept current.
 
-A layer's int4 tensors stay as they are: `weight` (int32, eight codes per word), `weight_scale`
-(float32) and `weight_zero_point` (int8, asymmetric). Loaders and reloads write them in place, and
-readback, fingerprints, snapshots and the format writers read them. torch's CPU int4 kernel
-(`math/int4_matmul.py`) wants another layout, so `Int4CpuKernel` keeps a derived copy on the layer
+A layer's int4 tensors stay as they are: `weight` (int32, eight codes per word along the input),
+`weight_scale` (float32) and `weight_zero_point` (asymmetric: int32, eight output rows' zero points per
+word, compressed-tensors' layout; unpacked here with `int4_pack.unpack_int4_rows`). Loaders and
+reloads write them in place, and readback, fingerprints, snapshots and the format writers read
+them. torch's CPU int4 kernel (`math/int4_matmul.py`) wants another layout, so `Int4CpuKernel` keeps a derived copy on the layer
 as two non-persistent buffers, `weight_int4pack` (uint8 [N, K / 2]) and
 `weight_int4pack_scales_and_zeros` (bf16 [K / group, N, 2]). They are not inference tensors (not in
 the state dict, snapshots, fingerprints or processed-tensor updates): their bytes depend on the CPU
 torch dispatches to. Memory: 0.5 byte per weight plus 4 bytes per group, beside the int4 tensors'
-0.5 byte per weight plus 4 (asymmetric: 5) bytes per group: about 1.06 bytes per weight in all at
+0.5 byte per weight plus 4 (asymmetric: 4.5) bytes per group: about 1.06 bytes per weight in all at
 group 128, against 2 in bf16. `int4_kernel=False` (`ScaledConfig`; the default for a model loaded onto another
 device than the CPU, `config.make_quant_config`) keeps only the int4 tensors and dequantizes.
 
 Kept current, in the same storage (addresses unchanged):
-  - `build_` runs at the end of every `process_weights_after_loading` (load, reload, pre-quantized
-    codes): the load session's loaders write through `.data`, which no version counter sees.
+  - `build_` runs at the end of every `process_weights_after_loading` (load, reload, and pre-quantized
+    codes: a compressed-tensors checkpoint through `load_model`, a `quantized_source` reload, where
+    nothing is quantized but the copy is still rebuilt): the load session's loaders write through
+    `.data`, which no version counter sees.
   - every other in-place write of the int4 tensors (an atomic update's restore, a processed-tensor
     update, a `copy_` by hand) bumps their version counter: `serves` compares the versions and
     storage addresses the copy was built from with the live ones and rebuilds before multiplying.
     A write that bypasses the version counter outside a load (`.data`, raw storage) is not seen.
 
 Serves a call when the layer's weight converted (`refusal`: int4 on the CPU, groups of 32-256 along
-the input aligned with this rank's columns, rows a multiple of 16, no activation-order `weight_g_idx`,
+the input aligned with this rank's columns, rows a multiple of 16, no activation-order `weight_g_idx`
+(an act-order layer -- `act_order=True`, a GPTQ-style checkpoint with `g_idx` -- dequantizes),
 not made under `torch.inference_mode()`) and the call has bf16 activations on the CPU and a bf16
 result (not a row-parallel layer's float32 partial sums). A bias is added to the kernel's bf16 product (one rounding more than `F.linear`'s, within
 the tests' bound). Everything else dequantizes (`scaled.linear`). MoE experts always dequantize.
@@ -32,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from streamquant.quant.math.int4_matmul import int4_kernel_linear, kernel_buffers, kernel_refusal, to_kernel_layout_
-from streamquant.quant.math.int4_pack import PACK_FACTOR
+from streamquant.quant.math.int4_pack import PACK_FACTOR, unpack_int4_rows
 from streamquant.quant.scaled.weights import ShardLayout
 
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the kernel is fast in (`math/int4_matmul.py`)
@@ -85,7 +89,8 @@ class Int4CpuKernel:
             layer.register_buffer(sz_name, buffers[1], persistent=False)
         zeros = getattr(layer, f"{self.name}_zero_point", None)
         to_kernel_layout_(layer._buffers[packed_name], layer._buffers[sz_name], codes.detach(),
-                          getattr(layer, f"{self.name}_scale").detach(), None if zeros is None else zeros.detach())
+                          getattr(layer, f"{self.name}_scale").detach(),
+                          None if zeros is None else unpack_int4_rows(zeros.detach()))
         self.source = self._key(layer)
         return True
 

@@ -2,8 +2,8 @@
 against an independent reference, that it follows every write of the int4 tensors (a stale copy fails
 by value: the second weights are unrelated to the first), and where the layer dequantizes instead.
 
-Reference: the layer's own int4 tensors read back by numpy (words unpacked by shifts, `(q - zp) * s`
-in float64), multiplied in float64. Bound per output element: the bf16 rounding of the output and of
+Reference: the layer's own int4 tensors read back by numpy (words unpacked by shifts: codes along the
+input, zero points along the output rows; `(q - zp) * s` in float64), multiplied in float64. Bound per output element: the bf16 rounding of the output and of
 the group's scale and zero (`math/int4_matmul.py`), 2^-8 (|y| + sum |x| (|q| + |zp|) s), and a
 relative Frobenius error under 4e-3; the dequantize path (`int4_kernel=False`) is held to the same.
 """
@@ -42,9 +42,10 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def make_layer(kind: str, group: int, symmetric: bool, kernel: bool, bias: bool = False, seed: int = 0):
+def make_layer(kind: str, group: int, symmetric: bool, kernel: bool, bias: bool = False, seed: int = 0,
+               act_order: bool = False):
     """A loaded int4 layer of `kind`: its checkpoint weights written through its loaders, then processed."""
-    config = ScaledConfig("int4", group_size=group, symmetric=symmetric, int4_kernel=kernel)
+    config = ScaledConfig("int4", group_size=group, symmetric=symmetric, int4_kernel=kernel, act_order=act_order)
     kw = dict(quant_config=config, params_dtype=torch.bfloat16, prefix=kind)
     layer, shards = {
         "qkv": lambda: (QKVParallelLinear(256, 16, 8, 2, bias=bias, **kw), {"q": 128, "k": 32, "v": 32}),
@@ -64,15 +65,21 @@ def make_layer(kind: str, group: int, symmetric: bool, kernel: bool, bias: bool 
     return layer
 
 
+def nibbles(t: torch.Tensor) -> np.ndarray:
+    """int32 words [r, c] -> their eight nibbles minus 8, float64 [r, c, 8] (nibble i at bits [4i, 4i + 4))."""
+    words = np.frombuffer(t.detach().numpy().tobytes(), np.uint32).reshape(t.shape)
+    return ((words[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF).astype(np.float64) - 8
+
+
 def reference(layer, x: torch.Tensor, bias: bool):
     """(float64 x @ W.T (+ bias), sum |x| (|q| + |zp|) s) from the layer's int4 tensors, read by numpy."""
-    words = np.frombuffer(layer.weight.detach().numpy().tobytes(), np.uint32).reshape(layer.weight.shape[0], -1)
-    q = ((words[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF).reshape(words.shape[0], -1)
-    q = q.astype(np.float64) - 8
+    q = nibbles(layer.weight).reshape(layer.weight.shape[0], -1)  # input column 8k + i: nibble i of word k
     group = q.shape[1] // layer.weight_scale.shape[1]
     scales = np.repeat(layer.weight_scale.detach().numpy().astype(np.float64), group, axis=1)
     zp = getattr(layer, "weight_zero_point", None)
-    zeros = np.zeros_like(scales) if zp is None else np.repeat(zp.detach().numpy().astype(np.float64), group, axis=1)
+    if zp is not None:  # output row 8k + i: nibble i of word row k
+        zp = nibbles(zp).transpose(0, 2, 1).reshape(-1, zp.shape[1])
+    zeros = np.zeros_like(scales) if zp is None else np.repeat(zp, group, axis=1)
     xf = to_f32(x).astype(np.float64).reshape(-1, q.shape[1])
     y = xf @ ((q - zeros) * scales).T
     if bias:
@@ -133,11 +140,12 @@ def test_layers_the_kernel_refuses_dequantize(kernel_calls, kind, group, why):
 
 
 def test_activation_order_and_straddling_groups_are_refused():
-    layer = make_layer("qkv", 64, True, kernel=True)
-    layer.register_buffer("weight_g_idx", torch.zeros(layer.input_size, dtype=torch.int32))
+    layer = make_layer("qkv", 64, False, kernel=True, act_order=True)  # a group index per input column
     assert "activation order" in layer.quant_method.kernel.refusal(layer)
-    assert not layer.quant_method.kernel.build_(layer)
+    assert not layer.quant_method.kernel.build_(layer) and not set(KERNEL_BUFFERS) & set(layer._buffers)
     assert not layer.quant_method.kernel.serves(layer, torch.zeros(1, 256, dtype=torch.bfloat16), None)
+    x = torch.randn(2, layer.input_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    assert torch.equal(layer(x), make_layer("qkv", 64, False, kernel=False, act_order=True)(x))
     config = ScaledConfig("int4", group_size=64)  # rank 1 of 2 holds input columns [96, 192): groups straddle
     rank1 = RowParallelLinear(192, 32, tp=TPContext(1, 2), quant_config=config, params_dtype=torch.bfloat16)
     rank1.weight.data.zero_()

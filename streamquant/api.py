@@ -156,7 +156,7 @@ def load_model(
     if not streaming and not strict:
         raise ValueError("streaming=False (the naive baseline) needs strict=True")
     # validated before the checkpoint is touched; options alone may belong to a pre-quantized checkpoint
-    quant_config = make_quant_config(quantization, options) if quantization is not None or not options else None
+    quant_config = make_quant_config(quantization, options, device) if quantization is not None or not options else None
     offload = make_offload_plan(offload_before_quant, quantize_on, quantization=quantization, device=device,
                                 streaming=streaming)
     params_dtype = resolve_dtype(dtype)
@@ -170,7 +170,7 @@ def load_model(
         raise QuantizationOptionError(f"fp8 option(s) {', '.join(sorted(options))} need a quantization scheme "
                                       "(quantization=..., --quantization) or a pre-quantized checkpoint")
     if prequantized is not None:  # the checkpoint's scheme, its options under the user's
-        quant_config = make_quant_config(quantization, options)
+        quant_config = make_quant_config(quantization, options, device)
     tp = default_tp() if tp is None else tp
     check_config_sizes(hf_config, shapes)
     with torch.device("meta"):

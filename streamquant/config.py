@@ -24,7 +24,7 @@ from streamquant.quant.torchao import TORCHAO_PRESETS, TorchaoConfig, is_torchao
 SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in ScaledScheme), *TORCHAO_PRESETS)
 # Options `load_model` accepts with a scaled-code scheme (fp8, int8, int4, mxfp8) (see `make_quant_config`).
 SCALED_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "symmetric", "act_order",
-                  "compile", "formula", "tp_invariant_activations", "measure_error")
+                  "int4_kernel", "compile", "formula", "tp_invariant_activations", "measure_error")
 # Options `load_model` accepts with a torchao scheme.
 TORCHAO_OPTIONS = ("ignore", "measure_error")
 
@@ -59,8 +59,10 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}; use a torch.dtype or one of {', '.join(DTYPE_NAMES)}")
 
 
-def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfig | TorchaoConfig | None:
-    """The quant config for scheme `quantization` with its `options` (None: unquantized).
+def make_quant_config(quantization: Any, options: dict[str, Any],
+                      device: str | torch.device | None = None) -> ScaledConfig | TorchaoConfig | None:
+    """The quant config for scheme `quantization` with its `options` (None: unquantized), for a model on
+    `device` (None: not known; int4's CPU kernel copy is off for a device other than the CPU).
 
     Options: `fp8_dtype` ("e4m3fn" default, "e4m3fnuz"; not for int8 / mxfp8), `activation_scheme` ("dynamic"
     default, "none" for weight-only), `ignore` (regexes over module names), `block_size`
@@ -70,9 +72,9 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfi
     "transformers": whose fp8 arithmetic, see `quant/math/formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
     the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
     scales: one small collective per row-parallel matmul, see `quant/scaled/linear.py`), `measure_error`
-    (record per-weight SQNR), `group_size` / `symmetric` / `act_order` (int4: input elements per scale, zero
-    points, a group index per input column -- what a pre-quantized GPTQ-style checkpoint sets). Every option
-    is validated here.
+    (record per-weight SQNR), `group_size` / `symmetric` / `act_order` / `int4_kernel` (int4: input elements per
+    scale, zero points, a group index per input column -- what a pre-quantized GPTQ-style checkpoint sets --, torch's
+    CPU int4 kernel where it serves, default True). Every option is validated here.
 
     torchao (`quant/torchao.py`): `quantization` a preset name ("torchao:int8-weight-only", ...)
     or a torchao `AOBaseConfig` object; options `ignore` and `measure_error`.
@@ -99,9 +101,13 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfi
     options = dict(options)
     if "block_size" in options and quantization != ScaledScheme.FP8_BLOCK.value:
         raise ValueError(f"block_size applies to quantization='fp8-block' only, not {quantization!r}")
-    for key in ("group_size", "act_order"):
+    for key in ("group_size", "act_order", "int4_kernel"):
         if key in options and quantization != ScaledScheme.INT4.value:
             raise ValueError(f"{key} applies to quantization='int4' only, not {quantization!r}")
+    if quantization == ScaledScheme.INT4.value and device is not None and torch.device(device).type != "cpu":
+        if options.get("int4_kernel"):
+            raise ValueError(f"int4_kernel=True needs a CPU target (torch's CPU int4 kernel), not device={str(device)!r}")
+        options["int4_kernel"] = False  # the copy would never serve there: no memory for it
     error_log = QuantErrorLog() if options.pop("measure_error", False) else None
     return ScaledConfig(ScaledScheme(quantization), error_log=error_log, **options)
 

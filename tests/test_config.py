@@ -103,6 +103,17 @@ def test_cpu_target_warns_that_offload_saves_nothing(checkpoints):
     assert any("saves nothing" in str(w.message) for w in caught)
 
 
+def test_int4_kernel_copy_is_for_cpu_targets_only():
+    """torch's int4 kernel is a CPU kernel: on another device the copy would take memory and never serve."""
+    assert make_quant_config("int4", {}, "cpu").int4_kernel and make_quant_config("int4", {}).int4_kernel
+    assert not make_quant_config("int4", {}, "cuda").int4_kernel
+    assert not make_quant_config("int4", {"int4_kernel": False}, torch.device("cpu")).int4_kernel
+    with pytest.raises(ValueError, match="int4_kernel=True needs a CPU target .*not device='cuda:1'"):
+        make_quant_config("int4", {"int4_kernel": True}, "cuda:1")
+    with pytest.raises(ValueError, match="int4_kernel applies to quantization='int4' only, not 'fp8'"):
+        make_quant_config("fp8", {"int4_kernel": False}, "cpu")
+
+
 def test_the_validators_without_a_load():
     assert make_quant_config(None, {}) is None
     config = make_quant_config("fp8-block", {"measure_error": True, "block_size": (64, 64)})

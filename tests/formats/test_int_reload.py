@@ -24,7 +24,8 @@ IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 # name -> (writer, online options of the same scheme)
 KINDS = {"int8": ("int8", {"quantization": "int8"}),
          "int4-asym": ("int4-asym", {"quantization": "int4", "group_size": 16, "symmetric": False}),
-         "int4-actorder": ("np", {"quantization": "int4", "group_size": 32})}
+         # an act-order layer dequantizes (no int4 kernel copy: `scaled/int4_kernel.py`), and so does its reference
+         "int4-actorder": ("np", {"quantization": "int4", "group_size": 32, "int4_kernel": False})}
 
 
 def write(kind, src, root):

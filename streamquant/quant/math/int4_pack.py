@@ -67,11 +67,15 @@ def pack_rows(codes: torch.Tensor, bits: int = 4, out: torch.Tensor | None = Non
     return packed.contiguous() if out is None else out.copy_(packed)
 
 
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., n / 8] -> the stored nibbles (`code + 8`, 0..15) as int32 [..., n]."""
+    shifts = torch.arange(0, 4 * PACK_FACTOR, 4, dtype=torch.int32, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """int32 [..., n / 8] -> int8 codes [..., n] (the inverse of `pack_int4`)."""
-    shifts = torch.arange(0, 4 * PACK_FACTOR, 4, dtype=torch.int32, device=packed.device)
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF
-    return (nibbles - OFFSET).to(torch.int8).flatten(-2)
+    return (unpack_nibbles(packed) - OFFSET).to(torch.int8)
 
 
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@ weights' code format: per token for fp8, fp8-channel and int8, per 1x128 group f
 block for mxfp8; `activation_scheme="none"` keeps them in the model dtype (weight-only: W8A16).
 "int4" is W4A16 (weight-only always): symmetric int4 codes (-7..7) with one scale per 1 x `group_size`
 group along the input (default 128), or with `symmetric=False` codes -8..7 with a scale and an int8
-zero point per group (`int4.py`); stored eight per int32 (`int4_pack.py`), dequantized at matmul.
-`act_order=True` (what a GPTQ-style pre-quantized checkpoint with `g_idx` sets) gives each int4 layer a
-group index per input column (`scaled/weights.py`).
+zero point per group (`int4.py`); stored eight per int32 (`int4_pack.py`). Its matmul: torch's CPU
+int4 kernel on a derived copy of the weight where that serves (`int4_kernel=True`, the default:
+`scaled/int4_kernel.py`; about twice the int4 weight's memory, still half of bf16), else
+dequantize-then-`F.linear`. `act_order=True` (what a GPTQ-style pre-quantized checkpoint with `g_idx`
+sets) gives each int4 layer a group index per input column (`scaled/weights.py`); such layers dequantize.
 All six share one machinery (`scaled.weights`, `math.quantize`): streaming, tensor parallelism on the
 global tile grid, reload in place, MoE experts, the error log.
 
@@ -110,6 +112,7 @@ class ScaledConfig:
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128  # int4 only
     symmetric: bool = True  # int4 only: False adds a zero point per group (`int4.py`)
+    int4_kernel: bool = True  # int4 only: torch's CPU int4 kernel where it serves (`scaled/int4_kernel.py`)
     act_order: bool = False  # int4 only: a group index per input column (pre-quantized GPTQ-style checkpoints)
     compile: bool = False
     formula: Formula = Formula.STREAMQUANT
@@ -127,6 +130,10 @@ class ScaledConfig:
         object.__setattr__(self, "activation_scheme", activation)
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if not isinstance(self.int4_kernel, bool):
+            raise ValueError(f"int4_kernel must be True or False, got {self.int4_kernel!r}")
+        if not self.int4_kernel and not int4:
+            raise ValueError(f"int4_kernel=False applies to quantization='int4' only, not {self.scheme.value!r}")
         if not self.symmetric and not int4:
             raise ValueError(f"symmetric=False (zero points) applies to quantization='int4' only, not {self.scheme.value!r}")
         if self.act_order and not int4:
@@ -166,7 +173,8 @@ class ScaledConfig:
     def get_linear_method(self, prefix: str) -> LinearMethod:
         if self.is_ignored(prefix):
             return UnquantizedLinearMethod()
-        return ScaledLinearMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations)
+        return ScaledLinearMethod(self.weight_spec, self.activation, self.error_log, self.tp_invariant_activations,
+                                  self.int4_kernel)
 
     def get_moe_method(self, prefix: str) -> MoEMethod:
         if self.is_ignored(prefix):

@@ -16,6 +16,8 @@
       `acc.float() * scale_x[N, 1] * scale_w[1, out]` (+ bias) in float32, rounded once to the output dtype.
     * otherwise (128x128 blocks or MX 1x32 blocks everywhere, older GPUs, float16/float32 output on CUDA): both
       operands dequantized to float32 and multiplied with `F.linear`, then cast to `x.dtype`.
+  int4 weight-only layers go first to torch's CPU int4 kernel where it serves (`ScaledLinearMethod.apply`,
+  `scaled.int4_kernel`: bf16 on the CPU, a bf16 result), and dequantize here otherwise.
   The bias is added to the product before its one rounding to the output dtype, as `F.linear` and
   `_scaled_mm(bias=)` do (so a row-parallel layer's float32 partial sums round as TP=1 does).
   With `out_dtype` (a row-parallel layer's float32 partial sums, `quant/math/matmul.py`) the product is
@@ -58,6 +60,7 @@ from streamquant.quant.scaled.weights import (
     require_quantized,
     shard_layouts,
 )
+from streamquant.quant.scaled.int4_kernel import Int4CpuKernel
 from streamquant.quant.scaled.readback import dequantize_weight, row_scales
 from streamquant.quant.math.granularity import Granularity, PerBlock, PerRow, PerTensor, Window, tile_shape
 from streamquant.quant.math.matmul import int8_mm, int8_weight_only_applies, int8_weight_only_linear, linear
@@ -136,14 +139,18 @@ class ScaledLinearMethod(ScaledWeights):
     """Online fp8 for a linear layer: bf16 checkpoint weight in, fp8 `weight` + `weight_scale` out.
 
     One instance per layer (`create_weights` records the layer's TP context and shard layouts).
+    `int4_kernel`: int4 weights also keep the CPU int4 kernel's copy and multiply with it where it
+    serves (`scaled.int4_kernel`); otherwise they dequantize at each call.
     """
 
     def __init__(self, spec: ScaledWeightSpec, activation: Granularity | None, error_log: QuantErrorLog | None = None,
-                 tp_invariant: bool = False):
+                 tp_invariant: bool = False, int4_kernel: bool = True):
         self.spec = spec
         self.activation = activation
         self.error_log = error_log
         self.tp_invariant = tp_invariant  # all-reduce activation amaxes of row-parallel layers (module doc)
+        self.int4_kernel = int4_kernel and spec.fmt.packed
+        self.kernel: Int4CpuKernel | None = None
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, tp, weight_loader) -> None:
@@ -152,12 +159,17 @@ class ScaledLinearMethod(ScaledWeights):
         create_scaled_weight(layer, "weight", checkpoint_weight, self.spec)
         self.tp = tp  # the context the weight is split over (a replicated layer gets a single rank)
         self.layouts = shard_layouts(layer.logical_shards["weight"], self.spec.granularity)
+        self.kernel = Int4CpuKernel("weight", self.layouts) if self.int4_kernel else None
 
     def process_weights_after_loading(self, layer) -> None:
         quantize_layer_weight_(layer, "weight", self.spec, self.tp, self.error_log)
+        if self.kernel is not None:
+            self.kernel.build_(layer)  # after every load and reload: the loaders' writes bump no version
 
     def apply(self, layer, x, bias=None, out_dtype=None):
         require_quantized(layer, "weight")
+        if self.kernel is not None and self.kernel.serves(layer, x, out_dtype):
+            return self.kernel.linear(layer, x, bias)
         return scaled_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias,
                           self.tp if self.tp_invariant else None, out_dtype, getattr(layer, "weight_zero_point", None),
                           getattr(layer, "weight_g_idx", None))

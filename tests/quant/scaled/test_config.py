@@ -60,6 +60,18 @@ def test_int4_is_weight_only_with_a_group_size_option(llama):
     assert model.load_report.quantized_weight_bytes == sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.int32)
 
 
+def test_int4_kernel_is_an_int4_option(llama):
+    assert ScaledConfig("int4").int4_kernel and not ScaledConfig("int4", int4_kernel=False).int4_kernel
+    with pytest.raises(ValueError, match="int4_kernel must be True or False, got 'no'"):
+        ScaledConfig("int4", int4_kernel="no")
+    with pytest.raises(ValueError, match="int4_kernel=False applies to quantization='int4' only, not 'fp8'"):
+        ScaledConfig("fp8", int4_kernel=False)
+    with pytest.raises(ValueError, match="int4_kernel applies to quantization='int4' only"):
+        load_model(llama, quantization="int8", int4_kernel=True)
+    method = ScaledConfig("int4", int4_kernel=False).get_linear_method("model.layers.0.mlp.down_proj")
+    assert method.int4_kernel is False
+
+
 def _asymmetric_state(path, formula="streamquant"):
     dtype = torch.float32 if formula == "streamquant" else torch.bfloat16  # the library rounds to bf16: visible
     model = load_model(path, quantization="int4", symmetric=False, dtype=dtype, formula=formula,

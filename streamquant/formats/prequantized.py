@@ -31,7 +31,7 @@ import torch
 
 from streamquant.checkpoint.reader import CONFIG_FILE, checkpoint_shapes, iterate_weights, resolve_checkpoint
 from streamquant.loading.errors import WeightLoadError
-from streamquant.formats import QuantizationConfigError, QuantizedCheckpoint, read_quantization_config
+from streamquant.formats import Int4Checkpoint, QuantizationConfigError, QuantizedCheckpoint, read_quantization_config
 from streamquant.parallel.context import TPContext
 from streamquant.quant.scaled.config import ScaledConfig, ScaledScheme
 from streamquant.quant.math.quantize import dequantize
@@ -117,7 +117,7 @@ def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
     The checkpoint decides the scheme: `quantization` must be None or agree. Options the user gives
     override the checkpoint's (`activation_scheme`, `formula` -- which a reload quantizes with), except
     `block_size` and `ignore`, which the checkpoint's tensors fix."""
-    found = read_quantization_config(getattr(hf_config, "quantization_config", None))
+    found = _fp8_only(read_quantization_config(getattr(hf_config, "quantization_config", None)))
     if found is None:
         return None, quantization, options
     if quantization not in (None, found.scheme.value):
@@ -131,6 +131,14 @@ def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
                             params_dtype=torch.bfloat16)
     plan = plan_prequantized(model, found, shapes)
     return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}
+
+
+def _fp8_only(found: QuantizedCheckpoint | Int4Checkpoint | None) -> QuantizedCheckpoint | None:
+    if isinstance(found, Int4Checkpoint):
+        raise QuantizationConfigError(f"{found.format} checkpoints are read and converted to compressed-tensors' "
+                                      "int4 layout (streamquant.formats.to_compressed_tensors), but int4 layers "
+                                      "cannot be loaded yet")
+    return found
 
 
 def normalized_scale_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -147,7 +155,7 @@ def checkpoint_source(checkpoint: Path, model, dtype: torch.dtype) -> tuple[Iter
         raw = json.loads((checkpoint / CONFIG_FILE).read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
         raw = None  # the reload's strict checks refuse what does not fit
-    found = read_quantization_config(raw)
+    found = _fp8_only(read_quantization_config(raw))
     if found is None:
         return weights, False
     return prequantized_tensors(weights, plan_prequantized(model, found, checkpoint_shapes(checkpoint)), dtype), True

@@ -1,0 +1,96 @@
+"""formats/int4.py: the Int4Checkpoint description, the nibble packing against compressed-tensors' own, and the
+module stream's holding (only until a layer's partners arrive, references only, in order)."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import QuantizationConfig
+
+from streamquant.formats.int4 import (
+    Int4Checkpoint,
+    PackedTensorError,
+    module_stream,
+    pack_nibbles,
+    trivial_g_idx,
+    unpack_nibbles,
+)
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_nibble_packing_is_compressed_tensors_packing(dim):
+    codes = torch.randint(-8, 8, (16, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_nibbles((codes + 8).to(torch.uint8), dim=dim)
+    assert torch.equal(packed, pack_to_int32(codes, 4, packed_dim=1 if dim == -1 else 0))
+    if dim == -1:
+        assert torch.equal(unpack_nibbles(packed).to(torch.int8) - 8, unpack_from_int32(packed, 4, codes.shape))
+
+
+def test_unpack_in_an_order():
+    word = torch.tensor([[0x76543210]], dtype=torch.int32)
+    assert unpack_nibbles(word, (0, 4, 1, 5, 2, 6, 3, 7)).tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]]
+    assert unpack_nibbles(torch.tensor([[-1]], dtype=torch.int32)).tolist() == [[15] * 8]  # the sign bit is a nibble bit
+
+
+def test_checkpoint_values_are_validated():
+    with pytest.raises(ValueError, match="4-bit codes, not 8-bit"):
+        Int4Checkpoint("gptq", "gptq", 128, True, bits=8)
+    with pytest.raises(ValueError, match="group_size must be positive"):
+        Int4Checkpoint("gptq", "gptq", 0, True)
+    with pytest.raises(ValueError, match="act_order needs groups"):
+        Int4Checkpoint("gptq", "gptq", None, True, act_order=True)
+    assert trivial_g_idx(6, 4).tolist() == [0, 0, 0, 0, 1, 1] and trivial_g_idx(3, None).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("group, sym", [(128, True), (32, False), (None, False)])
+def test_compressed_tensors_config_is_read_by_the_library(group, sym):
+    config = Int4Checkpoint("awq", "gemm", group, sym, ignore=("lm_head",)).compressed_tensors_config()
+    parsed = QuantizationConfig.model_validate(config)
+    weights = parsed.config_groups["group_0"].weights
+    assert (weights.num_bits, weights.type, weights.symmetric, weights.group_size, weights.strategy) == (
+        4, "int", sym, group, "channel" if group is None else "group")
+    assert parsed.format == "pack-quantized" and parsed.ignore == ["lm_head"]
+
+
+def test_act_order_config_says_group_which_the_library_no_longer_reads():
+    config = Int4Checkpoint("gptq", "gptq", 128, False, act_order=True).compressed_tensors_config()
+    assert config["config_groups"]["group_0"]["weights"]["actorder"] == "group"  # vLLM's g_idx spelling
+    with pytest.raises(ValueError, match="actorder='group' has been removed"):
+        QuantizationConfig.model_validate(copy.deepcopy(config))
+
+
+def test_stream_holds_parts_only_until_the_layer_is_complete():
+    """Parts are held as references; the layer converts on its last part; nothing of it is kept after."""
+    pulled, converted, refs = [], [], {}
+
+    def source():
+        for name in ("x.a", "other", "x.b", "after"):
+            pulled.append(name)
+            tensor = torch.full((2,), len(pulled))
+            refs[name] = weakref.ref(tensor)
+            yield name, tensor
+            del tensor
+
+    def convert(module, parts):
+        assert parts["a"] is refs["x.a"]() and parts["b"] is refs["x.b"]()  # references, not copies
+        converted.append(module)
+        yield f"{module}.sum", parts["a"] + parts["b"]
+
+    stream = module_stream(source(), frozenset({"a", "b"}), convert, "test")
+    assert next(stream)[0] == "other" and pulled == ["x.a", "other"]  # x.a held, not yet converted
+    name, total = next(stream)
+    assert (name, total.tolist(), pulled) == ("x.sum", [4, 4], ["x.a", "other", "x.b"])
+    assert next(stream)[0] == "after" and converted == ["x"]
+    assert refs["x.a"]() is None and refs["x.b"]() is None  # released while the stream goes on
+
+
+def test_stream_names_incomplete_layers_and_duplicates():
+    parts = frozenset({"qweight", "scales"})
+    with pytest.raises(PackedTensorError, match=r"incomplete .*a.b: scales; c: qweight"):
+        list(module_stream([("a.b.qweight", torch.ones(1)), ("c.scales", torch.ones(1))], parts, None, "gptq"))
+    with pytest.raises(PackedTensorError, match="gptq checkpoint tensor 'a.qweight' arrived twice"):
+        list(module_stream([("a.qweight", torch.ones(1))] * 2, parts, None, "gptq"))

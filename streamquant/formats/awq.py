@@ -2,10 +2,11 @@
 into compressed-tensors'.
 
 Config (`quantization_config`, quant_method "awq"): `bits` (AutoAWQ's `w_bit`) 4, `group_size`
-(`q_group_size`) > 0 or -1, `zero_point` true, `version` "gemm" (GPTQModel also writes it as
-`checkpoint_format` / `format`), `modules_to_not_convert`. Refused, naming the field: other bit widths,
-`zero_point` false, versions "gemv", "gemv_fast", "exllama", "ipex", "marlin" and any other, llm-awq's
-packing (`backend` "llm-awq"), `desc_act`. Runtime-only keys (`do_fuse`, `exllama_config`, ...) are tolerated.
+(`q_group_size`) > 0 or -1, `version` "gemm" (GPTQModel also writes it as `checkpoint_format` /
+`format`), `modules_to_not_convert`. `zero_point` false (GPTQModel's symmetric AWQ) still stores qzeros,
+which its GEMM dequantization uses as always: they are converted like any others. Refused, naming the
+field: other bit widths, versions "gemv", "gemv_fast", "exllama", "ipex", "marlin" and any other,
+llm-awq's packing (`backend` "llm-awq"), `desc_act`. Runtime-only keys (`do_fuse`, `exllama_config`, ...) are tolerated.
 
 Tensors, per quantized linear `X` (unquantized tensors pass through): unsigned 4-bit codes with zero
 points, `w = (q - z) * scale` with the group i // group_size of input column i:
@@ -13,7 +14,8 @@ points, `w = (q - z) * scale` with the group i // group_size of input column i:
     OUTPUT dim in AWQ's interleaved order: output 8k + j sits at nibble position (0, 4, 1, 5, 2, 6, 3, 7)[j]
     of word k (AutoAWQ packs with order_map (0, 2, 4, 6, 1, 3, 5, 7), its inverse);
   - `X.scales` [in / group, out].
-Converted: qweight unpacked, repacked along the input dim -> `weight_packed` (a transposed view);
+Converted: qweight repacked along the input dim (8 x 8 nibble blocks transposed) -> `weight_packed` (a
+transposed view);
 qzeros' nibbles put in natural order within each word, transposed -> `weight_zero_point`; scales
 transposed -> `weight_scale`. AWQ's unsigned nibbles are compressed-tensors' offset-binary ones
 (q = q_u - 8, zp = z_u - 8), so no code changes value.
@@ -34,6 +36,7 @@ from streamquant.formats.int4 import (
     groups_of,
     module_stream,
     pack_nibbles,
+    repack_along_rows,
     unpack_nibbles,
 )
 
@@ -68,9 +71,9 @@ def read_config(config: dict) -> Int4Checkpoint:
     group_size = _alias(config, "group_size", "q_group_size", 128)
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size <= 0 and group_size != -1):
         raise QuantizationConfigError(f"quantization_config.group_size = {group_size!r}: expected a positive int or -1")
-    if config.get("zero_point", True) is not True:
-        raise QuantizationConfigError(f"quantization_config.zero_point = {config['zero_point']!r}: AWQ without zero "
-                                      "points is not supported (AutoAWQ's GEMM layout always has them)")
+    if not isinstance(config.get("zero_point", True), bool):
+        raise QuantizationConfigError(f"quantization_config.zero_point = {config['zero_point']!r}: expected true "
+                                      "or false")
     if str(config.get("backend") or "autoawq").lower() != "autoawq":
         raise QuantizationConfigError(f"quantization_config.backend = {config['backend']!r}: only AutoAWQ's packing "
                                       "is supported (llm-awq packs differently)")
@@ -94,9 +97,7 @@ def convert_module(module: str, parts: dict[str, torch.Tensor], checkpoint: Int4
     groups = groups_of(f"{module}.qweight", in_features, checkpoint.group_size)
     check_tensor(f"{module}.scales", parts["scales"], (groups, out), SCALE_DTYPES)
     check_tensor(f"{module}.qzeros", parts["qzeros"], (groups, out // PACK_FACTOR), (torch.int32,))
-    codes = unpack_nibbles(qweight, AWQ_ORDER)  # uint8 [in, out]
-    yield f"{module}.weight_packed", pack_nibbles(codes, dim=0).t()
-    del codes
+    yield f"{module}.weight_packed", repack_along_rows(qweight, AWQ_ORDER).t()
     yield f"{module}.weight_scale", parts["scales"].t()
     yield f"{module}.weight_zero_point", pack_nibbles(unpack_nibbles(parts["qzeros"], AWQ_ORDER)).t()
     yield f"{module}.weight_shape", torch.tensor([out, in_features], dtype=torch.int64)

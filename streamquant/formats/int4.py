@@ -133,11 +133,40 @@ def unpack_nibbles(words: torch.Tensor, order: tuple[int, ...] = tuple(range(PAC
     return out.flatten(-2)
 
 
-def pack_nibbles(nibbles: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """uint8 nibbles -> int32 with eight per word along `dim` (element 8k + i in bits [4i, 4i + 4) of word k)."""
-    dim = dim % nibbles.dim()
-    grouped = nibbles.unflatten(dim, (nibbles.shape[dim] // PACK_FACTOR, PACK_FACTOR))
-    words = grouped.select(dim + 1, 0).to(torch.int32)
+def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 8n] -> int32 [..., n]: element 8k + i in bits [4i, 4i + 4) of word k."""
+    grouped = nibbles.unflatten(-1, (nibbles.shape[-1] // PACK_FACTOR, PACK_FACTOR))
+    words = grouped[..., 0].to(torch.int32)
     for i in range(1, PACK_FACTOR):
-        words |= grouped.select(dim + 1, i).to(torch.int32) << (BITS * i)
+        words |= grouped[..., i].to(torch.int32) << (BITS * i)
     return words
+
+
+def _int32(bits: int) -> int:
+    return bits - 2**32 if bits >= 2**31 else bits
+
+
+# (rows apart, mask of the nibbles a row keeps) for the three block swaps of an 8 x 8 nibble transpose
+_SWAPS = tuple((step, mask, _int32(~mask & 0xFFFFFFFF)) for step, mask in ((4, 0x0000FFFF), (2, 0x00FF00FF),
+                                                                         (1, 0x0F0F0F0F)))
+
+
+def repack_along_rows(words: torch.Tensor, order: tuple[int, ...] = tuple(range(PACK_FACTOR))) -> torch.Tensor:
+    """int32 [R, C] packed along the columns (element (i, 8c + j) at nibble order[j] of word [i, c]) -> int32
+    [R / 8, 8C] packed along the rows in natural order (element (8k + r, o) at nibble r of word [k, o]).
+
+    Each 8 x 8 block of nibbles (eight words) is transposed in three rounds of masked swaps (halves, bytes,
+    nibbles) on whole int32 tensors, without ever expanding to one byte per code."""
+    rows_total, cols = words.shape
+    blocks = words.view(rows_total // PACK_FACTOR, PACK_FACTOR, cols)
+    rows = [blocks[:, r] for r in range(PACK_FACTOR)]
+    for step, keep, other in _SWAPS:
+        shift = BITS * step
+        for r in (r for r in range(PACK_FACTOR) if not r & step):
+            a, b = rows[r], rows[r + step]
+            rows[r] = (a & keep) | ((b & keep) << shift)
+            rows[r + step] = ((a >> shift) & keep) | (b & other)
+    out = torch.empty(rows_total // PACK_FACTOR, cols, PACK_FACTOR, dtype=torch.int32, device=words.device)
+    for j, position in enumerate(order):  # after the transpose, row `position` holds output column 8c + j
+        out[..., j] = rows[position]
+    return out.view(rows_total // PACK_FACTOR, cols * PACK_FACTOR)

@@ -80,6 +80,8 @@ def test_config_fields():
     # AutoAWQ's own key names, GPTQModel's extra spellings of the version
     assert read_config({"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "GEMM"}).group_size == 64
     assert read_config(config(checkpoint_format="gemm", format="gemm", desc_act=False)).checkpoint_format == "gemm"
+    # GPTQModel's symmetric AWQ (zero_point false) still stores qzeros, converted as any others
+    assert read_config(config(zero_point=False)) == read_config(config())
 
 
 @pytest.mark.parametrize("over, message", [
@@ -90,7 +92,7 @@ def test_config_fields():
     ({"version": "exllama"}, "version = 'exllama' is not supported"),
     ({"version": "gemv_fast"}, "version = 'gemv_fast'"),
     ({"format": "marlin"}, "format = 'marlin' is not supported"),
-    ({"zero_point": False}, "zero_point = False"),
+    ({"zero_point": "no"}, "zero_point = 'no'"),
     ({"backend": "llm-awq"}, "backend = 'llm-awq'"),
     ({"desc_act": True}, "desc_act = true"),
 ])

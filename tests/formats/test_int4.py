@@ -16,18 +16,27 @@ from streamquant.formats.int4 import (
     PackedTensorError,
     module_stream,
     pack_nibbles,
+    repack_along_rows,
     trivial_g_idx,
     unpack_nibbles,
 )
 
 
-@pytest.mark.parametrize("dim", [-1, 0])
-def test_nibble_packing_is_compressed_tensors_packing(dim):
+def test_nibble_packing_is_compressed_tensors_packing():
     codes = torch.randint(-8, 8, (16, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-    packed = pack_nibbles((codes + 8).to(torch.uint8), dim=dim)
-    assert torch.equal(packed, pack_to_int32(codes, 4, packed_dim=1 if dim == -1 else 0))
-    if dim == -1:
-        assert torch.equal(unpack_nibbles(packed).to(torch.int8) - 8, unpack_from_int32(packed, 4, codes.shape))
+    packed = pack_nibbles((codes + 8).to(torch.uint8))
+    assert torch.equal(packed, pack_to_int32(codes, 4))
+    assert torch.equal(unpack_nibbles(packed).to(torch.int8) - 8, unpack_from_int32(packed, 4, codes.shape))
+
+
+@pytest.mark.parametrize("order", [tuple(range(8)), (0, 4, 1, 5, 2, 6, 3, 7), (7, 6, 5, 4, 3, 2, 1, 0)])
+def test_repack_along_rows_is_compressed_tensors_packing_of_the_transpose(order):
+    """Codes [R, C*8] packed along columns in `order` -> packed along rows = compressed-tensors' packing of codes.T."""
+    codes = torch.randint(-8, 8, (24, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    nibbles = (codes + 8).to(torch.uint8).unflatten(-1, (5, 8))
+    words = pack_nibbles(nibbles[..., [order.index(p) for p in range(8)]].flatten(-2))  # nibble p holds order^-1[p]
+    assert torch.equal(unpack_nibbles(words, order).to(torch.int8) - 8, codes)
+    assert torch.equal(repack_along_rows(words, order).t(), pack_to_int32(codes.t().contiguous(), 4))
 
 
 def test_unpack_in_an_order():

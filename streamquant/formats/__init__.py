@@ -3,7 +3,7 @@
 `compressed_tensors` (llm-compressor's output, vLLM's and transformers' reader) and `hf_fp8`
 (transformers' FineGrainedFP8 / DeepSeek block fp8) are read and written; `FORMATS` names them. `gptq`
 and `awq` are read only: their layers are converted, as they stream in, into compressed-tensors'
-`pack-quantized` int4 layout (`to_compressed_tensors`). `read_quantization_config` turns a checkpoint's
+`pack-quantized` int4 layout (`to_compressed_tensors`; `shapes_as_compressed_tensors` for headers). `read_quantization_config` turns a checkpoint's
 `quantization_config` into a `QuantizedCheckpoint` (fp8), an `Int4Checkpoint` (GPTQ / AWQ), None (not
 quantized) or a `QuantizationConfigError` naming the field and value it cannot load;
 `checkpoint_quantization_config` finds that dict for a checkpoint directory (config.json's, else
@@ -71,6 +71,11 @@ def to_compressed_tensors(weights: Iterable[tuple[str, torch.Tensor]],
     return _INT4[checkpoint.format].to_compressed_tensors(weights, checkpoint)
 
 
+def shapes_as_compressed_tensors(shapes: dict[str, tuple[int, ...]], checkpoint: Int4Checkpoint) -> dict:
+    """A GPTQ / AWQ checkpoint's header shapes as `to_compressed_tensors` will emit its tensors (to plan a load)."""
+    return _INT4[checkpoint.format].shapes_as_compressed_tensors(shapes, checkpoint)
+
+
 __all__ = ["DEFAULT_FORMAT", "FORMATS", "CheckpointFormat", "Int4Checkpoint", "PackedTensorError",
            "QuantizationConfigError", "QuantizedCheckpoint", "checkpoint_quantization_config", "get_format",
-           "read_quantization_config", "to_compressed_tensors"]
+           "read_quantization_config", "shapes_as_compressed_tensors", "to_compressed_tensors"]

@@ -35,6 +35,7 @@ from streamquant.formats.int4 import (
     Int4Checkpoint,
     PackedTensorError,
     check_tensor,
+    converted_shapes,
     groups_of,
     module_stream,
     trivial_g_idx,
@@ -167,10 +168,16 @@ def to_compressed_tensors(weights: Iterable[tuple[str, torch.Tensor]], checkpoin
     return module_stream(weights, PARTS, lambda module, parts: convert_module(module, parts, checkpoint), NAME)
 
 
+def shapes_as_compressed_tensors(shapes: dict[str, tuple[int, ...]], checkpoint: Int4Checkpoint) -> dict:
+    """The checkpoint's header shapes as `to_compressed_tensors` will emit its tensors (qweight is [in / 8, out])."""
+    return converted_shapes(shapes, PARTS, lambda shape: (shape[1], shape[0] * PACK_FACTOR), checkpoint)
+
+
 class GptqFormat:
     name = NAME
     read_config = staticmethod(read_config)
     to_compressed_tensors = staticmethod(to_compressed_tensors)
+    shapes_as_compressed_tensors = staticmethod(shapes_as_compressed_tensors)
 
 
 GPTQ = GptqFormat()

@@ -100,6 +100,30 @@ def module_stream(weights: Iterable[tuple[str, torch.Tensor]], parts: frozenset[
                                 + "; ".join(f"{m}: {', '.join(p)}" for m, p in missing.items()))
 
 
+def converted_shapes(shapes: dict[str, tuple[int, ...]], parts: frozenset[str], dims: Callable[[tuple], tuple[int, int]],
+                     checkpoint: Int4Checkpoint) -> dict[str, tuple[int, ...]]:
+    """A checkpoint's header shapes as `module_stream` will emit them (to plan a load before any tensor is
+    read): each module's parts replaced by the compressed-tensors tensors of its `qweight`, whose shape
+    `dims` turns into (out, in); other names unchanged. Shapes are checked when the tensors stream in."""
+    out = {}
+    for name, shape in shapes.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf not in parts:
+            out[name] = tuple(shape)
+        elif leaf == "qweight":
+            if len(shape) != 2:
+                raise PackedTensorError(f"checkpoint tensor {name!r} has shape {list(shape)}; expected two dims")
+            rows, cols = dims(tuple(shape))
+            groups = groups_of(name, cols, checkpoint.group_size)
+            out.update({f"{module}.weight_packed": (rows, cols // PACK_FACTOR), f"{module}.weight_scale": (rows, groups),
+                        f"{module}.weight_shape": (2,)})
+            if not checkpoint.symmetric:
+                out[f"{module}.weight_zero_point"] = (rows // PACK_FACTOR, groups)
+            if checkpoint.act_order:
+                out[f"{module}.weight_g_idx"] = (cols,)
+    return out
+
+
 def check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
     """Raise naming `name` unless `tensor` has exactly `shape` and one of `dtypes`."""
     if tuple(tensor.shape) != shape:

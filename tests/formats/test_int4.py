@@ -14,6 +14,7 @@ from compressed_tensors.quantization import QuantizationConfig
 from streamquant.formats.int4 import (
     Int4Checkpoint,
     PackedTensorError,
+    converted_shapes,
     module_stream,
     pack_nibbles,
     repack_along_rows,
@@ -103,3 +104,16 @@ def test_stream_names_incomplete_layers_and_duplicates():
         list(module_stream([("a.b.qweight", torch.ones(1)), ("c.scales", torch.ones(1))], parts, None, "gptq"))
     with pytest.raises(PackedTensorError, match="gptq checkpoint tensor 'a.qweight' arrived twice"):
         list(module_stream([("a.qweight", torch.ones(1))] * 2, parts, None, "gptq"))
+
+
+def test_converted_shapes_name_a_bad_header():
+    checkpoint = Int4Checkpoint("gptq", "gptq", 16, False, act_order=True)
+    shapes = {"m.qweight": (4, 24), "m.qzeros": (2, 3), "m.scales": (2, 24), "m.g_idx": (32,), "m.bias": (24,)}
+    got = converted_shapes(shapes, frozenset({"qweight", "qzeros", "scales", "g_idx"}),
+                           lambda s: (s[1], s[0] * 8), checkpoint)
+    assert got == {"m.weight_packed": (24, 4), "m.weight_scale": (24, 2), "m.weight_shape": (2,),
+                   "m.weight_zero_point": (3, 2), "m.weight_g_idx": (32,), "m.bias": (24,)}
+    with pytest.raises(PackedTensorError, match=r"'m.qweight' has shape \[96\]; expected two dims"):
+        converted_shapes({"m.qweight": (96,)}, frozenset({"qweight"}), None, checkpoint)
+    with pytest.raises(PackedTensorError, match="'m.qweight': input size 24 is not a multiple of the group size 16"):
+        converted_shapes({"m.qweight": (3, 8)}, frozenset({"qweight"}), lambda s: (s[1], s[0] * 8), checkpoint)

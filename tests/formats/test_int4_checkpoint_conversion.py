@@ -1,14 +1,20 @@
 """Whole GPTQ and AWQ checkpoints (dense and MoE) streamed from disk through `to_compressed_tensors`: every
 converted layer, decompressed by the compressed-tensors library, equals the dequantized reference checkpoint
-bitwise, and every other tensor passes through unchanged."""
+bitwise, every other tensor passes through unchanged, and the header shapes a load plans with are the
+shapes the stream then emits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from streamquant.checkpoint.reader import iterate_weights
-from streamquant.formats import checkpoint_quantization_config, read_quantization_config, to_compressed_tensors
+from streamquant.checkpoint.reader import checkpoint_shapes, iterate_weights
+from streamquant.formats import (
+    checkpoint_quantization_config,
+    read_quantization_config,
+    shapes_as_compressed_tensors,
+    to_compressed_tensors,
+)
 from hf_cases import CASES, make_checkpoint
 
 from .int4_checkpoints import write_int4_checkpoint
@@ -36,7 +42,9 @@ def test_checkpoint_converts_bitwise(case, variant, float_checkpoints, tmp_path)
     checkpoint = read_quantization_config(checkpoint_quantization_config(checkpoint_dir))
     reference = dict(iterate_weights(reference_dir))
     layers: dict[str, dict[str, torch.Tensor]] = {}
+    shapes = shapes_as_compressed_tensors(checkpoint_shapes(checkpoint_dir), checkpoint)  # what a plan sees
     for name, tensor in to_compressed_tensors(iterate_weights(checkpoint_dir), checkpoint):
+        assert shapes.pop(name) == tuple(tensor.shape), name
         module, _, leaf = name.rpartition(".")
         if leaf.startswith("weight_"):
             layers.setdefault(module, {})[leaf] = tensor
@@ -46,4 +54,4 @@ def test_checkpoint_converts_bitwise(case, variant, float_checkpoints, tmp_path)
     for module, converted in layers.items():
         weight = ct_decompress(converted, checkpoint.compressed_tensors_config())
         assert torch.equal(weight.float(), reference.pop(f"{module}.weight")), module
-    assert not reference  # every tensor of the reference model was accounted for
+    assert not reference and not shapes  # every tensor of the reference model, every header shape accounted for

@@ -1,16 +1,17 @@
-"""Offline fp8 quantization, side by side: `streamquant quantize` against llm-compressor's `model_free_ptq`.
+"""Offline quantization, side by side: `streamquant quantize` against llm-compressor's `model_free_ptq`.
 
 On the synthetic bf16 Llama of `--spec` (default `bench`: 28 layers of hidden 1024, ~1 GB; `7b-2layer`:
 two Qwen2-7B-shaped layers, ~1.3 GB) it runs, each repeat in a fresh child process, repeats
 round-robin over the rows:
-  streamquant:<scheme>:w<N>   `quantize_checkpoint(..., workers=N, formula=--formula)` for fp8,
-                              fp8-channel and fp8-block, N in --workers (default 1,2);
+  streamquant:<scheme>:w<N>   `quantize_checkpoint(..., workers=N, formula=--formula)` for the
+                              --schemes (default fp8, fp8-channel, fp8-block; also int8, int4 and
+                              int4-asym: int4 with zero points), N in --workers (default 1,2);
   floor:write                 writing the bytes streamquant's fp8 output has, from memory, with the same
                               reserved-file + pwrite path: the disk / page-cache floor both tools pay
                               (on this VM, writing runs at ~0.4-0.9 GB/s, so the write is most of a run);
-  llmcompressor:<preset>      llm-compressor 0.14 `model_free_ptq(scheme=FP8_DYNAMIC | FP8_BLOCK,
-                              ignore=["lm_head"])` (its per-channel and block presets; its per-tensor
-                              FP8 preset needs calibration), run with the Python named by
+  llmcompressor:<preset>      llm-compressor 0.14 `model_free_ptq(scheme=FP8_DYNAMIC | FP8_BLOCK | W8A8 |
+                              W4A16 | W4A16_ASYM, ignore=["lm_head"])` for the schemes asked for (its
+                              per-tensor FP8 preset needs calibration), run with the Python named by
                               --llmcompressor-python or $STREAMQUANT_LLMCOMPRESSOR_PYTHON (an environment
                               with llm-compressor installed; rows are skipped without one).
 Reported per row (median seconds, max peaks over repeats): seconds, GB/s of bf16 input, seconds /
@@ -42,7 +43,9 @@ from common import banner, interleaved, machine_info, spawn, write_results  # no
 
 MARKER = "QUANTIZE_BENCH "
 SCHEMES = ("fp8", "fp8-channel", "fp8-block")
-PRESETS = {"FP8_DYNAMIC": "fp8-channel", "FP8_BLOCK": "fp8-block"}
+PRESETS = {"FP8_DYNAMIC": "fp8-channel", "FP8_BLOCK": "fp8-block", "W8A8": "int8", "W4A16": "int4",
+           "W4A16_ASYM": "int4-asym"}
+SCHEME_OPTIONS = {"int4-asym": ("int4", {"symmetric": False})}  # row scheme -> quantize_checkpoint's scheme, options
 
 
 def _source(spec_name: str) -> Path:
@@ -77,7 +80,8 @@ def run_one(name: str, spec_name: str, out: Path, formula: str) -> dict:
             workers_peak = 0
         elif kind == "streamquant":
             scheme, _, workers = rest.partition(":w")
-            report = quantize_checkpoint(source, out, scheme, formula=formula, workers=int(workers))
+            scheme, options = SCHEME_OPTIONS.get(scheme, (scheme, {}))
+            report = quantize_checkpoint(source, out, scheme, formula=formula, workers=int(workers), **options)
             workers_peak = report.peak_anon_bytes
         else:
             model_free_ptq(str(source), str(out), scheme=rest, ignore=["lm_head"])

@@ -23,8 +23,8 @@ from streamquant.quant.torchao import TORCHAO_PRESETS, TorchaoConfig, is_torchao
 # Scheme names accepted by `load_model(quantization=...)`; None means unquantized (weights in `dtype`).
 SUPPORTED_QUANTIZATION: tuple[str | None, ...] = (None, *(s.value for s in ScaledScheme), *TORCHAO_PRESETS)
 # Options `load_model` accepts with a scaled-code scheme (fp8, int8, int4, mxfp8) (see `make_quant_config`).
-SCALED_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "symmetric", "compile", "formula",
-               "tp_invariant_activations", "measure_error")
+SCALED_OPTIONS = ("fp8_dtype", "activation_scheme", "ignore", "block_size", "group_size", "symmetric", "act_order",
+                  "compile", "formula", "tp_invariant_activations", "measure_error")
 # Options `load_model` accepts with a torchao scheme.
 TORCHAO_OPTIONS = ("ignore", "measure_error")
 
@@ -70,7 +70,9 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfi
     "transformers": whose fp8 arithmetic, see `quant/math/formula.py`; fp8 schemes only), `tp_invariant_activations` (all-reduce
     the dynamic activation amaxes of row-parallel layers, so TP > 1 computes with TP=1's activation
     scales: one small collective per row-parallel matmul, see `quant/scaled/linear.py`), `measure_error`
-    (record per-weight SQNR). Every option is validated here.
+    (record per-weight SQNR), `group_size` / `symmetric` / `act_order` (int4: input elements per scale, zero
+    points, a group index per input column -- what a pre-quantized GPTQ-style checkpoint sets). Every option
+    is validated here.
 
     torchao (`quant/torchao.py`): `quantization` a preset name ("torchao:int8-weight-only", ...)
     or a torchao `AOBaseConfig` object; options `ignore` and `measure_error`.
@@ -97,8 +99,9 @@ def make_quant_config(quantization: Any, options: dict[str, Any]) -> ScaledConfi
     options = dict(options)
     if "block_size" in options and quantization != ScaledScheme.FP8_BLOCK.value:
         raise ValueError(f"block_size applies to quantization='fp8-block' only, not {quantization!r}")
-    if "group_size" in options and quantization != ScaledScheme.INT4.value:
-        raise ValueError(f"group_size applies to quantization='int4' only, not {quantization!r}")
+    for key in ("group_size", "act_order"):
+        if key in options and quantization != ScaledScheme.INT4.value:
+            raise ValueError(f"{key} applies to quantization='int4' only, not {quantization!r}")
     error_log = QuantErrorLog() if options.pop("measure_error", False) else None
     return ScaledConfig(ScaledScheme(quantization), error_log=error_log, **options)
 

@@ -22,9 +22,9 @@ processed (fp8 codes and scales), named as `inference_tensors(model)` names them
 its first name) -- and copies each into place after checking its shape, dtype and finiteness; the
 same strictness and failure handling apply.
 
-`quantized_source=True` takes pre-quantized fp8 codes and scales in checkpoint layout (an fp8
+`quantized_source=True` takes pre-quantized codes and scales (int4: zero points, group indices) in checkpoint layout (a quantized
 checkpoint directory, which says so itself; `offline.quantize_weights`; a `WeightSender(quantization=)`)
-and writes them straight into the fp8 parameters, with the same strictness and failure handling;
+and writes them straight into the quantized parameters, with the same strictness and failure handling;
 nothing is quantized, and no high-precision staging exists.
 
 `Reloader(model, atomic=..., staging_budget=...)` is the same for a loop of reloads (the RL case):
@@ -72,7 +72,7 @@ def reload_weights(model: torch.nn.Module, weights: WeightSource, *, checkpoint_
     memory; with `transient_source=True`, for a source that reuses a tensor's storage once the next
     one is requested, every deferred tensor is copied). `check_finite=False` skips the NaN / Inf
     check of every incoming tensor (one `aminmax` pass each). `quantized_source=True`: the tensors are
-    pre-quantized (fp8 codes and scales in checkpoint layout, e.g. from `offline.quantize_weights` or
+    pre-quantized (codes and scales in checkpoint layout, e.g. from `offline.quantize_weights` or
     a `WeightSender(quantization=...)`) and are installed as they are, no high-precision staging; a
     checkpoint directory says itself whether it is (its `quantization_config`). `progress`: a bar of
     bytes and tensors on stderr (`streamquant/progress.py`); None (default): for a checkpoint directory

@@ -22,19 +22,26 @@ from streamquant.quant.math.formula import Formula
 
 
 def add_quantize_command(commands) -> None:
-    q = commands.add_parser("quantize", help="write an fp8 checkpoint (compressed-tensors or hf-fp8) of a "
-                                             "high-precision one, tensor by tensor, without building the model")
+    q = commands.add_parser("quantize", help="write an fp8, int8 or int4 checkpoint (compressed-tensors, or hf-fp8 for "
+                                             "fp8 blocks) of a high-precision one, tensor by tensor, without building "
+                                             "the model")
     add = q.add_argument
     add("src", help="high-precision checkpoint directory or Hugging Face hub id")
     add("dst", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     add("--quantization", required=True, choices=[s.value for s in OFFLINE_SCHEMES],
-        help="per-tensor, per-output-channel or 128x128-block weight scales")
+        help="fp8 with per-tensor, per-output-channel or 128x128-block weight scales; int8 with per-output-channel "
+             "scales (W8A8; W8A16 with --activation-scheme none); int4 (W4A16) with a scale per group of inputs")
     add("--format", default=DEFAULT_FORMAT, choices=list(FORMATS),
         help=f"on-disk format (default: {DEFAULT_FORMAT}; hf-fp8 stores block scales only)")
     add("--formula", default=Formula.STREAMQUANT.value, choices=[f.value for f in Formula],
-        help="whose arithmetic: streamquant's (default), or compressed-tensors' / transformers' bit for bit")
-    add("--activation-scheme", default="dynamic", choices=[a.value for a in ActivationScheme],
-        help="what the config tells readers about activations: dynamic fp8 (default) or none (weight-only)")
+        help="whose arithmetic: streamquant's (default), or compressed-tensors' (llm-compressor's round-to-nearest "
+             "output, bit for bit) / transformers' (fp8 only)")
+    add("--activation-scheme", default=None, choices=[a.value for a in ActivationScheme],
+        help="what the config tells readers about activations: dynamic (default; fp8 or int8 per token) or none "
+             "(weight-only; int4 always is)")
+    add("--group-size", type=int, default=None, metavar="N", help="int4: input elements per scale (default 128)")
+    add("--zero-points", action="store_true", default=None,
+        help="int4: asymmetric, a zero point per group (llm-compressor's W4A16_ASYM)")
     add("--ignore", action="append", default=[], metavar="REGEX",
         help="keep layers whose streamquant module name matches REGEX (re.search) in high precision; repeatable")
     add("--dtype", default="bfloat16", choices=list(DTYPE_NAMES),
@@ -51,9 +58,9 @@ def add_quantize_command(commands) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> dict:
-    options = {"formula": args.formula, "activation_scheme": args.activation_scheme}
-    if args.ignore:
-        options["ignore"] = args.ignore
+    given = {"formula": args.formula, "activation_scheme": args.activation_scheme, "group_size": args.group_size,
+             "symmetric": False if args.zero_points else None, "ignore": args.ignore or None}
+    options = {k: v for k, v in given.items() if v is not None}
     report = quantize_checkpoint(args.src, args.dst, args.quantization, format=args.format, dtype=args.dtype,
                                  max_shard_size=args.max_shard_size, workers=args.workers, overwrite=args.overwrite,
                                  measure_error=args.measure_error, progress=args.progress, **options)

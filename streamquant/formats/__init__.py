@@ -21,7 +21,7 @@ import torch
 
 from streamquant.formats import gptq
 from streamquant.formats.awq import AWQ
-from streamquant.formats.base import CheckpointFormat, QuantizationConfigError, QuantizedCheckpoint
+from streamquant.formats.base import CheckpointFormat, QuantizationConfigError, QuantizedCheckpoint, QuantizedWeight
 from streamquant.formats.compressed_tensors import COMPRESSED_TENSORS
 from streamquant.formats.gptq import GPTQ
 from streamquant.formats.hf_fp8 import HF_FP8
@@ -77,5 +77,5 @@ def shapes_as_compressed_tensors(shapes: dict[str, tuple[int, ...]], checkpoint:
 
 
 __all__ = ["DEFAULT_FORMAT", "FORMATS", "CheckpointFormat", "Int4Checkpoint", "PackedTensorError",
-           "QuantizationConfigError", "QuantizedCheckpoint", "checkpoint_quantization_config", "get_format",
+           "QuantizationConfigError", "QuantizedCheckpoint", "QuantizedWeight", "checkpoint_quantization_config", "get_format",
            "read_quantization_config", "shapes_as_compressed_tensors", "to_compressed_tensors"]

@@ -22,10 +22,12 @@ from streamquant.formats.base import (
     FORMULA_KEY,
     QuantizationConfigError,
     QuantizedCheckpoint,
+    QuantizedWeight,
     check_fp8_e4m3,
     recorded_formula,
+    sibling_name,
 )
-from streamquant.quant.scaled.config import ActivationScheme, ScaledScheme
+from streamquant.quant.scaled.config import ActivationScheme, ScaledConfig, ScaledScheme
 from streamquant.quant.math.formula import Formula
 
 NAME = "hf-fp8"
@@ -35,20 +37,19 @@ class HfFp8Format:
     name = NAME
     scale_suffix = "weight_scale_inv"
 
-    def write_config(self, scheme: ScaledScheme, activation_scheme: ActivationScheme, block_size: tuple[int, int],
-                     ignore: list[str], formula: Formula) -> dict:
-        if scheme is not ScaledScheme.FP8_BLOCK:
+    def write_config(self, config: ScaledConfig, ignore: list[str]) -> dict:
+        if config.scheme is not ScaledScheme.FP8_BLOCK:
             raise QuantizationConfigError(f"format {NAME!r} stores block scales only; use --quantization fp8-block, "
-                                          f"or --format compressed-tensors for {scheme.value!r}")
-        if activation_scheme is not ActivationScheme.DYNAMIC:
+                                          f"or --format compressed-tensors for {config.scheme.value!r}")
+        if config.activation_scheme is not ActivationScheme.DYNAMIC:
             raise QuantizationConfigError(f"format {NAME!r} has no weight-only mode; use --format compressed-tensors "
                                           "for --activation-scheme none")
-        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(block_size),
-                "modules_to_not_convert": list(ignore), FORMULA_KEY: formula.value}
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(config.block_size),
+                "modules_to_not_convert": list(ignore), FORMULA_KEY: config.formula.value}
 
-    def scale_to_disk(self, scales: torch.Tensor, scheme: ScaledScheme, weight_dtype: torch.dtype,
-                      formula: Formula) -> torch.Tensor:
-        return scales
+    def disk_tensors(self, name: str, weight: QuantizedWeight, config: ScaledConfig,
+                     weight_dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+        return [(name, weight.codes), (sibling_name(name, self.scale_suffix), weight.scales)]
 
     def read_config(self, config: dict) -> QuantizedCheckpoint:
         activation = config.get("activation_scheme", "dynamic")

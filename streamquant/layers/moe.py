@@ -13,7 +13,10 @@ the model computes `router_logits` (a `ReplicatedLinear`) and passes them in.
     `named_parameters()` yields): `experts.gate_up_proj` [E, 2I, H] ("w13") and
     `experts.down_proj` [E, H, I] ("w2"), with `expert_id=None`.
 Every combination of shard id and expert id (None = all experts) is accepted; shapes are checked
-exactly against the full checkpoint tensor, not only against the slice a rank takes.
+exactly against the full checkpoint tensor, not only against the slice a rank takes. The same loader
+takes pre-quantized codes: int8 / fp8 as they are, int4 packed eight per int32 along the input (w2's
+input is split in packed units). Their scales, zero points and group indices have their own loader
+(`loading/tiled.py`), reached by the rules below for `weight_scale`, `weight_zero_point`, `weight_g_idx`.
 
 Routing mirrors transformers 5.23's `Qwen2MoeTopKRouter` exactly: softmax in float32, top-k,
 optional renormalization, weights cast back to the router logits' dtype.
@@ -51,13 +54,14 @@ def _expert_rows(param: torch.Tensor, expert_id: int | None, shard_id: str) -> t
     return expert_id, expert_id + 1
 
 
-def _expected_shape(shard_id: str, param: torch.Tensor, full_intermediate: int) -> tuple[int, int]:
-    """Shape of one expert's checkpoint tensor for `shard_id` (unsharded)."""
+def _expected_shape(shard_id: str, param: torch.Tensor, full_intermediate: int, tp: TPContext) -> tuple[int, int]:
+    """Shape of one expert's checkpoint tensor for `shard_id` (unsharded), in the parameter's units
+    (w2's input in packed units when its codes are packed along the input)."""
     if shard_id in _W13_HALF:
         return full_intermediate, param.shape[2]
     if shard_id == "w13":
         return 2 * full_intermediate, param.shape[2]
-    return param.shape[1], full_intermediate
+    return param.shape[1], param.shape[2] * tp.size
 
 
 def moe_weight_loader(
@@ -74,7 +78,7 @@ def moe_weight_loader(
         raise ValueError(f"unknown MoE shard id {shard_id!r}; expected one of {', '.join(SHARD_IDS)}")
     lo, hi = _expert_rows(param, expert_id, shard_id)
     i_p = intermediate_size_per_partition
-    expected = _expected_shape(shard_id, param, i_p * tp.size)
+    expected = _expected_shape(shard_id, param, i_p * tp.size, tp)
     if expert_id is None:
         expected = (hi - lo, *expected)
     if tuple(loaded.shape) != expected:
@@ -84,9 +88,9 @@ def moe_weight_loader(
         )
     src = loaded if expert_id is None else loaded.unsqueeze(0)
     experts = (lo, hi)
-    if shard_id == "w2":
-        region = (experts, (0, param.shape[1]), (0, i_p))
-        return write_region(param, region, src.narrow(2, tp.rank * i_p, i_p))
+    if shard_id == "w2":  # this rank's input columns: i_p, or i_p / 8 packed int4 words
+        cols = param.shape[2]
+        return write_region(param, (experts, (0, param.shape[1]), (0, cols)), src.narrow(2, tp.rank * cols, cols))
     halves = src.chunk(2, dim=1) if shard_id == "w13" else (src,)
     first = 0 if shard_id == "w13" else _W13_HALF[shard_id]
     regions = []
@@ -117,10 +121,10 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 def expert_mapping_rules() -> tuple[MappingRule, ...]:
     """Checkpoint names -> `experts.w13_weight` / `experts.w2_weight`, per-expert and fused formats."""
-    scales = tuple(  # pre-quantized checkpoints: each expert projection's scales (both formats' names)
-        MappingRule.make(f"experts.{{expert}}.{proj}.{suffix}", f"experts.{param}_weight_scale", shard_id=shard)
+    scales = tuple(  # pre-quantized checkpoints: each expert projection's scales, zero points, group indices
+        MappingRule.make(f"experts.{{expert}}.{proj}.{suffix}", f"experts.{param}_{suffix}", shard_id=shard)
         for proj, param, shard in (("gate_proj", "w13", "w1"), ("up_proj", "w13", "w3"), ("down_proj", "w2", "w2"))
-        for suffix in ("weight_scale", "weight_scale_inv"))
+        for suffix in ("weight_scale", "weight_zero_point", "weight_g_idx"))
     return scales + (
         MappingRule.make("experts.{expert}.gate_proj.weight", "experts.w13_weight", shard_id="w1"),
         MappingRule.make("experts.{expert}.up_proj.weight", "experts.w13_weight", shard_id="w3"),

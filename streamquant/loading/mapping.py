@@ -4,7 +4,10 @@ A model declares a `WeightMapping`: rules that rewrite whole dot-separated name 
 substrings), each carrying the keyword arguments its `weight_loader` needs (`shard_id`,
 `expert_id`), plus patterns of checkpoint tensors to skip (e.g. `rotary_emb.inv_freq`, or
 `lm_head.weight` when the embeddings are tied). The segment `{expert}` in a rule matches an
-integer and passes it on as `expert_id`.
+integer and passes it on as `expert_id`. `leaf_aliases` name the parameter a quantized format's
+tensor fills under another last segment (compressed-tensors' packed int4 `X.weight_packed` is the
+codes `X.weight`; hf-fp8's `X.weight_scale_inv` is `X.weight_scale`), so errors still name the
+checkpoint's own tensor.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class WeightMapping:
     rules: tuple[MappingRule, ...] = ()
     skip: tuple[str, ...] = ()
     prefix_renames: tuple[tuple[str, str], ...] = field(default=())
+    leaf_aliases: tuple[tuple[str, str], ...] = (("weight_packed", "weight"), ("weight_scale_inv", "weight_scale"))
     # checkpoint name -> (skipped, parameter name, loader kwargs): what `_resolve` found for it
     _resolved: dict[str, tuple[bool, str, tuple[tuple[str, Any], ...]]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -105,6 +109,10 @@ class WeightMapping:
         skipped = any(_find(segs, _segments(p)) is not None for p in self.skip)
         name = self.rename(name)
         segs = _segments(name)
+        for alias, leaf in self.leaf_aliases:
+            if segs[-1] == alias:
+                segs = segs[:-1] + (leaf,)
+                name = ".".join(segs)
         for rule in self.rules:
             hit = rule.apply_segments(segs)
             if hit is not None:

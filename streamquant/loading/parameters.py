@@ -8,7 +8,8 @@ right slot of the parameter. Every method returns the list of regions it wrote
 (`streamquant.loading.region`), which is what completion tracking counts.
 
 Rank and size come from the `TPContext` value given at construction, never from globals.
-Shape mismatches raise `WeightShapeError` (a `ValueError`) with both shapes.
+Shape mismatches raise `WeightShapeError` (a `ValueError`) with both shapes. The per-tile tensors of
+quantized weights (scales, zero points, group indices) are `loading/tiled.py`'s kinds.
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ def narrow_checked(t: torch.Tensor, dim: int, start: int, length: int, what: str
 
 
 def write_region(param: torch.Tensor, region: Region, loaded: torch.Tensor) -> list[Region]:
-    """Copy `loaded` into `region` of `param`; the single place where loaders write."""
+    """Copy `loaded` into `region` of `param`; the single place where loaders write. Codes (integer or
+    fp8 parameters) take exactly their dtype: a cast would wrap or re-round them."""
     dst = param.data[to_slices(region)]
+    if loaded.dtype != dst.dtype and (not dst.is_floating_point() or dst.element_size() == 1):
+        raise WeightShapeError(f"expected dtype {str(dst.dtype).removeprefix('torch.')}, received "
+                               f"{str(loaded.dtype).removeprefix('torch.')} (codes are never cast)")
     if loaded.shape != dst.shape:
         if loaded.numel() == 1 and dst.numel() == 1:
             loaded = loaded.reshape(dst.shape)
@@ -155,50 +160,6 @@ class ModelWeightParameter(ColumnParameter, RowParameter):
     """A linear layer's weight: column and row parallel."""
 
 
-class GroupQuantScaleParameter(ColumnParameter, RowParameter):
-    """Scales of group-quantized weights: column and row parallel."""
-
-
-class ChannelQuantScaleParameter(ColumnParameter):
-    """Per-output-channel scales: column parallel only."""
-
-
-class BlockQuantScaleParameter(ColumnParameter, RowParameter):
-    """Scales of block-quantized weights (one per tile): column and row parallel."""
-
-
-class PerTensorScaleParameter(BaseParameter):
-    """One scale slot per logical shard of a fused layer (q/k/v, gate/up).
-
-    Loaded scales may be 0-d or shape [1]. Column- and row-parallel loads take the whole tensor.
-    """
-
-    def _load_into_shard_id(self, loaded: torch.Tensor, shard_id: str | int, **kwargs) -> list[Region]:
-        index = shard_id_as_int(shard_id)
-        if loaded.dim() != 0:
-            if loaded.shape[0] != 1 or loaded.numel() != 1:
-                raise WeightShapeError(
-                    f"per-tensor scale for shard {shard_id!r} must be 0-d or shape [1], "
-                    f"received {tuple(loaded.shape)}"
-                )
-            loaded = loaded.reshape(())
-        if not 0 <= index < self.shape[0]:
-            raise WeightShapeError(f"shard {shard_id!r} has no slot in a scale of shape {tuple(self.shape)}")
-        region = narrow_region(full_region(self.shape), 0, index, 1)
-        return write_region(self, region, loaded.reshape(1, *self.shape[1:]))
-
-    def load_merged_column_weight(self, loaded: torch.Tensor, *, shard_id: int, **kwargs):
-        return self._load_into_shard_id(loaded, shard_id)
-
-    def load_qkv_weight(self, loaded: torch.Tensor, *, shard_id: str, **kwargs):
-        return self._load_into_shard_id(loaded, shard_id)
-
-    def load_row_parallel_weight(self, loaded: torch.Tensor) -> list[Region]:
-        return self._load_whole(loaded.reshape(1) if loaded.dim() == 0 else loaded)
-
-    load_column_parallel_weight = load_row_parallel_weight
-
-
 def adjust_shard_indexes_for_packing(
     shard_size: int, shard_offset: int, packed_factor: int | Fraction, marlin_tile_size: int | None
 ) -> tuple[int, int]:
@@ -232,16 +193,10 @@ class _PackedMixin:
         return offset, size
 
 
-class PackedColumnParameter(_PackedMixin, ColumnParameter):
-    """Packed on disk, column parallel only."""
-
-    def __init__(self, packed_factor, packed_dim: int, marlin_tile_size: int | None = None, **kwargs):
-        self._init_packing(packed_factor, packed_dim, marlin_tile_size)
-        super().__init__(**kwargs)
-
-
 class PackedParameter(_PackedMixin, ModelWeightParameter):
-    """Packed on disk (e.g. GPTQ int4 in int32), column and row parallel."""
+    """Packed storage (int4 codes, eight per int32 along the input), column and row parallel: a row-parallel
+    shard narrows the packed input dim in packed units; fused shards packed along the output dim take
+    their offsets in packed units (`adjust_shard_indexes_for_packing`)."""
 
     def __init__(self, packed_factor, packed_dim: int, marlin_tile_size: int | None = None, **kwargs):
         self._init_packing(packed_factor, packed_dim, marlin_tile_size)

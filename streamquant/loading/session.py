@@ -23,7 +23,7 @@ from streamquant.loading.errors import (
     WeightLoadError,
 )
 from streamquant.loading.mapping import WeightMapping
-from streamquant.loading.validate import check_codes, check_tensor
+from streamquant.loading.validate import check_codes, check_tensor, is_code_dtype
 
 
 class WeightLoadSession:
@@ -71,7 +71,7 @@ class WeightLoadSession:
             self.unexpected.append(name)
             return None
         try:
-            if param.dtype.itemsize == 1 and param.dtype.is_floating_point:
+            if is_code_dtype(param.dtype):
                 check_codes(name, tensor, param.dtype, finite=self.check_finite)
             else:
                 check_tensor(name, tensor, finite=self.check_finite and id(param) not in self.finite_checked_later)

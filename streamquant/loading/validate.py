@@ -6,7 +6,8 @@ never checked), so a cold load, a reload and a trainer sync refuse the same inpu
 errors, naming the checkpoint tensor:
   - dtype: a floating-point dtype of 16 bits or more (bf16, fp16, fp32, fp64). Integer and bool
     tensors are refused: `WeightDtypeError`; so are fp8 codes, except where a pre-quantized load sends
-    them to fp8 parameters (`check_codes`: exactly the parameter's fp8 dtype, no NaN code);
+    them to code parameters (`check_codes`: exactly the parameter's dtype -- fp8, int8, the int32 of
+    packed int4 codes, zero points and group indices -- and no NaN fp8 code);
   - values: no NaN or Inf anywhere (`NonFiniteWeightError`), checked with one `aminmax` pass (min
     and max propagate NaN and reach +-Inf; no tensor-sized temporary; ~20x faster than
     `isfinite(t).all()` on CPU bf16). `finite=False` skips it. Tensors a quant method quantizes are
@@ -46,13 +47,19 @@ def check_tensor(name: str, tensor: torch.Tensor, *, finite: bool = True) -> Non
                                    "refusing to load it")
 
 
+def is_code_dtype(dtype: torch.dtype) -> bool:
+    """Parameters of this dtype hold codes (fp8, integers), never a cast of a high-precision weight."""
+    return not dtype.is_floating_point or dtype.itemsize == 1
+
+
 def check_codes(name: str, tensor: torch.Tensor, dtype: torch.dtype, *, finite: bool = True) -> None:
-    """Pre-quantized fp8 codes: exactly `dtype` (never cast: a cast would re-round them) and, with
-    `finite`, no NaN code (e4m3fn: every bit of exponent and mantissa set; e4m3fnuz: 0x80)."""
+    """Pre-quantized codes (fp8, int8, int32 packed int4 / zero points / group indices): exactly `dtype`
+    (never cast: a cast would re-round or wrap them) and, with `finite`, no NaN fp8 code (e4m3fn: every
+    bit of exponent and mantissa set; e4m3fnuz: 0x80)."""
     if tensor.dtype != dtype:
         raise WeightDtypeError(f"checkpoint tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                               f"the fp8 codes of a pre-quantized weight must be {str(dtype).removeprefix('torch.')}")
-    if finite and tensor.numel():
+                               f"the codes of a pre-quantized weight it loads into must be {str(dtype).removeprefix('torch.')}")
+    if finite and tensor.numel() and dtype.is_floating_point:
         bits = tensor.view(torch.uint8)
         nan = (bits & 0x7F) == 0x7F if dtype == torch.float8_e4m3fn else bits == 0x80
         if bool(nan.any()):

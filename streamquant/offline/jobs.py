@@ -27,6 +27,8 @@ from streamquant.offline.plan import QuantizedTensor, QuantizePlan
 from streamquant.offline.tensors import cast, quantize_tensor
 from streamquant.progress import WeightBar, tensor_bytes
 from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.math.granularity import Window
+from streamquant.quant.math.int4 import dequantize_window_asymmetric
 from streamquant.quant.math.quantize import dequantize
 
 POLL_S = 0.25  # how often the parent reads its workers' counts while a bar is drawn
@@ -96,8 +98,10 @@ def _write_unit(files: ShardFiles, unit: Unit, tensor: torch.Tensor, plan: Quant
         files.write(unit.outputs[0], cast(tensor, plan.dtype))
         return
     out = quantize_tensor(unit.name, tensor, unit.rule, plan)
-    files.write(unit.outputs[0], out.codes)
-    files.write(unit.outputs[1], out.disk_scales)
+    for spec, (name, value) in zip(unit.outputs, out.disk, strict=True):
+        if spec.name != name:
+            raise AssertionError(f"planned {spec.name!r}, the format wrote {name!r}")
+        files.write(spec, value)
     if log is not None:
         _record_error(log, unit, out)
 
@@ -114,8 +118,13 @@ def split_units(units: list[Unit], parts: int) -> list[list[Unit]]:
 
 def _record_error(log: QuantErrorLog, unit: Unit, out) -> None:
     start = time.perf_counter()
-    ref = out.weight.float()
-    noise = dequantize(out.codes, out.scales, unit.rule.spec.granularity, torch.float32).sub_(ref)
+    ref, (codes, scales, zeros) = out.weight.float(), out.quantized
+    granularity = unit.rule.spec.granularity
+    if zeros is None:
+        noise = dequantize(codes, scales, granularity, torch.float32).sub_(ref)
+    else:
+        window = Window(0, 0, *codes.shape[-2:])
+        noise = dequantize_window_asymmetric(codes, scales, zeros, window, granularity.block_size, torch.float32).sub_(ref)
     log.record(unit.name, float(ref.square().sum(dtype=torch.float64)), float(noise.square_().sum(dtype=torch.float64)))
     log.seconds += time.perf_counter() - start
 

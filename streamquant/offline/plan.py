@@ -1,4 +1,4 @@
-"""Which checkpoint tensors an offline quantization turns into fp8, decided by the online path itself.
+"""Which checkpoint tensors an offline quantization quantizes, decided by the online path itself.
 
 `QuantizePlan` builds streamquant's model for the checkpoint's config on the `meta` device (no
 memory, no weights) with the same quant config an online `load_model(quantization=...)` would make,
@@ -8,8 +8,9 @@ online paths keep the same weights in high precision (embeddings, LM head, norms
 `ignore` matches), by construction. A tensor that maps to no parameter (and is not one the model
 skips, such as `rotary_emb.inv_freq`) is refused, as a strict load refuses it.
 
-`QuantizedTensor.outputs` gives a quantized tensor's output names, dtypes and shapes (codes, then
-scales in the format's layout) without computing anything, so shards can be planned from headers.
+`QuantizedTensor.outputs` gives a quantized tensor's output names, dtypes and shapes (codes, scales
+and the rest in the format's layout: `CheckpointFormat.disk_tensors` run on `meta` tensors) without
+computing anything, so shards can be planned from headers.
 `expand` splits the fused MoE tensors transformers 5 holds in memory (`experts.gate_up_proj`
 [E, 2I, H], `experts.down_proj` [E, H, I], what a trainer's `named_parameters()` yields) into the
 per-expert projections of the on-disk layout, so each gets its own scales under its own name.
@@ -24,7 +25,7 @@ import torch
 
 from streamquant.config import UnsupportedQuantizationError, check_ignore_patterns, make_quant_config
 from streamquant.checkpoint.writer import TensorSpec
-from streamquant.formats import CheckpointFormat
+from streamquant.formats import CheckpointFormat, QuantizedWeight
 from streamquant.loading.contract import staged_params
 from streamquant.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from streamquant.models import get_model_class
@@ -34,32 +35,27 @@ from streamquant.quant.scaled.weights import ScaledWeightSpec
 from streamquant.quant.math.granularity import grid_shape, tile_shape
 
 
-# The schemes the on-disk formats (compressed-tensors, hf-fp8) store.
-OFFLINE_SCHEMES = (ScaledScheme.FP8, ScaledScheme.FP8_CHANNEL, ScaledScheme.FP8_BLOCK)
+# The schemes the on-disk formats store (compressed-tensors: all five; hf-fp8: fp8-block).
+OFFLINE_SCHEMES = (ScaledScheme.FP8, ScaledScheme.FP8_CHANNEL, ScaledScheme.FP8_BLOCK, ScaledScheme.INT8,
+                   ScaledScheme.INT4)
 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """How one checkpoint tensor is quantized, and what it becomes on disk."""
+    """How one checkpoint tensor is quantized (the layer's spec, the plan's config), and what it becomes on disk."""
 
     name: str
-    scale_name: str
     spec: ScaledWeightSpec
-    scheme: ScaledScheme
+    config: ScaledConfig
 
     def outputs(self, shape: tuple[int, ...], dtype: torch.dtype, fmt: CheckpointFormat) -> list[TensorSpec]:
-        grid = tile_shape(self.spec.granularity, tuple(shape[-2:]))
-        meta = torch.empty(tuple(shape[:-2]) + grid_shape(grid, tuple(shape[-2:])), dtype=torch.float32, device="meta")
-        scale = fmt.scale_to_disk(meta, self.scheme, dtype, self.spec.formula)
-        return [TensorSpec(self.name, self.spec.fmt.dtype, tuple(shape)),
-                TensorSpec(self.scale_name, scale.dtype, tuple(scale.shape))]
-
-
-def scale_name_of(name: str, suffix: str) -> str:
-    """`X.weight` -> `X.<suffix>`; any other name -> `name_<suffix minus 'weight_'>`."""
-    if name.endswith(".weight"):
-        return name[: -len("weight")] + suffix
-    return f"{name}_{suffix.removeprefix('weight_')}"
+        """The format's tensors for a `shape` weight quantized from `dtype`: names, dtypes, shapes."""
+        grid = grid_shape(tile_shape(self.spec.granularity, tuple(shape[-2:])), tuple(shape[-2:]))
+        scales = torch.empty(tuple(shape[:-2]) + grid, dtype=torch.float32, device="meta")
+        zeros = torch.empty(scales.shape, dtype=torch.int8, device="meta") if self.spec.fmt.zero_point else None
+        codes = torch.empty(tuple(shape), dtype=self.spec.fmt.dtype, device="meta")
+        return [TensorSpec(name, t.dtype, tuple(t.shape))
+                for name, t in fmt.disk_tensors(self.name, QuantizedWeight(codes, scales, zeros), self.config, dtype)]
 
 
 class QuantizePlan:
@@ -70,7 +66,7 @@ class QuantizePlan:
         if not isinstance(self.config, ScaledConfig) or self.config.scheme not in OFFLINE_SCHEMES:
             raise UnsupportedQuantizationError(
                 f"quantization={quantization!r} is online only (load_model, reload_weights): the on-disk formats and "
-                f"trainer-side quantization write fp8 codes; choose one of {', '.join(s.value for s in OFFLINE_SCHEMES)}")
+                f"trainer-side quantization write {', '.join(s.value for s in OFFLINE_SCHEMES)}")
         self.fmt = fmt
         self.dtype = dtype
         with torch.device("meta"):
@@ -100,8 +96,7 @@ class QuantizePlan:
             raise ValueError(f"checkpoint tensor {name!r} holds several fused weights "
                              f"({', '.join(s.label for s in module.logical_shards[leaf])}); offline quantization "
                              "needs them as separate tensors (each gets its own scales)")
-        return QuantizedTensor(name, scale_name_of(name, self.fmt.scale_suffix), module.quant_method.spec,
-                               self.config.scheme)
+        return QuantizedTensor(name, module.quant_method.spec, self.config)
 
     def expand(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """`(name, tensor)`, or for a fused MoE tensor its per-expert projections (see the module doc)."""

@@ -1,10 +1,10 @@
-"""`quantize_checkpoint`: a high-precision checkpoint directory in, an fp8 checkpoint directory out.
+"""`quantize_checkpoint`: a high-precision checkpoint directory in, a quantized (fp8, int8, int4) one out.
 
 Streams tensor by tensor: no model is materialized (a `meta` model only decides which tensors are
 quantized, `plan.py`), each source tensor is read from its mmapped shard, quantized with
 `tensors.quantize_tensor` and its bytes written at once into a safetensors shard whose header was
 planned from the source headers (`checkpoint/writer.py`). Memory: one tensor's copy in the model
-dtype (only when the source dtype differs) plus its fp8 codes and a few MB of scratch per worker,
+dtype (only when the source dtype differs) plus its codes and a few MB of scratch per worker,
 whatever the model or shard size; the source's pages are file-backed (page cache), counted apart.
 
 `workers=N` runs N processes (`jobs.py`), each quantizing a consecutive run of the source tensors (about
@@ -122,11 +122,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
                         dtype: torch.dtype | str = torch.bfloat16, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
                         workers: int = 1, overwrite: bool = False, measure_error: bool = False,
                         progress: bool | None = None, **options) -> QuantizeReport:
-    """Write an fp8 checkpoint of `src` to `dst` (see the module docstring); returns a `QuantizeReport`.
+    """Write a quantized checkpoint of `src` to `dst` (see the module docstring); returns a `QuantizeReport`.
 
-    `quantization`: "fp8", "fp8-channel" or "fp8-block"; `format`: "compressed-tensors" (default) or
-    "hf-fp8" (block only); `options`: the options of `config.make_quant_config` (`ignore`,
-    `formula`, `activation_scheme`, `block_size`, `fp8_dtype`: e4m3fn only). `dtype`: the model dtype
+    `quantization`: "fp8", "fp8-channel", "fp8-block", "int8" (W8A8, or W8A16 with activation_scheme
+    "none") or "int4" (W4A16); `format`: "compressed-tensors" (default; int8 / int4 as its
+    `int-quantized` / `pack-quantized`) or "hf-fp8" (fp8-block only); `options`: the options of
+    `config.make_quant_config` (`ignore`, `formula`, `activation_scheme`, `block_size`, `group_size`
+    and `symmetric` for int4, `fp8_dtype`: e4m3fn only). `dtype`: the model dtype
     floating-point tensors are written in and quantized from (as `load_model(dtype=...)` would).
     `measure_error=True` adds each quantized weight's SQNR (two more passes, their seconds apart).
     `progress`: a bar of the source's bytes and tensors on stderr (`streamquant/progress.py`); None
@@ -148,12 +150,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str, *, 
     model_dtype = resolve_dtype(dtype)
     plan_args = (load_hf_config(source), quantization, fmt, model_dtype, dict(options))
     plan = QuantizePlan(*plan_args[:4], **plan_args[4])
-    if plan.config.fp8_dtype != torch.float8_e4m3fn:
+    if plan.config.fp8_dtype not in (None, torch.float8_e4m3fn):  # None: integer codes
         raise ValueError(f"format {fmt.name!r} stores float8_e4m3fn codes; fp8_dtype={plan.config.fp8_dtype} is not "
                          "supported there")
     units, shapes, bytes_in = _source_units(source, plan)
-    quantization_config = fmt.write_config(plan.config.scheme, plan.config.activation_scheme, plan.config.block_size,
-                                           plan.high_precision_modules(shapes), plan.config.formula)
+    quantization_config = fmt.write_config(plan.config, plan.high_precision_modules(shapes))
     check_destination(destination, overwrite)
     shards = plan_shards([list(u.outputs) for u in units], max_shard_size)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]

@@ -1,11 +1,13 @@
 """What every format module shares (`formats/base.py`): a `quantization_config` field read with a clear
-error when a required one is missing, the recorded formula, and the fp8 element type check."""
+error when a required one is missing, the recorded formula, the fp8 element type check, and the names
+of a weight's sibling tensors."""
 
 from __future__ import annotations
 
 import pytest
 
-from streamquant.formats.base import FORMULA_KEY, QuantizationConfigError, check_fp8_e4m3, field, recorded_formula
+from streamquant.formats.base import (FORMULA_KEY, QuantizationConfigError, check_fp8_e4m3, field, recorded_formula,
+                                     sibling_name)
 from streamquant.quant.math.formula import Formula
 
 
@@ -37,3 +39,13 @@ def test_e4m3_in_any_spelling_is_accepted(value):
 def test_other_element_types_are_refused(value):
     with pytest.raises(QuantizationConfigError, match=rf"quantization_config\.fmt = {value!r}: only e4m3"):
         check_fp8_e4m3(value, ".fmt")
+
+
+def test_sibling_tensors_sit_beside_their_weight():
+    assert sibling_name("model.layers.0.mlp.down_proj.weight", "weight_scale") == "model.layers.0.mlp.down_proj.weight_scale"
+    assert sibling_name("model.layers.0.mlp.down_proj.weight", "weight_scale_inv") == (
+        "model.layers.0.mlp.down_proj.weight_scale_inv")
+    assert sibling_name("model.layers.0.mlp.down_proj.weight", "weight_packed") == (
+        "model.layers.0.mlp.down_proj.weight_packed")
+    assert sibling_name("model.layers.0.mlp.experts.gate_up_proj", "weight_scale") == (
+        "model.layers.0.mlp.experts.gate_up_proj_scale")

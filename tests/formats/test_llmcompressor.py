@@ -1,11 +1,14 @@
-"""llm-compressor's `model_free_ptq` output (optional: skipped unless llm-compressor is importable here,
-or `STREAMQUANT_LLMCOMPRESSOR_PYTHON` names a Python that has it): it loads, our compressed-tensors
-formula writes bitwise its tensors, and our logits match the compressed-tensors library's
-decompression run through transformers."""
+"""llm-compressor's own output (optional: skipped unless llm-compressor is importable here, or
+`STREAMQUANT_LLMCOMPRESSOR_PYTHON` names a Python that has it). fp8 (`model_free_ptq`): it loads, our
+compressed-tensors formula writes bitwise its tensors, and our logits match the compressed-tensors
+library's decompression run through transformers. int8 / int4 (`oneshot` with a round-to-nearest
+`QuantizationModifier` recipe: W8A8, W4A16, W4A16_ASYM): our compressed-tensors formula writes bitwise
+its tensors, the same names, and its config's scheme."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +23,17 @@ from streamquant.checkpoint.synthetic import TINY_SPEC, write_synthetic_checkpoi
 from streamquant.offline import quantize_checkpoint
 
 PRESETS = {"FP8_DYNAMIC": "fp8-channel", "FP8_BLOCK": "fp8-block"}
+# llm-compressor preset -> (our scheme, options)
+INT_PRESETS = {"W8A8": ("int8", {}), "W4A16": ("int4", {}), "W4A16_ASYM": ("int4", {"symmetric": False})}
+ONESHOT = """import sys
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+for scheme in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1] + '/src', dtype='bfloat16')
+    oneshot(model=model, recipe=QuantizationModifier(targets='Linear', scheme=scheme, ignore=['lm_head']))
+    model.save_pretrained(sys.argv[1] + '/' + scheme, save_compressed=True)
+"""
 
 
 def llmcompressor_python() -> str | None:
@@ -52,6 +66,36 @@ def outputs(tmp_path_factory):
               "ignore=['lm_head'])\n")
     subprocess.run([llmcompressor_python(), "-c", script, str(root), *PRESETS], check=True, capture_output=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def oneshot_outputs(outputs):
+    subprocess.run([llmcompressor_python(), "-c", ONESHOT, str(outputs), *INT_PRESETS], check=True,
+                   capture_output=True)
+    return outputs
+
+
+WEIGHT_ARGS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder", "zp_dtype")
+
+
+@pytest.mark.parametrize("preset", INT_PRESETS)
+def test_compressed_tensors_formula_writes_what_llmcompressor_round_to_nearest_writes(oneshot_outputs, tmp_path,
+                                                                                       preset):
+    scheme, options = INT_PRESETS[preset]
+    ours = quantize_checkpoint(oneshot_outputs / "src", tmp_path / "ours", scheme, formula="compressed-tensors",
+                               **options)
+    theirs, mine = tensors(oneshot_outputs / preset), tensors(tmp_path / "ours")
+    assert sorted(theirs) == sorted(mine) and ours.quantized_tensors == 14
+    differ = [n for n in mine if not (theirs[n].dtype == mine[n].dtype and torch.equal(theirs[n], mine[n]))]
+    assert not differ, differ[:5]
+    group = {}
+    for directory in (oneshot_outputs / preset, tmp_path / "ours"):
+        config = json.loads((directory / "config.json").read_text())["quantization_config"]
+        (only,) = config["config_groups"].values()
+        weights, activations = only["weights"], only["input_activations"] or {}
+        group[directory] = (config["format"], [weights.get(k) for k in WEIGHT_ARGS],
+                            [activations.get(k) for k in WEIGHT_ARGS], config["ignore"])
+    assert group[oneshot_outputs / preset] == group[tmp_path / "ours"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -14,16 +14,11 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from streamquant.loading.parameters import (
-    ColumnParameter,
-    PackedColumnParameter,
-    PackedParameter,
-    RowParameter,
-)
+from streamquant.loading.parameters import ColumnParameter, PackedParameter, RowParameter
 from streamquant.parallel.context import TPContext
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# for a property already parametrized over the 5-7 parameter classes (so ~150 examples per property)
+# for a property already parametrized over the 3-4 parameter classes (so ~100 examples per property)
 PER_CLASS = settings(SETTINGS, max_examples=25)
 # region shapes of up to 3 dims (loading/test_region.py, test_coverage.py)
 SHAPES = st.lists(st.integers(1, 5), min_size=1, max_size=3)
@@ -45,7 +40,7 @@ def build(cls, shape, tp: TPContext, *, output_dim=None, input_dim=None, packed_
         kwargs["output_dim"] = output_dim
     if issubclass(cls, RowParameter):
         kwargs["input_dim"] = input_dim
-    if issubclass(cls, (PackedColumnParameter, PackedParameter)):
+    if issubclass(cls, PackedParameter):
         kwargs["packed_factor"] = packed_factor
         kwargs["packed_dim"] = output_dim if packed_dim is None else packed_dim
         kwargs["marlin_tile_size"] = marlin_tile_size

@@ -3,7 +3,7 @@
 Each load is checked with a NaN sentinel: inside the returned regions the parameter holds exactly
 the expected values (computed here with `torch.chunk`, not the library's narrowing), outside them
 it is untouched. Packed parameters live in test_parameters_packed.py, shape errors in
-test_parameters_shape_errors.py.
+test_parameters_shape_errors.py, the per-tile kinds (scales, zero points, group indices) in test_tiled.py.
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ from hypothesis import strategies as st
 
 from streamquant.loading.parameters import (
     BaseParameter,
-    BlockQuantScaleParameter,
-    ChannelQuantScaleParameter,
     ColumnParameter,
-    GroupQuantScaleParameter,
     ModelWeightParameter,
-    PackedColumnParameter,
     PackedParameter,
-    PerTensorScaleParameter,
     RowParameter,
     WeightShapeError,
     shard_id_as_int,
@@ -31,9 +26,8 @@ from streamquant.parallel.context import TPContext
 
 from .helpers import PER_CLASS, SETTINGS, assert_written, build, nan_tensor, put
 
-COLUMN_CLASSES = [ColumnParameter, ModelWeightParameter, GroupQuantScaleParameter, ChannelQuantScaleParameter,
-                  BlockQuantScaleParameter, PackedColumnParameter, PackedParameter]
-ROW_CLASSES = [RowParameter, ModelWeightParameter, GroupQuantScaleParameter, BlockQuantScaleParameter, PackedParameter]
+COLUMN_CLASSES = [ColumnParameter, ModelWeightParameter, PackedParameter]
+ROW_CLASSES = [RowParameter, ModelWeightParameter, PackedParameter]
 
 
 def _needs_two_dims(cls) -> bool:
@@ -92,15 +86,6 @@ def test_row_parallel_zero_dim_loads_as_shape_one(n):
     for rank in range(1, n):  # one element has no shard for rank >= 1 (rank 0 is left unspecified)
         with pytest.raises(WeightShapeError):
             build(RowParameter, (1,), TPContext(rank, n), input_dim=0).load_row_parallel_weight(scalar)
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_channel_scale_is_column_only(n):
-    """Row-parallel layers keep every output channel: a channel scale loads whole on every rank."""
-    ckpt = torch.randn(6, 1)
-    for rank in range(n):
-        p = build(ChannelQuantScaleParameter, (6, 1), TPContext(rank, n), output_dim=0)
-        assert_written(p, p.load_row_parallel_weight(ckpt), ckpt)
 
 
 @SETTINGS
@@ -211,47 +196,6 @@ def test_shard_id_as_int():
     assert [shard_id_as_int(s) for s in ("q", "k", "v", 0, 1, 5)] == [0, 1, 2, 0, 1, 5]
     with pytest.raises(ValueError):
         shard_id_as_int("gate")
-
-
-@SETTINGS
-@given(slots=st.integers(1, 4), n=st.integers(1, 4), data=st.data())
-def test_per_tensor_scale_one_slot_per_logical_shard(slots, n, data):
-    values = torch.randn(slots)
-    zero_d = data.draw(st.lists(st.booleans(), min_size=slots, max_size=slots))
-    order = data.draw(st.permutations(range(slots)))
-    use_qkv = slots == 3 and data.draw(st.booleans())
-    for rank in range(n):  # replicated: every rank holds the same scales
-        p = build(PerTensorScaleParameter, (slots,), TPContext(rank, n))
-        expected, regions = nan_tensor((slots,)), []
-        for i in order:
-            scale = values[i].reshape(()) if zero_d[i] else values[i].reshape(1)
-            if use_qkv:
-                sid = data.draw(st.sampled_from(["qkv"[i], i]))
-                regions += p.load_qkv_weight(scale, shard_id=sid, shard_offset=0, shard_size=1, num_kv_head_replicas=1)
-            else:
-                regions += p.load_merged_column_weight(scale, shard_id=i, shard_offset=0, shard_size=1)
-            expected[i] = values[i]
-            assert_written(p, regions, expected)
-
-
-@pytest.mark.parametrize("method", ["load_column_parallel_weight", "load_row_parallel_weight"])
-@pytest.mark.parametrize("shape,loaded", [((1,), torch.tensor(2.0)), ((1,), torch.tensor([2.0])),
-                                          ((3,), torch.tensor([1.0, 2.0, 3.0]))])
-def test_per_tensor_scale_whole_loads(method, shape, loaded):
-    for rank in range(3):
-        p = build(PerTensorScaleParameter, shape, TPContext(rank, 3))
-        assert_written(p, getattr(p, method)(loaded), loaded.reshape(shape))
-
-
-def test_per_tensor_scale_errors():
-    p = build(PerTensorScaleParameter, (3,), TPContext())
-    with pytest.raises(WeightShapeError, match=r"\(2,\)"):
-        p.load_qkv_weight(torch.ones(2), shard_id="k")
-    with pytest.raises(WeightShapeError):
-        p.load_merged_column_weight(torch.ones(()), shard_id=3)
-    with pytest.raises(ValueError):
-        p.load_qkv_weight(torch.ones(()), shard_id="x")
-    assert p.detach().isnan().all()
 
 
 def test_parameters_are_frozen_tensors_with_their_metadata():

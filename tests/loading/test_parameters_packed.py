@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamquant.layers.linear import merged_column_loader, qkv_loader
-from streamquant.loading.parameters import PackedColumnParameter, PackedParameter, adjust_shard_indexes_for_packing
+from streamquant.loading.parameters import PackedParameter, adjust_shard_indexes_for_packing
 from streamquant.parallel.context import TPContext
 
 from .helpers import SETTINGS, assert_written, build, nan_tensor, put
@@ -49,10 +49,9 @@ def packed_merged(draw):
     return factor, tile, sizes, draw(st.integers(0, 1)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
 
 
-@pytest.mark.parametrize("cls", [PackedColumnParameter, PackedParameter], ids=lambda c: c.__name__)
 @SETTINGS
 @given(case=packed_merged(), data=st.data())
-def test_merged_load_packed_along_output_dim(cls, case, data):
+def test_merged_load_packed_along_output_dim(case, data):
     factor, tile, sizes, out_dim, other, n = case
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     packed = [packed_units(s, factor, tile) for s in sizes]
@@ -62,7 +61,7 @@ def test_merged_load_packed_along_output_dim(cls, case, data):
     ckpts = [torch.randn(_with(shape, out_dim, n * s)) for s in packed]
     order = data.draw(st.permutations(range(len(sizes))))
     for rank in range(n):
-        p = build(cls, shape, TPContext(rank, n), output_dim=out_dim, input_dim=1 - out_dim,
+        p = build(PackedParameter, shape, TPContext(rank, n), output_dim=out_dim, input_dim=1 - out_dim,
                   packed_factor=factor, packed_dim=out_dim, marlin_tile_size=tile)
         expected, regions = nan_tensor(shape), []
         for i in order:
@@ -96,13 +95,13 @@ def test_qkv_load_packed_along_output_dim(case, replicas_pow, data):
             assert_written(p, regions, expected)
 
 
-@pytest.mark.parametrize("cls", [PackedColumnParameter, PackedParameter], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_packing_off_the_output_dim_leaves_shard_indexes_alone(cls, n):
+def test_packing_off_the_output_dim_leaves_shard_indexes_alone(n):
     sizes, offsets = [3, 1], [0, 3]
     ckpts = [torch.randn(2, 3 * n, 5), torch.randn(2, 1 * n, 5)]
     for rank in range(n):
-        p = build(cls, (2, 4, 5), TPContext(rank, n), output_dim=1, input_dim=2, packed_factor=8, packed_dim=2)
+        p = build(PackedParameter, (2, 4, 5), TPContext(rank, n), output_dim=1, input_dim=2, packed_factor=8,
+                  packed_dim=2)
         expected, regions = nan_tensor((2, 4, 5)), []
         for i in (1, 0):
             regions += p.load_merged_column_weight(ckpts[i], shard_id=i, shard_offset=offsets[i], shard_size=sizes[i])

@@ -8,6 +8,8 @@ A `CodeFormat` is a storage dtype and its constants:
   - int4 (`bits=4`: max 7, symmetric, -8 never written): the int8 rule with max 7; the codes are
     computed as int8 and stored packed, eight per int32 (`int4_pack.py`). `zero_point=True`: the
     asymmetric int4 formula of `int4.py` (codes -8..7 with a zero point per group).
+The compressed-tensors formula (`formula.code_bounds`) writes integer codes over the whole
+two's-complement range (int8 -128..127, int4 -8..7, still symmetric: no zero point).
 Scales are float32 dequantization multipliers. Their rule:
   - `mx=False`: `scale = max(amax / max, min_scale)` with `min_scale = 1 / (max * 512)`
     (`formula.tile_scales`, the streamquant formula).

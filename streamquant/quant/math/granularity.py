@@ -14,6 +14,10 @@ operation is then a reduction or a broadcast over that view, never an expanded p
 
 Weights may carry leading batch dimensions (experts: [E, out, in]); a window always describes the
 last two dimensions and every batch element is an independent weight with its own tiles.
+
+A fused parameter (q/k/v, gate/up) stacks its logical weights' local rows; `shard_layouts` says where
+each one's rows and local tile grid sit (`ShardLayout`), which is what the per-tile tensors of
+`loading/tiled.py` (scales, zero points, group indices) and the quantized methods share.
 """
 
 from __future__ import annotations
@@ -173,3 +177,51 @@ def check_tile(tile: tuple[int, int]) -> None:
     if len(tile) != 2 or any(not isinstance(t, int) or t < 1 for t in tile):
         raise ValueError(f"a tile is two positive ints, got {tile!r}")
 
+
+
+class ShardLayout(NamedTuple):
+    """Where a logical shard lives: its window and tile, its rows in the parameter and in the per-tile
+    tensors (its local tile grid's rows, stacked after the previous shards')."""
+
+    label: str
+    window: Window
+    tile: tuple[int, int]
+    rows: slice
+    scale_rows: slice
+
+
+def shard_layouts(shards: tuple[LogicalShard, ...], granularity: Granularity) -> list[ShardLayout]:
+    """The logical shards stacked along rows, each with its tile and local scale-grid rows."""
+    out, row, scale_row = [], 0, 0
+    for label, window in shards:
+        tile = tile_shape(granularity, window.global_shape)
+        grid_rows, _ = window.local_grid(tile)
+        n = grid_rows.stop - grid_rows.start
+        out.append(ShardLayout(label, window, tile, slice(row, row + window.rows), slice(scale_row, scale_row + n)))
+        row, scale_row = row + window.rows, scale_row + n
+    return out
+
+
+def grid_columns(layouts: list[ShardLayout]) -> int:
+    """The local tile-grid columns the logical shards of one parameter share (they must agree)."""
+    cols = set()
+    for lay in layouts:
+        span = lay.window.local_grid(lay.tile)[1]
+        cols.add(span.stop - span.start)
+    if len(cols) != 1:
+        raise ValueError(f"logical shards of one parameter must share their column tiles, got {sorted(cols)}")
+    return cols.pop()
+
+
+def whole_columns(layouts: list[ShardLayout]) -> list[ShardLayout]:
+    """The layouts with windows over every input column (rows unchanged): per-tile tensors a rank keeps
+    whole along the input, as act-order scales are (any column of the rank's may use any group)."""
+    return [lay._replace(window=Window(lay.window.row0, 0, lay.window.global_rows, lay.window.global_cols,
+                                       rows=lay.window.rows)) for lay in layouts]
+
+
+def column_layouts(layouts: list[ShardLayout]) -> list[ShardLayout]:
+    """One grid row per logical shard and one tile per input column (a tile of all the shard's rows):
+    the layout of per-column tensors such as act-order group indices (`g_idx`)."""
+    return [lay._replace(tile=(lay.window.global_rows, 1), scale_rows=slice(i, i + 1))
+            for i, lay in enumerate(layouts)]

@@ -20,8 +20,9 @@ shape; every route gives the same bits, so the choice never changes a result (ba
     `INT_MM_CPU_MAX_ROWS` rows: torch 2.13's CPU kernel costs ~1-2 ms per row of a 1024-4096 wide
     layer, linear in the rows (measured on the 2-core AVX2 machine: 4096x4096 at 128 rows 1137 ms);
   - otherwise a float32 GEMM of the codes over slices of `INT8_EXACT_DEPTH` columns, each slice's
-    result converted to int32 and summed in int32. Exact: every product is at most 127 * 127 and a
-    slice's partial sums stay below 127 * 127 * 1024 < 2^24, so float32 holds every intermediate of
+    result converted to int32 and summed in int32. Exact: every product is at most 128 * 127 (weight
+    codes reach -128 under the compressed-tensors formula; activation codes stay within +-127) and a
+    slice's partial sums stay below 128 * 127 * 1024 < 2^24, so float32 holds every intermediate of
     any summation order exactly (4096x4096 at 128 rows: 102 ms; 8 rows: 36 vs 70 ms).
 
 `int8_weight_only_linear(x, codes, scales)` is int8 weight-only (W8A16) by torch's CPU kernel
@@ -58,7 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x.to(out_dtype), weight.to(out_dtype), None if bias is None else bias.to(out_dtype))
 
 
-INT8_EXACT_DEPTH = 1024  # 127 * 127 * 1024 = 16,516,096 < 2^24: float32 sums of this many products are exact
+INT8_EXACT_DEPTH = 1024  # 128 * 127 * 1024 = 16,646,144 < 2^24: float32 sums of this many products are exact
 INT_MM_CPU_MAX_ROWS = 2  # measured crossover of torch._int_mm and the float32 route on CPU (module doc)
 
 

@@ -41,12 +41,14 @@ grids (`quant/scaled/weights.py`), which read every element anyway.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from streamquant.quant.math.code_format import E4M3FN, CodeFormat, mx_scales
 from streamquant.quant.math import native, torch_kernels
 from streamquant.quant.math.convert import fp8_to_float32
-from streamquant.quant.math.formula import Formula, TileScales, formula_of, tile_scales
+from streamquant.quant.math.formula import Formula, TileScales, code_bounds, formula_of, tile_scales
 from streamquant.quant.math.granularity import (
     Granularity,
     Window,
@@ -100,7 +102,7 @@ def formula_scales(amax: torch.Tensor, fmt: CodeFormat, formula: Formula, weight
             raise ValueError(f"MX scales have one formula (OCP E8M0), not {formula!r}")
         scales = mx_scales(amax)
         return TileScales(scales, scales)
-    return tile_scales(amax, fmt.max, fmt.min_scale, formula, weight_dtype)
+    return tile_scales(amax, fmt.max, fmt.min_scale, formula, weight_dtype, fmt.integer)
 
 
 def local_scales(global_scale_grid: torch.Tensor, window: Window, tile: tuple[int, int]) -> torch.Tensor:
@@ -139,7 +141,9 @@ def quantize_window_(
     is `fmt.max` (default: the format of `out_codes`'s dtype; int4 codes pass `code_format.INT4`).
 
     `formula` other than STREAMQUANT runs that library's arithmetic (`formula.py`) with
-    `local_factors` (default: the scales) as the kernel's divisor or multiplier, always eager and clamped.
+    `local_factors` (default: the scales) as the kernel's divisor or multiplier, always clamped.
+    Integer codes take STREAMQUANT or COMPRESSED_TENSORS; the latter clamps to the library's range
+    [-(max + 1), max] (`formula.code_bounds`) in pure torch (the native kernels clamp symmetrically).
 
     On CPU the native kernels run when built (module doc). Otherwise `compiled=True` runs
     inductor-compiled code on CPU windows of `torch_kernels.COMPILED_MIN_ELEMENTS` or more (bitwise the
@@ -163,12 +167,15 @@ def quantize_window_(
                          f"scales {tuple(local_scale_grid.shape)}")
     formula = formula_of(formula)
     streamquant = formula is Formula.STREAMQUANT
-    if not streamquant and not out_codes.dtype.is_floating_point:
-        raise ValueError(f"formula {formula.value!r} writes fp8 codes; {out_codes.dtype} codes take the streamquant formula")
+    integer = not out_codes.dtype.is_floating_point
+    if integer and formula is Formula.TRANSFORMERS:
+        raise ValueError(f"formula {formula.value!r} writes fp8 codes; {out_codes.dtype} codes take the streamquant "
+                         "or the compressed-tensors formula")
+    lowest = code_bounds(fmax, integer, formula)[0]
     op = {Formula.STREAMQUANT: native.DIVIDE, Formula.TRANSFORMERS: native.MULTIPLY}.get(formula, native.DIVIDE_ROUNDED)
     if op == native.DIVIDE_ROUNDED and w_local.dtype in (torch.bfloat16, torch.float16):
         factors = factors.to(w_local.dtype).float()  # the divisor in the weight's dtype, as `torch_kernels.quantize_piece_rounded`
-    if native.quantize_(out_codes, w_local, factors, window, tile, fmax, op):
+    if lowest == -fmax and native.quantize_(out_codes, w_local, factors, window, tile, fmax, op):
         return out_codes
     compiled = (compiled and streamquant and w_local.device.type == "cpu"
                 and w_local.numel() >= torch_kernels.COMPILED_MIN_ELEMENTS)
@@ -176,7 +183,7 @@ def quantize_window_(
     if compiled:
         kernel, scratch = torch.compile(torch_kernels.quantize_piece, dynamic=True), ()
     else:
-        kernel = {Formula.COMPRESSED_TENSORS: torch_kernels.quantize_piece_rounded,
+        kernel = {Formula.COMPRESSED_TENSORS: functools.partial(torch_kernels.quantize_piece_rounded, fmin=lowest),
                   Formula.TRANSFORMERS: torch_kernels.quantize_piece_multiplied}.get(formula)
         kernel = kernel or (torch_kernels.quantize_piece_unclamped if scales_cover_amax else torch_kernels.quantize_piece_eager)
         scratch = (torch_kernels.scratch(w_local[..., :step, :].numel(), 4 if streamquant else 8, w_local.device),)
@@ -251,7 +258,10 @@ def quantize(
     w: torch.Tensor, granularity: Granularity, fmt: CodeFormat = E4M3FN, compiled: bool = False,
     formula: Formula = Formula.STREAMQUANT, out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes shaped like `w`, float32 scale grid) of a whole weight; codes into `out` when given."""
+    """(codes shaped like `w`, float32 scale grid) of a whole weight; codes into `out` when given.
+    Asymmetric int4 (zero points) is `int4.quantize_asymmetric`."""
+    if fmt.zero_point:
+        raise ValueError("quantize() writes symmetric codes; asymmetric int4 is int4.quantize_asymmetric")
     window, tile = _whole(w, granularity)
     scales, factors = formula_scales(window_amax(w, window, tile), fmt, formula, w.dtype)
     q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device) if out is None else out

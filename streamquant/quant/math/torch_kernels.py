@@ -138,18 +138,20 @@ def quantize_piece(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fm
 
 
 def quantize_piece_rounded(src: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, fmax: float,
-                            scratch: torch.Tensor) -> None:
-    """dst <- clamp(src / scale computed in src's dtype, +-fmax) cast to fp8 (compressed-tensors' order).
+                            scratch: torch.Tensor, fmin: float | None = None) -> None:
+    """dst <- clamp(src / scale computed in src's dtype, fmin (default -fmax), fmax) cast to fp8, or for
+    integer codes rounded (half to even) then cast: compressed-tensors' order.
 
     The division runs in the weight's own dtype with the scale in that dtype, exactly as that library's
     `x / scale` on a bf16 model: torch computes a bf16 / bf16 quotient in float32 and rounds it to
-    bf16 once, so the codes are double-rounded (float32 -> bf16 -> fp8). The scale grid holds values
+    bf16 once, so the codes are double-rounded (float32 -> bf16 -> code). The scale grid holds values
     exact in that dtype (`formula.tile_scales`). A float32 weight divides in float32.
     """
     dtype = src.dtype if src.dtype in (torch.bfloat16, torch.float16) else torch.float32
     values = scratch.view(dtype)[: src.numel()].view(src.shape)
     torch.div(src, scale.to(dtype), out=values)
-    dst.copy_(values.clamp_(-fmax, fmax))
+    values.clamp_(-fmax if fmin is None else fmin, fmax)
+    dst.copy_(values if dst.dtype.is_floating_point else values.round_())
 
 
 def quantize_piece_multiplied(src: torch.Tensor, factor: torch.Tensor, dst: torch.Tensor, fmax: float,

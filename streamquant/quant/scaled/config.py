@@ -11,6 +11,8 @@ block for mxfp8; `activation_scheme="none"` keeps them in the model dtype (weigh
 "int4" is W4A16 (weight-only always): symmetric int4 codes (-7..7) with one scale per 1 x `group_size`
 group along the input (default 128), or with `symmetric=False` codes -8..7 with a scale and an int8
 zero point per group (`int4.py`); stored eight per int32 (`int4_pack.py`), dequantized at matmul.
+`act_order=True` (what a GPTQ-style pre-quantized checkpoint with `g_idx` sets) gives each int4 layer a
+group index per input column (`scaled/weights.py`).
 All six share one machinery (`scaled.weights`, `math.quantize`): streaming, tensor parallelism on the
 global tile grid, reload in place, MoE experts, the error log.
 
@@ -18,7 +20,8 @@ Linear layers and MoE experts are quantized; embeddings, the LM head, norms and 
 (built without a quant config) stay in the model dtype. `ignore` regexes (`re.search` over the
 module name, e.g. "model.layers.0.self_attn.qkv_proj" -- streamquant's fused names) keep matching
 layers unquantized. `formula` picks the arithmetic (`formula.py`): streamquant's own (default), or
-compressed-tensors' or transformers' bit for bit.
+compressed-tensors' or transformers' bit for bit (fp8 schemes: all three; int8 and int4: streamquant
+or compressed-tensors, whose integer codes span -128..127 / -8..7; mxfp8: streamquant only).
 
 The config is a frozen value except for `error_log`, a per-load record the load that made the
 config owns (`config.make_quant_config` makes one config per `load_model` call).
@@ -107,6 +110,7 @@ class ScaledConfig:
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128  # int4 only
     symmetric: bool = True  # int4 only: False adds a zero point per group (`int4.py`)
+    act_order: bool = False  # int4 only: a group index per input column (pre-quantized GPTQ-style checkpoints)
     compile: bool = False
     formula: Formula = Formula.STREAMQUANT
     tp_invariant_activations: bool = False
@@ -125,12 +129,17 @@ class ScaledConfig:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         if not self.symmetric and not int4:
             raise ValueError(f"symmetric=False (zero points) applies to quantization='int4' only, not {self.scheme.value!r}")
+        if self.act_order and not int4:
+            raise ValueError(f"act_order=True (group indices) applies to quantization='int4' only, not {self.scheme.value!r}")
         object.__setattr__(self, "ignore", check_ignore(self.ignore))
         object.__setattr__(self, "block_size", PerBlock(tuple(self.block_size)).block_size)
         object.__setattr__(self, "formula", formula_of(self.formula))
-        if self.formula is not Formula.STREAMQUANT and self.scheme in (ScaledScheme.INT8, ScaledScheme.MXFP8, ScaledScheme.INT4):
-            raise ValueError(f"formula={self.formula.value!r} reproduces another library's fp8 arithmetic; "
+        if self.formula is not Formula.STREAMQUANT and self.scheme is ScaledScheme.MXFP8:
+            raise ValueError(f"formula={self.formula.value!r} reproduces another library's arithmetic; "
                              f"quantization={self.scheme.value!r} has the streamquant formula only")
+        if self.formula is Formula.TRANSFORMERS and self.scheme in (ScaledScheme.INT8, ScaledScheme.INT4):
+            raise ValueError(f"formula='transformers' reproduces transformers' fp8 arithmetic; quantization="
+                             f"{self.scheme.value!r} takes formula 'streamquant' or 'compressed-tensors'")
 
     @property
     def granularity(self) -> Granularity:
@@ -145,7 +154,7 @@ class ScaledConfig:
 
     @property
     def weight_spec(self) -> ScaledWeightSpec:
-        return ScaledWeightSpec(self.granularity, self.code_format, self.compile, self.formula)
+        return ScaledWeightSpec(self.granularity, self.code_format, self.compile, self.formula, self.act_order)
 
     @property
     def activation(self) -> Granularity | None:

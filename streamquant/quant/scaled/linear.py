@@ -49,12 +49,12 @@ from streamquant.quant.math.quantize import (
     scale_from_amax,
     window_amax,
 )
+from streamquant.quant.scaled.online import quantize_layer_weight_
 from streamquant.quant.scaled.weights import (
     ScaledWeightSpec,
     ShardLayout,
     create_scaled_weight,
     ScaledWeights,
-    quantize_layer_weight_,
     require_quantized,
     shard_layouts,
 )
@@ -103,14 +103,16 @@ def scaled_matmul(
     reduce_over: TPContext | None = None,
     out_dtype: torch.dtype | None = None,
     zero_points: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ dequant(codes, scales).T (+ bias)` for x [..., in] and codes [out, in], in `out_dtype`
-    (default `x.dtype`); see the module doc. `zero_points`: asymmetric int4 (weight-only)."""
+    (default `x.dtype`); see the module doc. `zero_points` (packed) and `g_idx`: int4 (weight-only)."""
     out_dtype = out_dtype or x.dtype
     if activation is None:
         if spec.fmt == INT8 and int8_weight_only_applies(x, bias, out_dtype):
             return int8_weight_only_linear(x, codes, row_scales(scales, layouts))
-        return linear(x, dequantize_weight(codes, scales, layouts, out_dtype, zero_points), bias, out_dtype)
+        # the weight in x.dtype, as at TP=1: wider partial sums must not change the weight itself
+        return linear(x, dequantize_weight(codes, scales, layouts, x.dtype, zero_points, g_idx), bias, out_dtype)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     rowwise = isinstance(spec.granularity, (PerTensor, PerRow)) and isinstance(activation, PerRow)
@@ -157,7 +159,8 @@ class ScaledLinearMethod(ScaledWeights):
     def apply(self, layer, x, bias=None, out_dtype=None):
         require_quantized(layer, "weight")
         return scaled_matmul(x, layer.weight, layer.weight_scale, self.layouts, self.spec, self.activation, bias,
-                          self.tp if self.tp_invariant else None, out_dtype, getattr(layer, "weight_zero_point", None))
+                          self.tp if self.tp_invariant else None, out_dtype, getattr(layer, "weight_zero_point", None),
+                          getattr(layer, "weight_g_idx", None))
 
 
 def default_activation(granularity: Granularity) -> Granularity:

@@ -12,11 +12,11 @@ import torch
 
 from streamquant.quant.error_log import QuantErrorLog
 from streamquant.quant.scaled.linear import scaled_matmul
+from streamquant.quant.scaled.online import quantize_layer_weight_
 from streamquant.quant.scaled.weights import (
     ScaledWeightSpec,
     ScaledWeights,
     create_scaled_weight,
-    quantize_layer_weight_,
     require_quantized,
     shard_layouts,
 )
@@ -50,10 +50,11 @@ class ScaledMoEMethod(ScaledWeights):
 
     def _expert_linear(self, layer, name: str, out_dtype: torch.dtype | None = None):
         codes, scales, layouts = getattr(layer, name), getattr(layer, f"{name}_scale"), self.layouts[name]
-        zeros = getattr(layer, f"{name}_zero_point", None)
+        zeros, g_idx = getattr(layer, f"{name}_zero_point", None), getattr(layer, f"{name}_g_idx", None)
         reduce_over = self.tp if self.tp_invariant else None
         return lambda rows, e: scaled_matmul(rows, codes[e], scales[e], layouts, self.spec, self.activation, None,
-                                          reduce_over, out_dtype, None if zeros is None else zeros[e])
+                                          reduce_over, out_dtype, None if zeros is None else zeros[e],
+                                          None if g_idx is None else g_idx[e])
 
     def apply(self, layer, x, topk_weights, topk_ids, partial_sums=None):
         for name in WEIGHTS:

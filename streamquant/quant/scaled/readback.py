@@ -1,36 +1,42 @@
 """Reading quantized weights back: dequantization, per-row multipliers, the quantization error.
 
-Shared by the matmuls (`scaled.linear`) and the load's error log (`scaled.weights`); works on every code
-format of `code_format.py` (packed int4 codes are unpacked first, asymmetric ones use their zero points).
+Shared by the matmuls (`scaled.linear`) and the load's error log (`scaled.online`); works on every code
+format of `code_format.py` (packed int4 codes are unpacked first, asymmetric ones use their zero points,
+packed eight rows per int32; with act order each input column takes its group's scale and zero point by
+its group index, `int4.dequantize_grouped`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
 import torch
 
 from streamquant.parallel.context import TPContext, all_reduce
 from streamquant.quant.error_log import QuantErrorLog
+from streamquant.quant.math.granularity import ShardLayout
 from streamquant.quant.math.quantize import dequantize_window
-from streamquant.quant.math.int4 import dequantize_window_asymmetric
-from streamquant.quant.math.int4_pack import unpack_int4
+from streamquant.quant.math.int4 import dequantize_grouped, dequantize_window_asymmetric
+from streamquant.quant.math.int4_pack import unpack_int4, unpack_int4_rows
 
-if TYPE_CHECKING:
-    from streamquant.quant.scaled.weights import ShardLayout
 
 
 def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, layouts: list[ShardLayout],
-                      dtype: torch.dtype, zero_points: torch.Tensor | None = None) -> torch.Tensor:
+                      dtype: torch.dtype, zero_points: torch.Tensor | None = None,
+                      g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """`codes.float() * scale` (`(codes - zero) * scale` with zero points) for every logical shard, in
-    `dtype` (a new tensor shaped like the unpacked codes; packed int4 codes are unpacked first)."""
+    `dtype` (a new tensor shaped like the unpacked codes; packed int4 codes and zero points are unpacked
+    first); with `g_idx` (act order, [..., shards, input columns]) column j of shard i takes group g_idx[i, j]."""
     if codes.dtype == torch.int32:
         codes = unpack_int4(codes)
+    if zero_points is not None and zero_points.dtype == torch.int32:
+        zero_points = unpack_int4_rows(zero_points)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    for lay in layouts:
+    for i, lay in enumerate(layouts):
         shard_codes, shard_scales = codes[..., lay.rows, :], scales[..., lay.scale_rows, :]
-        if zero_points is None:  # each shard straight into its rows of `out`
+        if g_idx is not None:
+            zeros = None if zero_points is None else zero_points[..., lay.scale_rows, :]
+            out[..., lay.rows, :] = dequantize_grouped(shard_codes, shard_scales, zeros, g_idx[..., i, :], dtype)
+        elif zero_points is None:  # each shard straight into its rows of `out`
             dequantize_window(shard_codes, shard_scales, lay.window, lay.tile, dtype, out=out[..., lay.rows, :])
         else:
             out[..., lay.rows, :] = dequantize_window_asymmetric(shard_codes, shard_scales,
@@ -79,11 +85,12 @@ def _shard_energy(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, la
     return out
 
 
-def record_error(layer, name, slot, codes, layouts, tp: TPContext, error_log: QuantErrorLog) -> None:
+def record_error(layer, name, slot, codes, layouts, tp: TPContext, error_log: QuantErrorLog, scales: torch.Tensor,
+                 zeros: torch.Tensor | None = None) -> None:
     """Signal and error energy per logical shard (summed over ranks and experts) into `error_log`;
-    `codes` unpacked (int4: the int8 codes before packing)."""
+    `codes` unpacked (int4: the int8 codes before packing), `scales` / `zeros` (int8) the local tile grids
+    the codes were made with."""
     start = time.perf_counter()
-    scales, zeros = getattr(layer, f"{name}_scale"), getattr(layer, f"{name}_zero_point", None)
     sums = torch.cat([_shard_energy(slot, codes, scales, lay, zeros) for lay in layouts])
     sums = all_reduce(sums, tp).cpu()
     prefix = getattr(layer, "prefix", "")

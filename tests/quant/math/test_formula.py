@@ -1,8 +1,9 @@
 """Formula modes bit for bit against the libraries they reproduce, run on the same tensors (CPU).
 
 compressed-tensors: its own `calculate_qparams` (scale) and `quantize` (codes) with the weight args
-llm-compressor's FP8 presets use; transformers: its own `Fp8Quantize._quantize_one`. Skipped when
-the library is absent. Also: the share of codes that differ between modes, stated and bounded.
+llm-compressor's FP8, W8A8 and W4A16 presets use (the asymmetric int4 variant: tests/quant/math/
+test_int4.py); transformers: its own `Fp8Quantize._quantize_one`. Skipped when the library is absent.
+Also: the share of codes that differ between modes, stated and bounded.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import types
 import pytest
 import torch
 
-from streamquant.quant.math.formula import Formula, formula_of
-from streamquant.quant.math.code_format import E4M3FN
+from streamquant.quant.math.formula import Formula, code_bounds, formula_of
+from streamquant.quant.math.code_format import E4M3FN, INT4, INT8
 from streamquant.quant.math.quantize import quantize
 from streamquant.quant.math.granularity import PerBlock, PerRow, PerTensor
 
@@ -67,6 +68,36 @@ def test_compressed_tensors_formula_is_the_library_bit_for_bit(granularity, args
     assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
 
 
+INT_CASES = [  # (our code format and granularity, compressed-tensors weight args): W8A8's and W4A16's weights
+    (INT8, PerRow(), {"num_bits": 8, "strategy": "channel"}),
+    (INT4, PerBlock((1, 128)), {"num_bits": 4, "strategy": "group", "group_size": 128}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt,granularity,args", INT_CASES)
+def test_compressed_tensors_integer_formula_is_the_library_bit_for_bit(fmt, granularity, args, dtype):
+    """amax / 127.5 (7.5) in the weight's dtype, codes over [-128, 127] ([-8, 7]), a zero row's eps scale."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = weight((256, 384), dtype)
+    qargs = ct.QuantizationArgs(type="int", symmetric=True, dynamic=False, **args)
+    lo, hi = tiled_min_max(w, (1, args.get("group_size") or 384))
+    scale, zero = calculate_qparams(lo, hi, qargs)
+    expected = ct_quantize(w, scale, zero, qargs, dtype=torch.int8)
+    codes, scales = quantize(w, granularity, fmt, formula=Formula.COMPRESSED_TENSORS)
+    assert torch.equal(scales, scale.float()) and torch.equal(codes, expected)
+    assert int(codes.min()) == -(fmt.max + 1) and int(codes.max()) == fmt.max  # both ends of the range are used
+
+
+def test_integer_code_ranges_by_formula():
+    assert code_bounds(7.0, True, Formula.COMPRESSED_TENSORS) == (-8.0, 7.0)
+    assert code_bounds(127.0, True, Formula.STREAMQUANT) == (-127.0, 127.0)
+    assert code_bounds(448.0, False, Formula.COMPRESSED_TENSORS) == (-448.0, 448.0)
+
+
 def _transformers_quantizer(block):
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
@@ -100,10 +131,29 @@ def test_modes_differ_in_a_small_stated_share_of_codes_never_by_more_than_one_st
 
 def test_zero_weight_gets_a_positive_scale_in_every_mode():
     w = torch.zeros(64, 64, dtype=torch.bfloat16)
-    for formula in Formula:
-        codes, scales = quantize(w, PerRow(), E4M3FN, formula=formula)
-        assert bool((scales > 0).all()) and bool(torch.isfinite(scales).all()), formula
-        assert not bool(codes.float().ne(0).any()), formula
+    for fmt, formulas in ((E4M3FN, list(Formula)), (INT8, [Formula.STREAMQUANT, Formula.COMPRESSED_TENSORS]),
+                          (INT4, [Formula.STREAMQUANT, Formula.COMPRESSED_TENSORS])):
+        for formula in formulas:
+            codes, scales = quantize(w, PerRow(), fmt, formula=formula)
+            assert bool((scales > 0).all()) and bool(torch.isfinite(scales).all()), formula
+            assert not bool(codes.float().ne(0).any()), formula
+
+
+def test_integer_codes_have_no_transformers_mode():
+    with pytest.raises(ValueError, match="formula 'transformers' writes fp8 codes; torch.int8 codes take"):
+        quantize(weight((16, 32)), PerRow(), INT8, formula=Formula.TRANSFORMERS)
+
+
+def test_integer_modes_differ_by_the_scale_rule_never_by_more_than_one_step():
+    """streamquant's amax / 127 against the library's amax / 127.5 (int8; int4: / 7 against / 7.5): the
+    codes are the same values on a grid about 0.4% (7%) finer, so many differ, each by one step."""
+    w = weight((1024, 1024), torch.bfloat16, seed=1)
+    for fmt, granularity, least, most in ((INT8, PerRow(), 0.05, 0.2), (INT4, PerBlock((1, 128)), 0.05, 0.3)):
+        ours, _ = quantize(w, granularity, fmt)
+        theirs, _ = quantize(w, granularity, fmt, formula=Formula.COMPRESSED_TENSORS)
+        share = float((ours != theirs).float().mean())
+        assert least < share < most, (fmt, share)
+        assert int((ours.to(torch.int16) - theirs.to(torch.int16)).abs().max()) == 1
 
 
 def test_formula_names():

@@ -14,6 +14,7 @@ from streamquant.parallel.context import TPContext
 from streamquant.quant.math.code_format import INT8
 from streamquant.quant.math.granularity import PerBlock
 from streamquant.quant.scaled.config import ScaledConfig
+from streamquant.quant.math.int4_pack import unpack_int4_rows
 from streamquant.quant.scaled.weights import shard_layouts
 from streamquant.loading.contract import inference_tensors
 from streamquant.reload import reload_weights
@@ -28,7 +29,8 @@ from ..fp8_reference import ref_pack_int4, ref_quantize_asymmetric, to_f32
     ("int8", {"fp8_dtype": "e4m3fnuz"}, r"fp8_dtype='e4m3fnuz' does not apply to quantization='int8'"),
     ("mxfp8", {"fp8_dtype": "e4m3fnuz"}, r"MXFP8 elements are e4m3fn"),
     ("mxfp8", {"formula": "transformers"}, r"quantization='mxfp8' has the streamquant formula only"),
-    ("int8", {"formula": "compressed-tensors"}, r"quantization='int8' has the streamquant formula only"),
+    ("int8", {"formula": "transformers"}, r"quantization='int8' takes formula 'streamquant' or 'compressed-tensors'"),
+    ("int4", {"formula": "transformers"}, r"quantization='int4' takes formula 'streamquant' or 'compressed-tensors'"),
 ])
 def test_options_that_do_not_apply_are_refused(scheme, options, match):
     with pytest.raises(ValueError, match=match):
@@ -58,14 +60,15 @@ def test_int4_is_weight_only_with_a_group_size_option(llama):
     assert model.load_report.quantized_weight_bytes == sum(p.numel() * 4 for p in model.parameters() if p.dtype == torch.int32)
 
 
-def _asymmetric_state(path):
-    model = load_model(path, quantization="int4", symmetric=False, dtype=torch.float32,
+def _asymmetric_state(path, formula="streamquant"):
+    dtype = torch.float32 if formula == "streamquant" else torch.bfloat16  # the library rounds to bf16: visible
+    model = load_model(path, quantization="int4", symmetric=False, dtype=dtype, formula=formula,
                        tp=TPContext.from_process_group() if torch.distributed.is_initialized() else None)
     return {n: t.clone() for n, t in inference_tensors(model).items() if "weight" in n and "norm" not in n}
 
 
-def _asymmetric_all(path):
-    mine = _asymmetric_state(path)
+def _asymmetric_all(path, formula="streamquant"):
+    mine = _asymmetric_state(path, formula)
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     return gathered
@@ -73,15 +76,18 @@ def _asymmetric_all(path):
 
 @pytest.fixture(scope="module")
 def asymmetric_cases(ranks, tmp_path_factory):
-    """{case: (checkpoint, TP=1 state, every TP=2 rank's state)}, both TP=2 cases in one job."""
+    """{case: (checkpoint, TP=1 state, every TP=2 rank's state)}, every TP=2 case in one job; "llama-ct" is
+    llama with the compressed-tensors formula (in bf16; the others in float32)."""
     root = tmp_path_factory.mktemp("asym")
     paths = {name: make_checkpoint(next(c for c in CASES if c.name == name), root) for name in ("llama", "qwen3moe")}
-    states = ranks.run(_asymmetric_each, 2, paths)
-    return {name: (path, _asymmetric_state(path), states[name]) for name, path in paths.items()}
+    runs = {**{name: (path, "streamquant") for name, path in paths.items()},
+            "llama-ct": (paths["llama"], "compressed-tensors")}
+    states = ranks.run(_asymmetric_each, 2, runs)
+    return {name: (path, _asymmetric_state(path, formula), states[name]) for name, (path, formula) in runs.items()}
 
 
-def _asymmetric_each(paths):
-    return {name: _asymmetric_all(path) for name, path in paths.items()}
+def _asymmetric_each(runs):
+    return {name: _asymmetric_all(path, formula) for name, (path, formula) in runs.items()}
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3moe"])
@@ -96,6 +102,7 @@ def test_asymmetric_int4_model_equals_the_reference_and_tp2(asymmetric_cases, na
         module = modules[mod_name]
         lay = {x.label: x for x in shard_layouts(module.logical_shards[pname], PerBlock((1, 128)))}[label]
         codes, scales, zeros = (getattr(module, f"{pname}{s}") for s in ("", "_scale", "_zero_point"))
+        zeros = unpack_int4_rows(zeros)  # stored eight rows per int32 (compressed-tensors' layout)
         if e is not None:
             codes, scales, zeros = codes[e], scales[e], zeros[e]
         ref_codes, ref_scales, ref_zeros = ref_quantize_asymmetric(to_f32(w.float()), (1, 128))
@@ -110,6 +117,17 @@ def test_asymmetric_int4_model_equals_the_reference_and_tp2(asymmetric_cases, na
             assert all(torch.equal(r[key], value) for r in ranks), key
             checked += 1
     assert checked >= 4
+
+
+def test_asymmetric_int4_compressed_tensors_formula_at_tp2_is_tp1s(asymmetric_cases):
+    """The library's formula on the all-reduced range grids: TP=2's row-parallel scales and zero points are
+    TP=1's, and every scale is a bf16 value (the library computes them in the weight's dtype)."""
+    _, whole, ranks = asymmetric_cases["llama-ct"]
+    keys = [k for k, v in whole.items() if k.endswith(("_zero_point", "_scale"))
+            and all(r[k].shape == v.shape for r in ranks)]
+    assert len(keys) >= 4 and all(torch.equal(r[k], whole[k]) for r in ranks for k in keys)
+    scales = [whole[k] for k in keys if k.endswith("_scale")]
+    assert all(torch.equal(v.to(torch.bfloat16).float(), v) for v in scales)
 
 
 def test_asymmetric_int4_reloads_in_place_bitwise_a_cold_load(llama, tmp_path):

@@ -12,8 +12,9 @@ model as `model.load_report`.
 Invariants: the tensor-parallel context is either given or read once from the initialized
 `torch.distributed` group, and handed to the model constructor; nothing else reads the group.
 
-Pre-quantized checkpoints (`config.json` has a `quantization_config`): the checkpoint decides the
-scheme (`formats/prequantized.py`: fp8, int8 or int4), and the session loads its codes and scales straight into the quantized
+Pre-quantized checkpoints (`config.json` has a `quantization_config`, or GPTQ's quantize_config.json is
+beside it): the checkpoint decides the scheme (`formats/prequantized.py`: fp8, int8 or int4; GPTQ and AWQ
+convert to compressed-tensors' int4 as they stream in), and the session loads its codes and scales straight into the quantized
 layers (`quantized_source=True`): nothing is quantized and no high-precision weight exists.
 
 Quantization: `make_quant_config` is the single place that turns a scheme name ("fp8",
@@ -132,7 +133,7 @@ def load_model(
 
     `quantization`: None, "fp8", "fp8-channel", "fp8-block", "int8" or "mxfp8" (`quant/scaled/config.py`), or
     a torchao scheme: a preset name ("torchao:int8-weight-only", ...) or any torchao `AOBaseConfig`
-    that applies to `nn.Linear` (`quant/torchao.py`); `options` are the options of `make_quant_config`. A pre-quantized checkpoint (compressed-tensors or hf-fp8, see `formats/`)
+    that applies to `nn.Linear` (`quant/torchao.py`); `options` are the options of `make_quant_config`. A pre-quantized checkpoint (compressed-tensors, hf-fp8, GPTQ or AWQ, see `formats/`)
     is loaded as it is: `quantization` may be None or must agree, `activation_scheme` and `formula`
     may be given (the formula a later bf16 reload quantizes with), and `model.prequantized` holds
     what its config said (None for high-precision checkpoints). `tp` defaults to the initialized process group (or a single rank).
@@ -164,19 +165,20 @@ def load_model(
     hf_config = load_hf_config(checkpoint)
     model_class = get_model_class(hf_config)
     shapes = checkpoint_shapes(checkpoint)
-    prequantized, quantization, options = prequantized_plan(model_class, hf_config, shapes,
+    prequantized, quantization, options = prequantized_plan(model_class, hf_config, checkpoint, shapes,
                                                             quantization, options)
+    model_shapes = prequantized.shapes if prequantized is not None else shapes  # GPTQ / AWQ: as converted
     if quantization is None and options:
         raise QuantizationOptionError(f"fp8 option(s) {', '.join(sorted(options))} need a quantization scheme "
                                       "(quantization=..., --quantization) or a pre-quantized checkpoint")
     if prequantized is not None:  # the checkpoint's scheme, its options under the user's
         quant_config = make_quant_config(quantization, options, device)
     tp = default_tp() if tp is None else tp
-    check_config_sizes(hf_config, shapes)
+    check_config_sizes(hf_config, model_shapes)
     with torch.device("meta"):
         model = model_class(hf_config, tp=tp, quant_config=quant_config, params_dtype=params_dtype)
     if strict:  # strict=False may load a partial checkpoint on purpose
-        check_model_fits(model, loadable_parameters(model, prequantized is not None), shapes)
+        check_model_fits(model, loadable_parameters(model, prequantized is not None), model_shapes)
     check_ignore_patterns(model, quant_config)
     if prequantized is not None and (not streaming or offload is not None):
         raise ValueError("a pre-quantized checkpoint loads its codes directly: streaming=False and "

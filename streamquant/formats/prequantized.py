@@ -1,6 +1,11 @@
 """Loading a pre-quantized checkpoint (fp8, int8, int4): which layers keep codes, and the tensors' journey in.
 
-`plan_prequantized(model_class, hf_config, checkpoint, shapes)` reads the checkpoint's tensor names
+A checkpoint's `quantization_config` is config.json's or GPTQ's quantize_config.json
+(`checkpoint_quantization_config`). A GPTQ / AWQ checkpoint loads as the compressed-tensors int4
+checkpoint its layers convert to as they stream in (`loadable_checkpoint`, `source_view` for its header
+shapes, `formats/int4.py`); its group_size -1 (one scale per output channel) is refused.
+
+`plan_prequantized(model, checkpoint, shapes)` reads the checkpoint's tensor names
 (headers only) against the model's own weight mapping, on a `meta` model:
   - a layer whose checkpoint weights all have a scale beside them (`X.weight_scale` or
     `X.weight_scale_inv`), or are packed int4 (`X.weight_packed`), is a quantized layer: its codes and
@@ -22,18 +27,26 @@ says itself whether it is pre-quantized) or of an iterable the caller says is.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from streamquant.checkpoint.reader import CONFIG_FILE, checkpoint_shapes, iterate_weights, resolve_checkpoint
+from streamquant.checkpoint.reader import checkpoint_shapes, iterate_weights, resolve_checkpoint
 from streamquant.loading.errors import WeightLoadError
-from streamquant.formats import QuantizationConfigError, QuantizedCheckpoint, read_quantization_config
+from streamquant.formats import (
+    Int4Checkpoint,
+    QuantizationConfigError,
+    QuantizedCheckpoint,
+    checkpoint_quantization_config,
+    read_quantization_config,
+    shapes_as_compressed_tensors,
+    to_compressed_tensors,
+)
+from streamquant.formats.compressed_tensors import COMPRESSED_TENSORS
 from streamquant.parallel.context import TPContext
 from streamquant.quant.scaled.config import ScaledConfig, ScaledScheme
 from streamquant.quant.math.quantize import dequantize
@@ -49,15 +62,35 @@ class PrequantizedLoad:
     checkpoint: QuantizedCheckpoint
     ignore: tuple[str, ...]  # anchored regexes of layers kept in the model dtype
     dequantize: frozenset[str]  # checkpoint module names whose fp8 weight is dequantized on the way in
+    source: Int4Checkpoint | None = None  # GPTQ / AWQ: converted to compressed-tensors' int4 as it streams in
+    shapes: dict[str, tuple[int, ...]] | None = None  # the header shapes as the tensors stream in (`source_view`)
+
+
+def loadable_checkpoint(found: QuantizedCheckpoint | Int4Checkpoint | None) -> QuantizedCheckpoint | None:
+    """What a read `quantization_config` loads as: a GPTQ / AWQ checkpoint as the compressed-tensors int4
+    checkpoint its tensors convert to (`formats/int4.py`), keeping its own format name."""
+    if not isinstance(found, Int4Checkpoint):
+        return found
+    if found.group_size is None:
+        raise QuantizationConfigError(f"quantization_config.group_size = -1 ({found.format}, one scale per output "
+                                      "channel): int4 layers load grouped weights only (group_size > 0)")
+    return replace(COMPRESSED_TENSORS.read_config(found.compressed_tensors_config()), format=found.format)
+
+
+def source_view(found: QuantizedCheckpoint | Int4Checkpoint | None,
+                shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """A checkpoint's header shapes as its tensors will stream in (GPTQ / AWQ: converted)."""
+    return shapes_as_compressed_tensors(shapes, found) if isinstance(found, Int4Checkpoint) else shapes
 
 
 def _scale_name(module: str, shapes: dict) -> str | None:
     return next((f"{module}.{s}" for s in SCALE_SUFFIXES if f"{module}.{s}" in shapes), None)
 
 
-def plan_prequantized(model: torch.nn.Module, checkpoint: QuantizedCheckpoint,
-                      shapes: dict[str, tuple[int, ...]]) -> PrequantizedLoad:
-    """The plan for `model`: a meta model built to plan a load, or the live model of a reload."""
+def plan_prequantized(model: torch.nn.Module, checkpoint: QuantizedCheckpoint, shapes: dict[str, tuple[int, ...]],
+                      source: QuantizedCheckpoint | Int4Checkpoint | None = None) -> PrequantizedLoad:
+    """The plan for `model`: a meta model built to plan a load, or the live model of a reload. `shapes`: as the
+    tensors stream in (`source_view`); `source`: what the config read (an `Int4Checkpoint` is converted)."""
     modules = dict(model.named_modules())
     status: dict[str, dict[str, bool]] = {}
     packed = set()
@@ -87,7 +120,8 @@ def plan_prequantized(model: torch.nn.Module, checkpoint: QuantizedCheckpoint,
                                                   " dequantizing int4 on the way in is not supported")
         elif quantized == {False}:
             ignore.append(f"^{re.escape(target)}$")
-    return PrequantizedLoad(checkpoint, tuple(ignore), frozenset(stray))
+    return PrequantizedLoad(checkpoint, tuple(ignore), frozenset(stray),
+                            source if isinstance(source, Int4Checkpoint) else None, shapes)
 
 
 def _granularity(codes: torch.Tensor, scale: torch.Tensor, checkpoint: QuantizedCheckpoint):
@@ -101,6 +135,8 @@ def _granularity(codes: torch.Tensor, scale: torch.Tensor, checkpoint: Quantized
 def prequantized_tensors(weights: Iterable[tuple[str, torch.Tensor]], plan: PrequantizedLoad,
                          dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors as the model's quantized loaders take them (see the module docstring)."""
+    if plan.source is not None:
+        weights = to_compressed_tensors(weights, plan.source)
     return normalized_names(_dequantize_strays(weights, plan, dtype))
 
 
@@ -123,14 +159,16 @@ def _dequantize_strays(weights: Iterable[tuple[str, torch.Tensor]], plan: Prequa
                                       f"{sorted(held)}")
 
 
-def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
+def prequantized_plan(model_class, hf_config, checkpoint: Path, shapes, quantization: str | None,
                       options: dict[str, Any]) -> tuple[PrequantizedLoad | None, str | None, dict[str, Any]]:
-    """(plan, scheme, quantization options) for a checkpoint whose config.json has a `quantization_config`.
+    """(plan, scheme, quantization options) for a checkpoint directory with a `quantization_config`
+    (config.json's, or GPTQ's quantize_config.json: `checkpoint_quantization_config`); `shapes`: its headers.
 
     The checkpoint decides the scheme: `quantization` must be None or agree. Options the user gives
     override the checkpoint's (`activation_scheme`, `formula` -- which a reload quantizes with), except
     `block_size` and `ignore`, which the checkpoint's tensors fix."""
-    found = read_quantization_config(getattr(hf_config, "quantization_config", None))
+    source = read_quantization_config(checkpoint_quantization_config(checkpoint))
+    found = loadable_checkpoint(source)
     if found is None:
         return None, quantization, options
     if quantization not in (None, found.scheme.value):
@@ -142,7 +180,7 @@ def prequantized_plan(model_class, hf_config, shapes, quantization: str | None,
     with torch.device("meta"):  # the ignore list must be known before the model is built: a planning model
         model = model_class(hf_config, tp=TPContext(), quant_config=ScaledConfig(found.scheme),
                             params_dtype=torch.bfloat16)
-    plan = plan_prequantized(model, found, shapes)
+    plan = plan_prequantized(model, found, source_view(source, shapes), source)
     return plan, found.scheme.value, {**found.options, "ignore": plan.ignore, **options}
 
 
@@ -180,14 +218,12 @@ def _check_weight_shape(module: str, declared: torch.Tensor, packed: tuple[int, 
 def checkpoint_source(checkpoint: Path, model, dtype: torch.dtype) -> tuple[Iterable[tuple[str, torch.Tensor]], bool]:
     """A checkpoint directory's tensors for a reload of `model`, and whether they are pre-quantized."""
     weights = iterate_weights(checkpoint)
-    try:
-        raw = json.loads((checkpoint / CONFIG_FILE).read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        raw = None  # the reload's strict checks refuse what does not fit
-    found = read_quantization_config(raw)
+    source = read_quantization_config(checkpoint_quantization_config(checkpoint))
+    found = loadable_checkpoint(source)
     if found is None:
         return weights, False
-    return prequantized_tensors(weights, plan_prequantized(model, found, checkpoint_shapes(checkpoint)), dtype), True
+    plan = plan_prequantized(model, found, source_view(source, checkpoint_shapes(checkpoint)), source)
+    return prequantized_tensors(weights, plan, dtype), True
 
 
 def reload_source(model: torch.nn.Module, weights: str | Path | Iterable[tuple[str, torch.Tensor]],

@@ -25,7 +25,7 @@ CT_CASES = [
     (lambda c: group(c)["weights"].update(symmetric=False), r"weights\.symmetric = False"),
     (lambda c: group(c).update(output_activations={"num_bits": 8}), r"output_activations"),
     (lambda c: c.update(format="pack-quantized"), r"format = 'pack-quantized'"),
-    (lambda c: c.update(quant_method="gptq"), r"quant_method = 'gptq'"),
+    (lambda c: c.update(quant_method="bitsandbytes"), r"quant_method = 'bitsandbytes'"),
     (lambda c: group(c)["input_activations"].update(strategy="tensor"), r"input_activations\.strategy = 'tensor'"),
     (lambda c: c["config_groups"].update(group_1={**group(c), "weights": {**group(c)["weights"], "strategy": "tensor"}}),
      r"config_groups disagree"),

@@ -84,7 +84,7 @@ def sentinel_load(path, tp: TPContext = TPContext(), **user_options):
     sentinels (NaN scales, -128 int8, all-7 int4 words), other parameters NaN: unwritten memory shows."""
     config = load_hf_config(path)
     model_class = get_model_class(config)
-    plan, scheme, options = prequantized_plan(model_class, config, checkpoint_shapes(path), None, user_options)
+    plan, scheme, options = prequantized_plan(model_class, config, path, checkpoint_shapes(path), None, user_options)
     with torch.device("meta"):
         model = model_class(config, tp=tp, quant_config=make_quant_config(scheme, options), params_dtype=torch.bfloat16)
     for module in model.modules():

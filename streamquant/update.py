@@ -24,12 +24,14 @@ agreeing with the other ranks) and `abort` ends it. `reload_weights` and `Reload
 `WeightReceiver`) are thin users of this class: one path.
 
 Tensor parallel, failing fast: each update opens a `parallel.gate.Gate`; every rank checks in on it
-before it processes a layer (whose amax all-reduce is a collective), and a rank whose `load` raised,
+before it quantizes a layer (whose amax all-reduce is a collective), and a rank whose `load` raised,
 whose source raised, whose `finish` found a fault or that called `abort` posts its reason on it at
-once. The other ranks then raise `RankFailedError` at their next layer, naming that rank and its
+once. The other ranks then raise `RankFailedError` at their next such layer, naming that rank and its
 reason, without entering the collective -- whatever the process group's timeout -- and all meet in
 `finish` / `abort`'s agreement, so the model on every rank ends as `atomic` says. A rank that fails
-after the other ranks' last layer is named by the agreement (`RankFailedError` too). A rank that stops
+after the other ranks' last such layer (or in an update with none: unquantized, or pre-quantized
+codes, whose layers run no collective when loaded) is named by the agreement (`RankFailedError`
+too), once the others reach `finish`. A rank that stops
 answering is named by `RankStoppedError` after the group's store timeout (the collectives' timeout
 under `parallel.launch` and `torchrun`).
 
@@ -230,9 +232,11 @@ class WeightUpdate:
         self._fail_closed(failure)
 
     def _close_gate(self, agreed: BaseException | None) -> None:
-        """After the agreement every rank met in, no rank reads a step's key any more: delete them."""
-        if not isinstance(agreed, RankStoppedError):  # (then there was no agreement)
-            self.gate.close(every_rank_done=True)
+        """Delete this rank's keys on the gate after the agreement: all of them when every rank succeeded
+        (none reads a step any more), else those the others passed (they may still read the failure's
+        reason, `agree`); none after a rank stopped answering (there was no agreement)."""
+        if not isinstance(agreed, RankStoppedError):
+            self.gate.close(every_rank_done=agreed is None)
 
     def _failed(self, exc: Exception) -> None:
         """Record this update's first failure and tell the other ranks at once (they may be waiting to

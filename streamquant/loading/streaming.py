@@ -23,10 +23,10 @@ a broadcast bucket) host tensors are copied too.
 `offload` (an `OffloadPlan`, see `offload.py`): staging in host memory, quantized on the target one
 layer at a time or on the host; only codes and scales (and unquantized weights) are placed on the target.
 
-Tensor parallel: finishing a layer may run a collective (amax reduction), so every rank checks in on
-the load's `Gate` (`parallel.gate`) before it processes a layer, and a cold load once more at its end:
-a rank that failed (`gate.fail`) or stopped makes the others raise, naming it, instead of waiting in
-the collective. Known limitation: all ranks must see the checkpoint in the same order.
+Tensor parallel: processing a layer's staged weights runs collectives (the amax reduction), so every
+rank checks in on the load's `Gate` (`parallel.gate`) before it processes such a layer, and a cold load
+once more at its end: a rank that failed (`gate.fail`) or stopped makes the others raise, naming it,
+instead of waiting in the collective. Known limitation: all ranks must see the checkpoint in the same order.
 """
 
 from __future__ import annotations
@@ -142,8 +142,9 @@ class StreamingLoadSession(WeightLoadSession):
         module = self.modules[mod_name]
         method = method_of(module)
         if method is not None:
-            self.gate.step(f"layer {mod_name!r}")
             staged = list(staged_params(module).values())
+            if any(not p.is_meta for p in staged):  # quantizing what it staged runs collectives at TP > 1
+                self.gate.step(f"layer {mod_name!r}")
             derived = [t for t in derived_tensors(module).values() if isinstance(t, torch.nn.Parameter)]
             for param in derived:
                 materialize_(param, self.device)

@@ -31,6 +31,10 @@ nothing is quantized, and no high-precision staging exists.
 it keeps the atomic snapshot (`WeightSnapshot`, one flat buffer) and an idle staging buffer between
 calls instead of allocating and page-faulting them every step.
 
+A pull whose update failed still reads an iterable source to its end before `finish` (a source fed by
+collectives, like `WeightReceiver`'s broadcasts, needs every rank to read it); a checkpoint directory
+is not read further.
+
 Limitations: all tensor-parallel ranks must see the same order; a tensor deferred by the staging
 budget is a reference to the caller's tensor, which must not change until the reload returns.
 """
@@ -144,8 +148,21 @@ def _reload(model: torch.nn.Module, weights: WeightSource, *, checkpoint_format:
     enabled = wants_progress(progress, rank=tp.rank if tp is not None else 0) and (from_disk or progress is True)
     with progress_over(tensors, "reload", enabled=enabled,
                        totals=(lambda: checkpoint_totals(weights)) if from_disk else None) as counted_tensors:
+        tensors_left = iter(counted_tensors)
         try:
-            update.load_many(counted_tensors)
+            update.load_many(tensors_left)
         except Exception:  # noqa: BLE001  recorded in the update: finish agrees with the other ranks, then raises it
-            pass
+            if not from_disk:
+                _drain(tensors_left)
         return update.finish()
+
+
+def _drain(tensors) -> None:
+    """Read a failed pull's source to its end (a source that raised is at its end already): a source fed
+    by collectives (a `WeightReceiver`'s broadcasts) needs every rank to read it before the ranks meet
+    in `finish`'s agreement."""
+    try:
+        for _ in tensors:
+            pass
+    except Exception:  # noqa: BLE001  the update's first failure is the one to report
+        pass

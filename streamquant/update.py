@@ -23,8 +23,20 @@ second `begin_update` is refused), `load` / `finish` / `abort` only while active
 agreeing with the other ranks) and `abort` ends it. `reload_weights` and `Reloader` (and through them
 `WeightReceiver`) are thin users of this class: one path.
 
-Limitation: a rank that raises inside a layer's collective (the amax all-reduce at TP > 1) leaves its
-peers waiting until the process group's timeout.
+Tensor parallel, failing fast: each update opens a `parallel.gate.Gate`; every rank checks in on it
+before it quantizes a layer (whose amax all-reduce is a collective), and a rank whose `load` raised,
+whose source raised, whose `finish` found a fault or that called `abort` posts its reason on it at
+once. The other ranks then raise `RankFailedError` at their next such layer, naming that rank and its
+reason, without entering the collective -- whatever the process group's timeout -- and all meet in
+`finish` / `abort`'s agreement, so the model on every rank ends as `atomic` says. A rank that fails
+after the other ranks' last such layer (or in an update with none: unquantized, or pre-quantized
+codes, whose layers run no collective when loaded) is named by the agreement (`RankFailedError`
+too), once the others reach `finish`. A rank that stops
+answering is named by `RankStoppedError` after the group's store timeout (the collectives' timeout
+under `parallel.launch` and `torchrun`).
+
+Limitation: a rank that raises inside a layer's processing on its own (after its check-in, e.g. out of
+memory) still leaves its peers in that layer's collective until the process group's timeout.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ from streamquant.loading.materialize import StagingPool
 from streamquant.loading.streaming import StreamingLoadSession
 from streamquant.loading.validate import is_finite
 from streamquant.parallel.context import TPContext, all_reduce
+from streamquant.parallel.gate import Gate, RankFailedError, RankStoppedError
 from streamquant.snapshot import WeightSnapshot, model_device
 
 
@@ -97,16 +110,19 @@ class ProcessedCopy:
         pass
 
 
-def agree(tp: TPContext | None, failure: BaseException | None) -> BaseException | None:
-    """Every tensor-parallel rank learns whether all ranks succeeded (one 1-element MIN all-reduce); the
-    error this rank must raise, or None when every rank succeeded: commit on all ranks or on none."""
-    if tp is None or tp.size == 1:
-        return failure
-    ok = torch.tensor([0 if failure is not None else 1], dtype=torch.int32)
-    all_reduce(ok, tp, dist.ReduceOp.MIN)
-    if failure is None and int(ok) == 0:
-        return WeightLoadError(f"tensor-parallel rank {tp.rank}: another rank's update failed, so this rank's "
-                               "update does not commit either")
+def agree(tp: TPContext | None, failure: BaseException | None, gate: Gate | None = None) -> BaseException | None:
+    """Every tensor-parallel rank learns whether all ranks succeeded (one 1-element MIN all-reduce: the
+    first failed rank); the error this rank must raise, or None when every rank succeeded: commit on all
+    ranks or on none. `gate`: where the failed rank posted its reason, to name it."""
+    if tp is None or tp.size == 1 or isinstance(failure, RankStoppedError):
+        return failure  # (a rank that stopped answering would not join the agreement either)
+    first = torch.tensor([tp.rank if failure is not None else tp.size], dtype=torch.int32)
+    all_reduce(first, tp, dist.ReduceOp.MIN)
+    failed = int(first)
+    if failure is None and failed < tp.size:
+        reason = gate.posted_reason(failed) if gate is not None else None
+        return RankFailedError(f"tensor-parallel rank {failed} failed" + (f" ({reason})" if reason else "") +
+                               f", so rank {tp.rank}'s update does not commit either", failed, reason or "")
     return failure
 
 
@@ -123,6 +139,8 @@ class WeightUpdate:
         self.model, self.pool = model, pool
         self.expected = frozenset(expected) if expected is not None else None
         self.snapshot = snapshot if snapshot is not None else (WeightSnapshot(model) if atomic else None)
+        self.tp: TPContext | None = getattr(model, "tp", None)
+        self.gate = Gate(self.tp)  # the ranks check in before each layer; a failure is posted on it at once
         self.session = self._session(strict and self.expected is None, checkpoint_format, quantized_source,
                                      staging_budget, transient_source, check_finite)
         self.written: list[str] = []  # names handed to the session (what a failure may have written)
@@ -136,7 +154,7 @@ class WeightUpdate:
         return StreamingLoadSession(self.model, self.model.weight_mapping, device=model_device(self.model),
                                     strict=strict, staging_budget=staging_budget, transient_source=transient_source,
                                     pool=self.pool, offload=offload, check_finite=check_finite,
-                                    quantized_source=quantized_source)
+                                    quantized_source=quantized_source, gate=self.gate)
 
     @property
     def active(self) -> bool:
@@ -159,7 +177,7 @@ class WeightUpdate:
             with torch.no_grad():
                 self.session.load(name, tensor)
         except Exception as exc:
-            self.failure = exc
+            self._failed(exc)
             raise
         except BaseException as exc:  # KeyboardInterrupt & co.: fail closed at once, no collective after them
             self._fail_closed(exc)
@@ -171,7 +189,7 @@ class WeightUpdate:
             for name, tensor in pairs:
                 self.load(name, tensor)
         except Exception as exc:
-            self.failure = self.failure or exc
+            self._failed(exc)
             raise
         except BaseException as exc:  # from the iterable itself (load already failed closed on its own)
             if self.active:
@@ -191,9 +209,11 @@ class WeightUpdate:
                 self.session.close(keep_pool=self.pool is not None)
             except Exception as exc:
                 failure = exc
-        failure = agree(getattr(self.model, "tp", None), failure)
+                self._failed(exc)
+        failure = agree(self.tp, failure, self.gate)
+        self._close_gate(failure)
         if failure is None and expected_fingerprint is not None:
-            failure = agree(getattr(self.model, "tp", None), self._fingerprint_mismatch(expected_fingerprint))
+            failure = agree(self.tp, self._fingerprint_mismatch(expected_fingerprint))
         if failure is not None:
             self._fail_closed(failure)
             raise failure
@@ -207,8 +227,22 @@ class WeightUpdate:
         `finish` on another rank takes part in) on every rank."""
         self._require_active("abort")
         failure = self.failure or WeightUpdateError("the update was aborted")
-        agree(getattr(self.model, "tp", None), failure)
+        self.gate.fail(failure)
+        self._close_gate(agree(self.tp, failure))
         self._fail_closed(failure)
+
+    def _close_gate(self, agreed: BaseException | None) -> None:
+        """Delete this rank's keys on the gate after the agreement: all of them when every rank succeeded
+        (none reads a step any more), else those the others passed (they may still read the failure's
+        reason, `agree`); none after a rank stopped answering (there was no agreement)."""
+        if not isinstance(agreed, RankStoppedError):
+            self.gate.close(every_rank_done=agreed is None)
+
+    def _failed(self, exc: Exception) -> None:
+        """Record this update's first failure and tell the other ranks at once (they may be waiting to
+        process a layer with this one)."""
+        self.failure = self.failure or exc
+        self.gate.fail(exc)
 
     def _check_expected_arrived(self) -> None:
         if self.expected is None:
@@ -220,8 +254,7 @@ class WeightUpdate:
 
     def _fingerprint_mismatch(self, expected: str | dict[str, str]) -> FingerprintMismatchError | None:
         digests = weights_digests(self.model)
-        tp = getattr(self.model, "tp", None)
-        rank = tp.rank if tp is not None else 0
+        rank = self.tp.rank if self.tp is not None else 0
         if isinstance(expected, dict):
             wrong = digest_mismatches(digests, expected)
             return FingerprintMismatchError(f"rank {rank}: {len(wrong)} tensor(s) differ from the expected digests: "
@@ -232,6 +265,7 @@ class WeightUpdate:
         return FingerprintMismatchError(f"weights fingerprint {got} after the update, expected {expected}")
 
     def _fail_closed(self, failure: BaseException) -> None:
+        self.gate.fail(failure)  # (a KeyboardInterrupt & co. reach here first: no agreement after them)
         self.session.fail(failure)
         self.model.active_update = None
         if self.snapshot is not None:

@@ -168,6 +168,29 @@ def test_source_raising_midway_and_unknown_names_fail_closed(pairs):
     assert staged and all(p.is_meta for p in staged)  # no staging left behind
 
 
+def test_a_failed_pull_reads_an_iterable_source_to_its_end_and_not_a_directory(pairs, monkeypatch):
+    """A source fed by collectives (a WeightReceiver's broadcasts) needs every rank to read it to its end
+    before the ranks agree, also the rank that refused a tensor."""
+    a, b = pairs["llama-tied-mqa-llama3rope"]
+    model = load_model(a, quantization="fp8")
+    items = list(iterate_weights(b))
+    read = []
+
+    def source():
+        for name, tensor in items:
+            read.append(name)
+            yield name, (torch.full_like(tensor, float("nan")) if len(read) == 1 else tensor)
+
+    with pytest.raises(NonFiniteWeightError):
+        reload_weights(model, source(), atomic=True)
+    assert read == [name for name, _ in items]  # refused at the first tensor, read to the last
+    read.clear()
+    monkeypatch.setattr("streamquant.reload.reload_source", lambda model, path, quantized: (source(), False))
+    with pytest.raises(NonFiniteWeightError):
+        reload_weights(model, b, atomic=True)  # a directory: nothing feeds it but this rank
+    assert read == [items[0][0]]
+
+
 def test_partial_update_with_strict_false_changes_only_complete_layers(pairs):
     a, b = pairs["llama-tied-mqa-llama3rope"]
     model = load_model(a, quantization="fp8")

@@ -204,5 +204,6 @@ def test_tp2_commits_on_every_rank_or_on_none(pair, ranks):
     assert committed[0][3] == committed[1][3]  # the fingerprint is the same string on every rank
     aborted = ranks.run(_tp2_update, 2, a, b, 1)
     assert aborted[1][:3] == ("aborted", True, 0)
-    assert aborted[0][0].startswith("WeightLoadError: tensor-parallel rank 0: another rank's update failed")
+    assert aborted[0][0] == ("RankFailedError: tensor-parallel rank 1 failed (WeightUpdateError: the update was "
+                             "aborted), so rank 0's update does not commit either")  # named, with its reason
     assert aborted[0][1:3] == (True, 0)  # restored on the rank that did not abort too

@@ -78,8 +78,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     add("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON to FILE")
     add_progress_flag(parser)
     add("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-        help=f"with --tp or torchrun: how long a collective waits for another rank before failing "
-             f"(default: {DEFAULT_TIMEOUT_S:g})")
+        help=f"with --tp or torchrun: how long a rank waits for another (in a collective, or at a layer of "
+             f"the load) before failing, naming the silent rank (default: {DEFAULT_TIMEOUT_S:g})")
 
 
 def add_progress_flag(parser: argparse.ArgumentParser) -> None:

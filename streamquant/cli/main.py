@@ -29,7 +29,8 @@ from streamquant.cli.quantize import add_quantize_command, print_quantize_summar
 from streamquant.config import UnsupportedQuantizationError
 from streamquant.loading.errors import WeightLoadError
 from streamquant.models import UnsupportedArchitectureError
-from streamquant.parallel.context import is_peer_failure
+from streamquant.parallel.context import is_peer_failure, is_peer_timeout
+from streamquant.parallel.gate import RankFailedError
 from streamquant.parallel.launch import LaunchError, launch
 from streamquant.parallel.torchrun import init_from_env, shutdown, under_torchrun
 
@@ -102,10 +103,17 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def _launch_error_line(exc: LaunchError) -> str | None:
+def _launch_error_line(exc: LaunchError, timeout_s: float) -> str | None:
     """The one error line of a failed rank, or None where its exception is a bug (to be re-raised)."""
+    if isinstance(exc.exception, RankFailedError):  # it stopped because another rank failed or went silent
+        return f"streamquant: error: {_one_line(exc.exception)} (the other ranks were ended)"
+    if exc.exception is not None and is_peer_timeout(exc.exception) and exc.unreported:
+        who = f"rank {exc.unreported[0]}" if len(exc.unreported) == 1 else f"one of ranks {list(exc.unreported)}"
+        return (f"streamquant: error: tensor-parallel {who} stopped answering: rank {exc.rank} waited "
+                f"{timeout_s:g} s for it in a collective (the other ranks were ended)")
     if exc.exception is None or is_peer_failure(exc.exception):  # died, or a peer did
-        cause = _one_line(exc.exception) if exc.exception is not None else str(exc).splitlines()[0]
+        cause = (_one_line(exc.exception) if exc.exception is not None
+                 else str(exc).splitlines()[0].removeprefix(f"rank {exc.rank}: "))
         silent = f"; ranks that had not answered: {list(exc.unreported)}" if exc.unreported else ""
         return f"streamquant: error: rank {exc.rank}: {cause}{silent} (the other ranks were ended)"
     if not isinstance(exc.exception, USER_ERRORS):
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             check_json_path(args.plot, "--plot")
         result = _dispatch(_options(args))
     except LaunchError as exc:
-        line = _launch_error_line(exc)
+        line = _launch_error_line(exc, args.timeout)
         if line is None:
             raise
         print(line, file=sys.stderr)

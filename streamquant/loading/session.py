@@ -40,12 +40,6 @@ class WeightLoadSession:
         # checkpoint-format inputs of quant methods: their amax pass (which reads every element
         # anyway) refuses NaN / Inf, whatever check_finite says, so they are not read twice
         self.finite_checked_later = {id(p) for m in model.modules() for p in staged_params(m).values()}
-        # Tensor parallel: a rank that refuses a tensor's values still writes it and raises only at
-        # `check_complete`, so it keeps taking part in its layers' collectives (quantized layers
-        # all-reduce amax grids as they finish) and no other rank waits for it forever.
-        tp = getattr(model, "tp", None)
-        self.defer_value_errors = tp is not None and tp.size > 1
-        self.value_error: WeightLoadError | None = None
         self.params = loadable_parameters(model, quantized_source)
         self.coverage = {name: Coverage(p.shape) for name, p in self.params.items()}
         self.loaded: set[str] = set()
@@ -70,15 +64,10 @@ class WeightLoadSession:
                 )
             self.unexpected.append(name)
             return None
-        try:
-            if is_code_dtype(param.dtype):
-                check_codes(name, tensor, param.dtype, finite=self.check_finite)
-            else:
-                check_tensor(name, tensor, finite=self.check_finite and id(param) not in self.finite_checked_later)
-        except WeightLoadError as e:
-            if not self.defer_value_errors:
-                raise
-            self.value_error = self.value_error or e
+        if is_code_dtype(param.dtype):
+            check_codes(name, tensor, param.dtype, finite=self.check_finite)
+        else:
+            check_tensor(name, tensor, finite=self.check_finite and id(param) not in self.finite_checked_later)
         self.before_write(param_name)
         try:
             regions = self.loaders.get(param_name, getattr(param, "weight_loader", None))(param, tensor, **kwargs)
@@ -112,9 +101,7 @@ class WeightLoadSession:
         return {n: c for n, c in self.coverage.items() if not c.complete}
 
     def check_complete(self) -> None:
-        """Raise a deferred value error, then `MissingWeightsError` naming every parameter not fully written."""
-        if self.value_error is not None:
-            raise self.value_error
+        """Raise `MissingWeightsError` naming every parameter not fully written."""
         missing = self.incomplete()
         if not missing or not self.strict:
             return

@@ -8,25 +8,25 @@ loadables (`contract.py`); when every element of every one has been written (exa
 method runs `process_weights_after_loading` (which may quantize into them), and the module's
 checkpoint-format copies (`contract.staged_params`) are released at once into a per-load
 `StagingPool` of flat buffers the next layers reuse (no page faults per layer). On CPU the glibc
-heap is trimmed every ~3% of the model released (`TRIM_FRACTION`), and once at the end. Tied parameters belong to every module that holds them and
-complete together.
-
-On failure (an exception, or a strict check at the end) every module still in flight is released,
-so a failed load gives its memory back.
+heap is trimmed every ~3% of the model released (`TRIM_FRACTION`), and once at the end. Tied
+parameters belong to every module that holds them and complete together. On failure every module
+still in flight is released: a failed load gives its memory back.
 
 `staging_budget` (bytes, optional) bounds the checkpoint-format staging of the layers in flight:
 a tensor that would start another layer while the budget is spent is deferred and retried when a
-layer finishes; deferred tensors left at the end are loaded grouped by layer, so each layer
-completes at once. A deferred host tensor is kept as a reference (a zero-copy view when it came
-from an mmapped file); one on an accelerator spills to host memory (pinned for CUDA), so device
-memory never grows with the backlog; with `transient_source=True` (a source that reuses a tensor's
-storage once the next is requested, e.g. a broadcast bucket) host tensors are copied too.
-Out-of-order sources then cost references or host copies, not staged layers.
+layer finishes; those left at the end are loaded grouped by layer, so each layer completes at once.
+A deferred host tensor is kept as a reference (a zero-copy view of an mmapped file); one on an
+accelerator spills to host memory (pinned for CUDA), so device memory never grows with the backlog;
+with `transient_source=True` (a source that reuses a tensor's storage once the next is requested, e.g.
+a broadcast bucket) host tensors are copied too.
 
-`offload` (an `OffloadPlan`, see `offload.py`): staging in host memory, quantized on the target
-one layer at a time or on the host; only fp8 codes and scales (and unquantized weights) are
-placed on the target. Known limitation: all tensor-parallel ranks must see the
-checkpoint in the same order, because finishing a layer may run a collective (amax reduction).
+`offload` (an `OffloadPlan`, see `offload.py`): staging in host memory, quantized on the target one
+layer at a time or on the host; only codes and scales (and unquantized weights) are placed on the target.
+
+Tensor parallel: processing a layer's staged weights runs collectives (the amax reduction), so every
+rank checks in on the load's `Gate` (`parallel.gate`) before it processes such a layer, and a cold load
+once more at its end: a rank that failed (`gate.fail`) or stopped makes the others raise, naming it,
+instead of waiting in the collective. Known limitation: all ranks must see the checkpoint in the same order.
 """
 
 from __future__ import annotations
@@ -36,20 +36,15 @@ from collections.abc import Iterable
 
 import torch
 
-from streamquant.loading.contract import (
-    derived_tensors,
-    method_of,
-    module_loadables,
-    release_staging,
-    staged_params,
-    staging_bytes,
-)
+from streamquant.loading.contract import (derived_tensors, method_of, module_loadables, release_staging,
+                                         staged_params, staging_bytes)
 from streamquant.loading.errors import DuplicateWeightError, NonFiniteWeightError
 from streamquant.loading.mapping import WeightMapping
 from streamquant.loading.materialize import StagingPool, materialize_, release_
 from streamquant.loading.offload import OffloadPlan, host_device, quantize_placement
 from streamquant.loading.session import WeightLoadSession
 from streamquant.memory import trim_heap
+from streamquant.parallel.gate import Gate
 
 
 # On CPU the glibc heap is trimmed each time checkpoint-format bytes worth 1/TRIM_FRACTION of the
@@ -81,8 +76,9 @@ class StreamingLoadSession(WeightLoadSession):
                  strict: bool = True, fill: float | None = None, staging_budget: int | None = None,
                  transient_source: bool = False, pool: StagingPool | None = None,
                  offload: OffloadPlan | None = None, check_finite: bool = True, quantized_source: bool = False,
-                 hold_layers: bool = False):
+                 hold_layers: bool = False, gate: Gate | None = None):
         super().__init__(model, mapping, strict=strict, check_finite=check_finite, quantized_source=quantized_source)
+        self.gate = gate if gate is not None else Gate(None)  # the ranks check in before each layer's processing
         self.staging_budget = staging_budget
         self.hold_layers = hold_layers  # process no layer before the whole checkpoint arrived (`finish_held`)
         self.transient_source = transient_source
@@ -147,6 +143,8 @@ class StreamingLoadSession(WeightLoadSession):
         method = method_of(module)
         if method is not None:
             staged = list(staged_params(module).values())
+            if any(not p.is_meta for p in staged):  # quantizing what it staged runs collectives at TP > 1
+                self.gate.step(f"layer {mod_name!r}")
             derived = [t for t in derived_tensors(module).values() if isinstance(t, torch.nn.Parameter)]
             for param in derived:
                 materialize_(param, self.device)
@@ -270,28 +268,30 @@ class StreamingLoadSession(WeightLoadSession):
 
 def stream_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapping: WeightMapping, *,
                    device: torch.device | str, strict: bool = True, fill: float | None = None,
-                   staging_budget: int | None = None, transient_source: bool = False,
-                   offload: OffloadPlan | None = None, check_finite: bool = True,
-                   quantized_source: bool = False, pool: StagingPool | None = None,
+                   staging_budget: int | None = None, transient_source: bool = False, offload: OffloadPlan | None = None,
+                   check_finite: bool = True, quantized_source: bool = False, pool: StagingPool | None = None,
                    hold_layers: bool = False) -> StreamingLoadSession:
     """Stream `weights` into `model` (built on `meta` for a load, live for a reload): the one driver
     of every load and reload. Returns the finished session (loaded names, order of layers).
-
     `quantized_source=True`: layers take pre-quantized codes and scales (`contract.module_loadables`).
     `pool`: a staging pool the caller keeps between passes (a `Reloader`); its idle buffers survive.
-    `hold_layers=True`: the naive baseline; no layer is processed before every tensor arrived, so
-    the whole high-precision model is in memory at once. On failure everything this pass
-    materialized for unfinished layers is released and the error propagates."""
+    `hold_layers=True`: the naive baseline; no layer is processed before every tensor arrived. On
+    failure what this pass materialized for unfinished layers is released, the other tensor-parallel
+    ranks are told (they raise at their next layer, or at the end) and the error propagates."""
+    gate = Gate(getattr(model, "tp", None))
     session = StreamingLoadSession(model, mapping, device=device, strict=strict, fill=fill,
                                    staging_budget=staging_budget, transient_source=transient_source, offload=offload,
                                    check_finite=check_finite, quantized_source=quantized_source, pool=pool,
-                                   hold_layers=hold_layers)
+                                   hold_layers=hold_layers, gate=gate)
     try:
         with torch.no_grad():
             session.load_all(weights)
             session.complete()
+        gate.step("the end of the load")  # every rank loaded, or every rank raises
     except BaseException as exc:
+        gate.fail(exc)
         session.fail(exc)
         raise
+    gate.close()
     session.close(keep_pool=pool is not None)
     return session

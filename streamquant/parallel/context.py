@@ -88,6 +88,11 @@ def is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS)
 
 
+def is_peer_timeout(exc: BaseException) -> bool:
+    """Whether a rank's exception says that a collective timed out waiting for another rank."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS[:2])
+
+
 def default_tp() -> TPContext:
     """This process's TP context: the whole initialized process group, or a single rank."""
     if dist.is_available() and dist.is_initialized():

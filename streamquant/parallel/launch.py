@@ -2,7 +2,7 @@
 
 `launch(fn, tp_size, *args, device=...)` spawns `tp_size` processes (torch.multiprocessing, spawn
 context). Each joins a fresh process group (`gloo` for CPU, `nccl` for CUDA with rank r on GPU r)
-over `tcp://127.0.0.1:<free port>` (on CPU each rank gets cpu_count // N threads unless
+over a key-value store this process hosts on 127.0.0.1 (on CPU each rank gets cpu_count // N threads unless
 OMP_NUM_THREADS is set), runs `fn(*args)`, and sends back either its pickled result (only rank 0's
 is kept) or its traceback; a rank that finishes destroys its group. The first failure terminates the
 other ranks (they would otherwise wait in a collective, the failed rank's group still up) and raises
@@ -17,16 +17,19 @@ runs in each rank process (joining the group, the job loop, the reports) is `ran
 Under `torchrun` the processes already exist: `under_torchrun()` tells so from the environment and
 `init_from_env()` joins the group it describes (`torchrun.py`; re-exported here).
 
+Ending the ranks after a failure terminates them, and wakes a stopped one (SIGSTOP) so that it takes
+the signal instead of holding the parent for the join's minute.
+
 Limitations: single node; `fn` and `args` must pickle with plain `pickle` (module-level functions;
-no multiprocessing queues or locks; tensors are copied to each rank, not shared); the free
-port is found by binding port 0 and released before the group uses it, so another process could
-take it in between (the group would then fail to start, loudly).
+no multiprocessing queues or locks; tensors are copied to each rank, not shared).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import queue
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from multiprocessing.util import Finalize
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from streamquant.parallel.rank import DEFAULT_TIMEOUT_S, backend_for, serve
@@ -87,15 +91,17 @@ def _collect(procs: list, results) -> Any:
     return value
 
 
-def _end_ranks(procs: list, jobs: list, results, stop: bool) -> None:
+def _end_ranks(procs: list, jobs: list, results, stop: bool, store=None) -> None:
     """End a pool's ranks: `stop` asks each to finish (None job), else they are terminated (after a
-    failure the others may be blocked in a collective with the failed rank)."""
+    failure the others may be blocked in a collective with the failed rank). `store`, the group's, is
+    kept alive until they ended."""
     started = [(p, queue_) for p, queue_ in zip(procs, jobs) if p.pid is not None]
     for p, queue_ in started:
         if stop and p.is_alive():
             queue_.put(None)
         else:
             p.terminate()
+            _wake(p)
     for p, _ in started:
         p.join(timeout=60)
         if p.is_alive():
@@ -103,6 +109,15 @@ def _end_ranks(procs: list, jobs: list, results, stop: bool) -> None:
             p.join()
     for q in (*jobs, results):
         q.close()
+
+
+def _wake(p) -> None:
+    """Continue `p` if it is stopped (SIGSTOP), so that it takes the signal it was just sent."""
+    if hasattr(signal, "SIGCONT"):
+        try:
+            os.kill(p.pid, signal.SIGCONT)
+        except ProcessLookupError:  # it already ended
+            pass
 
 
 class RankPool:
@@ -128,13 +143,15 @@ class RankPool:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.jobs = [ctx.Queue() for _ in range(tp_size)]
-        port = free_port()
-        self.procs = [ctx.Process(target=serve, args=(r, tp_size, port, backend, self.jobs[r], self.results, timeout_s))
-                      for r in range(tp_size)]
+        # the group's key-value store lives here, not in a rank: a rank that stops does not take it along
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self.procs = [ctx.Process(target=serve, args=(r, tp_size, self.store.port, backend, self.jobs[r],
+                                                      self.results, timeout_s)) for r in range(tp_size)]
         self._lock = threading.Lock()  # one job at a time, whichever thread calls
         # A pool dropped, or alive at interpreter exit, without close(): its ranks are terminated. An
         # exit priority runs this before multiprocessing joins its (non-daemon) children at exit.
-        self._finalizer = Finalize(self, _end_ranks, args=(self.procs, self.jobs, self.results, False), exitpriority=10)
+        self._finalizer = Finalize(self, _end_ranks, args=(self.procs, self.jobs, self.results, False, self.store),
+                                   exitpriority=10)
         for p in self.procs:
             p.start()
 
@@ -166,7 +183,7 @@ class RankPool:
     def _end(self, stop: bool) -> None:
         if self._finalizer.still_active():
             self._finalizer.cancel()
-            _end_ranks(self.procs, self.jobs, self.results, stop)
+            _end_ranks(self.procs, self.jobs, self.results, stop, self.store)
 
     def __enter__(self) -> "RankPool":
         return self

@@ -7,8 +7,10 @@ Joining itself (every rank's process started and connected) may take up to `JOIN
 whatever the collectives' timeout, since starting a process is seconds of imports on a loaded
 machine. `torchrun.py` joins with the same backend and timeout.
 
-Serving (`serve`, the target of each process `launch.RankPool` spawns): join a fresh group over
-`tcp://127.0.0.1:<port>` (rank r on GPU r; on CPU with cpu_count // N threads unless
+Serving (`serve`, the target of each process `launch.RankPool` spawns): join a fresh group over the
+key-value store the parent hosts at `127.0.0.1:<port>` (so a rank that stops does not take the store
+with it), whose timeout is then the collectives' (`parallel.gate` waits that long for a silent rank)
+(rank r on GPU r; on CPU with cpu_count // N threads unless
 OMP_NUM_THREADS is set), then run each job from the rank's own queue (pickled `(fn, args)`; None
 ends the loop) and put one report per job on the shared results queue: `(rank, "ok", pickled
 result)` (rank 0's result only; the others send None) or `(rank, "error", (traceback text, pickled
@@ -82,9 +84,10 @@ def serve(rank: int, size: int, port: int, backend: str, jobs, results, timeout_
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
         # joining waits for the other ranks' processes to start (seconds of imports on a loaded machine),
         # so it gets at least JOIN_TIMEOUT_S; the collectives get timeout_s
-        store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0,
+        store = dist.TCPStore("127.0.0.1", port, size, is_master=False,
                               timeout=timedelta(seconds=max(timeout_s, JOIN_TIMEOUT_S)))
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
+        store.set_timeout(timedelta(seconds=timeout_s))  # joined: a silent peer is waited for as in a collective
     except BaseException as exc:  # noqa: BLE001
         results.put(_failure(rank, exc))
         return

@@ -247,4 +247,4 @@ def _one_receiver_refuses(root, scheme):
 def test_a_refusal_on_one_inference_rank_is_a_refusal_on_all(ranks, tmp_path, scheme):
     message = ranks.run(_one_receiver_refuses, 3, tmp_path, scheme)
     assert message.startswith("receiver(s) refused the weights")
-    assert "rank 2: NonFiniteWeightError" in message and "rank 1: WeightLoadError" in message
+    assert "rank 2: NonFiniteWeightError" in message and "rank 1: RankFailedError" in message

@@ -30,6 +30,7 @@ import torch
 from streamquant.formats.base import QuantizationConfigError
 from streamquant.formats.int4 import (
     PACK_FACTOR,
+    ConvertedFormat,
     Int4Checkpoint,
     PackedTensorError,
     check_tensor,
@@ -114,11 +115,4 @@ def shapes_as_compressed_tensors(shapes: dict[str, tuple[int, ...]], checkpoint:
     return converted_shapes(shapes, PARTS, lambda shape: (shape[1] * PACK_FACTOR, shape[0]), checkpoint)
 
 
-class AwqFormat:
-    name = NAME
-    read_config = staticmethod(read_config)
-    to_compressed_tensors = staticmethod(to_compressed_tensors)
-    shapes_as_compressed_tensors = staticmethod(shapes_as_compressed_tensors)
-
-
-AWQ = AwqFormat()
+AWQ = ConvertedFormat(NAME, read_config, to_compressed_tensors, shapes_as_compressed_tensors)

@@ -32,6 +32,7 @@ import torch
 from streamquant.formats.base import QuantizationConfigError
 from streamquant.formats.int4 import (
     PACK_FACTOR,
+    ConvertedFormat,
     Int4Checkpoint,
     PackedTensorError,
     check_tensor,
@@ -173,11 +174,4 @@ def shapes_as_compressed_tensors(shapes: dict[str, tuple[int, ...]], checkpoint:
     return converted_shapes(shapes, PARTS, lambda shape: (shape[1], shape[0] * PACK_FACTOR), checkpoint)
 
 
-class GptqFormat:
-    name = NAME
-    read_config = staticmethod(read_config)
-    to_compressed_tensors = staticmethod(to_compressed_tensors)
-    shapes_as_compressed_tensors = staticmethod(shapes_as_compressed_tensors)
-
-
-GPTQ = GptqFormat()
+GPTQ = ConvertedFormat(NAME, read_config, to_compressed_tensors, shapes_as_compressed_tensors)

@@ -36,6 +36,17 @@ Tensors = Iterator[tuple[str, torch.Tensor]]
 Converter = Callable[[str, dict[str, torch.Tensor]], Iterable[tuple[str, torch.Tensor]]]
 
 
+@dataclass(frozen=True)
+class ConvertedFormat:
+    """An int4 format read by conversion into compressed-tensors' `pack-quantized` tensors (GPTQ, AWQ):
+    its name, its config reader, its stream transform and the header shapes that transform emits."""
+
+    name: str
+    read_config: Callable[[dict], "Int4Checkpoint"]
+    to_compressed_tensors: Callable[..., Iterator[tuple[str, torch.Tensor]]]
+    shapes_as_compressed_tensors: Callable[..., dict]
+
+
 class PackedTensorError(WeightLoadError):
     """A GPTQ / AWQ tensor does not have the shape, dtype or values its format says (named)."""
 

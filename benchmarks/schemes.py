@@ -27,8 +27,8 @@ Each repeat of each row runs in a fresh child (round-robin over rows) that measu
                   same child after the timings): ||l - l_bf16|| / ||l_bf16||, the share of positions
                   whose argmax agrees, mean KL(p_bf16 || p) in nats
 Rows report medians over `--repeats` (`--best`: the fastest repeat's seconds and tokens/s, for a
-shared machine whose slow spells only ever add time); the table answers "which scheme makes CPU decoding faster than
-bf16, and by how much" in its decode/bf16 column. Writes `--json` (default benchmarks/results/schemes.json).
+shared machine whose slow spells only ever add time); the table answers "which scheme makes CPU
+decoding faster than bf16, and by how much" in its decode/bf16 column. Writes `--json` (default benchmarks/results/schemes.json).
 """
 
 from __future__ import annotations
@@ -166,8 +166,8 @@ def summarize(results: dict[str, list[dict]], best: bool = False) -> list[dict]:
 
 
 def print_table(rows: list[dict], batches: list[int]) -> None:
-    head = ["row", "model MiB", "peak MiB", "peak/model", "load s", "load/bf16", "reload/copy", *(f"dec b{b} t/s" for b in batches),
-            "prefill t/s", *(f"dec b{b}/bf16" for b in batches), "rel err", "top-1", "KL"]
+    head = ["row", "model MiB", "peak MiB", "peak/model", "load s", "load/bf16", "reload/copy",
+            *(f"dec b{b} t/s" for b in batches), "prefill t/s", *(f"dec b{b}/bf16" for b in batches), "rel err", "top-1", "KL"]
     print("".join(f"{h:>13}" if i else f"{h:<13}" for i, h in enumerate(head)))
     for r in rows:
         if "error" in r:
@@ -204,7 +204,7 @@ def main() -> None:
     if "bf16" not in names:
         names.insert(0, "bf16")  # the ratios' base
     machine = machine_info()
-    print(banner(machine, f"online schemes on --spec {args.spec}", args.repeats), flush=True)
+    print(banner(machine, f"schemes on --spec {args.spec}", args.repeats), flush=True)
     script = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="schemes_prequantized_") as directory:
         write_prequantized(checkpoint(args.spec), [n.removesuffix("@torch") for n in names], Path(directory))

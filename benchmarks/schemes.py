@@ -28,7 +28,8 @@ Each repeat of each row runs in a fresh child (round-robin over rows) that measu
                   whose argmax agrees, mean KL(p_bf16 || p) in nats
 Rows report medians over `--repeats` (`--best`: the fastest repeat's seconds and tokens/s, for a
 shared machine whose slow spells only ever add time); the table answers "which scheme makes CPU
-decoding faster than bf16, and by how much" in its decode/bf16 column. Writes `--json` (default benchmarks/results/schemes.json).
+decoding faster than bf16, and by how much" in its decode/bf16 column. Writes `--json` (default
+benchmarks/results/schemes.json). Measured numbers: README, "Quantization schemes".
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def checkpoint(spec: str) -> Path:
     """The synthetic bf16 checkpoint of `spec` (made once, cached under $STREAMQUANT_CACHE or the default)."""
     from streamquant.checkpoint.synthetic import BENCH_SPECS, default_cache_dir, ensure_synthetic_checkpoint
 
-    return ensure_synthetic_checkpoint(Path(os.environ.get("STREAMQUANT_CACHE") or default_cache_dir()), BENCH_SPECS[spec])
+    cache = Path(os.environ.get("STREAMQUANT_CACHE") or default_cache_dir())
+    return ensure_synthetic_checkpoint(cache, BENCH_SPECS[spec])
 
 
 def write_prequantized(path: Path, names: list[str], directory: Path) -> None:
@@ -167,7 +169,8 @@ def summarize(results: dict[str, list[dict]], best: bool = False) -> list[dict]:
 
 def print_table(rows: list[dict], batches: list[int]) -> None:
     head = ["row", "model MiB", "peak MiB", "peak/model", "load s", "load/bf16", "reload/copy",
-            *(f"dec b{b} t/s" for b in batches), "prefill t/s", *(f"dec b{b}/bf16" for b in batches), "rel err", "top-1", "KL"]
+            *(f"dec b{b} t/s" for b in batches), "prefill t/s", *(f"dec b{b}/bf16" for b in batches),
+            "rel err", "top-1", "KL"]
     print("".join(f"{h:>13}" if i else f"{h:<13}" for i, h in enumerate(head)))
     for r in rows:
         if "error" in r:
@@ -196,7 +199,8 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
     if args.one:
-        print(MARKER + json.dumps(run_one(args.one, args.spec, args.new_tokens, batches, args.prequantized_dir)), flush=True)
+        row = run_one(args.one, args.spec, args.new_tokens, batches, args.prequantized_dir)
+        print(MARKER + json.dumps(row), flush=True)
         return
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     if not names or {n.removesuffix("@torch") for n in names} - set(ALL_ROWS) or args.repeats < 1 or not batches:

@@ -1,4 +1,5 @@
-"""Shared helpers for the format tests: edited copies of the `fp8_checkpoints` fixture's checkpoints."""
+"""Shared helpers for the format tests: edited copies of the `fp8_checkpoints` fixture's checkpoints, and a
+checkpoint directory's tensors read with safetensors itself (independent of streamquant's reader)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,15 @@ import json
 import shutil
 
 import safetensors.torch
+from safetensors import safe_open
+
+
+def tensors(directory):
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
 
 
 def variant(fp8_checkpoints, tmp_path, which, edit_config=None, edit_tensors=None):

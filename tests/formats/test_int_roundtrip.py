@@ -14,12 +14,13 @@ import torch
 
 from streamquant.quant.math.int4_pack import unpack_int4_rows
 from hf_cases import CASES, make_checkpoint
-from safetensors import safe_open
 
 from streamquant import load_model
 from streamquant.offline import quantize_checkpoint
 from streamquant.quant.scaled.readback import dequantize_weight
 from streamquant.quant.scaled.weights import shard_layouts
+
+from .helpers import tensors
 
 ct_quantization = pytest.importorskip("compressed_tensors.quantization")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
@@ -37,14 +38,6 @@ LABELS = {"q": "q", "k": "k", "v": "v", 0: "gate", 1: "up", "w1": "gate", "w3": 
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("int")
     return {name: make_checkpoint(next(c for c in CASES if c.name == name), root) for name in ("llama", "qwen3moe")}
-
-
-def tensors(directory):
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
 
 
 def online_pieces(model, name: str):

@@ -16,11 +16,12 @@ import sys
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 
 from streamquant import load_model
 from streamquant.checkpoint.synthetic import TINY_SPEC, write_synthetic_checkpoint
 from streamquant.offline import quantize_checkpoint
+
+from .helpers import tensors
 
 PRESETS = {"FP8_DYNAMIC": "fp8-channel", "FP8_BLOCK": "fp8-block"}
 # llm-compressor preset -> (our scheme, options)
@@ -43,14 +44,6 @@ def llmcompressor_python() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(llmcompressor_python() is None, reason="llm-compressor is not installed")
-
-
-def tensors(directory):
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
 
 
 def as_bits(t):

@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 
-from streamquant.quant.math.int4_pack import unpack_int4_rows
 from hf_cases import CASES, make_checkpoint
 
 from streamquant import load_model
 from streamquant.offline import quantize_checkpoint
+from streamquant.quant.math.int4_pack import unpack_int4_rows
 from streamquant.quant.scaled.readback import dequantize_weight
 from streamquant.quant.scaled.weights import shard_layouts
 
